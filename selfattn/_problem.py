@@ -1,0 +1,397 @@
+"""Validation and normalization of an attention call.
+
+:func:`normalize` checks every argument of the public API once, before any
+backend is chosen, and turns the call into a :class:`Problem`: the same
+canonical, validated description that every backend receives. Because no
+backend ever sees raw user input, every backend fails the same way on the same
+bad input, and compiled kernels can rely on the invariants documented on
+:class:`Problem` (shapes consistent, indices in range, sizes that fit in int32).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import secrets
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["Problem", "normalize", "array_library", "MAX_EXTENT"]
+
+#: Largest allowed N, M and flat batch·head count. Kernels index with int32 in
+#: places (CUDA grids) and the dropout counters are 32-bit, so larger extents
+#: are rejected up front instead of overflowing inside a kernel.
+MAX_EXTENT = 2**31 - 1
+
+_FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+
+def array_library(x) -> str | None:
+    """Name of the array library that owns ``x`` (``"numpy"``/``"cupy"``), or None.
+
+    CuPy is looked up in ``sys.modules`` and never imported: if CuPy has not been
+    imported, ``x`` cannot be a CuPy array.
+    """
+    if type(x) is np.ndarray:
+        return "numpy"
+    cupy = sys.modules.get("cupy")
+    if cupy is not None and isinstance(x, cupy.ndarray):
+        return "cupy"
+    return None
+
+
+def _describe(x) -> str:
+    t = type(x)
+    return f"{t.__module__}.{t.__qualname__}" if t.__module__ != "builtins" else t.__qualname__
+
+
+def _check_array(name: str, x) -> str:
+    lib = array_library(x)
+    if lib is None:
+        if isinstance(x, np.ndarray):
+            raise TypeError(
+                f"{name} must be a plain numpy.ndarray, got the subclass {_describe(x)}; "
+                f"call numpy.asarray({name}) first"
+            )
+        hint = "numpy.asarray(...)"
+        mod = type(x).__module__.split(".")[0]
+        if mod == "torch":
+            hint = f"{name}.detach().cpu().numpy() (or cupy.asarray for a CUDA tensor)"
+        elif mod in ("jax", "jaxlib"):
+            hint = f"numpy.asarray({name})"
+        raise TypeError(
+            f"{name} must be a numpy.ndarray or cupy.ndarray, got {_describe(x)}; "
+            f"convert it first, e.g. with {hint}"
+        )
+    dt = x.dtype
+    if dt not in _FLOAT_DTYPES:
+        if dt.kind == "b":
+            what = "boolean data"
+        elif dt.kind in "iu":
+            what = f"integer data ({dt})"
+        elif dt.kind == "c":
+            what = f"complex data ({dt})"
+        else:
+            what = f"dtype {dt}"
+        raise TypeError(
+            f"{name} has {what}; attention needs float16, float32 or float64 arrays: "
+            f"convert with {name}.astype(numpy.float32)"
+        )
+    return lib
+
+
+def _check_bool(name: str, value) -> bool:
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{name} must be True or False, got {value!r} ({_describe(value)})")
+
+
+def _check_int(name: str, value, *, allow_none=False):
+    if allow_none and value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r} ({_describe(value)})")
+    return int(value)
+
+
+def _normalize_window(window, causal: bool, n: int, m: int):
+    if window is None:
+        return None
+    if isinstance(window, (tuple, list)):
+        if len(window) != 2:
+            raise ValueError(f"window must be an int or a (left, right) pair, got {window!r} with {len(window)} items")
+        left, right = window
+    else:
+        left = right = window
+    left = _check_int("window[0] (left)" if isinstance(window, (tuple, list)) else "window", left)
+    right = _check_int("window[1] (right)" if isinstance(window, (tuple, list)) else "window", right)
+    if left < 0 or right < 0:
+        raise ValueError(f"window sizes must be non-negative, got window={window!r}")
+    # Clamp: a reach beyond n + m keys cannot change the mask, and clamping keeps
+    # the values inside every kernel's integer type.
+    cap = n + m + 1
+    return (min(left, cap), min(right, cap))
+
+
+@dataclass
+class Problem:
+    """A validated, normalized attention call, as every backend receives it.
+
+    Arrays keep the caller's array library, dtype and memory (views, never
+    copies, except where noted):
+
+    * ``query``: ``(B, Hq, N, D)``, ``key``: ``(B, Hkv, M, D)``, ``value``:
+      ``(B, Hkv, M, Dv)``, where ``B`` is the product of the caller's batch axes
+      (``batch_shape``). Possibly non-contiguous, possibly read-only; backends
+      must not write to them.
+    * ``mask``: None, or a bool/float array ``(Bm, Hm, Nm, Mm)`` with
+      ``Hm in (1, Hq)``, ``Nm in (1, N)``, ``Mm in (1, M)``; batch entry ``b``
+      uses ``mask[mask_index[b]]`` (``mask_index`` is a host int64 array of
+      length ``B``). Size-1 axes broadcast; the mask is never expanded.
+    * ``lower``/``upper``: the band that causal and window masking leave:
+      query ``i`` may attend key ``j`` iff
+      ``i + offset - lower <= j <= i + offset + upper`` with
+      ``offset = M - N``; ``None`` means unbounded on that side.
+    * ``dropout_seed`` is an int in ``[0, 2**64)`` whenever ``dropout_p > 0``.
+
+    Invariants: ``Hq % Hkv == 0``, ``D >= 1``, ``N, M, B*Hq <= MAX_EXTENT``,
+    ``scale`` finite and positive.
+    """
+
+    array_type: str
+    query: object
+    key: object
+    value: object
+    batch_shape: tuple
+    two_d: bool
+    mask: object = None
+    mask_index: np.ndarray | None = None
+    causal: bool = False
+    window: tuple | None = None
+    scale: float = 1.0
+    dropout_p: float = 0.0
+    dropout_seed: int | None = None
+    return_lse: bool = False
+    return_weights: bool = False
+    needs_vjp: bool = False
+    extra: dict = field(default_factory=dict)
+
+    # -- derived sizes -------------------------------------------------
+    @property
+    def dtype(self) -> np.dtype:
+        """The input dtype (also the dtype of the output, weights and gradients)."""
+        return self.query.dtype
+
+    @property
+    def compute_dtype(self) -> np.dtype:
+        """Accumulation dtype: float32 for float16 inputs, else the input dtype."""
+        return np.dtype(np.float32) if self.query.dtype == np.float16 else self.query.dtype
+
+    @property
+    def lse_dtype(self) -> np.dtype:
+        """dtype of the returned log-sum-exp (float32 for float16 inputs, as in FlashAttention)."""
+        return self.compute_dtype
+
+    batch = property(lambda self: self.query.shape[0], doc="Flat batch size B.")
+    q_heads = property(lambda self: self.query.shape[1], doc="Query heads Hq.")
+    kv_heads = property(lambda self: self.key.shape[1], doc="Key/value heads Hkv.")
+    group = property(lambda self: self.query.shape[1] // self.key.shape[1], doc="Query heads per key/value head.")
+    n = property(lambda self: self.query.shape[2], doc="Query length N.")
+    m = property(lambda self: self.key.shape[2], doc="Key length M.")
+    d = property(lambda self: self.query.shape[3], doc="Query/key head size D.")
+    dv = property(lambda self: self.value.shape[3], doc="Value head size Dv.")
+    offset = property(lambda self: self.key.shape[2] - self.query.shape[2], doc="M - N, the bottom-right alignment offset.")
+
+    @property
+    def lower(self):
+        """How many keys left of the aligned diagonal a query may reach (None: unbounded)."""
+        return None if self.window is None else self.window[0]
+
+    @property
+    def upper(self):
+        """How many keys right of the aligned diagonal a query may reach (None: unbounded)."""
+        ups = [u for u in ((0 if self.causal else None), None if self.window is None else self.window[1]) if u is not None]
+        return min(ups) if ups else None
+
+    @property
+    def want_lse(self) -> bool:
+        """Whether the forward must produce the log-sum-exp (asked for, or kept for the VJP)."""
+        return self.return_lse or self.needs_vjp
+
+    def key_range(self, i0: int, i1: int) -> tuple[int, int]:
+        """Half-open range ``[j0, j1)`` of keys that any query row in ``[i0, i1)`` may attend.
+
+        Keys outside it are masked for every row of the block by causal/window
+        masking, so a backend may skip them entirely. Empty ranges have ``j0 >= j1``.
+        """
+        m, off = self.m, self.offset
+        j0 = 0 if self.lower is None else max(0, i0 + off - self.lower)
+        j1 = m if self.upper is None else min(m, i1 - 1 + off + self.upper + 1)
+        return j0, max(j0, j1)
+
+    def band(self, i0: int, i1: int, j0: int, j1: int, xp=np):
+        """Boolean ``(i1-i0, j1-j0)`` array, True where causal/window allow attending (None if no band)."""
+        if self.lower is None and self.upper is None:
+            return None
+        rel = xp.arange(j0, j1)[None, :] - (xp.arange(i0, i1)[:, None] + self.offset)
+        ok = xp.ones(rel.shape, dtype=bool)
+        if self.lower is not None:
+            ok &= rel >= -self.lower
+        if self.upper is not None:
+            ok &= rel <= self.upper
+        return ok
+
+    def mask_block(self, b0: int, b1: int, i0: int, i1: int, j0: int, j1: int):
+        """The mask restricted to flat batches ``[b0,b1)``, rows ``[i0,i1)``, keys ``[j0,j1)``.
+
+        Shape ``(b1-b0 or 1, Hm, i1-i0 or 1, j1-j0 or 1)``: broadcast axes stay size 1.
+        """
+        mk = self.mask
+        rows = slice(i0, i1) if mk.shape[2] > 1 else slice(None)
+        cols = slice(j0, j1) if mk.shape[3] > 1 else slice(None)
+        if mk.shape[0] == 1:
+            return mk[:, :, rows, cols]
+        idx = self.mask_index[b0:b1]
+        if idx.size and idx[0] == b0 and np.array_equal(idx, np.arange(b0, b1)):
+            return mk[b0:b1, :, rows, cols]
+        return mk[idx][:, :, rows, cols]
+
+    def out_shape(self, last: int) -> tuple:
+        """The caller-facing shape of an array laid out ``(B, Hq, N, last)``."""
+        if self.two_d:
+            return (self.n, last)
+        return tuple(self.batch_shape) + (self.q_heads, self.n, last)
+
+    def lse_shape(self) -> tuple:
+        """The caller-facing shape of the log-sum-exp ``(..., Hq, N)``."""
+        if self.two_d:
+            return (self.n,)
+        return tuple(self.batch_shape) + (self.q_heads, self.n)
+
+
+def _normalize_mask(mask, lib, full_shape, batch_shape, q_heads, n, m, two_d):
+    mlib = array_library(mask)
+    if mlib is None:
+        raise TypeError(
+            f"mask must be a numpy.ndarray or cupy.ndarray of bool or float values, got {_describe(mask)}; "
+            "convert it first, e.g. with numpy.asarray(mask)"
+        )
+    if mlib != lib:
+        raise TypeError(f"mask is a {mlib} array but query is a {lib} array; pass all arrays from one library")
+    if mask.dtype.kind != "b" and mask.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"mask has dtype {mask.dtype}; it must be bool (True = attend) or float16/32/64 (added to the scores). "
+            "For a 0/1 integer mask use mask.astype(bool)"
+        )
+    if mask.ndim > len(full_shape) or any(
+        s not in (1, t) for s, t in zip(mask.shape[::-1], full_shape[::-1])
+    ):
+        raise ValueError(
+            f"mask with shape {tuple(mask.shape)} is not broadcastable to the scores' shape {tuple(full_shape)}; "
+            "each mask axis must be 1 or match, counting from the right"
+        )
+    # Left-pad to (*batch, Hq, N, M): adding size-1 axes is a view.
+    ndim_full = len(batch_shape) + 3
+    mk = mask.reshape((1,) * (ndim_full - mask.ndim) + tuple(mask.shape))
+    mbatch = mk.shape[: len(batch_shape)]
+    nb = int(np.prod(batch_shape, dtype=np.int64))
+    nmb = int(np.prod(mbatch, dtype=np.int64))
+    tail = mk.shape[len(batch_shape):]
+    # Reshaping the caller's own batch axes into one costs at most a copy of the
+    # caller's mask (never of the broadcast result); an index map then tells each
+    # flat batch entry which mask entry it uses.
+    mk4 = mk.reshape((nmb,) + tuple(tail))
+    if nmb == nb:
+        mask_index = np.arange(nb, dtype=np.int64)
+    elif nmb == 1:
+        mask_index = np.zeros(nb, dtype=np.int64)
+    else:
+        mask_index = np.broadcast_to(np.arange(nmb, dtype=np.int64).reshape(mbatch), batch_shape).reshape(-1).copy()
+    return mk4, mask_index
+
+
+def normalize(query, key, value, *, mask=None, causal=False, window=None, scale=None,
+              dropout_p=0.0, dropout_seed=None, return_lse=False, return_weights=False,
+              needs_vjp=False) -> Problem:
+    """Validate a call of the public API and build its :class:`Problem`.
+
+    Raises ``TypeError`` for wrong kinds of values and ``ValueError`` for wrong
+    values, each naming the argument, what was received and what to do. Never
+    copies or modifies ``query``, ``key`` or ``value``.
+    """
+    libs = {name: _check_array(name, x) for name, x in (("query", query), ("key", key), ("value", value))}
+    if len(set(libs.values())) > 1:
+        raise TypeError(
+            "query, key and value must come from one array library, got "
+            + ", ".join(f"{k}={v}" for k, v in libs.items())
+            + "; convert them all with numpy.asarray or cupy.asarray"
+        )
+    lib = libs["query"]
+    if not (query.dtype == key.dtype == value.dtype):
+        raise TypeError(
+            f"query, key and value must share one dtype, got {query.dtype}, {key.dtype} and {value.dtype}; "
+            "cast them with .astype(...) to one of float16, float32, float64"
+        )
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        if x.ndim < 2:
+            raise ValueError(f"{name} must have at least 2 dimensions (..., N, D), got shape {tuple(x.shape)}")
+    if not (query.ndim == key.ndim == value.ndim):
+        raise ValueError(
+            f"query, key and value must have the same number of dimensions, got shapes "
+            f"{tuple(query.shape)}, {tuple(key.shape)} and {tuple(value.shape)}"
+        )
+    two_d = query.ndim == 2
+    if two_d:
+        q4, k4, v4 = (x[None, None] for x in (query, key, value))
+        batch_shape = ()
+    else:
+        batch_shape = tuple(query.shape[:-3])
+        for name, x in (("key", key), ("value", value)):
+            if tuple(x.shape[:-3]) != batch_shape:
+                raise ValueError(
+                    f"{name} has batch shape {tuple(x.shape[:-3])} but query has {batch_shape}; "
+                    "batch axes (all axes before the head axis -3) must match exactly"
+                )
+        nb = int(np.prod(batch_shape, dtype=np.int64))
+        q4, k4, v4 = (x.reshape((nb,) + tuple(x.shape[-3:])) for x in (query, key, value))
+    _, hq, n, d = q4.shape
+    _, hkv, m, dk = k4.shape
+    _, hv, mv, dv = v4.shape
+    if dk != d:
+        raise ValueError(f"key's last axis ({dk}) must equal query's last axis D ({d}); got shapes {tuple(query.shape)} and {tuple(key.shape)}")
+    if d < 1:
+        raise ValueError(f"the head size D (query's last axis) must be at least 1, got shape {tuple(query.shape)}")
+    if (hv, mv) != (hkv, m):
+        raise ValueError(
+            f"value must have the same head count and length as key: key {tuple(key.shape)} vs value {tuple(value.shape)}"
+        )
+    if hkv < 1 or hq % hkv:
+        raise ValueError(
+            f"query heads ({hq}) must be a multiple of key/value heads ({hkv}) for grouped-query attention; "
+            f"got query {tuple(query.shape)} and key {tuple(key.shape)}"
+        )
+    for what, size in (("query length N", n), ("key length M", m), ("batch*heads", q4.shape[0] * hq)):
+        if size > MAX_EXTENT:
+            raise ValueError(f"{what} = {size} exceeds the supported maximum {MAX_EXTENT}; split the call")
+
+    causal = _check_bool("causal", causal)
+    return_lse = _check_bool("return_lse", return_lse)
+    return_weights = _check_bool("return_weights", return_weights)
+    window = _normalize_window(window, causal, n, m)
+
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    else:
+        if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, numbers.Real):
+            raise TypeError(f"scale must be a float, got {scale!r} ({_describe(scale)})")
+        scale = float(scale)
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"scale must be finite and positive, got {scale!r}; omit it for 1/sqrt(D)")
+
+    if isinstance(dropout_p, (bool, np.bool_)) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"dropout_p must be a float in [0, 1), got {dropout_p!r} ({_describe(dropout_p)})")
+    dropout_p = float(dropout_p)
+    if not (0.0 <= dropout_p < 1.0):
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    seed = _check_int("dropout_seed", dropout_seed, allow_none=True)
+    if seed is not None and not (0 <= seed < 2**64):
+        raise ValueError(f"dropout_seed must be in [0, 2**64), got {seed}")
+    if dropout_p > 0.0 and seed is None:
+        seed = secrets.randbits(64)
+
+    mk = mask_index = None
+    if mask is not None:
+        full = (n, m) if two_d else batch_shape + (hq, n, m)
+        mk, mask_index = _normalize_mask(mask, lib, full, batch_shape, hq, n, m, two_d)
+        if two_d:
+            mk = mk.reshape((1, 1) + tuple(mk.shape[-2:]))
+            mask_index = np.zeros(1, dtype=np.int64)
+
+    return Problem(
+        array_type=lib, query=q4, key=k4, value=v4, batch_shape=batch_shape, two_d=two_d,
+        mask=mk, mask_index=mask_index, causal=causal, window=window, scale=scale,
+        dropout_p=dropout_p, dropout_seed=seed if dropout_p > 0.0 else None,
+        return_lse=return_lse, return_weights=return_weights, needs_vjp=bool(needs_vjp),
+    )

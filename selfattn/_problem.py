@@ -83,6 +83,8 @@ def _check_array(name: str, x) -> str:
 
 
 def _check_bool(name: str, value) -> bool:
+    if value is True or value is False:
+        return value
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
     raise TypeError(f"{name} must be True or False, got {value!r} ({_describe(value)})")
@@ -334,7 +336,7 @@ def normalize(query, key, value, *, mask=None, causal=False, window=None, scale=
                     f"{name} has batch shape {tuple(x.shape[:-3])} but query has {batch_shape}; "
                     "batch axes (all axes before the head axis -3) must match exactly"
                 )
-        nb = int(np.prod(batch_shape, dtype=np.int64))
+        nb = math.prod(batch_shape)
         q4, k4, v4 = (x.reshape((nb,) + tuple(x.shape[-3:])) for x in (query, key, value))
     _, hq, n, d = q4.shape
     _, hkv, m, dk = k4.shape
@@ -363,6 +365,8 @@ def normalize(query, key, value, *, mask=None, causal=False, window=None, scale=
 
     if scale is None:
         scale = 1.0 / math.sqrt(d)
+    elif type(scale) is float and math.isfinite(scale) and scale > 0:
+        pass  # fast path for the common case
     else:
         if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, numbers.Real):
             raise TypeError(f"scale must be a float, got {scale!r} ({_describe(scale)})")
@@ -370,7 +374,9 @@ def normalize(query, key, value, *, mask=None, causal=False, window=None, scale=
         if not (math.isfinite(scale) and scale > 0):
             raise ValueError(f"scale must be finite and positive, got {scale!r}; omit it for 1/sqrt(D)")
 
-    if isinstance(dropout_p, (bool, np.bool_)) or not isinstance(dropout_p, numbers.Real):
+    if type(dropout_p) is float or type(dropout_p) is int:
+        pass  # fast path; range checked below
+    elif isinstance(dropout_p, (bool, np.bool_)) or not isinstance(dropout_p, numbers.Real):
         raise TypeError(f"dropout_p must be a float in [0, 1), got {dropout_p!r} ({_describe(dropout_p)})")
     dropout_p = float(dropout_p)
     if not (0.0 <= dropout_p < 1.0):

@@ -1,0 +1,184 @@
+"""The conformance case generator.
+
+:func:`generate_cases` returns a list of :class:`Case` objects covering the
+edges of the API: sizes that are not multiples of any block size, N or M equal
+to 0 or 1, D = 1, Dv != D, grouped-query ratios 1/2/4/8, boolean and additive
+masks of every broadcast shape, causal with N < M, N = M and N > M, windows,
+dropout, large-magnitude logits, fully masked rows, 2-D and batch-less inputs,
+several batch axes, non-contiguous and read-only inputs, in float16, float32
+and float64.
+
+A case knows how to build its arrays (:meth:`Case.arrays`), which capability
+features it needs (:meth:`Case.features`) and its tolerance
+(:func:`tolerance`). It does not know about backends: the suite decides from a
+backend's declared capabilities whether the case must match the oracle or must
+raise :class:`selfattn.UnsupportedFeatureError`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["Case", "generate_cases", "tolerance", "TOLERANCES"]
+
+#: Allowed error, relative to ``max(1, max|oracle|)``, per dtype, for outputs
+#: (out, lse, weights) and for gradients.
+TOLERANCES = {
+    "float64": {"out": 1e-9, "grad": 1e-8},
+    "float32": {"out": 2e-5, "grad": 2e-4},
+    "float16": {"out": 4e-3, "grad": 2e-2},
+}
+
+
+def tolerance(dtype, kind: str = "out") -> float:
+    """The allowed scaled error for ``dtype`` (``kind`` is ``"out"`` or ``"grad"``)."""
+    return TOLERANCES[np.dtype(dtype).name][kind]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One conformance case.
+
+    ``q_shape``/``k_shape``/``v_shape`` are the caller-facing shapes;
+    ``mask`` is None, or ``(kind, shape)`` with kind ``"bool"``/``"float"``;
+    ``options`` are keyword arguments of the public API (causal, window,
+    scale, dropout_p, dropout_seed); ``layout`` is ``"contiguous"``,
+    ``"noncontiguous"`` or ``"readonly"``; ``logit_scale`` multiplies the
+    query (large values stress the softmax); ``mask_rows_off`` lists query rows
+    whose boolean mask is all False (fully masked).
+    """
+
+    name: str
+    q_shape: tuple
+    k_shape: tuple
+    v_shape: tuple
+    dtype: str = "float32"
+    mask: tuple | None = None
+    options: dict = field(default_factory=dict)
+    layout: str = "contiguous"
+    logit_scale: float = 1.0
+    mask_rows_off: tuple = ()
+    seed: int = 0
+
+    @property
+    def id(self) -> str:
+        """A readable pytest id."""
+        return f"{self.name}-{self.dtype}"
+
+    def arrays(self):
+        """Build ``(query, key, value, mask)`` deterministically from ``seed``."""
+        rng = np.random.default_rng(self.seed)
+        dt = np.dtype(self.dtype)
+
+        def make(shape, scale=1.0):
+            x = (rng.standard_normal(shape) * scale).astype(dt)
+            if self.layout == "noncontiguous" and len(shape) >= 2:
+                # A view with a transposed layout and a stride-2 last axis: the
+                # values are the same, the memory layout is not C-contiguous.
+                big = np.zeros(shape[:-2] + (shape[-1] * 2, shape[-2]), dtype=dt)
+                big[..., ::2, :] = np.swapaxes(x, -1, -2)
+                x = np.swapaxes(big[..., ::2, :], -1, -2)
+                assert not x.flags.c_contiguous or x.size <= 1
+            if self.layout == "readonly":
+                x.setflags(write=False)
+            return x
+
+        q = make(self.q_shape, self.logit_scale)
+        k = make(self.k_shape)
+        v = make(self.v_shape)
+        mask = None
+        if self.mask is not None:
+            kind, shape = self.mask
+            if kind == "bool":
+                mask = rng.random(shape) > 0.3
+                if self.mask_rows_off:
+                    mask = np.broadcast_to(mask, np.broadcast_shapes(shape, shape)).copy()
+                    mask[..., list(self.mask_rows_off), :] = False
+            else:
+                mask = rng.standard_normal(shape).astype(np.float32 if dt == np.float16 else dt)
+                mask[rng.random(shape) < 0.2] = -np.inf
+            if self.layout == "readonly":
+                mask.setflags(write=False)
+        return q, k, v, mask
+
+    def features(self) -> frozenset:
+        """The capability features this case needs (the forward, without lse/weights/vjp)."""
+        from .._capabilities import required_features
+        from .._problem import normalize
+
+        q, k, v, mask = self.arrays()
+        return required_features(normalize(q, k, v, mask=mask, **self.options))
+
+
+def _qkv(batch, hq, hkv, n, m, d, dv=None):
+    dv = d if dv is None else dv
+    return tuple(batch) + (hq, n, d), tuple(batch) + (hkv, m, d), tuple(batch) + (hkv, m, dv)
+
+
+def generate_cases(dtypes=("float32", "float64"), float16=True) -> list[Case]:
+    """All conformance cases, each in every dtype of ``dtypes`` (plus a float16 subset)."""
+    base = []
+
+    def add(name, shapes, **kw):
+        base.append((name, shapes, kw))
+
+    odd = _qkv((2,), 4, 2, 37, 53, 24, 17)
+    add("odd-sizes", odd)
+    add("n1-decode", _qkv((1,), 2, 2, 1, 65, 16))
+    add("m1", _qkv((1,), 2, 1, 5, 1, 8))
+    add("n0", _qkv((2,), 2, 2, 0, 7, 8))
+    add("m0", _qkv((2,), 2, 2, 6, 0, 8, 5))
+    add("d1", _qkv((1,), 1, 1, 9, 11, 1, 3))
+    add("dv-ne-d", _qkv((1,), 3, 3, 12, 20, 8, 32))
+    add("two-d", ((19, 8), (23, 8), (23, 6)))
+    add("batchless-3d", ((3, 10, 8), (3, 14, 8), (3, 14, 8)))
+    add("two-batch-axes", _qkv((2, 3), 2, 1, 9, 13, 8))
+    for ratio in (1, 2, 4, 8):
+        add(f"gqa-{ratio}", _qkv((2,), 8, 8 // ratio, 21, 30, 16))
+    add("gqa-8-causal", _qkv((1,), 8, 1, 33, 40, 16), causal=True)
+    # Masks of every broadcast shape against scores (2, 4, 37, 53).
+    for kind in ("bool", "float"):
+        for mname, mshape in (
+            ("full", (2, 4, 37, 53)), ("nm", (37, 53)), ("keys", (2, 1, 1, 53)), ("rows", (37, 1)),
+            ("heads", (4, 1, 1)), ("per-head", (1, 4, 37, 53)), ("scalar", (1,)), ("batch-only", (2, 1, 1, 1)),
+        ):
+            add(f"mask-{kind}-{mname}", odd, mask=(kind, mshape))
+    add("mask-partial-batch", _qkv((2, 3), 2, 2, 7, 9, 8), mask=("bool", (2, 1, 1, 7, 9)))
+    add("mask-2d-input", ((19, 8), (23, 8), (23, 8)), mask=("float", (23,)))
+    add("mask-float-causal", odd, mask=("float", (37, 53)), causal=True)
+    for cname, n, m in (("n<m", 13, 40), ("n=m", 40, 40), ("n>m", 40, 13)):
+        add(f"causal-{cname}", _qkv((2,), 2, 2, n, m, 16), causal=True)
+    add("window-int", _qkv((1,), 2, 2, 50, 50, 16), window=4)
+    add("window-asym-n<m", _qkv((1,), 2, 2, 20, 57, 16), window=(7, 2))
+    add("window-causal", _qkv((1,), 2, 1, 50, 60, 16), window=(5, 9), causal=True)
+    add("window-zero", _qkv((1,), 2, 2, 30, 30, 8), window=(0, 0))
+    add("window-huge", _qkv((1,), 2, 2, 10, 30, 8), window=(10**12, 3))
+    add("window-empty-rows", _qkv((1,), 1, 1, 30, 10, 8), window=(0, 0))
+    add("fully-masked-rows", odd, mask=("bool", (2, 4, 37, 53)), mask_rows=(0, 5, 36))
+    add("mask-bool-window", odd, mask=("bool", (37, 53)), window=(6, 6))
+    add("scale", odd, scale=0.05)
+    add("large-logits", odd, logit_scale=60.0)
+    add("large-logits-causal", _qkv((1,), 2, 2, 33, 33, 16), logit_scale=60.0, causal=True)
+    add("dropout", odd, dropout_p=0.3, dropout_seed=12345)
+    add("dropout-gqa-causal", _qkv((2,), 4, 1, 25, 31, 8), dropout_p=0.5, dropout_seed=2**63 + 7, causal=True)
+    add("dropout-mask", odd, dropout_p=0.1, dropout_seed=99, mask=("float", (2, 1, 1, 53)))
+    add("noncontiguous", odd, layout="noncontiguous", mask=("bool", (37, 53)))
+    add("noncontiguous-gqa", _qkv((2,), 4, 1, 17, 29, 8), layout="noncontiguous", causal=True)
+    add("readonly", odd, layout="readonly", mask=("float", (2, 4, 37, 53)))
+    add("long-m", _qkv((1,), 2, 2, 3, 700, 32))
+    add("block-edges", _qkv((1,), 2, 2, 129, 257, 64), causal=True)
+
+    f16_names = {"odd-sizes", "gqa-4", "causal-n<m", "mask-float-keys", "mask-bool-full", "dropout", "large-logits",
+                 "window-causal", "fully-masked-rows", "n0", "m0", "block-edges"}
+    cases = []
+    for i, (name, (qs, ks, vs), kw) in enumerate(base):
+        mask = kw.pop("mask", None)
+        layout = kw.pop("layout", "contiguous")
+        logit = kw.pop("logit_scale", 1.0)
+        rows_off = kw.pop("mask_rows", ())
+        want = list(dtypes) + (["float16"] if float16 and name in f16_names else [])
+        for dt in want:
+            cases.append(Case(name, qs, ks, vs, dt, mask, dict(kw), layout, logit, rows_off, seed=1000 + i))
+    return cases

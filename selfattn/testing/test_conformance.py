@@ -1,0 +1,300 @@
+"""The conformance suite: one set of tests for every backend.
+
+Each test takes the ``selfattn_backend`` fixture (parametrized by
+:mod:`selfattn.testing.plugin`) and runs through the public API with
+``backend=NAME``, so it checks the dispatcher's capability gate as well as the
+backend's numbers. A case the backend's capabilities cover must match the
+float64 oracle within :func:`selfattn.testing.cases.tolerance`; a case outside
+them must raise :class:`selfattn.UnsupportedFeatureError`.
+
+Inputs are NumPy arrays; for a backend that consumes another array library
+(``cupy``) they are converted before the call and results converted back.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+
+import selfattn
+from selfattn import UnsupportedFeatureError
+from selfattn._dropout import keep_mask
+from selfattn.testing import reference
+from selfattn.testing.cases import generate_cases, tolerance
+
+CASES = generate_cases()
+_IDS = [c.id for c in CASES]
+FD_CASES = [c for c in CASES if c.dtype == "float64" and c.name in {
+    "odd-sizes", "gqa-4", "causal-n>m", "window-causal", "dropout", "mask-float-keys", "fully-masked-rows",
+    "two-d", "dv-ne-d", "two-batch-axes", "mask-partial-batch", "d1",
+}]
+
+
+# -- helpers -------------------------------------------------------------------
+def _caps(name):
+    return selfattn.get_backend(name).capabilities
+
+
+def _to_backend(name, *arrays):
+    if _caps(name).array_type == "cupy":
+        import cupy
+
+        return tuple(None if a is None else cupy.asarray(a) for a in arrays)
+    return arrays
+
+
+def _host(x):
+    if x is not None and type(x).__module__.startswith("cupy"):
+        return x.get()
+    return x
+
+
+def _missing(name, case, extra=()):
+    caps = _caps(name)
+    return caps.missing(caps.array_type, case.dtype, set(case.features()) | set(extra))
+
+
+def assert_close(actual, expected, dtype, kind="out", what="output"):
+    """Scaled max error ``max|a-b| / max(1, max|b|)`` within tolerance; non-finite entries must match."""
+    actual = np.asarray(_host(actual), dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    fin = np.isfinite(expected)
+    assert np.array_equal(np.isnan(actual), np.isnan(expected)), f"{what}: NaN positions differ"
+    assert np.array_equal(np.where(fin, 0, actual), np.where(fin, 0, np.nan_to_num(expected, nan=0.0))) or \
+        np.array_equal(np.isinf(actual) & (actual < 0), np.isinf(expected) & (expected < 0)), f"{what}: inf positions differ"
+    if fin.any():
+        err = np.max(np.abs(actual[fin] - expected[fin])) / max(1.0, float(np.max(np.abs(expected[fin]))))
+        assert err <= tolerance(dtype, kind), f"{what}: scaled error {err:.3g} > {tolerance(dtype, kind):.3g}"
+
+
+def _snapshot(*arrays):
+    return [None if a is None else (a.copy(), a.flags.writeable) for a in arrays]
+
+
+def _unchanged(arrays, snap):
+    for a, s in zip(arrays, snap):
+        if a is None:
+            continue
+        ref, writeable = s
+        assert np.array_equal(a, ref, equal_nan=True), "an input array was modified"
+        assert a.flags.writeable == writeable
+
+
+# -- forward -------------------------------------------------------------------
+@pytest.mark.parametrize("case", CASES, ids=_IDS)
+def test_forward_matches_oracle(selfattn_backend, case):
+    q, k, v, mask = case.arrays()
+    snap = _snapshot(q, k, v, mask)
+    bq, bk, bv, bm = _to_backend(selfattn_backend, q, k, v, mask)
+    if _missing(selfattn_backend, case):
+        with pytest.raises(UnsupportedFeatureError):
+            selfattn.scaled_dot_product_attention(bq, bk, bv, mask=bm, backend=selfattn_backend, **case.options)
+        return
+    out = selfattn.scaled_dot_product_attention(bq, bk, bv, mask=bm, backend=selfattn_backend, **case.options)
+    assert type(out) is type(bq), "the output must use the inputs' array library"
+    assert out.dtype == q.dtype
+    ref_out, _, _ = reference.forward(q, k, v, mask=mask, **case.options)
+    assert_close(out, ref_out, case.dtype)
+    _unchanged((q, k, v, mask), snap)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_IDS)
+def test_lse_and_weights_match_oracle(selfattn_backend, case):
+    q, k, v, mask = case.arrays()
+    bq, bk, bv, bm = _to_backend(selfattn_backend, q, k, v, mask)
+    call = dict(mask=bm, backend=selfattn_backend, return_lse=True, return_weights=True, **case.options)
+    if _missing(selfattn_backend, case, ("lse", "weights")):
+        with pytest.raises(UnsupportedFeatureError):
+            selfattn.scaled_dot_product_attention(bq, bk, bv, **call)
+        return
+    out, lse, weights = selfattn.scaled_dot_product_attention(bq, bk, bv, **call)
+    ref_out, ref_lse, ref_w = reference.forward(q, k, v, mask=mask, **case.options)
+    assert lse.dtype == (np.float32 if case.dtype == "float16" else np.dtype(case.dtype))
+    assert weights.dtype == q.dtype
+    assert_close(out, ref_out, case.dtype)
+    assert_close(lse, ref_lse, case.dtype, what="lse")
+    assert_close(weights, ref_w, case.dtype, what="weights")
+
+
+# -- gradients -----------------------------------------------------------------
+@pytest.mark.parametrize("case", CASES, ids=_IDS)
+def test_vjp_matches_oracle(selfattn_backend, case):
+    q, k, v, mask = case.arrays()
+    bq, bk, bv, bm = _to_backend(selfattn_backend, q, k, v, mask)
+    if _missing(selfattn_backend, case, ("vjp",)):
+        with pytest.raises(UnsupportedFeatureError):
+            selfattn.scaled_dot_product_attention_vjp(bq, bk, bv, mask=bm, backend=selfattn_backend, **case.options)
+        return
+    out, backward = selfattn.scaled_dot_product_attention_vjp(bq, bk, bv, mask=bm, backend=selfattn_backend, **case.options)
+    g = np.random.default_rng(case.seed + 1).standard_normal(out.shape).astype(q.dtype)
+    snap = _snapshot(q, k, v, mask, g)
+    (bg,) = _to_backend(selfattn_backend, g)
+    grads = backward(bg)
+    ref = reference.vjp(q, k, v, g, mask=mask, **case.options)
+    for name, got, exp, x in zip(("dq", "dk", "dv"), grads, ref, (q, k, v)):
+        assert got.dtype == x.dtype and got.shape == x.shape, name
+        assert_close(got, exp, case.dtype, kind="grad", what=name)
+    _unchanged((q, k, v, mask, g), snap)
+
+
+@pytest.mark.parametrize("case", FD_CASES, ids=[c.id for c in FD_CASES])
+def test_gradients_match_finite_differences(selfattn_backend, case):
+    """Directional derivatives of sum(out * g) by central differences, in float64."""
+    q, k, v, mask = case.arrays()
+    if _missing(selfattn_backend, case, ("vjp",)):
+        pytest.skip("backend lacks a capability this case needs (test_vjp_matches_oracle checks the error)")
+    q, k, v = (np.ascontiguousarray(x) for x in (q, k, v))
+    rng = np.random.default_rng(case.seed + 2)
+
+    def f(qq, kk, vv):
+        o = selfattn.scaled_dot_product_attention(*_to_backend(selfattn_backend, qq, kk, vv, mask)[:3],
+                                                  mask=_to_backend(selfattn_backend, mask)[0],
+                                                  backend=selfattn_backend, **case.options)
+        return float(np.sum(_host(o) * g))
+
+    bq, bk, bv, bm = _to_backend(selfattn_backend, q, k, v, mask)
+    out, backward = selfattn.scaled_dot_product_attention_vjp(bq, bk, bv, mask=bm, backend=selfattn_backend, **case.options)
+    g = rng.standard_normal(out.shape)
+    grads = [_host(x) for x in backward(_to_backend(selfattn_backend, g)[0])]
+    eps = 1e-6
+    for idx, x in enumerate((q, k, v)):
+        u = rng.standard_normal(x.shape)
+        args_p = [q, k, v]
+        args_m = [q, k, v]
+        args_p[idx] = x + eps * u
+        args_m[idx] = x - eps * u
+        numeric = (f(*args_p) - f(*args_m)) / (2 * eps)
+        analytic = float(np.sum(grads[idx] * u))
+        assert abs(numeric - analytic) <= 1e-6 * max(1.0, abs(analytic)), ("dq", "dk", "dv")[idx]
+
+
+# -- dropout, edges, NaN -------------------------------------------------------------
+@pytest.mark.parametrize("p", [0.25, 0.7])
+def test_dropout_pattern_is_the_documented_hash(selfattn_backend, p):
+    """With V = I the output is the dropped, rescaled weights: zeros must sit exactly where the hash drops."""
+    B, H, N, M = 2, 3, 17, 23
+    rng = np.random.default_rng(5)
+    q = rng.standard_normal((B, H, N, 8))
+    k = rng.standard_normal((B, H, M, 8))
+    v = np.broadcast_to(np.eye(M), (B, H, M, M)).copy()
+    seed = 2**40 + 3
+    if _caps(selfattn_backend).missing(_caps(selfattn_backend).array_type, "float64", {"dropout"}):
+        pytest.skip("backend does not declare dropout")
+    out = _host(selfattn.scaled_dot_product_attention(*_to_backend(selfattn_backend, q, k, v), dropout_p=p,
+                                                      dropout_seed=seed, backend=selfattn_backend))
+    keep = keep_mask(seed, np.arange(B * H), np.arange(N), np.arange(M), p).reshape(B, H, N, M)
+    assert np.array_equal(out != 0, keep)
+    ref = reference.forward(q, k, v, dropout_p=p, dropout_seed=seed)[0]
+    assert_close(out, ref, "float64")
+    # Same seed, same pattern on the NumPy backend: identical across backends.
+    np_out = selfattn.scaled_dot_product_attention(q, k, v, dropout_p=p, dropout_seed=seed, backend="numpy")
+    assert np.array_equal(np_out != 0, out != 0)
+
+
+def test_fully_masked_rows_are_exact_zeros(selfattn_backend):
+    caps = _caps(selfattn_backend)
+    q = np.random.default_rng(0).standard_normal((1, 2, 6, 4)).astype(np.float32)
+    mask = np.ones((6, 9), bool)
+    mask[[1, 4]] = False
+    need = {"bool_mask", "lse", "weights", "vjp"}
+    if caps.missing(caps.array_type, "float32", need):
+        pytest.skip("backend lacks a feature this test needs")
+    k = np.random.default_rng(1).standard_normal((1, 2, 9, 4)).astype(np.float32)
+    bq, bk, bm = _to_backend(selfattn_backend, q, k, mask)
+    out, lse, w = (_host(x) for x in selfattn.scaled_dot_product_attention(
+        bq, bk, bk, mask=bm, return_lse=True, return_weights=True, backend=selfattn_backend))
+    assert np.all(out[:, :, [1, 4]] == 0) and np.all(w[:, :, [1, 4]] == 0)
+    assert np.all(np.isneginf(lse[:, :, [1, 4]])) and np.all(np.isfinite(lse[:, :, [0, 2, 3, 5]]))
+    o, backward = selfattn.scaled_dot_product_attention_vjp(bq, bk, bk, mask=bm, backend=selfattn_backend)
+    (g,) = _to_backend(selfattn_backend, np.ones(o.shape, np.float32))
+    dq, dk, dv = (_host(x) for x in backward(g))
+    assert np.all(dq[:, :, [1, 4]] == 0)
+    assert all(np.isfinite(x).all() for x in (dq, dk, dv))
+
+
+def test_nan_in_a_query_row_propagates_only_to_that_row(selfattn_backend):
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((1, 1, 5, 4))
+    k = rng.standard_normal((1, 1, 7, 4))
+    q[0, 0, 2, 1] = np.nan
+    out = _host(selfattn.scaled_dot_product_attention(*_to_backend(selfattn_backend, q, k, k), backend=selfattn_backend))
+    assert np.isnan(out[0, 0, 2]).all()
+    assert np.isfinite(np.delete(out, 2, axis=2)).all()
+
+
+def test_nan_in_an_attended_value_row_reaches_its_queries(selfattn_backend):
+    rng = np.random.default_rng(4)
+    q, k, v = rng.standard_normal((1, 1, 5, 4)), rng.standard_normal((1, 1, 7, 4)), rng.standard_normal((1, 1, 7, 3))
+    v[0, 0, 6, 0] = np.nan  # key 6 is attended by every query (no mask)
+    out = _host(selfattn.scaled_dot_product_attention(*_to_backend(selfattn_backend, q, k, v), backend=selfattn_backend))
+    assert np.isnan(out[..., 0]).all() and np.isfinite(out[..., 1:]).all()
+
+
+def test_does_not_import_other_array_libraries(selfattn_backend):
+    """A NumPy-array backend must not pull CuPy in (and vice versa), even after a call."""
+    caps = _caps(selfattn_backend)
+    if caps.array_type != "numpy" or "cupy" in sys.modules:
+        pytest.skip("only meaningful for NumPy-array backends in a process without CuPy")
+    q = np.ones((1, 1, 2, 2))
+    selfattn.scaled_dot_product_attention(q, q, q, backend=selfattn_backend)
+    assert "cupy" not in sys.modules
+
+
+# -- property-based ------------------------------------------------------------------
+try:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+except ImportError:  # pragma: no cover - hypothesis is in the test extra
+    st = None
+
+if st is not None:
+    @st.composite
+    def _problems(draw):
+        hkv = draw(st.integers(1, 3))
+        hq = hkv * draw(st.sampled_from([1, 2, 4]))
+        n, m = draw(st.integers(0, 40)), draw(st.integers(0, 40))
+        d, dv = draw(st.integers(1, 20)), draw(st.integers(1, 20))
+        batch = draw(st.sampled_from([(), (1,), (2,), (2, 2)]))
+        dtype = draw(st.sampled_from(["float32", "float64"]))
+        opts = {"causal": draw(st.booleans())}
+        if draw(st.booleans()):
+            opts["window"] = (draw(st.integers(0, 45)), draw(st.integers(0, 45)))
+        if draw(st.booleans()):
+            opts["dropout_p"] = draw(st.sampled_from([0.1, 0.5]))
+            opts["dropout_seed"] = draw(st.integers(0, 2**64 - 1))
+        mask_kind = draw(st.sampled_from([None, "bool", "float"]))
+        mask_shape = draw(st.sampled_from([(n, m), (1, m), (hq, 1, 1), batch + (hq, n, m)]))
+        seed = draw(st.integers(0, 2**32 - 1))
+        return hkv, hq, n, m, d, dv, batch, dtype, opts, mask_kind, mask_shape, seed
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(_problems())
+    def test_property_forward_matches_oracle(selfattn_backend, problem):
+        hkv, hq, n, m, d, dv, batch, dtype, opts, mask_kind, mask_shape, seed = problem
+        rng = np.random.default_rng(seed)
+        q = rng.standard_normal(batch + (hq, n, d)).astype(dtype)
+        k = rng.standard_normal(batch + (hkv, m, d)).astype(dtype)
+        v = rng.standard_normal(batch + (hkv, m, dv)).astype(dtype)
+        mask = None
+        if mask_kind == "bool":
+            mask = rng.random(mask_shape) > 0.4
+        elif mask_kind == "float":
+            mask = rng.standard_normal(mask_shape).astype(dtype)
+        from selfattn._capabilities import required_features
+        from selfattn._problem import normalize
+
+        need = required_features(normalize(q, k, v, mask=mask, **opts)) | {"lse"}
+        caps = _caps(selfattn_backend)
+        args = _to_backend(selfattn_backend, q, k, v, mask)
+        if caps.missing(caps.array_type, dtype, need):
+            with pytest.raises(UnsupportedFeatureError):
+                selfattn.scaled_dot_product_attention(*args[:3], mask=args[3], return_lse=True, backend=selfattn_backend, **opts)
+            return
+        out, lse = selfattn.scaled_dot_product_attention(*args[:3], mask=args[3], return_lse=True,
+                                                          backend=selfattn_backend, **opts)
+        ref_out, ref_lse, _ = reference.forward(q, k, v, mask=mask, **opts)
+        assert_close(out, ref_out, dtype)
+        assert_close(lse, ref_lse, dtype, what="lse")

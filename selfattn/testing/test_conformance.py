@@ -22,7 +22,9 @@ import selfattn
 from selfattn import UnsupportedFeatureError
 from selfattn._dropout import keep_mask
 from selfattn.testing import reference
-from selfattn.testing.cases import generate_cases, tolerance
+from selfattn.testing.cases import generate_cases
+from selfattn.testing.compare import assert_close, to_backend
+from selfattn.testing.compare import host as _host
 
 CASES = generate_cases()
 _IDS = [c.id for c in CASES]
@@ -38,36 +40,12 @@ def _caps(name):
 
 
 def _to_backend(name, *arrays):
-    if _caps(name).array_type == "cupy":
-        import cupy
-
-        return tuple(None if a is None else cupy.asarray(a) for a in arrays)
-    return arrays
-
-
-def _host(x):
-    if x is not None and type(x).__module__.startswith("cupy"):
-        return x.get()
-    return x
+    return to_backend(_caps(name).array_type, *arrays)
 
 
 def _missing(name, case, extra=()):
     caps = _caps(name)
     return caps.missing(caps.array_type, case.dtype, set(case.features()) | set(extra))
-
-
-def assert_close(actual, expected, dtype, kind="out", what="output"):
-    """Scaled max error ``max|a-b| / max(1, max|b|)`` within tolerance; non-finite entries must match."""
-    actual = np.asarray(_host(actual), dtype=np.float64)
-    expected = np.asarray(expected, dtype=np.float64)
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    fin = np.isfinite(expected)
-    assert np.array_equal(np.isnan(actual), np.isnan(expected)), f"{what}: NaN positions differ"
-    assert np.array_equal(np.where(fin, 0, actual), np.where(fin, 0, np.nan_to_num(expected, nan=0.0))) or \
-        np.array_equal(np.isinf(actual) & (actual < 0), np.isinf(expected) & (expected < 0)), f"{what}: inf positions differ"
-    if fin.any():
-        err = np.max(np.abs(actual[fin] - expected[fin])) / max(1.0, float(np.max(np.abs(expected[fin]))))
-        assert err <= tolerance(dtype, kind), f"{what}: scaled error {err:.3g} > {tolerance(dtype, kind):.3g}"
 
 
 def _snapshot(*arrays):

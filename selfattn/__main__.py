@@ -23,9 +23,13 @@ import selfattn
 from selfattn._capabilities import DTYPES, FEATURES
 
 
-def support_table() -> str:
-    """Markdown table of every backend's declared capabilities (generated, never hand-written)."""
-    recs = [r for r in selfattn.list_backends() if r.capabilities is not None]
+def support_table(builtin_only: bool = False) -> str:
+    """Markdown table of every backend's declared capabilities (generated, never hand-written).
+
+    ``builtin_only`` leaves out third-party plugins (the README documents the built-ins).
+    """
+    recs = [r for r in selfattn.list_backends()
+            if r.capabilities is not None and (r.source == "builtin" or not builtin_only)]
     head = "| capability | " + " | ".join(r.name for r in recs) + " |"
     lines = [head, "|" + "---|" * (len(recs) + 1)]
     lines.append("| arrays | " + " | ".join(r.capabilities.array_type for r in recs) + " |")
@@ -57,7 +61,7 @@ def _info(args) -> int:
         print(json.dumps({"environment": facts, "backends": rows}, indent=2, default=str))
         return 0
     if args.table:
-        print(support_table())
+        print(support_table(builtin_only=args.builtin))
         return 0
     for k, v in facts.items():
         print(f"{k:>9}: {v}")
@@ -84,6 +88,7 @@ def main(argv=None) -> int:
     p_info = sub.add_parser("info", help="backends, availability, versions, threads, devices")
     p_info.add_argument("--json", action="store_true", help="machine-readable output")
     p_info.add_argument("--table", action="store_true", help="print the capability support table (Markdown)")
+    p_info.add_argument("--builtin", action="store_true", help="with --table: built-in backends only")
     p_check = sub.add_parser("check", help="run the conformance cases against every available backend")
     p_check.add_argument("--backend", action="append", help="only this backend (repeatable)")
     p_check.add_argument("-v", "--verbose", action="store_true", help="print tracebacks of failures")

@@ -52,8 +52,12 @@ def check_case(backend: str, case) -> None:
             assert_close(host(got), exp, case.dtype, kind="grad", what=name)
 
 
-def run_check(backends=None, verbose=False, out=sys.stdout) -> int:
-    """Check every available backend (or those named); print the table; return the number of failures."""
+def run_check(backends=None, verbose=False, out=None) -> int:
+    """Check every available backend (or those named); print the table to ``out`` (default stdout).
+
+    Returns the number of failed cases.
+    """
+    out = sys.stdout if out is None else out
     records = [r for r in selfattn.list_backends() if backends is None or r.name in backends]
     cases = generate_cases()
     failures = 0

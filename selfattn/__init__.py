@@ -27,6 +27,15 @@ from .backends._base import Backend
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):
+    # `selfattn.nn` is loaded on first access, keeping `import selfattn` minimal.
+    if name == "nn":
+        import importlib
+
+        return importlib.import_module("selfattn.nn")
+    raise AttributeError(f"module 'selfattn' has no attribute {name!r}")
+
 __all__ = [
     "scaled_dot_product_attention", "scaled_dot_product_attention_vjp", "explain",
     "use_backend", "set_backend", "get_backend", "list_backends", "BackendRecord", "Explanation",

@@ -1,0 +1,1 @@
+"""asv benchmark suite for selfattn (see README.md in this folder)."""

@@ -1,0 +1,143 @@
+"""Benchmark the CuPy backend against PyTorch's scaled_dot_product_attention on one GPU.
+
+Usage (on a machine with an NVIDIA GPU, cupy and torch with CUDA)::
+
+    python -m selfattn.backends._cuda.bench_gpu [--out gpu-bench.md] [--repeat 20]
+
+Shapes (B, H, N, D) = (4, 16, 4096, 64) and (4, 16, 4096, 128), float16 and
+float32, causal and not, forward and forward+backward. TFLOP/s count the
+matmul FLOPs of exact attention (4·B·H·N·M·D forward, 2.5x that for the
+backward; halved for causal). Writes a markdown table and prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _flops(b, h, n, d, causal, bwd):
+    f = 4.0 * b * h * n * n * d
+    if bwd:
+        f *= 3.5  # forward (1) + backward (2.5)
+    return f / 2 if causal else f
+
+
+def _time_cupy(cupy, fn, repeat):
+    fn()
+    cupy.cuda.Device().synchronize()
+    start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+    start.record()
+    for _ in range(repeat):
+        fn()
+    stop.record()
+    stop.synchronize()
+    return cupy.cuda.get_elapsed_time(start, stop) / 1e3 / repeat
+
+
+def _time_torch(torch, fn, repeat):
+    fn()
+    torch.cuda.synchronize()
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeat):
+        fn()
+    stop.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(stop) / 1e3 / repeat
+
+
+def run(shapes, dtypes, repeat):
+    import cupy
+    import selfattn
+
+    try:
+        import torch
+        import torch.nn.functional as F
+        has_torch = torch.cuda.is_available()
+    except ImportError:
+        has_torch = False
+    rows = []
+    for (b, h, n, d) in shapes:
+        for dt in dtypes:
+            for causal in (False, True):
+                rng = cupy.random.default_rng(0)
+                q, k, v = (rng.standard_normal((b, h, n, d), dtype=cupy.float32).astype(dt) for _ in range(3))
+                g = rng.standard_normal((b, h, n, d), dtype=cupy.float32).astype(dt)
+
+                def fwd():
+                    return selfattn.scaled_dot_product_attention(q, k, v, causal=causal, backend="cupy")
+
+                def fwdbwd():
+                    _, back = selfattn.scaled_dot_product_attention_vjp(q, k, v, causal=causal, backend="cupy")
+                    return back(g)
+
+                t_f = _time_cupy(cupy, fwd, repeat)
+                t_fb = _time_cupy(cupy, fwdbwd, max(1, repeat // 2))
+                tt_f = tt_fb = None
+                if has_torch:
+                    tq, tk, tv, tg = (torch.as_tensor(x, device="cuda") for x in (q, k, v, g))
+                    tq.requires_grad_(); tk.requires_grad_(); tv.requires_grad_()
+
+                    def tfwd():
+                        with torch.no_grad():
+                            return F.scaled_dot_product_attention(tq, tk, tv, is_causal=causal)
+
+                    def tfwdbwd():
+                        o = F.scaled_dot_product_attention(tq, tk, tv, is_causal=causal)
+                        return torch.autograd.grad(o, (tq, tk, tv), tg)
+
+                    tt_f = _time_torch(torch, tfwd, repeat)
+                    tt_fb = _time_torch(torch, tfwdbwd, max(1, repeat // 2))
+                for what, t, tt, bwd in (("fwd", t_f, tt_f, False), ("fwd+bwd", t_fb, tt_fb, True)):
+                    fl = _flops(b, h, n, d, causal, bwd)
+                    rows.append(dict(shape=f"({b},{h},{n},{d})", dtype=cupy.dtype(dt).name, causal=causal, pass_=what,
+                                     ms=t * 1e3, tflops=fl / t / 1e12,
+                                     torch_ms=None if tt is None else tt * 1e3,
+                                     torch_tflops=None if tt is None else fl / tt / 1e12,
+                                     ratio=None if tt is None else tt / t))
+                del q, k, v, g
+                cupy.get_default_memory_pool().free_all_blocks()
+    return rows
+
+
+def markdown(rows, device):
+    out = [f"GPU: {device}", "",
+           "| shape (B,H,N,D) | dtype | causal | pass | selfattn ms | selfattn TFLOP/s | torch ms | torch TFLOP/s | speed vs torch |",
+           "|---|---|---|---|---:|---:|---:|---:|---:|"]
+    f = lambda x, p: "n/a" if x is None else f"{x:.{p}f}"
+    for r in rows:
+        out.append(f"| {r['shape']} | {r['dtype']} | {r['causal']} | {r['pass_']} | {f(r['ms'], 2)} | "
+                   f"{f(r['tflops'], 2)} | {f(r['torch_ms'], 2)} | {f(r['torch_tflops'], 2)} | {f(r['ratio'], 3)} |")
+    out.append("")
+    out.append("speed vs torch = torch time / selfattn time (1.0 = as fast as torch.nn.functional.scaled_dot_product_attention).")
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="gpu-bench.md", help="markdown file to write")
+    ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--quick", action="store_true", help="N=1024 instead of 4096 (smoke test)")
+    args = ap.parse_args(argv)
+    import cupy
+    import selfattn
+
+    try:
+        selfattn.get_backend("cupy")
+    except Exception as exc:  # BackendUnavailableError, with the reason
+        print(exc, file=sys.stderr)
+        return 2
+    n = 1024 if args.quick else 4096
+    props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+    name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+    rows = run([(4, 16, n, 64), (4, 16, n, 128)], [cupy.float16, cupy.float32], args.repeat)
+    md = markdown(rows, name)
+    with open(args.out, "w") as fh:
+        fh.write(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

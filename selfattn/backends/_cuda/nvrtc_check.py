@@ -1,0 +1,124 @@
+"""Compile every CUDA kernel source of the CuPy backend with NVRTC, without a GPU.
+
+Usage::
+
+    python -m selfattn.backends._cuda.nvrtc_check [--arch sm_80 --arch sm_90]
+
+Needs the ``cuda-python`` bindings and an NVRTC library, e.g.
+``pip install cuda-python nvidia-cuda-nvrtc-cu12``. Exits non-zero (printing
+the NVRTC log) if any source fails to compile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .launch import KERNEL_SOURCES, kernel_names, kernel_source
+
+__all__ = ["NvrtcUnavailable", "load_nvrtc", "compile_source", "compile_all", "main"]
+
+DEFAULT_ARCHES = ("sm_80", "sm_90")
+
+
+class NvrtcUnavailable(RuntimeError):
+    """cuda-python or the NVRTC shared library is not installed."""
+
+
+class CompileError(RuntimeError):
+    """NVRTC rejected a source; the message carries the compiler log."""
+
+
+def load_nvrtc():
+    """Return the ``nvrtc`` bindings module, or raise :class:`NvrtcUnavailable` saying what to install."""
+    try:
+        from cuda.bindings import nvrtc  # cuda-python >= 12.6
+    except ImportError:
+        try:
+            from cuda import nvrtc  # older cuda-python
+        except ImportError as exc:
+            raise NvrtcUnavailable(
+                "the cuda-python NVRTC bindings are not installed; "
+                "pip install cuda-python nvidia-cuda-nvrtc-cu12"
+            ) from exc
+    try:
+        err, major, minor = nvrtc.nvrtcVersion()
+    except Exception as exc:  # the bindings load libnvrtc lazily
+        raise NvrtcUnavailable(
+            f"the NVRTC library could not be loaded ({type(exc).__name__}: {exc}); "
+            "pip install nvidia-cuda-nvrtc-cu12"
+        ) from exc
+    if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+        raise NvrtcUnavailable(f"nvrtcVersion failed: {err}")
+    return nvrtc
+
+
+def _check(nvrtc, result, what):
+    err = result[0]
+    if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+        raise CompileError(f"{what} failed: {err}")
+    return result[1:] if len(result) > 1 else None
+
+
+def compile_source(source: str, arch: str = "sm_80", name: str = "selfattn.cu",
+                   name_expressions=(), nvrtc=None) -> bytes:
+    """Compile ``source`` for ``arch`` (e.g. ``"sm_90"``) to a CUBIN; raise :class:`CompileError` with the log on failure.
+
+    ``name_expressions`` (``extern "C"`` kernel names) must all appear in the
+    CUBIN's symbol table, so a missing or misspelt kernel is an error too.
+    """
+    nvrtc = nvrtc or load_nvrtc()
+    (prog,) = _check(nvrtc, nvrtc.nvrtcCreateProgram(source.encode(), name.encode(), 0, [], []), "nvrtcCreateProgram")
+    try:
+        # A real sm_XX target makes NVRTC run ptxas too and return a CUBIN, so
+        # register/shared-memory limits of the architecture are checked as well.
+        # No -std flag: CuPy's RawModule passes none either (NVRTC default dialect).
+        opts = [f"--gpu-architecture={arch}".encode()]
+        (res,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)[:1]
+        (log_size,) = _check(nvrtc, nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
+        log = b" " * log_size
+        _check(nvrtc, nvrtc.nvrtcGetProgramLog(prog, log), "nvrtcGetProgramLog")
+        log = log.decode(errors="replace").rstrip("\x00 \n")
+        if res != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+            raise CompileError(f"NVRTC failed to compile {name} for {arch}:\n{log}")
+        (size,) = _check(nvrtc, nvrtc.nvrtcGetCUBINSize(prog), "nvrtcGetCUBINSize")
+        cubin = b" " * size
+        _check(nvrtc, nvrtc.nvrtcGetCUBIN(prog, cubin), "nvrtcGetCUBIN")
+        for kname in name_expressions:
+            if kname.encode() + b"\x00" not in cubin:
+                raise CompileError(f"kernel {kname} missing from the CUBIN of {name} for {arch}")
+        return cubin
+    finally:
+        nvrtc.nvrtcDestroyProgram(prog)
+
+
+def compile_all(arches=DEFAULT_ARCHES) -> dict:
+    """Compile every source in :data:`launch.KERNEL_SOURCES` for each arch; return ``{(file, arch): cubin_bytes}``."""
+    nvrtc = load_nvrtc()
+    results = {}
+    for fname in KERNEL_SOURCES:
+        for arch in arches:
+            results[(fname, arch)] = compile_source(
+                kernel_source(fname), arch, name=fname, name_expressions=kernel_names(fname), nvrtc=nvrtc)
+    return results
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", action="append", help="target, e.g. sm_80 (repeatable; default sm_80 and sm_90)")
+    args = ap.parse_args(argv)
+    try:
+        results = compile_all(tuple(args.arch or DEFAULT_ARCHES))
+    except NvrtcUnavailable as exc:
+        print(f"skipped: {exc}", file=sys.stderr)
+        return 2
+    except CompileError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    for (fname, arch), cubin in results.items():
+        print(f"ok  {fname:12s} {arch}  {len(kernel_names(fname))} kernels, {len(cubin)} bytes of CUBIN")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,337 @@
+"""The CuPy backend: attention on NVIDIA GPUs.
+
+Importing this module never imports CuPy and never touches a GPU: the
+dispatcher imports it to read :data:`backend`'s capabilities. CuPy is imported
+on the first :meth:`CupyBackend.availability` check or call.
+
+Forward (no weights requested, max(D, Dv) <= 256): one fused RawModule kernel
+(``_cuda/attn.cu``): online softmax over K/V tiles staged in shared memory,
+float32 accumulation for float16/float32 (float64 for float64), O(N) memory,
+causal/window block skipping, masks read through broadcast strides, GQA by
+head index arithmetic, dropout with the core's counter hash.
+
+Forward with ``return_weights`` (or larger heads) and the backward pass:
+blockwise over query rows with ``cupy.matmul`` (cuBLAS) in the compute dtype,
+recomputing the probabilities from the log-sum-exp (FlashAttention-2 style);
+temporaries stay within ``block_bytes`` per score tile except the weights the
+caller asked for. Dropout multipliers come from the ``dropout_tile`` kernel.
+All work runs on the device that holds ``query`` and on CuPy's current stream.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+
+import numpy as np
+
+from .._capabilities import Capabilities
+from ._base import Backend
+from ._cuda import launch
+
+__all__ = ["CupyBackend", "backend", "INSTALL_HINT"]
+
+INSTALL_HINT = "pip install 'selfattn[cuda12]'  (or selfattn[cuda13] for CUDA 13)"
+
+
+def _driver_probe():
+    """``(ok, reason)`` from the CUDA driver library itself, loaded with ctypes.
+
+    Runs before CuPy is imported, so on machines without a driver or device
+    (most CI machines) checking availability stays cheap and never imports CuPy.
+    """
+    import ctypes
+    import sys
+
+    names = ("nvcuda.dll",) if sys.platform == "win32" else ("libcuda.so.1", "libcuda.so", "libcuda.dylib")
+    lib, errors = None, []
+    for name in names:
+        try:
+            lib = ctypes.CDLL(name)
+            break
+        except OSError as exc:
+            errors.append(str(exc))
+    if lib is None:
+        return False, f"no CUDA driver: could not load {names[0]} ({errors[0] if errors else 'not found'})"
+
+    def errname(code):
+        ptr = ctypes.c_char_p()
+        try:
+            if lib.cuGetErrorName(code, ctypes.byref(ptr)) == 0 and ptr.value:
+                return ptr.value.decode()
+        except Exception:  # pragma: no cover - very old drivers
+            pass
+        return f"error {code}"
+
+    try:
+        rc = lib.cuInit(0)
+        if rc != 0:
+            return False, f"no usable CUDA driver/device: cuInit failed with {errname(rc)}"
+        count = ctypes.c_int(0)
+        rc = lib.cuDeviceGetCount(ctypes.byref(count))
+        if rc != 0:
+            return False, f"no usable CUDA driver/device: cuDeviceGetCount failed with {errname(rc)}"
+    except AttributeError as exc:  # not a real driver library
+        return False, f"no usable CUDA driver: {exc}"
+    if count.value < 1:
+        return False, "no CUDA device: the CUDA driver reports 0 devices"
+    return True, ""
+
+
+class CupyBackend(Backend):
+    """Fused CUDA forward + blockwise cuBLAS backward on CuPy arrays."""
+
+    name = "cupy"
+    priority = 10
+    capabilities = Capabilities(
+        array_type="cupy",
+        notes={
+            "float16": "computed with float32 accumulation (CUDA cores; no tensor-core path yet)",
+        },
+    )
+
+    def __init__(self, block_bytes: int = 256 * 2**20):
+        self.block_bytes = int(block_bytes)
+        self._modules = {}
+        self._lock = threading.Lock()
+
+    @property
+    def version(self) -> str:
+        spec = importlib.util.find_spec("cupy")
+        if spec is None:
+            return ""
+        try:
+            from importlib.metadata import PackageNotFoundError, version
+        except ImportError:  # pragma: no cover
+            return ""
+        for dist in ("cupy-cuda12x", "cupy-cuda13x", "cupy-cuda11x", "cupy"):
+            try:
+                return version(dist)
+            except PackageNotFoundError:
+                continue
+        return ""
+
+    # -- availability ------------------------------------------------------
+    def availability(self):
+        if importlib.util.find_spec("cupy") is None:
+            return False, f"cupy is not installed; {INSTALL_HINT}"
+        ok, reason = _driver_probe()
+        if not ok:
+            return False, reason
+        try:
+            import cupy
+        except Exception as exc:  # broken install, missing CUDA libraries...
+            return False, f"cupy failed to import ({type(exc).__name__}: {exc}); reinstall with {INSTALL_HINT}"
+        try:
+            count = cupy.cuda.runtime.getDeviceCount()
+        except Exception as exc:
+            return False, (f"no usable CUDA driver/device: cupy.cuda.runtime.getDeviceCount() raised "
+                           f"{type(exc).__name__}: {exc}")
+        if count < 1:
+            return False, "no CUDA device: cupy.cuda.runtime.getDeviceCount() returned 0"
+        return True, ""
+
+    def info(self):
+        ok, reason = self.availability()
+        if not ok:
+            return {"available": False, "reason": reason}
+        import cupy
+        out = {"cupy": cupy.__version__, "devices": cupy.cuda.runtime.getDeviceCount()}
+        try:
+            props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+            name = props["name"]
+            out["device"] = name.decode() if isinstance(name, bytes) else str(name)
+            out["compute_capability"] = f"{props['major']}.{props['minor']}"
+        except Exception:  # pragma: no cover - informative only
+            pass
+        return out
+
+    # -- kernels -----------------------------------------------------------
+    def _module(self, cupy, only, fname="attn.cu"):
+        dev = cupy.cuda.Device().id
+        key = (fname, only, dev)
+        mod = self._modules.get(key)
+        if mod is None:
+            with self._lock:
+                mod = self._modules.get(key)
+                if mod is None:
+                    mod = cupy.RawModule(code=launch.kernel_source(fname, only=only))
+                    self._modules[key] = mod
+        return mod
+
+    def _kernel(self, cupy, name):
+        # Fused forwards compile one instantiation each; the small helpers share a module.
+        only = name if name.startswith("attn_fwd_") else "-"
+        return self._module(cupy, only).get_function(name)
+
+    # -- helpers -----------------------------------------------------------
+    @staticmethod
+    def _mask_block(cupy, pb, b0, b1, i0, i1, j0, j1):
+        """Like ``Problem.mask_block`` but gathering batch entries with a device index."""
+        mk = pb.mask
+        rows = slice(i0, i1) if mk.shape[2] > 1 else slice(None)
+        cols = slice(j0, j1) if mk.shape[3] > 1 else slice(None)
+        if mk.shape[0] == 1:
+            return mk[:, :, rows, cols]
+        idx = pb.mask_index[b0:b1]
+        if idx.size and idx[0] == b0 and np.array_equal(idx, np.arange(b0, b1)):
+            return mk[b0:b1, :, rows, cols]
+        return mk[cupy.asarray(idx)][:, :, rows, cols]
+
+    def _scores(self, cupy, pb, b0, b1, i0, i1, j0, j1):
+        cdt = pb.compute_dtype
+        bb, Hq, Hkv, G = b1 - b0, pb.q_heads, pb.kv_heads, pb.group
+        rows, cols = i1 - i0, j1 - j0
+        qs = pb.query[b0:b1, :, i0:i1].astype(cdt) * cdt.type(pb.scale)
+        qs = qs.reshape(bb, Hkv, G * rows, pb.d)
+        kb = pb.key[b0:b1, :, j0:j1].astype(cdt, copy=False)
+        vb = pb.value[b0:b1, :, j0:j1].astype(cdt, copy=False)
+        s = cupy.matmul(qs, kb.swapaxes(-1, -2))
+        s4 = s.reshape(bb, Hq, rows, cols)
+        allowed = pb.band(i0, i1, j0, j1, xp=cupy)
+        if pb.mask is not None:
+            mblk = self._mask_block(cupy, pb, b0, b1, i0, i1, j0, j1)
+            if mblk.dtype == np.bool_:
+                allowed = mblk if allowed is None else (mblk & allowed)
+            else:
+                s4 += mblk.astype(cdt, copy=False)
+        if allowed is not None:
+            cupy.copyto(s4, cdt.type(-np.inf), where=cupy.broadcast_to(~allowed, s4.shape))
+        return s, qs, kb, vb
+
+    def _dropout_z(self, cupy, pb, b0, b1, i0, i1, j0, j1):
+        """Dropout multipliers (0 or 1/(1-p)) shaped like the score block ``(bb, Hkv, G*rows, cols)``."""
+        cdt = pb.compute_dtype
+        Hq = pb.q_heads
+        n_bh, rows, cols = (b1 - b0) * Hq, i1 - i0, j1 - j0
+        z = cupy.empty((n_bh, rows, cols), dtype=cdt)
+        grid, block = launch.elementwise_launch(z.size)
+        if grid is not None:
+            args = launch.pack_dropout_args(z=z, n_bh=n_bh, rows=rows, cols=cols, bh0=b0 * Hq, i0=i0, j0=j0,
+                                            dropout_p=pb.dropout_p, dropout_seed=pb.dropout_seed)
+            self._kernel(cupy, launch.dropout_kernel_name(cdt))(grid, block, args)
+        return z.reshape(b1 - b0, pb.kv_heads, pb.group * rows, cols)
+
+    def _blocks(self, pb, budget):
+        B, N = pb.batch, pb.n
+        if B == 0 or pb.q_heads == 0 or N == 0:
+            return
+        bb, rows = launch.row_block(B, pb.q_heads, N, pb.m, pb.compute_dtype.itemsize, budget,
+                                    pb.lower is not None or pb.upper is not None)
+        for b0 in range(0, B, bb):
+            for i0 in range(0, N, rows):
+                yield b0, min(B, b0 + bb), i0, min(N, i0 + rows)
+
+    # -- forward -----------------------------------------------------------
+    def forward(self, pb):
+        import cupy
+
+        with cupy.cuda.Device(pb.query.device.id):
+            if launch.fused_ok(pb.d, pb.dv, pb.return_weights):
+                return self._forward_fused(cupy, pb)
+            return self._forward_blockwise(cupy, pb)
+
+    def _forward_fused(self, cupy, pb):
+        B, Hq, Hkv, N, M, D, Dv = pb.batch, pb.q_heads, pb.kv_heads, pb.n, pb.m, pb.d, pb.dv
+        out = cupy.empty((B, Hq, N, Dv), dtype=pb.dtype)
+        lse = cupy.empty((B, Hq, N), dtype=pb.lse_dtype) if pb.want_lse else cupy.empty((1,), dtype=pb.lse_dtype)
+        grid, block, _, _ = launch.fwd_launch(B, Hq, N)
+        if grid is None:
+            return out, (lse if pb.want_lse else None), None
+        if pb.mask is not None:
+            mask = pb.mask
+            if mask.dtype == np.bool_:
+                mask = mask.view(cupy.uint8)
+            mask_index = cupy.asarray(pb.mask_index, dtype=cupy.int64)
+            mdt, mss = pb.mask.dtype, (pb.mask.shape, pb.mask.strides, pb.mask.itemsize)
+        else:
+            mask = cupy.empty((1,), dtype=cupy.uint8)
+            mask_index = cupy.zeros((1,), dtype=cupy.int64)
+            mdt, mss = None, None
+        q, k, v = pb.query, pb.key, pb.value
+        ss = {a: (x.shape, x.strides, x.itemsize) for a, x in (("q", q), ("k", k), ("v", v))}
+        if mss is not None:
+            ss["m"] = mss
+        if M == 0:
+            out.fill(0)
+            if pb.want_lse:
+                lse.fill(-np.inf)
+            return out, (lse if pb.want_lse else None), None
+        args = launch.pack_fwd_args(
+            q=q, k=k, v=v, out=out, lse=lse, mask=mask, mask_index=mask_index, mask_dtype=mdt,
+            shapes_strides=ss, sizes=dict(B=B, Hq=Hq, Hkv=Hkv, N=N, M=M, D=D, Dv=Dv),
+            scale=pb.scale, lower=pb.lower, upper=pb.upper, dropout_p=pb.dropout_p,
+            dropout_seed=pb.dropout_seed, write_lse=pb.want_lse)
+        kern = self._kernel(cupy, launch.fwd_kernel_name(pb.dtype, launch.pick_dmax(D, Dv)))
+        kern(grid, block, args)
+        return out, (lse if pb.want_lse else None), None
+
+    def _forward_blockwise(self, cupy, pb):
+        B, Hq, N, M, Dv = pb.batch, pb.q_heads, pb.n, pb.m, pb.dv
+        cdt = pb.compute_dtype
+        out = cupy.zeros((B, Hq, N, Dv), dtype=pb.dtype)
+        lse = cupy.full((B, Hq, N), -np.inf, dtype=pb.lse_dtype) if pb.want_lse else None
+        weights = cupy.zeros((B, Hq, N, M), dtype=pb.dtype) if pb.return_weights else None
+        for b0, b1, i0, i1 in self._blocks(pb, self.block_bytes):
+            j0, j1 = pb.key_range(i0, i1)
+            if j1 <= j0:
+                continue
+            bb, rows = b1 - b0, i1 - i0
+            s, _, _, vb = self._scores(cupy, pb, b0, b1, i0, i1, j0, j1)
+            mx = s.max(axis=-1, keepdims=True)
+            mx = cupy.where(mx == -np.inf, cdt.type(0), mx)
+            s -= mx
+            cupy.exp(s, out=s)
+            total = s.sum(axis=-1, keepdims=True)
+            if lse is not None:
+                lse[b0:b1, :, i0:i1] = (mx + cupy.log(total)).reshape(bb, Hq, rows)
+            inv = cupy.where(total == 0, cdt.type(0), cupy.reciprocal(total))
+            if weights is not None:
+                weights[b0:b1, :, i0:i1, j0:j1] = (s * inv).reshape(bb, Hq, rows, j1 - j0)
+            if pb.dropout_p > 0.0:
+                s *= self._dropout_z(cupy, pb, b0, b1, i0, i1, j0, j1)
+            o = cupy.matmul(s, vb) * inv
+            out[b0:b1, :, i0:i1] = o.reshape(bb, Hq, rows, Dv)
+        return out, lse, weights
+
+    # -- backward ----------------------------------------------------------
+    def backward(self, pb, out, lse, grad_out):
+        import cupy
+
+        with cupy.cuda.Device(pb.query.device.id):
+            return self._backward(cupy, pb, out, lse, grad_out)
+
+    def _backward(self, cupy, pb, out, lse, grad_out):
+        B, Hq, Hkv, G, N, M, D, Dv = pb.batch, pb.q_heads, pb.kv_heads, pb.group, pb.n, pb.m, pb.d, pb.dv
+        cdt = pb.compute_dtype
+        dq = cupy.zeros((B, Hq, N, D), dtype=cdt)
+        dk = cupy.zeros((B, Hkv, M, D), dtype=cdt)
+        dv = cupy.zeros((B, Hkv, M, Dv), dtype=cdt)
+        delta = (grad_out.astype(cdt) * out.astype(cdt)).sum(axis=-1)
+        lse_safe = cupy.where(lse == -np.inf, np.inf, lse).astype(cdt)
+        for b0, b1, i0, i1 in self._blocks(pb, max(self.block_bytes // 3, 1)):
+            j0, j1 = pb.key_range(i0, i1)
+            if j1 <= j0:
+                continue
+            bb, rows = b1 - b0, i1 - i0
+            s, qs, kb, vb = self._scores(cupy, pb, b0, b1, i0, i1, j0, j1)
+            shape_rows = (bb, Hkv, G * rows, 1)
+            s -= lse_safe[b0:b1, :, i0:i1].reshape(shape_rows)
+            p = cupy.exp(s, out=s)
+            do = grad_out[b0:b1, :, i0:i1].astype(cdt).reshape(bb, Hkv, G * rows, Dv)
+            dp = cupy.matmul(do, vb.swapaxes(-1, -2))
+            if pb.dropout_p > 0.0:
+                z = self._dropout_z(cupy, pb, b0, b1, i0, i1, j0, j1)
+                dv[b0:b1, :, j0:j1] += cupy.matmul((p * z).swapaxes(-1, -2), do)
+                dp *= z
+            else:
+                dv[b0:b1, :, j0:j1] += cupy.matmul(p.swapaxes(-1, -2), do)
+            dp -= delta[b0:b1, :, i0:i1].reshape(shape_rows)
+            ds = cupy.multiply(p, dp, out=dp)
+            dq[b0:b1, :, i0:i1] = (cupy.matmul(ds, kb) * cdt.type(pb.scale)).reshape(bb, Hq, rows, D)
+            dk[b0:b1, :, j0:j1] += cupy.matmul(ds.swapaxes(-1, -2), qs)
+        return dq.astype(pb.dtype, copy=False), dk.astype(pb.dtype, copy=False), dv.astype(pb.dtype, copy=False)
+
+
+#: The instance the dispatcher registers.
+backend = CupyBackend()

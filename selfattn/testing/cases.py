@@ -103,6 +103,12 @@ class Case:
                 mask.setflags(write=False)
         return q, k, v, mask
 
+    @property
+    def tol_factor(self) -> float:
+        """Tolerance multiplier: rounding errors grow with the score magnitude (eps·|s|), and
+        large-logit cases push |s| into the hundreds."""
+        return 10.0 if self.logit_scale > 1.0 else 1.0
+
     def features(self) -> frozenset:
         """The capability features this case needs (the forward, without lse/weights/vjp)."""
         from .._capabilities import required_features

@@ -1,0 +1,570 @@
+"""Numba kernels of the ``numba`` backend (imported lazily, on the first call).
+
+All kernels work on 3-D, C-contiguous arrays in the compute dtype (float32 or
+float64): ``q`` ``(B*Hq, N, D)``, ``k`` ``(B*Hkv, M, D)``, ``v`` ``(B*Hkv, M, Dv)``.
+Flat batch·head ``bh = b*Hq + h`` uses key/value row ``b*Hkv + h // G``.
+
+Causal/window masking is passed as a band ``[i + off - lo, i + off + up]``
+(``off = M - N``; a side without a bound gets ``lo``/``up`` larger than
+``N + M``). Masks are ``(Bm, Hm, Nm, Mm)`` C-contiguous arrays (``uint8`` for
+boolean masks, the compute dtype for additive ones) read with broadcasting,
+never expanded; ``mask_kind`` is 0 (none), 1 (bool) or 2 (float).
+
+Only two specialisations per kernel exist (float32 and float64): every other
+option is a runtime argument, so shapes and options never trigger a compile.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba as nb
+import numpy as np
+from numba import prange, types
+from numba.extending import overload
+
+#: Query rows per tile (forward and backward).
+BR = 64
+#: Keys per tile.
+BC = 64
+
+_M32 = 0xFFFFFFFF
+_MUL_BH = 0x9E3779B1
+_MUL_ROW = 0x85EBCA77
+_MUL_COL = 0xC2B2AE3D
+_F1 = 0x85EBCA6B
+_F2 = 0xC2B2AE35
+
+# Reassociation lets LLVM vectorise the reductions; no nnan/ninf: -inf and NaN
+# carry meaning here (masked scores, NaN propagation).
+_FM = {"contract", "reassoc"}
+_OPTS = dict(cache=True, nogil=True, fastmath=_FM, error_model="numpy", boundscheck=False)
+
+
+@nb.njit(inline="always", **{k: v for k, v in _OPTS.items() if k != "parallel"})
+def _fmix32(h):
+    # h is an int64 in [0, 2**32); products wrap in int64 and keep the low 32 bits.
+    h ^= h >> 16
+    h = (h * _F1) & _M32
+    h ^= h >> 13
+    h = (h * _F2) & _M32
+    h ^= h >> 16
+    return h
+
+
+@nb.njit(inline="always", **_OPTS)
+def _row_hash(seed_lo, seed_hi, bh, i):
+    inner = _fmix32(seed_hi ^ ((bh * _MUL_BH) & _M32))
+    head = _fmix32(seed_lo ^ inner)
+    return _fmix32(head ^ ((i * _MUL_ROW) & _M32))
+
+
+@nb.njit(**_OPTS)
+def _dot_nt(a, b, out, nrp, ncp, kred, acc, z, boff):
+    """``out[:nrp, :ncp] (+)= a[:nrp, :kred] @ b[:ncp, :kred].T``.
+
+    Register-blocked 2 x 4: eight dot products share each load, and their
+    reductions over ``kred`` vectorise. ``nrp`` must be even and ``ncp`` a
+    multiple of 4 (the tiles are padded; padded results are ignored). ``z``
+    is a zero of the compute dtype (keeps the accumulators in that dtype);
+    ``b``'s rows start at ``boff``.
+    """
+    for r in range(0, nrp, 2):
+        a0 = a[r]
+        a1 = a[r + 1]
+        for c in range(0, ncp, 4):
+            b0 = b[boff + c]
+            b1 = b[boff + c + 1]
+            b2 = b[boff + c + 2]
+            b3 = b[boff + c + 3]
+            s00 = z
+            s01 = z
+            s02 = z
+            s03 = z
+            s10 = z
+            s11 = z
+            s12 = z
+            s13 = z
+            for dd in range(kred):
+                y0 = a0[dd]
+                y1 = a1[dd]
+                x0 = b0[dd]
+                x1 = b1[dd]
+                x2 = b2[dd]
+                x3 = b3[dd]
+                s00 += y0 * x0
+                s01 += y0 * x1
+                s02 += y0 * x2
+                s03 += y0 * x3
+                s10 += y1 * x0
+                s11 += y1 * x1
+                s12 += y1 * x2
+                s13 += y1 * x3
+            o0 = out[r]
+            o1 = out[r + 1]
+            if acc:
+                o0[c] += s00
+                o0[c + 1] += s01
+                o0[c + 2] += s02
+                o0[c + 3] += s03
+                o1[c] += s10
+                o1[c + 1] += s11
+                o1[c + 2] += s12
+                o1[c + 3] += s13
+            else:
+                o0[c] = s00
+                o0[c + 1] = s01
+                o0[c + 2] = s02
+                o0[c + 3] = s03
+                o1[c] = s10
+                o1[c + 1] = s11
+                o1[c + 2] = s12
+                o1[c + 3] = s13
+
+
+def _exp_shift_row(srow, nc, mu, ibuf, fbuf):  # pragma: no cover - replaced by the overload
+    raise NotImplementedError
+
+
+@overload(_exp_shift_row, fastmath=_FM)
+def _exp_shift_row_impl(srow, nc, mu, ibuf, fbuf):
+    """``srow[c] = exp(srow[c] - mu)`` for ``c < nc``; returns the row sum.
+
+    float32: a Cephes-style expf (range reduction, degree-6 polynomial, 2**n
+    built from its bits) in two branch-free loops that LLVM vectorises;
+    exp(-inf) is exactly 0 and NaN stays NaN. float64: ``math.exp``.
+    """
+    if srow.dtype == types.float32:
+        def impl(srow, nc, mu, ibuf, fbuf):
+            lo = np.float32(-87.33)
+            hi = np.float32(88.37)
+            for c in range(nc):
+                x0 = srow[c] - mu
+                x = x0 if x0 > lo else lo
+                x = x if x < hi else hi
+                fn = np.floor(x * np.float32(1.44269504088896341) + np.float32(0.5))
+                r = x - fn * np.float32(0.693359375)
+                r = r + fn * np.float32(2.12194440e-4)
+                p = np.float32(1.9875691500e-4)
+                p = p * r + np.float32(1.3981999507e-3)
+                p = p * r + np.float32(8.3334519073e-3)
+                p = p * r + np.float32(4.1665795894e-2)
+                p = p * r + np.float32(1.6666665459e-1)
+                p = p * r + np.float32(5.0000001201e-1)
+                p = p * (r * r) + r + np.float32(1.0)
+                bits = (fn + np.float32(127.0)) * np.float32(8388608.0)
+                bits = bits if x0 >= lo else np.float32(0.0)
+                ibuf[c] = np.int32(bits)
+                srow[c] = p if x0 == x0 else x0
+            tot = np.float32(0.0)
+            for c in range(nc):
+                e = srow[c] * fbuf[c]
+                srow[c] = e
+                tot += e
+            return tot
+        return impl
+
+    def impl64(srow, nc, mu, ibuf, fbuf):
+        tot = 0.0
+        for c in range(nc):
+            e = math.exp(srow[c] - mu)
+            srow[c] = e
+            tot += e
+        return tot
+    return impl64
+
+
+@nb.njit(**_OPTS)
+def _apply_masks(s, nr, nc, i0, c0, off, lo, up, bh, b, h, Hq, mask_kind, mbool, mfloat, midx):
+    """Add/apply the user mask and the causal/window band to the score tile."""
+    neg = -np.inf
+    if mask_kind != 0:
+        mb = midx[b]
+        if mask_kind == 1:
+            Hm, Nm, Mm = mbool.shape[1], mbool.shape[2], mbool.shape[3]
+        else:
+            Hm, Nm, Mm = mfloat.shape[1], mfloat.shape[2], mfloat.shape[3]
+        mh = h if Hm > 1 else 0
+        for r in range(nr):
+            mi = i0 + r if Nm > 1 else 0
+            srow = s[r]
+            if mask_kind == 1:
+                mrow = mbool[mb, mh, mi]
+                if Mm > 1:
+                    for c in range(nc):
+                        if mrow[c0 + c] == 0:
+                            srow[c] = neg
+                elif mrow[0] == 0:
+                    for c in range(nc):
+                        srow[c] = neg
+            else:
+                frow = mfloat[mb, mh, mi]
+                if Mm > 1:
+                    for c in range(nc):
+                        srow[c] += frow[c0 + c]
+                else:
+                    fv = frow[0]
+                    for c in range(nc):
+                        srow[c] += fv
+    # Band: only tiles that cross an edge of the band need per-element work.
+    i1 = i0 + nr
+    c1 = c0 + nc
+    if not (c0 >= i1 - 1 + off - lo and c1 - 1 <= i0 + off + up):
+        for r in range(nr):
+            i = i0 + r
+            jlo = i + off - lo
+            jhi = i + off + up
+            srow = s[r]
+            for c in range(nc):
+                j = c0 + c
+                if j < jlo or j > jhi:
+                    srow[c] = neg
+
+
+@nb.njit(**_OPTS)
+def _dropout(s, nr, nc, i0, c0, bh, seed_lo, seed_hi, thr):
+    """Zero the dropped entries of the (probability) tile."""
+    for r in range(nr):
+        rh = _row_hash(seed_lo, seed_hi, bh, i0 + r)
+        srow = s[r]
+        for c in range(nc):
+            u = _fmix32(rh ^ (((c0 + c) * _MUL_COL) & _M32))
+            if u < thr:
+                srow[c] = 0.0
+
+
+@nb.njit(parallel=True, **_OPTS)
+def forward(q, k, v, Hq, Hkv, lo, up, scale, mask_kind, mbool, mfloat, midx,
+            thr, seed_lo, seed_hi, dscale, nsplit, o_acc, m_acc, l_acc):
+    """Fused online-softmax forward over tiles of BR query rows x BC keys.
+
+    Tasks are (bh, query tile, key split). With ``nsplit == 1`` the task writes
+    the normalised output to ``o_acc[0]`` and the log-sum-exp to ``m_acc[0]``;
+    otherwise it writes its unnormalised partial (O, running max, running sum)
+    for :func:`merge_splits` (flash-decoding).
+    """
+    BH, N, D = q.shape
+    M = k.shape[1]
+    Dv = v.shape[2]
+    G = Hq // Hkv
+    off = M - N
+    nqb = (N + BR - 1) // BR
+    ntask = BH * nqb * nsplit
+    dt = q.dtype
+    for t in prange(ntask):
+        sp = t % nsplit
+        rest = t // nsplit
+        qb = rest % nqb
+        bh = rest // nqb
+        b = bh // Hq
+        h = bh - b * Hq
+        kvh = b * Hkv + h // G
+        i0 = qb * BR
+        i1 = min(N, i0 + BR)
+        nr = i1 - i0
+        j0 = max(0, i0 + off - lo)
+        j1 = min(M, i1 - 1 + off + up + 1)
+        if j1 > j0:
+            per = ((j1 - j0 + nsplit - 1) // nsplit + BC - 1) // BC * BC
+            js0 = j0 + sp * per
+            js1 = min(j1, js0 + per)
+        else:
+            js0 = j0
+            js1 = j0
+        Dvp = (Dv + 3) // 4 * 4
+        qs = np.zeros((BR, D), dt)
+        kb = np.zeros((BC, D), dt)
+        vt = np.zeros((Dvp, BC), dt)
+        s = np.zeros((BR, BC), dt)
+        o = np.zeros((BR, Dvp), dt)
+        mrow = np.full(BR, -np.inf, dt)
+        lrow = np.zeros(BR, dt)
+        ibuf = np.empty(BC, np.int32)
+        fbuf = ibuf.view(np.float32)
+        sc = np.full(1, scale, dt)[0]
+        ninf = mrow[0]
+        zero = lrow[0]
+        nrp = nr + (nr & 1)
+        for r in range(nr):
+            for dd in range(D):
+                qs[r, dd] = q[bh, i0 + r, dd] * sc
+        for c0 in range(js0, js1, BC):
+            c1 = min(js1, c0 + BC)
+            nc = c1 - c0
+            ncp = (nc + 3) // 4 * 4
+            if ncp == nc:  # whole groups of 4 keys: read K in place
+                _dot_nt(qs, k[kvh], s, nrp, nc, D, False, zero, c0)
+            else:
+                for c in range(nc):
+                    krow = k[kvh, c0 + c]
+                    for dd in range(D):
+                        kb[c, dd] = krow[dd]
+                _dot_nt(qs, kb, s, nrp, ncp, D, False, zero, 0)
+            _apply_masks(s, nr, nc, i0, c0, off, lo, up, bh, b, h, Hq, mask_kind, mbool, mfloat, midx)
+            for r in range(nr):
+                srow = s[r]
+                mx = ninf
+                for c in range(nc):
+                    mx = srow[c] if srow[c] > mx else mx
+                mold = mrow[r]
+                mnew = mx if mx > mold else mold
+                muse = zero if mnew == ninf else mnew
+                ps = _exp_shift_row(srow, nc, muse, ibuf, fbuf)
+                if mold != mnew:
+                    alpha = math.exp(mold - muse)
+                    lrow[r] = lrow[r] * alpha + ps
+                    orow = o[r]
+                    for e in range(Dv):
+                        orow[e] *= alpha
+                else:
+                    lrow[r] = lrow[r] + ps
+                mrow[r] = mnew
+            if thr > 0:
+                _dropout(s, nr, nc, i0, c0, bh, seed_lo, seed_hi, thr)
+            if nr < 8:
+                # Few rows (decode): transposing V would cost as much as the
+                # product; accumulate four value rows per pass over o instead.
+                vk = v[kvh]
+                for r in range(nr):
+                    orow = o[r]
+                    srow = s[r]
+                    c = 0
+                    while c + 4 <= nc:
+                        p0 = srow[c]
+                        p1 = srow[c + 1]
+                        p2 = srow[c + 2]
+                        p3 = srow[c + 3]
+                        v0 = vk[c0 + c]
+                        v1 = vk[c0 + c + 1]
+                        v2 = vk[c0 + c + 2]
+                        v3 = vk[c0 + c + 3]
+                        for e in range(Dv):
+                            orow[e] += p0 * v0[e] + p1 * v1[e] + p2 * v2[e] + p3 * v3[e]
+                        c += 4
+                    while c < nc:
+                        p0 = srow[c]
+                        v0 = vk[c0 + c]
+                        for e in range(Dv):
+                            orow[e] += p0 * v0[e]
+                        c += 1
+            else:
+                for c in range(nc):
+                    vrow = v[kvh, c0 + c]
+                    for e in range(Dv):
+                        vt[e, c] = vrow[e]
+                _dot_nt(s, vt, o, nrp, Dvp, nc, True, zero, 0)
+        if nsplit == 1:
+            for r in range(nr):
+                l = lrow[r]
+                if l == 0.0:
+                    inv = 0.0
+                    m_acc[0, bh, i0 + r] = -np.inf
+                else:
+                    inv = dscale / l
+                    m_acc[0, bh, i0 + r] = mrow[r] + math.log(l)
+                for e in range(Dv):
+                    o_acc[0, bh, i0 + r, e] = o[r, e] * inv
+        else:
+            for r in range(nr):
+                m_acc[sp, bh, i0 + r] = mrow[r]
+                l_acc[sp, bh, i0 + r] = lrow[r]
+                for e in range(Dv):
+                    o_acc[sp, bh, i0 + r, e] = o[r, e]
+
+
+@nb.njit(parallel=True, **_OPTS)
+def merge_splits(o_acc, m_acc, l_acc, dscale, out, lse):
+    """Combine key-split partials by log-sum-exp into ``out`` ``(BH, N, Dv)`` and ``lse``."""
+    nsplit, BH, N, Dv = o_acc.shape
+    for t in prange(BH * N):
+        bh = t // N
+        i = t - bh * N
+        mx = -np.inf
+        for sp in range(nsplit):
+            if m_acc[sp, bh, i] > mx:
+                mx = m_acc[sp, bh, i]
+        muse = 0.0 if mx == -np.inf else mx
+        l = 0.0
+        for sp in range(nsplit):
+            l += math.exp(m_acc[sp, bh, i] - muse) * l_acc[sp, bh, i]
+        for e in range(Dv):
+            out[bh, i, e] = 0.0
+        if l == 0.0:
+            lse[bh, i] = -np.inf
+            continue
+        lse[bh, i] = mx + math.log(l)
+        for sp in range(nsplit):
+            w = math.exp(m_acc[sp, bh, i] - muse) * dscale / l
+            for e in range(Dv):
+                out[bh, i, e] += w * o_acc[sp, bh, i, e]
+
+
+@nb.njit(parallel=True, **_OPTS)
+def weights(q, k, Hq, Hkv, lo, up, scale, mask_kind, mbool, mfloat, midx, lse, w):
+    """Write the probabilities ``exp(s - lse)`` (zero where masked) into ``w`` ``(BH, N, M)``."""
+    BH, N, D = q.shape
+    M = k.shape[1]
+    G = Hq // Hkv
+    off = M - N
+    nqb = (N + BR - 1) // BR
+    dt = q.dtype
+    for t in prange(BH * nqb):
+        qb = t % nqb
+        bh = t // nqb
+        b = bh // Hq
+        h = bh - b * Hq
+        kvh = b * Hkv + h // G
+        i0 = qb * BR
+        i1 = min(N, i0 + BR)
+        nr = i1 - i0
+        j0 = max(0, i0 + off - lo)
+        j1 = min(M, i1 - 1 + off + up + 1)
+        qs = np.zeros((BR, D), dt)
+        kb = np.zeros((BC, D), dt)
+        s = np.zeros((BR, BC), dt)
+        zero = s[0, 0]
+        nrp = nr + (nr & 1)
+        for r in range(nr):
+            for dd in range(D):
+                qs[r, dd] = q[bh, i0 + r, dd] * scale
+        for c0 in range(j0, j1, BC):
+            c1 = min(j1, c0 + BC)
+            nc = c1 - c0
+            for c in range(nc):
+                for dd in range(D):
+                    kb[c, dd] = k[kvh, c0 + c, dd]
+            _dot_nt(qs, kb, s, nrp, (nc + 3) // 4 * 4, D, False, zero, 0)
+            _apply_masks(s, nr, nc, i0, c0, off, lo, up, bh, b, h, Hq, mask_kind, mbool, mfloat, midx)
+            for r in range(nr):
+                ls = lse[bh, i0 + r]
+                wrow = w[bh, i0 + r]
+                if ls == -np.inf:
+                    continue  # nothing attended: weights stay 0
+                for c in range(nc):
+                    wrow[c0 + c] = math.exp(s[r, c] - ls)
+
+
+@nb.njit(parallel=True, **_OPTS)
+def backward(q, k, v, do, lse, delta, Hq, Hkv, lo, up, scale, mask_kind, mbool, mfloat, midx,
+             thr, seed_lo, seed_hi, dscale, nchunk, dq_acc, dk, dv):
+    """FlashAttention-2 backward: tasks own (kv head, key chunk) pairs.
+
+    Each task walks its key tiles; for each it loops over the query heads of
+    the group and the query tiles that may attend it, recomputes
+    ``P = exp(S - lse)`` and accumulates the tile's dK/dV in task-local
+    scratch (written once at the end of the tile: no races) and dQ into
+    ``dq_acc[chunk]`` (rows of a query head are only touched by the tasks of
+    its kv head and chunk; chunks are summed by the caller). All five
+    products go through the register-blocked :func:`_dot_nt` on transposed
+    copies of the small tiles. ``lse`` must hold ``+inf`` for rows with
+    nothing attended.
+    """
+    BH, N, D = q.shape
+    BKV, M, Dv = v.shape
+    G = Hq // Hkv
+    off = M - N
+    nkb = (M + BC - 1) // BC
+    per = (nkb + nchunk - 1) // nchunk
+    dt = q.dtype
+    for t in prange(BKV * nchunk):
+        ch = t % nchunk
+        kvh = t // nchunk
+        b = kvh // Hkv
+        hk = kvh - b * Hkv
+        Dp = (D + 3) // 4 * 4
+        Dvp = (Dv + 3) // 4 * 4
+        qs = np.zeros((BR, D), dt)
+        dob = np.zeros((BR, Dv), dt)
+        qT = np.zeros((Dp, BR), dt)
+        doT = np.zeros((Dvp, BR), dt)
+        kb = np.zeros((BC, D), dt)
+        vb = np.zeros((BC, Dv), dt)
+        kt = np.zeros((Dp, BC), dt)
+        s = np.zeros((BR, BC), dt)
+        sT = np.zeros((BC, BR), dt)
+        dp = np.zeros((BR, BC), dt)
+        dka = np.zeros((BC, Dp), dt)
+        dva = np.zeros((BC, Dvp), dt)
+        dqb = np.zeros((BR, Dp), dt)
+        ibuf = np.empty(BC, np.int32)
+        fbuf = ibuf.view(np.float32)
+        zero = s[0, 0]
+        sc = np.full(1, scale, dt)[0]
+        for kbi in range(ch * per, min(nkb, (ch + 1) * per)):
+            c0 = kbi * BC
+            c1 = min(M, c0 + BC)
+            nc = c1 - c0
+            ncp = (nc + 3) // 4 * 4
+            for c in range(nc):
+                for dd in range(D):
+                    kb[c, dd] = k[kvh, c0 + c, dd]
+                    kt[dd, c] = k[kvh, c0 + c, dd]
+                for e in range(Dv):
+                    vb[c, e] = v[kvh, c0 + c, e]
+            for c in range(ncp):
+                for dd in range(Dp):
+                    dka[c, dd] = 0.0
+                for e in range(Dvp):
+                    dva[c, e] = 0.0
+            ilo = max(0, c0 - off - up)
+            ihi = min(N, c1 - 1 - off + lo + 1)
+            for g in range(G):
+                h = hk * G + g
+                bh = b * Hq + h
+                for i0 in range(ilo, ihi, BR):
+                    i1 = min(ihi, i0 + BR)
+                    nr = i1 - i0
+                    nrp = nr + (nr & 1)
+                    for r in range(nr):
+                        for dd in range(D):
+                            x = q[bh, i0 + r, dd] * sc
+                            qs[r, dd] = x
+                            qT[dd, r] = x
+                        for e in range(Dv):
+                            x = do[bh, i0 + r, e]
+                            dob[r, e] = x
+                            doT[e, r] = x
+                    _dot_nt(qs, kb, s, nrp, ncp, D, False, zero, 0)
+                    _apply_masks(s, nr, nc, i0, c0, off, lo, up, bh, b, h, Hq, mask_kind, mbool, mfloat, midx)
+                    _dot_nt(dob, vb, dp, nrp, ncp, Dv, False, zero, 0)
+                    # P = exp(S - lse) (lse is +inf for rows that attend nothing)
+                    for r in range(nr):
+                        _exp_shift_row(s[r], nc, lse[bh, i0 + r], ibuf, fbuf)
+                    # sT = (P*Z)^T ; dP *= Z
+                    if thr > 0:
+                        for r in range(nr):
+                            rh = _row_hash(seed_lo, seed_hi, bh, i0 + r)
+                            for c in range(nc):
+                                u = _fmix32(rh ^ (((c0 + c) * _MUL_COL) & _M32))
+                                z = dscale if u >= thr else 0.0
+                                sT[c, r] = s[r, c] * z
+                                dp[r, c] *= z
+                    else:
+                        for r in range(nr):
+                            for c in range(nc):
+                                sT[c, r] = s[r, c]
+                    # dV += (P*Z)^T dO
+                    _dot_nt(sT, doT, dva, ncp, Dvp, nr, True, zero, 0)
+                    # dS = P * (dP - delta)
+                    for r in range(nr):
+                        dl = delta[bh, i0 + r]
+                        srow = s[r]
+                        dprow = dp[r]
+                        for c in range(nc):
+                            srow[c] = srow[c] * (dprow[c] - dl)
+                    for r in range(nr):
+                        for c in range(nc):
+                            sT[c, r] = s[r, c]
+                    # dK += dS^T (q*scale)  (summed over the group's query heads)
+                    _dot_nt(sT, qT, dka, ncp, Dp, nr, True, zero, 0)
+                    # dQ += dS K * scale
+                    _dot_nt(s, kt, dqb, nrp, Dp, nc, False, zero, 0)
+                    for r in range(nr):
+                        dqrow = dq_acc[ch, bh, i0 + r]
+                        for dd in range(D):
+                            dqrow[dd] += dqb[r, dd] * sc
+            for c in range(nc):
+                for dd in range(D):
+                    dk[kvh, c0 + c, dd] = dka[c, dd]
+                for e in range(Dv):
+                    dv[kvh, c0 + c, e] = dva[c, e]

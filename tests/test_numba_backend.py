@@ -1,0 +1,292 @@
+"""The Numba backend against the float64 oracle (skipped where numba is missing)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import selfattn
+import selfattn._problem
+from selfattn import _dropout
+from selfattn.testing import reference as ref
+
+numba = pytest.importorskip("numba", reason="numba is not installed (pip install 'selfattn[numba]')")
+
+BACKEND = "numba"
+TOL = {np.float16: (3e-3, 3e-3), np.float32: (2e-5, 2e-5), np.float64: (1e-11, 1e-11)}
+
+
+def _inputs(rng, b, hq, hkv, n, m, d, dv=None, dtype=np.float32):
+    dv = d if dv is None else dv
+    q = rng.standard_normal((b, hq, n, d)).astype(dtype)
+    k = rng.standard_normal((b, hkv, m, d)).astype(dtype)
+    v = rng.standard_normal((b, hkv, m, dv)).astype(dtype)
+    return q, k, v
+
+
+def _close(a, b, dtype, what=""):
+    rtol, atol = TOL[dtype]
+    np.testing.assert_allclose(np.asarray(a, np.float64), b, rtol=rtol, atol=atol, err_msg=what)
+
+
+def _check_forward(q, k, v, **kw):
+    dtype = q.dtype.type
+    out, lse, w = selfattn.scaled_dot_product_attention(q, k, v, return_lse=True, return_weights=True,
+                                                        backend=BACKEND, **kw)
+    ro, rl, rw = ref.forward(q, k, v, **kw)
+    assert out.dtype == q.dtype and w.dtype == q.dtype
+    assert lse.dtype == (np.float32 if dtype == np.float16 else dtype)
+    assert out.shape == ro.shape and lse.shape == rl.shape and w.shape == rw.shape
+    _close(out, ro, dtype, "out")
+    _close(w, rw, dtype, "weights")
+    fin = np.isfinite(rl)
+    assert np.array_equal(np.isfinite(lse), fin)
+    assert np.all(lse[~fin] == -np.inf) or np.all(np.isnan(rl[~fin]) == np.isnan(lse[~fin]))
+    _close(lse[fin], rl[fin], dtype, "lse")
+    return out, lse, w
+
+
+def _check_vjp(q, k, v, **kw):
+    dtype = q.dtype.type
+    rng = np.random.default_rng(7)
+    out, bwd = selfattn.scaled_dot_product_attention_vjp(q, k, v, backend=BACKEND, **kw)
+    g = rng.standard_normal(out.shape).astype(q.dtype)
+    dq, dk, dv = bwd(g)
+    rq, rk, rv = ref.vjp(q, k, v, g, **kw)
+    for name, a, r, x in (("dq", dq, rq, q), ("dk", dk, rk, k), ("dv", dv, rv, v)):
+        assert a.shape == x.shape and a.dtype == x.dtype, name
+        _close(a, r, dtype, name)
+    return dq, dk, dv
+
+
+SHAPES = [
+    # b, hq, hkv, n, m, d, dv
+    (1, 1, 1, 1, 1, 1, 1),
+    (1, 2, 1, 70, 130, 16, 8),
+    (2, 4, 2, 100, 37, 5, 3),
+    (1, 8, 1, 1, 300, 64, 64),
+    (1, 4, 4, 129, 129, 32, 32),
+    (2, 8, 2, 65, 200, 24, 40),
+    (1, 8, 8, 3, 700, 8, 8),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_forward_and_vjp_plain(shape, dtype):
+    q, k, v = _inputs(np.random.default_rng(0), *shape, dtype=dtype)
+    _check_forward(q, k, v)
+    _check_vjp(q, k, v)
+
+
+@pytest.mark.parametrize("n,m", [(50, 50), (30, 90), (90, 30), (1, 200), (200, 1), (130, 131)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_causal_alignment(n, m, dtype):
+    q, k, v = _inputs(np.random.default_rng(1), 2, 4, 2, n, m, 16, dtype=dtype)
+    _check_forward(q, k, v, causal=True)
+    _check_vjp(q, k, v, causal=True)
+
+
+@pytest.mark.parametrize("window", [0, 5, (0, 7), (13, 0), (3, 100), (200, 2)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_windows(window, causal):
+    q, k, v = _inputs(np.random.default_rng(2), 1, 2, 1, 150, 170, 8)
+    _check_forward(q, k, v, window=window, causal=causal)
+    _check_vjp(q, k, v, window=window, causal=causal)
+
+
+@pytest.mark.parametrize("group", [1, 2, 4, 8])
+def test_gqa(group):
+    q, k, v = _inputs(np.random.default_rng(3), 2, 8, 8 // group, 67, 91, 12, 20)
+    _check_forward(q, k, v)
+    _check_vjp(q, k, v, causal=True)
+
+
+MASK_SHAPES = [(91,), (1, 91), (67, 1), (67, 91), (8, 1, 91), (8, 67, 91), (2, 1, 1, 91), (2, 8, 67, 91),
+               (1, 1, 67, 1), (2, 1, 1, 1), (1,), (1, 1)]
+
+
+@pytest.mark.parametrize("mshape", MASK_SHAPES)
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_masks_broadcast(mshape, kind):
+    rng = np.random.default_rng(4)
+    q, k, v = _inputs(rng, 2, 8, 2, 67, 91, 8)
+    if kind == "bool":
+        mask = rng.random(mshape) > 0.3
+        if mask.size == 1:
+            mask[...] = True
+    else:
+        mask = rng.standard_normal(mshape)
+        mask[rng.random(mshape) < 0.2] = -np.inf
+        mask = mask.astype(np.float32)
+    _check_forward(q, k, v, mask=mask)
+    _check_vjp(q, k, v, mask=mask)
+
+
+def test_mask_not_expanded_and_non_contiguous_mask():
+    rng = np.random.default_rng(5)
+    q, k, v = _inputs(rng, 3, 2, 2, 40, 60, 8)
+    big = rng.random((3, 1, 60, 80)) > 0.5
+    mask = big[:, :, ::-1][:, :, :40, 5:65]  # a strided view
+    _check_forward(q, k, v, mask=mask)
+    _check_vjp(q, k, v, mask=mask, causal=True)
+
+
+def test_fully_masked_rows():
+    rng = np.random.default_rng(6)
+    q, k, v = _inputs(rng, 1, 2, 1, 20, 30, 8)
+    mask = np.ones((20, 30), bool)
+    mask[[0, 5, 19]] = False
+    out, lse, w = _check_forward(q, k, v, mask=mask)
+    assert np.all(out[:, :, [0, 5, 19]] == 0) and np.all(np.isneginf(lse[:, :, [0, 5, 19]]))
+    assert np.all(w[:, :, [0, 5, 19]] == 0)
+    dq, dk, dv = _check_vjp(q, k, v, mask=mask)
+    assert np.all(dq[:, :, [0, 5, 19]] == 0)
+    for arr in (out, lse[np.isfinite(lse)], w, dq, dk, dv):
+        assert not np.isnan(arr).any()
+    # float -inf mask and a window that leaves early rows nothing (N > M causal)
+    fm = np.where(mask, 0.0, -np.inf)
+    _check_forward(q, k, v, mask=fm)
+    q2, k2, v2 = _inputs(rng, 1, 2, 2, 40, 10, 8)
+    out2, lse2, _ = _check_forward(q2, k2, v2, causal=True)
+    assert np.all(out2[:, :, :30] == 0) and np.all(np.isneginf(lse2[:, :, :30]))
+    _check_vjp(q2, k2, v2, causal=True)
+
+
+@pytest.mark.parametrize("n,m", [(0, 5), (5, 0), (0, 0)])
+def test_empty(n, m):
+    q, k, v = _inputs(np.random.default_rng(0), 2, 2, 1, n, m, 4, 3)
+    out, lse, w = selfattn.scaled_dot_product_attention(q, k, v, return_lse=True, return_weights=True, backend=BACKEND)
+    assert out.shape == (2, 2, n, 3) and lse.shape == (2, 2, n) and w.shape == (2, 2, n, m)
+    assert np.all(out == 0) and np.all(np.isneginf(lse))
+    o, bwd = selfattn.scaled_dot_product_attention_vjp(q, k, v, backend=BACKEND)
+    dq, dk, dv = bwd(np.ones_like(o))
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+    assert not dq.any() and not dk.any() and not dv.any()
+
+
+def test_two_d_inputs():
+    q, k, v = (x[0, 0] for x in _inputs(np.random.default_rng(8), 1, 1, 1, 33, 45, 7, 9))
+    _check_forward(q, k, v, causal=True)
+    _check_vjp(q, k, v, causal=True)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+@pytest.mark.parametrize("shape", [(2, 4, 2, 70, 90, 8), (1, 8, 8, 1, 1000, 16)])
+def test_dropout_bit_identical_pattern(p, shape):
+    q, k, v = _inputs(np.random.default_rng(9), *shape)
+    seed = 2**63 + 12345
+    kw = dict(dropout_p=p, dropout_seed=seed)
+    _check_forward(q, k, v, **kw)
+    _check_vjp(q, k, v, **kw)
+    # Recover the pattern exactly: with V = I (one-hot columns) the output is P*Z.
+    b, hq, hkv, n, m, d = shape
+    m = min(m, 64)
+    k = k[:, :, :m]
+    v = np.broadcast_to(np.eye(m, dtype=np.float64), (b, hkv, m, m)).copy()
+    q64, k64 = q.astype(np.float64), k.astype(np.float64)
+    out = selfattn.scaled_dot_product_attention(q64, k64, v, backend=BACKEND, **kw)
+    keep = _dropout.keep_mask(seed, np.arange(b * hq), np.arange(n), np.arange(m), p).reshape(b, hq, n, m)
+    assert np.array_equal(out != 0, keep)
+    out_np = selfattn.scaled_dot_product_attention(q64, k64, v, backend="numpy", **kw)
+    np.testing.assert_allclose(out, out_np, rtol=1e-12, atol=1e-14)
+
+
+def test_nan_propagates_in_query_rows_only():
+    rng = np.random.default_rng(10)
+    q, k, v = _inputs(rng, 1, 2, 2, 30, 40, 8)
+    q[0, 1, 7, 3] = np.nan
+    out, lse, w = selfattn.scaled_dot_product_attention(q, k, v, return_lse=True, return_weights=True, backend=BACKEND)
+    assert np.isnan(out[0, 1, 7]).all() and np.isnan(lse[0, 1, 7])
+    bad = np.zeros(out.shape[:-1], bool)
+    bad[0, 1, 7] = True
+    assert not np.isnan(out[~bad]).any() and not np.isnan(lse[~bad]).any()
+    assert not np.isnan(w[~bad]).any()
+
+
+def test_inputs_untouched_noncontiguous_readonly():
+    rng = np.random.default_rng(11)
+    base = rng.standard_normal((2, 4, 80, 24)).astype(np.float32)
+    q = base[:, :, ::2, :16]  # strided view
+    k = np.asfortranarray(rng.standard_normal((2, 2, 60, 16)).astype(np.float32))
+    v = rng.standard_normal((2, 2, 60, 10)).astype(np.float32)
+    for x in (base, k, v):
+        x.setflags(write=False)
+    copies = [x.copy() for x in (base, k, v)]
+    _check_forward(q, k, v, causal=True)
+    _check_vjp(q, k, v, window=(5, 9))
+    for x, c in zip((base, k, v), copies):
+        assert np.array_equal(x, c)
+
+
+def test_decode_split_path():
+    # one query row, long keys, few heads: the key range is split and merged by lse
+    rng = np.random.default_rng(12)
+    q, k, v = _inputs(rng, 1, 2, 1, 1, 5000, 32)
+    from selfattn.backends.numba_ import backend
+
+    pb = selfattn._problem.normalize(q, k, v)
+    assert backend._nsplit(pb, max(2, numba.get_num_threads())) > 1
+    _check_forward(q, k, v)
+    _check_forward(q, k, v, mask=rng.random(5000) > 0.5, dropout_p=0.2, dropout_seed=3)
+    _check_vjp(q, k, v)
+    # a mask that leaves a whole split empty
+    mask = np.zeros(5000, bool)
+    mask[10] = True
+    _check_forward(q, k, v, mask=mask)
+
+
+def test_threads_honoured_and_restored():
+    rng = np.random.default_rng(13)
+    q, k, v = _inputs(rng, 1, 4, 2, 130, 140, 16)
+    before = numba.get_num_threads()
+    ref_out = selfattn.scaled_dot_product_attention(q, k, v, backend=BACKEND)
+    assert numba.get_num_threads() == before
+    numba.set_num_threads(1)
+    try:
+        one = selfattn.scaled_dot_product_attention(q, k, v, backend=BACKEND)
+        assert numba.get_num_threads() == 1
+    finally:
+        numba.set_num_threads(before)
+    np.testing.assert_allclose(one, ref_out, rtol=1e-6, atol=1e-6)
+
+
+def test_import_does_not_import_numba():
+    code = ("import sys, selfattn, selfattn.backends.numba_ as m; "
+            "assert 'numba' not in sys.modules, 'numba imported'; "
+            "print(m.backend.capabilities.features == selfattn.Capabilities('numpy').features)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "True"
+
+
+def test_automatic_selection_prefers_numba():
+    q, k, v = _inputs(np.random.default_rng(14), 1, 2, 2, 8, 8, 4)
+    assert selfattn.explain(q, k, v).backend == "numba"
+
+
+def test_concurrent_python_threads():
+    import threading
+
+    rng = np.random.default_rng(15)
+    q, k, v = _inputs(rng, 1, 2, 1, 70, 90, 8)
+    expect = selfattn.scaled_dot_product_attention(q, k, v, backend=BACKEND)
+    results, errors = [], []
+
+    def work():
+        try:
+            for _ in range(5):
+                results.append(selfattn.scaled_dot_product_attention(q, k, v, backend=BACKEND))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(results) == 15 and all(np.array_equal(r, expect) for r in results)

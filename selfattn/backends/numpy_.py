@@ -53,12 +53,14 @@ class NumpyBackend(Backend):
             for i0 in range(0, N, rows):
                 yield b0, min(B, b0 + bb), i0, min(N, i0 + rows)
 
-    def _scores(self, pb, b0, b1, i0, i1, j0, j1):
+    def _scores(self, pb, b0, b1, i0, i1, j0, j1, buf=None):
         """Scaled, masked scores for one block.
 
         Returns ``(s, qs, kb, vb)``: ``s`` ``(bb, Hkv, G*rows, cols)`` in the compute
         dtype with excluded entries at ``-inf``; ``qs`` the scaled query block
         laid out like ``s``; ``kb``/``vb`` the key/value slices in the compute dtype.
+        ``buf``, a flat compute-dtype array, receives the scores when given: reusing
+        one buffer across blocks avoids re-faulting tens of MiB of fresh pages per block.
         """
         cdt = pb.compute_dtype
         bb, Hq, Hkv, G = b1 - b0, pb.q_heads, pb.kv_heads, pb.group
@@ -68,7 +70,9 @@ class NumpyBackend(Backend):
         qs = qs.reshape(bb, Hkv, G * rows, pb.d)
         kb = pb.key[b0:b1, :, j0:j1].astype(cdt, copy=False)
         vb = pb.value[b0:b1, :, j0:j1].astype(cdt, copy=False)
-        s = np.matmul(qs, kb.swapaxes(-1, -2))
+        shape = (bb, Hkv, G * rows, cols)
+        out = None if buf is None else buf[: bb * Hkv * G * rows * cols].reshape(shape)
+        s = np.matmul(qs, kb.swapaxes(-1, -2), out=out)
         s4 = s.reshape(bb, Hq, rows, cols)
         allowed = pb.band(i0, i1, j0, j1)
         if pb.mask is not None:
@@ -87,6 +91,29 @@ class NumpyBackend(Backend):
         keep = keep_mask(pb.dropout_seed, np.arange(b0 * Hq, b1 * Hq), np.arange(i0, i1), np.arange(j0, j1), pb.dropout_p)
         return keep.reshape(b1 - b0, pb.kv_heads, pb.group * (i1 - i0), j1 - j0)
 
+    @staticmethod
+    def _shift_free(pb) -> bool:
+        """True when exp(scores) can be taken without subtracting the row maximum.
+
+        By Cauchy-Schwarz every score obeys ``|s_ij| <= scale·|q_i|·max_j |k_j|``.
+        When that bound is small (60 in float32, 600 in float64) and no additive mask
+        can raise a score, ``exp(s)`` neither overflows nor underflows, so the usual
+        max pass and subtraction (two of the few passes over the N x M block) can be
+        skipped with no loss of accuracy. NaN or inf inputs fail the test and take
+        the safe path.
+        """
+        if pb.mask is not None and pb.mask.dtype != bool:
+            return False
+        if pb.n == 0 or pb.m == 0:
+            return True
+        cdt = pb.compute_dtype
+        def max_norm(x):  # largest row norm, in the compute dtype
+            x = x.astype(cdt, copy=False)
+            return float(np.sqrt(np.max(np.einsum("bhnd,bhnd->bhn", x, x))))
+
+        bound = pb.scale * max_norm(pb.query) * max_norm(pb.key)
+        return bound <= (60.0 if cdt == np.float32 else 600.0)  # False for NaN
+
     # -- forward ---------------------------------------------------------
     def forward(self, pb):
         B, Hq, Hkv, G, N, M, Dv = pb.batch, pb.q_heads, pb.kv_heads, pb.group, pb.n, pb.m, pb.dv
@@ -94,32 +121,51 @@ class NumpyBackend(Backend):
         out = np.zeros((B, Hq, N, Dv), dtype=pb.dtype)
         lse = np.full((B, Hq, N), -np.inf, dtype=pb.lse_dtype) if pb.want_lse else None
         weights = np.zeros((B, Hq, N, M), dtype=pb.dtype) if pb.return_weights else None
+        blocks = list(self._blocks(pb, self.block_bytes))
+        if not blocks:
+            return out, lse, weights
+        buf = np.empty(max((b1 - b0) * Hq * (i1 - i0) * M for b0, b1, i0, i1 in blocks), dtype=cdt)
+        no_shift = self._shift_free(pb)
+        # Without dropout, a column of ones appended to V makes the PV matmul also
+        # return each row's sum of exponentials, saving a pass over the scores.
+        ones_col = pb.dropout_p == 0.0
+        value = pb.value.astype(cdt, copy=False)
+        if ones_col:
+            value = np.concatenate([value, np.ones(value.shape[:-1] + (1,), dtype=cdt)], axis=-1)
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            for b0, b1, i0, i1 in self._blocks(pb, self.block_bytes):
+            for b0, b1, i0, i1 in blocks:
                 j0, j1 = pb.key_range(i0, i1)
                 if j1 <= j0:
                     continue  # nothing to attend: out 0, lse -inf, weights 0 (as initialised)
                 bb, rows = b1 - b0, i1 - i0
-                s, _, _, vb = self._scores(pb, b0, b1, i0, i1, j0, j1)
-                mx = s.max(axis=-1, keepdims=True)
-                # Fully masked rows have max -inf; shifting by 0 keeps exp() at 0
-                # instead of NaN. A NaN max stays NaN and propagates, as it should.
-                mx = np.where(mx == -np.inf, cdt.type(0), mx)
-                s -= mx
+                s, _, _, _ = self._scores(pb, b0, b1, i0, i1, j0, j1, buf)
+                vb = value[b0:b1, :, j0:j1]
+                if no_shift:
+                    mx = cdt.type(0)
+                else:
+                    mx = s.max(axis=-1, keepdims=True)
+                    # Fully masked rows have max -inf; shifting by 0 keeps exp() at 0
+                    # instead of NaN. A NaN max stays NaN and propagates, as it should.
+                    mx = np.where(mx == -np.inf, cdt.type(0), mx)
+                    s -= mx
                 np.exp(s, out=s)
-                total = s.sum(axis=-1, keepdims=True)
+                if ones_col:
+                    o = np.matmul(s, vb)
+                    o, total = o[..., :Dv], o[..., Dv:]
+                else:
+                    total = s.sum(axis=-1, keepdims=True)
                 if lse is not None:
                     lse[b0:b1, :, i0:i1] = (mx + np.log(total)).reshape(bb, Hq, rows)
                 # Rows with nothing to attend have total 0: their output is 0, not NaN.
                 inv = np.where(total == 0, cdt.type(0), 1.0 / total)
                 if weights is not None:
                     weights[b0:b1, :, i0:i1, j0:j1] = (s * inv).reshape(bb, Hq, rows, j1 - j0)
-                if pb.dropout_p > 0.0:
+                if not ones_col:
                     s *= self._keep(pb, b0, b1, i0, i1, j0, j1)
                     inv = inv * cdt.type(1.0 / (1.0 - pb.dropout_p))
+                    o = np.matmul(s, vb)
                 # Normalise the (rows x Dv) output rather than the (rows x cols) weights.
-                o = np.matmul(s, vb) * inv
-                out[b0:b1, :, i0:i1] = o.reshape(bb, Hq, rows, Dv)
+                out[b0:b1, :, i0:i1] = (o * inv).reshape(bb, Hq, rows, Dv)
         return out, lse, weights
 
     # -- backward --------------------------------------------------------

@@ -289,9 +289,17 @@ def get_backend(name: str):
 def select(problem, backend_arg=None, trail: list | None = None):
     """Choose the backend object for a normalized problem (see the module docstring)."""
     need = required_features(problem)
-    dtype = problem.dtype.name
     array_type = problem.array_type
     name, source = _requested(backend_arg)
+    if name is None:
+        strict = _strict()
+        # Keyed on the dtype object: np.dtype.name is a slow Python-level property.
+        key = (array_type, problem.dtype, need, strict)
+        if trail is None:
+            hit = registry._cache.get(key)
+            if hit is not None:
+                return hit
+    dtype = problem.dtype.name
     if name is not None:
         backend = get_backend(name)
         caps = backend.capabilities
@@ -310,12 +318,6 @@ def select(problem, backend_arg=None, trail: list | None = None):
             trail.append(f"{name}: chosen by {source}")
         return backend
 
-    strict = _strict()
-    key = (array_type, dtype, need, strict)
-    if trail is None:
-        hit = registry._cache.get(key)
-        if hit is not None:
-            return hit
     skipped = []
     for entry in registry.entries().values():
         if entry.array_type is not None and entry.array_type != array_type:

@@ -225,10 +225,11 @@ class Problem:
             ok &= rel <= self.upper
         return ok
 
-    def mask_block(self, b0: int, b1: int, i0: int, i1: int, j0: int, j1: int):
+    def mask_block(self, b0: int, b1: int, i0: int, i1: int, j0: int, j1: int, xp=np):
         """The mask restricted to flat batches ``[b0,b1)``, rows ``[i0,i1)``, keys ``[j0,j1)``.
 
         Shape ``(b1-b0 or 1, Hm, i1-i0 or 1, j1-j0 or 1)``: broadcast axes stay size 1.
+        ``xp`` is the mask's array module; a gathered batch index is moved to it.
         """
         mk = self.mask
         rows = slice(i0, i1) if mk.shape[2] > 1 else slice(None)
@@ -238,7 +239,7 @@ class Problem:
         idx = self.mask_index[b0:b1]
         if idx.size and idx[0] == b0 and np.array_equal(idx, np.arange(b0, b1)):
             return mk[b0:b1, :, rows, cols]
-        return mk[idx][:, :, rows, cols]
+        return mk[xp.asarray(idx)][:, :, rows, cols]
 
     def out_shape(self, last: int) -> tuple:
         """The caller-facing shape of an array laid out ``(B, Hq, N, last)``."""

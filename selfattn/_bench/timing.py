@@ -50,22 +50,12 @@ def attention_flops(batch: int, heads: int, n: int, m: int, d: int, dv: int | No
     return flops / 2.0 if causal else flops
 
 
-def _read_hwm_kib() -> int | None:
+def _read_status_kib(field: str) -> int | None:
+    """A ``VmHWM``/``VmRSS``-style field of /proc/self/status in KiB (None where unavailable)."""
     try:
         with open("/proc/self/status") as fh:
             for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _read_rss_kib() -> int | None:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1])
     except OSError:
         return None
@@ -84,9 +74,9 @@ def peak_rss_delta(fn) -> float | None:
             fh.write("5")
     except OSError:
         return None
-    base = _read_rss_kib()
+    base = _read_status_kib("VmRSS")
     result = fn()
-    peak = _read_hwm_kib()
+    peak = _read_status_kib("VmHWM")
     del result
     if base is None or peak is None:
         return None

@@ -165,19 +165,6 @@ class CupyBackend(Backend):
         return self._module(cupy, only).get_function(name)
 
     # -- helpers -----------------------------------------------------------
-    @staticmethod
-    def _mask_block(cupy, pb, b0, b1, i0, i1, j0, j1):
-        """Like ``Problem.mask_block`` but gathering batch entries with a device index."""
-        mk = pb.mask
-        rows = slice(i0, i1) if mk.shape[2] > 1 else slice(None)
-        cols = slice(j0, j1) if mk.shape[3] > 1 else slice(None)
-        if mk.shape[0] == 1:
-            return mk[:, :, rows, cols]
-        idx = pb.mask_index[b0:b1]
-        if idx.size and idx[0] == b0 and np.array_equal(idx, np.arange(b0, b1)):
-            return mk[b0:b1, :, rows, cols]
-        return mk[cupy.asarray(idx)][:, :, rows, cols]
-
     def _scores(self, cupy, pb, b0, b1, i0, i1, j0, j1):
         cdt = pb.compute_dtype
         bb, Hq, Hkv, G = b1 - b0, pb.q_heads, pb.kv_heads, pb.group
@@ -190,7 +177,7 @@ class CupyBackend(Backend):
         s4 = s.reshape(bb, Hq, rows, cols)
         allowed = pb.band(i0, i1, j0, j1, xp=cupy)
         if pb.mask is not None:
-            mblk = self._mask_block(cupy, pb, b0, b1, i0, i1, j0, j1)
+            mblk = pb.mask_block(b0, b1, i0, i1, j0, j1, xp=cupy)
             if mblk.dtype == np.bool_:
                 allowed = mblk if allowed is None else (mblk & allowed)
             else:

@@ -56,9 +56,9 @@ class NumpyBackend(Backend):
     def _scores(self, pb, b0, b1, i0, i1, j0, j1, buf=None):
         """Scaled, masked scores for one block.
 
-        Returns ``(s, qs, kb, vb)``: ``s`` ``(bb, Hkv, G*rows, cols)`` in the compute
+        Returns ``(s, qs, kb)``: ``s`` ``(bb, Hkv, G*rows, cols)`` in the compute
         dtype with excluded entries at ``-inf``; ``qs`` the scaled query block
-        laid out like ``s``; ``kb``/``vb`` the key/value slices in the compute dtype.
+        laid out like ``s``; ``kb`` the key slice in the compute dtype.
         ``buf``, a flat compute-dtype array, receives the scores when given: reusing
         one buffer across blocks avoids re-faulting tens of MiB of fresh pages per block.
         """
@@ -69,7 +69,6 @@ class NumpyBackend(Backend):
         qs = pb.query[b0:b1, :, i0:i1].astype(cdt) * cdt.type(pb.scale)
         qs = qs.reshape(bb, Hkv, G * rows, pb.d)
         kb = pb.key[b0:b1, :, j0:j1].astype(cdt, copy=False)
-        vb = pb.value[b0:b1, :, j0:j1].astype(cdt, copy=False)
         shape = (bb, Hkv, G * rows, cols)
         out = None if buf is None else buf[: bb * Hkv * G * rows * cols].reshape(shape)
         s = np.matmul(qs, kb.swapaxes(-1, -2), out=out)
@@ -83,7 +82,7 @@ class NumpyBackend(Backend):
                 s4 += mblk.astype(cdt, copy=False)
         if allowed is not None:
             np.copyto(s4, -np.inf, where=~allowed)
-        return s, qs, kb, vb
+        return s, qs, kb
 
     def _keep(self, pb, b0, b1, i0, i1, j0, j1):
         """Dropout keep-mask for the block, shaped like ``_scores``' ``s``."""
@@ -138,7 +137,7 @@ class NumpyBackend(Backend):
                 if j1 <= j0:
                     continue  # nothing to attend: out 0, lse -inf, weights 0 (as initialised)
                 bb, rows = b1 - b0, i1 - i0
-                s, _, _, _ = self._scores(pb, b0, b1, i0, i1, j0, j1, buf)
+                s, _, _ = self._scores(pb, b0, b1, i0, i1, j0, j1, buf)
                 vb = value[b0:b1, :, j0:j1]
                 if no_shift:
                     mx = cdt.type(0)
@@ -187,7 +186,8 @@ class NumpyBackend(Backend):
                 if j1 <= j0:
                     continue
                 bb, rows = b1 - b0, i1 - i0
-                s, qs, kb, vb = self._scores(pb, b0, b1, i0, i1, j0, j1)
+                s, qs, kb = self._scores(pb, b0, b1, i0, i1, j0, j1)
+                vb = pb.value[b0:b1, :, j0:j1].astype(cdt, copy=False)
                 shape_rows = (bb, Hkv, G * rows, 1)
                 s -= lse_safe[b0:b1, :, i0:i1].reshape(shape_rows)
                 p = np.exp(s, out=s)

@@ -16,6 +16,30 @@ from selfattn.testing import reference as ref
 numba = pytest.importorskip("numba", reason="numba is not installed (pip install 'selfattn[numba]')")
 
 BACKEND = "numba"
+
+
+@pytest.fixture(autouse=True, params=["fused", "gemm"])
+def kernel_path(request, monkeypatch):
+    """Run every test on both kernel families: the fused loop kernels and the BLAS-tile ones.
+
+    The BLAS-tile kernels run with tiny, odd tile sizes here (as stumpy's
+    GPU tests shrink threads-per-block), so that the small inputs of these
+    tests cross many query-tile and key-block boundaries; their default tile
+    sizes are exercised by ``test_gemm_default_tiles``.
+    """
+    from selfattn.backends import _numba_kernels, numba_
+
+    if request.param == "gemm":
+        if numba_._gemm_controller() is None:
+            pytest.skip("the BLAS-tile kernels need scipy and threadpoolctl (pip install 'selfattn[numba]')")
+        for name, size in SMALL_TILES.items():
+            monkeypatch.setattr(_numba_kernels, name, size)
+    monkeypatch.setattr(numba_, "_FORCE_PATH", request.param)
+    return request.param
+
+
+#: Tile sizes of the BLAS-tile kernels under test: small and not multiples of each other.
+SMALL_TILES = {"GQ": 24, "GK": 40, "GQB": 20, "GKB": 36}
 TOL = {np.float16: (3e-3, 3e-3), np.float32: (2e-5, 2e-5), np.float64: (1e-11, 1e-11)}
 
 
@@ -290,3 +314,111 @@ def test_concurrent_python_threads():
         t.join()
     assert not errors
     assert len(results) == 15 and all(np.array_equal(r, expect) for r in results)
+
+
+def _blas_threads():
+    from threadpoolctl import threadpool_info
+
+    return sorted((i["filepath"], i["num_threads"]) for i in threadpool_info() if i["user_api"] == "blas")
+
+
+def test_automatic_kernel_choice(kernel_path, monkeypatch):
+    from selfattn.backends import numba_
+
+    monkeypatch.setattr(numba_, "_FORCE_PATH", None)
+    rng = np.random.default_rng(16)
+    big = selfattn._problem.normalize(*_inputs(rng, 1, 4, 4, 256, 256, 64))
+    small = selfattn._problem.normalize(*_inputs(rng, 1, 2, 2, 8, 8, 4))
+    assert numba_._use_gemm(big) == (numba_._gemm_controller() is not None)
+    assert not numba_._use_gemm(small)
+    assert not numba_._use_gemm(big, nsplit=4)  # decode-like: the key split wins
+    monkeypatch.setattr(numba_, "_gemm_state", False)  # as without scipy/threadpoolctl
+    assert not numba_._use_gemm(big)
+    q, k, v = _inputs(rng, 1, 4, 4, 256, 256, 64)
+    _check_forward(q, k, v)
+
+
+def test_blas_threads_single_inside_and_restored(kernel_path):
+    pytest.importorskip("threadpoolctl")
+    from selfattn.backends import numba_
+
+    if numba_._gemm_controller() is None:
+        pytest.skip("no BLAS-tile kernels here")
+    rng = np.random.default_rng(17)
+    q, k, v = _inputs(rng, 1, 2, 2, 200, 300, 32)
+    before = _blas_threads()
+    with numba_._gemm_controller().limit(limits=2, user_api="blas"):
+        inside = _blas_threads()
+        _check_forward(q, k, v, causal=True)
+        _check_vjp(q, k, v)
+        assert _blas_threads() == inside  # the user's setting is back after each call
+    assert _blas_threads() == before
+
+
+def test_large_logits_take_the_max_shift_path(kernel_path):
+    # |q||k| far above the exp range: the no-shift shortcut must not be taken
+    rng = np.random.default_rng(18)
+    q, k, v = _inputs(rng, 1, 2, 1, 40, 300, 16)
+    q *= 40
+    for dtype in (np.float32, np.float64):
+        qd, kd, vd = (x.astype(dtype) for x in (q, k, v))
+        out = selfattn.scaled_dot_product_attention(qd, kd, vd, backend=BACKEND)
+        ro = ref.forward(qd, kd, vd)[0]
+        np.testing.assert_allclose(out, ro, rtol=2e-4, atol=2e-4)
+        assert np.all(np.isfinite(out))
+
+
+def test_gemm_default_tiles(kernel_path, monkeypatch):
+    # The production tile sizes, on shapes that still cross a few tiles and blocks.
+    from selfattn.backends import _numba_kernels, numba_
+
+    if kernel_path != "gemm":
+        pytest.skip("BLAS-tile kernels only")
+    monkeypatch.undo()
+    monkeypatch.setattr(numba_, "_FORCE_PATH", "gemm")
+    rng = np.random.default_rng(19)
+    n = _numba_kernels.GQ + 37
+    m = _numba_kernels.GK + _numba_kernels.GKB + 11
+    q, k, v = _inputs(rng, 1, 4, 2, n, m, 16)
+    for kw in ({}, {"causal": True}, {"window": (300, 5)}, {"dropout_p": 0.25, "dropout_seed": 3}):
+        _check_forward(q, k, v, **kw)
+        _check_vjp(q, k, v, **kw)
+
+
+def test_gemm_conformance_cases(kernel_path):
+    # Every conformance case through the BLAS-tile kernels with tiny tiles
+    # (the conformance suite itself runs whichever path the shapes select).
+    from selfattn.testing.cases import generate_cases
+    from selfattn.testing.check import check_case
+
+    if kernel_path != "gemm":
+        pytest.skip("BLAS-tile kernels only (test_conformance.py covers the default choice)")
+    cases = generate_cases()
+    assert len(cases) > 100
+    for case in cases:
+        check_case(BACKEND, case)
+
+
+def test_shift_free_bound():
+    from selfattn.backends.numba_ import _shift_free_bound
+
+    v = np.ones((2, 100, 8), np.float32)
+    assert _shift_free_bound(v, np.float32) == 30.0
+    assert _shift_free_bound(v.astype(np.float64), np.float64) == 300.0
+    assert 0.0 < _shift_free_bound(v * 1e24, np.float32) < 30.0  # room shrinks with max|v|
+    assert _shift_free_bound(v * 1e36, np.float32) == 0.0
+    for bad in (np.nan, np.inf):
+        w = v.copy()
+        w[1, 5, 3] = bad
+        assert _shift_free_bound(w, np.float32) == 0.0
+
+
+def test_huge_values_take_the_general_path(kernel_path):
+    # Values near float32's limit: the shift-free shortcut must not overflow.
+    rng = np.random.default_rng(20)
+    q, k, v = _inputs(rng, 1, 2, 2, 70, 90, 8)
+    v *= np.float32(1e33)
+    out = selfattn.scaled_dot_product_attention(q, k, v, backend=BACKEND)
+    ro = ref.forward(q, k, v)[0]
+    assert np.all(np.isfinite(out))
+    np.testing.assert_allclose(out / 1e33, ro / 1e33, rtol=2e-5, atol=2e-5)

@@ -21,7 +21,8 @@ import math
 import numba as nb
 import numpy as np
 from numba import prange, types
-from numba.extending import overload
+from llvmlite import ir
+from numba.extending import intrinsic, overload
 
 #: Query rows per tile (forward and backward).
 BR = 64
@@ -122,22 +123,37 @@ def _dot_nt(a, b, out, nrp, ncp, kred, acc, z, boff):
                 o1[c + 3] = s13
 
 
-def _exp_shift_row(srow, nc, mu, ibuf, fbuf):  # pragma: no cover - replaced by the overload
+@intrinsic
+def _bits_to_f32(typingctx, x):
+    """Reinterpret an int32's bits as a float32 (an LLVM ``bitcast``, so loops using it vectorise)."""
+    if x != types.int32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.int32), codegen
+
+
+def _exp_shift_row(srow, nc, mu):  # pragma: no cover - replaced by the overload
     raise NotImplementedError
 
 
 @overload(_exp_shift_row, fastmath=_FM)
-def _exp_shift_row_impl(srow, nc, mu, ibuf, fbuf):
+def _exp_shift_row_impl(srow, nc, mu):
     """``srow[c] = exp(srow[c] - mu)`` for ``c < nc``; returns the row sum.
 
     float32: a Cephes-style expf (range reduction, degree-6 polynomial, 2**n
-    built from its bits) in two branch-free loops that LLVM vectorises;
-    exp(-inf) is exactly 0 and NaN stays NaN. float64: ``math.exp``.
+    built from its exponent bits) in one branch-free loop that LLVM
+    vectorises (8 lanes with AVX2); relative error below 2 ulp, exp(-inf) is
+    exactly 0, NaN stays NaN and arguments below -87.33 give 0.
+    float64: ``math.exp``.
     """
     if srow.dtype == types.float32:
-        def impl(srow, nc, mu, ibuf, fbuf):
+        def impl(srow, nc, mu):
             lo = np.float32(-87.33)
             hi = np.float32(88.37)
+            tot = np.float32(0.0)
             for c in range(nc):
                 x0 = srow[c] - mu
                 x = x0 if x0 > lo else lo
@@ -152,19 +168,17 @@ def _exp_shift_row_impl(srow, nc, mu, ibuf, fbuf):
                 p = p * r + np.float32(1.6666665459e-1)
                 p = p * r + np.float32(5.0000001201e-1)
                 p = p * (r * r) + r + np.float32(1.0)
+                # 2**fn from its exponent bits; 0 below the range (so exp(-inf) = 0)
                 bits = (fn + np.float32(127.0)) * np.float32(8388608.0)
                 bits = bits if x0 >= lo else np.float32(0.0)
-                ibuf[c] = np.int32(bits)
-                srow[c] = p if x0 == x0 else x0
-            tot = np.float32(0.0)
-            for c in range(nc):
-                e = srow[c] * fbuf[c]
+                e = p * _bits_to_f32(np.int32(bits))
+                e = e if x0 == x0 else x0
                 srow[c] = e
                 tot += e
             return tot
         return impl
 
-    def impl64(srow, nc, mu, ibuf, fbuf):
+    def impl64(srow, nc, mu):
         tot = 0.0
         for c in range(nc):
             e = math.exp(srow[c] - mu)
@@ -279,8 +293,6 @@ def forward(q, k, v, Hq, Hkv, lo, up, scale, mask_kind, mbool, mfloat, midx,
         o = np.zeros((BR, Dvp), dt)
         mrow = np.full(BR, -np.inf, dt)
         lrow = np.zeros(BR, dt)
-        ibuf = np.empty(BC, np.int32)
-        fbuf = ibuf.view(np.float32)
         sc = np.full(1, scale, dt)[0]
         ninf = mrow[0]
         zero = lrow[0]
@@ -309,7 +321,7 @@ def forward(q, k, v, Hq, Hkv, lo, up, scale, mask_kind, mbool, mfloat, midx,
                 mold = mrow[r]
                 mnew = mx if mx > mold else mold
                 muse = zero if mnew == ninf else mnew
-                ps = _exp_shift_row(srow, nc, muse, ibuf, fbuf)
+                ps = _exp_shift_row(srow, nc, muse)
                 if mold != mnew:
                     alpha = math.exp(mold - muse)
                     lrow[r] = lrow[r] * alpha + ps
@@ -486,8 +498,6 @@ def backward(q, k, v, do, lse, delta, Hq, Hkv, lo, up, scale, mask_kind, mbool, 
         dka = np.zeros((BC, Dp), dt)
         dva = np.zeros((BC, Dvp), dt)
         dqb = np.zeros((BR, Dp), dt)
-        ibuf = np.empty(BC, np.int32)
-        fbuf = ibuf.view(np.float32)
         zero = s[0, 0]
         sc = np.full(1, scale, dt)[0]
         for kbi in range(ch * per, min(nkb, (ch + 1) * per)):
@@ -529,7 +539,7 @@ def backward(q, k, v, do, lse, delta, Hq, Hkv, lo, up, scale, mask_kind, mbool, 
                     _dot_nt(dob, vb, dp, nrp, ncp, Dv, False, zero, 0)
                     # P = exp(S - lse) (lse is +inf for rows that attend nothing)
                     for r in range(nr):
-                        _exp_shift_row(s[r], nc, lse[bh, i0 + r], ibuf, fbuf)
+                        _exp_shift_row(s[r], nc, lse[bh, i0 + r])
                     # sT = (P*Z)^T ; dP *= Z
                     if thr > 0:
                         for r in range(nr):
@@ -563,6 +573,273 @@ def backward(q, k, v, do, lse, delta, Hq, Hkv, lo, up, scale, mask_kind, mbool, 
                         dqrow = dq_acc[ch, bh, i0 + r]
                         for dd in range(D):
                             dqrow[dd] += dqb[r, dd] * sc
+            for c in range(nc):
+                for dd in range(D):
+                    dk[kvh, c0 + c, dd] = dka[c, dd]
+                for e in range(Dv):
+                    dv[kvh, c0 + c, e] = dva[c, e]
+
+
+# -- BLAS-tile kernels ---------------------------------------------------------
+# Numba lowers ``np.dot`` on contiguous 2-D arrays to the BLAS that SciPy
+# exports (``scipy.linalg.cython_blas``). An optimised single-threaded sgemm/
+# dgemm on a (128 x 64) @ (64 x 1024) tile runs 2-3x faster than any loop nest
+# LLVM generates from Python, so these kernels keep the FlashAttention
+# structure (parallel tasks, online softmax over key blocks, no N x M scores)
+# but hand every tile product to BLAS. The caller must make BLAS
+# single-threaded around them (numba_.py does, with threadpoolctl): every
+# Numba thread already runs its own task. Every ``np.dot`` below writes into a
+# C-contiguous buffer reshaped from a flat scratch array, which is what lets
+# Numba pass it to BLAS without a temporary.
+
+#: Query rows per task in the BLAS-tile forward (and per tile in its backward).
+#: 256 rows amortise BLAS's packing of each K/V block over more work than 128.
+GQ = 256
+#: Keys per block in the BLAS-tile forward: a 256 x 512 float32 score block is
+#: 512 KiB, a core's L2 here, and stays there between the two products.
+GK = 512
+#: Query rows per tile in the BLAS-tile backward: dK/dV of a key block
+#: accumulate over longer products, which BLAS runs closer to its peak.
+GQB = 512
+#: Keys per block in the BLAS-tile backward (five products share each block).
+GKB = 256
+
+
+@nb.njit(parallel=True, **_OPTS)
+def key_norm_max(k):
+    """Largest Euclidean norm among the keys of each head: ``(BKV,)`` from ``k`` ``(BKV, M, D)``.
+
+    Accumulated in float64 and returned in ``k``'s dtype; NaN keys give NaN
+    (which then disables the shift-free shortcut of :func:`forward_gemm`).
+    """
+    BKV, M, D = k.shape
+    res = np.empty(BKV, k.dtype)
+    for t in prange(BKV):
+        best = 0.0
+        for j in range(M):
+            acc = 0.0
+            for dd in range(D):
+                x = np.float64(k[t, j, dd])
+                acc += x * x
+            if acc > best or acc != acc:  # once NaN, it sticks
+                best = acc
+        res[t] = math.sqrt(best)
+    return res
+
+
+@nb.njit(parallel=True, **_OPTS)
+def forward_gemm(q, k, v, Hq, Hkv, lo, up, scale, mask_kind, mbool, mfloat, midx,
+                 thr, seed_lo, seed_hi, dscale, kmax, safe, GQ, GK, out, lse):
+    """Online-softmax forward whose tile products are BLAS calls.
+
+    Tasks are (bh, tile of ``GQ`` query rows); each walks its band's keys in
+    blocks of ``GK``: ``S = (q*scale) K_blk^T`` (BLAS), masks, online
+    softmax, ``O += P V_blk`` (BLAS). Extra memory per task is
+    O(GQ * GK + GQ * Dv), independent of N and M.
+
+    The running-max pass and the rescaling of ``O`` are skipped for a tile
+    whose rows all satisfy ``|q_i*scale| * max_j |k_j| <= safe`` (Cauchy-Schwarz
+    bounds every score; ``kmax[kvh]`` is the largest key norm of that head,
+    ``safe`` chosen by the caller so that ``M * exp(safe) * max|v|`` stays far
+    below the dtype's largest value; 0 disables): ``exp(s)`` then neither
+    overflows nor underflows to zero, so the shift is 0 for the whole row.
+    Additive masks disable it (the caller passes ``safe = 0``).
+    Writes the normalised output (times ``dscale``) to ``out`` ``(BH, N, Dv)``
+    and the log-sum-exp to ``lse`` ``(BH, N)`` (``-inf`` where nothing is
+    attended).
+    """
+    BH, N, D = q.shape
+    M = k.shape[1]
+    Dv = v.shape[2]
+    G = Hq // Hkv
+    off = M - N
+    nqb = (N + GQ - 1) // GQ
+    dt = q.dtype
+    for t in prange(BH * nqb):
+        qb = t % nqb
+        bh = t // nqb
+        b = bh // Hq
+        h = bh - b * Hq
+        kvh = b * Hkv + h // G
+        i0 = qb * GQ
+        i1 = min(N, i0 + GQ)
+        nr = i1 - i0
+        j0 = max(0, i0 + off - lo)
+        j1 = min(M, i1 - 1 + off + up + 1)
+        qs = np.empty((nr, D), dt)
+        sbuf = np.empty(nr * GK, dt)
+        pv = np.empty((nr, Dv), dt)
+        o = np.zeros((nr, Dv), dt)
+        mrow = np.full(nr, -np.inf, dt)
+        lrow = np.zeros(nr, dt)
+        sc = np.full(1, scale, dt)[0]
+        ninf = mrow[0]
+        zero = lrow[0]
+        # Scale q once (masks add to scaled scores) and bound every row's scores.
+        bounded = safe > 0.0
+        for r in range(nr):
+            nrm = zero
+            for dd in range(D):
+                x = q[bh, i0 + r, dd] * sc
+                qs[r, dd] = x
+                nrm += x * x
+            # NaN norms fail the comparison and so take the general path.
+            if not (math.sqrt(nrm) * kmax[kvh] * 1.001 <= safe):
+                bounded = False
+        if bounded:
+            for r in range(nr):
+                mrow[r] = zero
+        # Keys [e0, e1) are inside the band for every row of the tile; the
+        # blocks are cut at e0 and e1 so that only the narrow edge blocks
+        # (the causal diagonal: at most GQ keys) need per-element band masks.
+        e0 = min(max(j0, i1 - 1 + off - lo), j1)
+        e1 = max(min(j1, i0 + off + up + 1), e0)
+        c1 = j0
+        while c1 < j1:
+            c0 = c1
+            c1 = min(c0 + GK, e0 if c0 < e0 else (e1 if c0 < e1 else j1))
+            nc = c1 - c0
+            s = sbuf[:nr * nc].reshape((nr, nc))
+            np.dot(qs, k[kvh, c0:c1].T, s)
+            _apply_masks(s, nr, nc, i0, c0, off, lo, up, bh, b, h, Hq, mask_kind, mbool, mfloat, midx)
+            for r in range(nr):
+                srow = s[r]
+                if bounded:
+                    lrow[r] += _exp_shift_row(srow, nc, zero)
+                    continue
+                mx = ninf
+                for c in range(nc):
+                    mx = srow[c] if srow[c] > mx else mx
+                mold = mrow[r]
+                mnew = mx if mx > mold else mold
+                muse = zero if mnew == ninf else mnew
+                ps = _exp_shift_row(srow, nc, muse)
+                if mold != mnew and c0 > j0:
+                    alpha = math.exp(mold - muse)
+                    lrow[r] = lrow[r] * alpha + ps
+                    orow = o[r]
+                    for e in range(Dv):
+                        orow[e] *= alpha
+                else:
+                    lrow[r] += ps
+                mrow[r] = mnew
+            if thr > 0:
+                _dropout(s, nr, nc, i0, c0, bh, seed_lo, seed_hi, thr)
+            if c0 == j0:
+                np.dot(s, v[kvh, c0:c1], o)
+            else:
+                np.dot(s, v[kvh, c0:c1], pv)
+                for r in range(nr):
+                    for e in range(Dv):
+                        o[r, e] += pv[r, e]
+        for r in range(nr):
+            l = lrow[r]
+            orow = out[bh, i0 + r]
+            if l == 0.0 or j1 <= j0:
+                lse[bh, i0 + r] = -np.inf
+                for e in range(Dv):
+                    orow[e] = 0.0
+            else:
+                inv = dscale / l
+                lse[bh, i0 + r] = mrow[r] + math.log(l)
+                for e in range(Dv):
+                    orow[e] = o[r, e] * inv
+
+
+@nb.njit(parallel=True, **_OPTS)
+def backward_gemm(q, k, v, do, lse, delta, Hq, Hkv, lo, up, scale, mask_kind, mbool, mfloat, midx,
+                  thr, seed_lo, seed_hi, dscale, GQ, GKB, nchunk, dq_acc, dk, dv):
+    """FlashAttention-2 backward whose tile products are BLAS calls.
+
+    Same task structure and contract as :func:`backward` (tasks own
+    (kv head, key chunk) pairs, blocks of ``GKB`` keys, query tiles of
+    ``GQ`` rows; ``lse`` holds ``+inf`` for rows that attend nothing), with
+    the five products per tile -- ``S = (q*scale) K^T``, ``dP = dO V^T``,
+    ``dV += (P*Z)^T dO``, ``dK += dS^T (q*scale)``, ``dQ += dS K * scale`` --
+    done by BLAS on views of the inputs (no copies of K, V or dO).
+    """
+    BH, N, D = q.shape
+    BKV, M, Dv = v.shape
+    G = Hq // Hkv
+    off = M - N
+    nkb = (M + GKB - 1) // GKB
+    per = (nkb + nchunk - 1) // nchunk
+    dt = q.dtype
+    Dm = max(D, Dv)
+    for t in prange(BKV * nchunk):
+        ch = t % nchunk
+        kvh = t // nchunk
+        b = kvh // Hkv
+        hk = kvh - b * Hkv
+        qs = np.empty((GQ, D), dt)
+        sbuf = np.empty(GQ * GKB, dt)
+        zbuf = np.empty(GQ * GKB, dt)
+        dpbuf = np.empty(GQ * GKB, dt)
+        kvbuf = np.empty(GKB * Dm, dt)
+        dqbuf = np.empty(GQ * D, dt)
+        dka = np.empty((GKB, D), dt)
+        dva = np.empty((GKB, Dv), dt)
+        sc = np.full(1, scale, dt)[0]
+        for kbi in range(ch * per, min(nkb, (ch + 1) * per)):
+            c0 = kbi * GKB
+            c1 = min(M, c0 + GKB)
+            nc = c1 - c0
+            kb = k[kvh, c0:c1]
+            vb = v[kvh, c0:c1]
+            dka[:nc] = 0.0
+            dva[:nc] = 0.0
+            tk = kvbuf[:nc * D].reshape((nc, D))
+            tv = kvbuf[:nc * Dv].reshape((nc, Dv))
+            ilo = max(0, c0 - off - up)
+            ihi = min(N, c1 - 1 - off + lo + 1)
+            for g in range(G):
+                h = hk * G + g
+                bh = b * Hq + h
+                for i0 in range(ilo, ihi, GQ):
+                    i1 = min(ihi, i0 + GQ)
+                    nr = i1 - i0
+                    qt = qs[:nr]
+                    for r in range(nr):
+                        for dd in range(D):
+                            qt[r, dd] = q[bh, i0 + r, dd] * sc
+                    dot = do[bh, i0:i1]
+                    s = sbuf[:nr * nc].reshape((nr, nc))
+                    dp = dpbuf[:nr * nc].reshape((nr, nc))
+                    np.dot(qt, kb.T, s)
+                    _apply_masks(s, nr, nc, i0, c0, off, lo, up, bh, b, h, Hq, mask_kind, mbool, mfloat, midx)
+                    np.dot(dot, vb.T, dp)
+                    # P = exp(S - lse)
+                    for r in range(nr):
+                        _exp_shift_row(s[r], nc, lse[bh, i0 + r])
+                    if thr > 0:
+                        # pz = P*Z feeds dV; dP *= Z feeds dS.
+                        pz = zbuf[:nr * nc].reshape((nr, nc))
+                        for r in range(nr):
+                            rh = _row_hash(seed_lo, seed_hi, bh, i0 + r)
+                            for c in range(nc):
+                                u = _fmix32(rh ^ (((c0 + c) * _MUL_COL) & _M32))
+                                z = dscale if u >= thr else 0.0
+                                pz[r, c] = s[r, c] * z
+                                dp[r, c] *= z
+                        np.dot(pz.T, dot, tv)
+                    else:
+                        np.dot(s.T, dot, tv)
+                    dva[:nc] += tv
+                    # dS = P * (dP - delta), in place of P
+                    for r in range(nr):
+                        dl = delta[bh, i0 + r]
+                        srow = s[r]
+                        dprow = dp[r]
+                        for c in range(nc):
+                            srow[c] = srow[c] * (dprow[c] - dl)
+                    np.dot(s.T, qt, tk)
+                    dka[:nc] += tk
+                    dqt = dqbuf[:nr * D].reshape((nr, D))
+                    np.dot(s, kb, dqt)
+                    for r in range(nr):
+                        dqrow = dq_acc[ch, bh, i0 + r]
+                        for dd in range(D):
+                            dqrow[dd] += dqt[r, dd] * sc
             for c in range(nc):
                 for dd in range(D):
                     dk[kvh, c0 + c, dd] = dka[c, dd]

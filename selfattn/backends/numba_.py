@@ -1,36 +1,47 @@
-"""The Numba backend: fused, tiled FlashAttention kernels on the CPU.
+"""The Numba backend: tiled FlashAttention kernels on the CPU.
 
 Every feature of the public API, forward and VJP, for float16 (computed in
-float32, returned float16; lse float32), float32 and float64.
+float32, returned float16; lse float32), float32 and float64. Two kernel
+families share one algorithm (online softmax over key blocks, no N x M
+scores stored; only ``return_weights=True`` materialises N x M):
 
-* Forward: one task per (batch·head, tile of 64 query rows[, key split]) runs
-  in parallel (``numba.prange``); each walks 64-key tiles with an online
-  softmax, so no N x M scores are ever stored (only the weights, when asked).
-  Key tiles that causal/window masking excludes for the whole query tile are
-  never visited (causal costs about half).
-* Decode-like shapes (too few query tiles to keep every thread busy) split the
-  key range into chunks whose partial results are merged by log-sum-exp
-  (flash-decoding).
-* Backward (FlashAttention-2): probabilities are recomputed tile by tile from
-  ``q``, ``k`` and the forward's lse; tasks own (kv head, key chunk) pairs so
-  dK/dV need no atomics, and grouped-query heads are summed in place.
-* Dropout reproduces :mod:`selfattn._dropout` bit for bit.
-* Tile products use a 2 x 4 register-blocked dot-product kernel whose
-  reductions LLVM vectorises; float32 ``exp`` is a branch-free Cephes-style
-  polynomial that vectorises too (float64 uses ``math.exp``). No BLAS is
-  called from inside the parallel region, so there is no oversubscription.
-* Calls from several Python threads take turns (one lock): each call already
-  uses all of Numba's threads.
+* **BLAS-tile kernels** (prefill-like shapes with enough work, the common
+  case): Numba threads run (batch·head, tile of query rows) tasks in parallel
+  (``numba.prange``) and hand each tile product -- ``S = (q·scale) K_blkᵀ``,
+  ``O += P V_blk`` and the five products of the backward -- to an optimised
+  single-threaded sgemm/dgemm through ``np.dot`` (the BLAS SciPy exports).
+  The exp/mask/softmax work between the two products stays in Numba. BLAS is
+  limited to one thread for the duration of the call with threadpoolctl
+  (every Numba thread already runs its own task, so nothing is
+  oversubscribed); the user's BLAS thread settings are restored afterwards.
+  Needs SciPy and threadpoolctl (both in ``selfattn[numba]``).
+* **Fused loop kernels** (small problems, decode-like shapes, or no SciPy):
+  64 x 64 tiles with a register-blocked dot product that LLVM vectorises; no
+  BLAS at all. Decode-like shapes (too few query tiles to keep every thread
+  busy) split the key range into chunks whose partial results are merged by
+  log-sum-exp (flash-decoding).
+
+Both skip key blocks that causal/window masking excludes for a whole query
+tile (causal costs about half). The backward (FlashAttention-2) recomputes
+probabilities block by block from ``q``, ``k`` and the forward's lse; tasks
+own (kv head, key chunk) pairs, so dK/dV need no atomics and grouped-query
+heads are summed in place without copying K/V. Dropout reproduces
+:mod:`selfattn._dropout` bit for bit. float32 ``exp`` is a branch-free
+Cephes-style polynomial that vectorises (float64 uses ``math.exp``).
+Calls from several Python threads take turns (one lock): each call already
+uses all of Numba's threads.
 
 Importing this module does not import Numba: the kernels
 (:mod:`selfattn.backends._numba_kernels`) are compiled on first use and
-cached on disk (``cache=True``), two specialisations (float32/float64) each.
+cached on disk (``cache=True``), two specialisations (float32/float64) each;
+tile sizes are run-time arguments, so shapes never trigger a compile.
 The thread count is Numba's (``NUMBA_NUM_THREADS`` / ``numba.set_num_threads``).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import math
 import threading
 
 import numpy as np
@@ -55,6 +66,74 @@ def _load():
 
         _kernels = _numba_kernels
     return _kernels
+
+
+#: Tests set this to ``"gemm"`` or ``"fused"`` to run one kernel family on
+#: every shape; ``None`` picks per call (:func:`_use_gemm`).
+_FORCE_PATH = None
+#: Below this much work (B*Hq*N*M*D) the fused kernels win: the BLAS-tile
+#: ones pay a thread-limit switch and per-call BLAS overhead.
+GEMM_MIN_WORK = 1 << 18
+_gemm_state = None  # None: not probed; False: unavailable; else the threadpoolctl controller
+
+
+def _gemm_controller():
+    """The threadpoolctl controller for the BLAS-tile kernels, or ``None`` if they cannot run.
+
+    Numba's ``np.dot`` calls the BLAS SciPy exports, so those kernels need
+    SciPy; threadpoolctl makes that BLAS single-threaded while Numba's threads
+    each run a task (no oversubscription) and restores the user's setting.
+    SciPy's BLAS is loaded before the controller scans the process, or it
+    would not be limited.
+    """
+    global _gemm_state
+    if _gemm_state is None:
+        if importlib.util.find_spec("scipy") is None or importlib.util.find_spec("threadpoolctl") is None:
+            _gemm_state = False
+        else:
+            import scipy.linalg.cython_blas  # noqa: F401 - load the BLAS that Numba will call
+            from threadpoolctl import ThreadpoolController
+
+            _gemm_state = ThreadpoolController()
+    return _gemm_state or None
+
+
+def _use_gemm(pb, nsplit=1):
+    """Whether this call runs the BLAS-tile kernels (large prefill-like shapes) or the fused ones."""
+    if pb.d == 0 or pb.dv == 0:
+        return False
+    if _FORCE_PATH is not None:
+        return _FORCE_PATH == "gemm" and _gemm_controller() is not None
+    work = pb.batch * pb.q_heads * pb.n * pb.m * pb.d
+    return nsplit == 1 and pb.n >= 16 and work >= GEMM_MIN_WORK and _gemm_controller() is not None
+
+
+def _query_tile(bh, n, nthreads, largest):
+    """Query rows per BLAS-tile task: ``largest``, or fewer so every thread gets two tasks.
+
+    Never below 32 rows (smaller tiles make BLAS inefficient) and a multiple of 8.
+    """
+    per_bh = -(-2 * nthreads // max(bh, 1))  # tiles each batch·head must give
+    rows = -(-n // per_bh)
+    return int(min(largest, max(32, -(-rows // 8) * 8)))
+
+
+def _shift_free_bound(v3, cdt):
+    """Largest score magnitude for which the BLAS-tile forward may skip the max shift.
+
+    With every score in ``[-b, b]``, ``exp`` neither underflows to zero nor
+    overflows, and neither do the row sums (at most ``M * e**b``) or the
+    unnormalised output (at most ``M * e**b * max|v|``): ``b`` is capped at
+    30 (float32) / 300 (float64) and lowered so that the output bound stays
+    1000x below the dtype's largest value. Non-finite values in ``v`` give 0
+    (the shortcut is not taken; the general path handles them).
+    """
+    vmax = max(float(v3.max()), -float(v3.min())) if v3.size else 0.0  # no |v| temporary
+    if not math.isfinite(vmax):
+        return 0.0
+    cap = 30.0 if cdt == np.float32 else 300.0
+    room = math.log(float(np.finfo(cdt).max) / 1e3) - math.log(max(vmax, 1.0) * v3.shape[1])
+    return max(0.0, min(cap, room))
 
 
 def _band(pb):
@@ -123,6 +202,9 @@ class NumbaBackend(Backend):
         if nbm is not None:
             d["threads"] = nbm.get_num_threads()
             d["threading_layer"] = nbm.config.THREADING_LAYER
+        missing = [m for m in ("scipy", "threadpoolctl") if importlib.util.find_spec(m) is None]
+        d["blas_tile_kernels"] = ("yes" if not missing else
+                                  f"no ({' and '.join(missing)} missing: pip install 'selfattn[numba]')")
         return d
 
     # -- forward ---------------------------------------------------------
@@ -152,22 +234,22 @@ class NumbaBackend(Backend):
         mkind, mb, mf, midx = _mask_args(pb, cdt)
         thr, slo, shi, dscale = _dropout_args(pb)
         nsplit = self._nsplit(pb, numba.get_num_threads())
-        if nsplit == 1:
-            o_acc = np.empty((1, BH, N, Dv), cdt)
-            m_acc = np.empty((1, BH, N), cdt)
-            l_acc = m_acc
-        else:
-            o_acc = np.empty((nsplit, BH, N, Dv), cdt)
-            m_acc = np.empty((nsplit, BH, N), cdt)
-            l_acc = np.empty((nsplit, BH, N), cdt)
+        args = (Hq, Hkv, lo, up, float(pb.scale), mkind, mb, mf, midx, thr, slo, shi, float(dscale))
+        out3 = np.empty((BH, N, Dv), cdt)
+        lse3 = np.empty((BH, N), cdt)
         with _lock:
-            k.forward(q3, k3, v3, Hq, Hkv, lo, up, float(pb.scale), mkind, mb, mf, midx,
-                      thr, slo, shi, float(dscale), nsplit, o_acc, m_acc, l_acc)
-            if nsplit == 1:
-                out3, lse3 = o_acc[0], m_acc[0]
+            if _use_gemm(pb, nsplit):
+                safe = 0.0 if mkind == 2 else _shift_free_bound(v3, cdt)
+                gq = _query_tile(BH, N, numba.get_num_threads(), k.GQ)
+                with _gemm_controller().limit(limits=1, user_api="blas"):
+                    k.forward_gemm(q3, k3, v3, *args, k.key_norm_max(k3), safe, gq, k.GK, out3, lse3)
+            elif nsplit == 1:
+                k.forward(q3, k3, v3, *args, 1, out3[None], lse3[None], lse3[None])
             else:
-                out3 = np.empty((BH, N, Dv), cdt)
-                lse3 = np.empty((BH, N), cdt)
+                o_acc = np.empty((nsplit, BH, N, Dv), cdt)
+                m_acc = np.empty((nsplit, BH, N), cdt)
+                l_acc = np.empty((nsplit, BH, N), cdt)
+                k.forward(q3, k3, v3, *args, nsplit, o_acc, m_acc, l_acc)
                 k.merge_splits(o_acc, m_acc, l_acc, float(dscale), out3, lse3)
                 del o_acc, m_acc, l_acc
             w = None
@@ -199,15 +281,21 @@ class NumbaBackend(Backend):
         mkind, mb, mf, midx = _mask_args(pb, cdt)
         thr, slo, shi, dscale = _dropout_args(pb)
         nthreads = numba.get_num_threads()
-        nkb = (M + k.BC - 1) // k.BC
+        gemm = _use_gemm(pb)
+        nkb = (M + (k.GKB if gemm else k.BC) - 1) // (k.GKB if gemm else k.BC)
         tasks = B * Hkv
         nchunk = 1 if tasks >= 2 * nthreads else max(1, min(nkb, (2 * nthreads + tasks - 1) // tasks))
         dq_acc = np.zeros((nchunk, B * Hq, N, D), cdt)
         dk3 = np.empty((B * Hkv, M, D), cdt)
         dv3 = np.empty((B * Hkv, M, Dv), cdt)
-        with _lock:
-            k.backward(q3, k3, v3, do3, lse3, delta, Hq, Hkv, lo, up, float(pb.scale), mkind, mb, mf, midx,
-                       thr, slo, shi, float(dscale), nchunk, dq_acc, dk3, dv3)
+        if gemm:
+            with _lock, _gemm_controller().limit(limits=1, user_api="blas"):
+                k.backward_gemm(q3, k3, v3, do3, lse3, delta, Hq, Hkv, lo, up, float(pb.scale), mkind, mb, mf,
+                                midx, thr, slo, shi, float(dscale), k.GQB, k.GKB, nchunk, dq_acc, dk3, dv3)
+        else:
+            with _lock:
+                k.backward(q3, k3, v3, do3, lse3, delta, Hq, Hkv, lo, up, float(pb.scale), mkind, mb, mf, midx,
+                           thr, slo, shi, float(dscale), nchunk, dq_acc, dk3, dv3)
         dq3 = dq_acc[0] if nchunk == 1 else dq_acc.sum(axis=0)
         return (dq3.reshape(B, Hq, N, D).astype(pb.dtype, copy=False),
                 dk3.reshape(B, Hkv, M, D).astype(pb.dtype, copy=False),

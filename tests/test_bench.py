@@ -159,3 +159,33 @@ def test_compat_fallback_loads_shapes_from_checkout(bench_path, monkeypatch):
     mod = compat._load("selfattn._bench.shapes", "selfattn/_bench/shapes.py")
     assert mod is not None and mod.__name__.startswith("_selfattn_bench_fallback_")
     assert [s.name for s in mod.ASV_SHAPES] == [s.name for s in shapes.ASV_SHAPES]
+
+
+def test_interleaved_medians_alternate_and_take_medians():
+    from selfattn._bench.timing import interleaved_medians
+
+    calls = []
+    fast = lambda: calls.append("a")  # noqa: E731
+
+    def slow():
+        calls.append("b")
+        import time
+
+        time.sleep(0.01)
+
+    ta, tb = interleaved_medians([fast, slow], rounds=3, warmup=1, pause=0.0)
+    assert calls == ["a", "b"] + ["a", "b"] * 3  # warm-up, then strict alternation
+    assert 0 <= ta < 0.005 <= 0.01 <= tb
+
+
+def test_targets_quick_prints_the_table(capsys):
+    pytest.importorskip("numba", reason="numba is not installed (pip install 'selfattn[numba]')")
+    from selfattn._bench import targets
+
+    rc = targets.main(["--quick", "--no-compile"])
+    out = capsys.readouterr().out
+    assert rc in (0, 1)  # pass/fail depends on the machine; the table must be complete
+    assert "numpy.matmul 1024² float32" in out
+    for row in ("GFLOP/s vs matmul", "speed-up vs numpy backend", "time / non-causal", "decode 1x8x1x64",
+                "backward 1x8x1024x64 time / forward", "peak memory"):
+        assert row in out, row

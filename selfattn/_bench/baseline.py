@@ -14,7 +14,7 @@ import numpy as np
 
 import selfattn
 
-from .timing import median_time
+from .timing import interleaved_medians
 
 
 def measure(batch=1, heads=8, n=4096, d=64, dtype="float32", causal=False, repeat=5):
@@ -32,12 +32,9 @@ def measure(batch=1, heads=8, n=4096, d=64, dtype="float32", causal=False, repea
     def backend():
         selfattn.scaled_dot_product_attention(q, k, v, causal=causal, backend="numpy")
 
-    # Interleave the two so that load from other processes hits both alike.
-    t_mm, t_be = [], []
-    for _ in range(repeat):
-        t_mm.append(median_time(matmuls, repeat=1, warmup=0))
-        t_be.append(median_time(backend, repeat=1, warmup=0))
-    return float(np.median(t_be)), float(np.median(t_mm))
+    # Interleaved so that load from other processes hits both alike.
+    t_mm, t_be = interleaved_medians([matmuls, backend], rounds=repeat, warmup=0)
+    return t_be, t_mm
 
 
 def main(argv=None) -> int:

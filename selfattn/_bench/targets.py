@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from .timing import attention_flops, matmul_gflops, median_time, peak_rss_delta
+from .timing import attention_flops, interleaved_medians, matmul_call, peak_rss_delta
 
 __all__ = ["main"]
 
@@ -74,7 +74,6 @@ def main(argv=None) -> int:
 
     if args.threads:
         numba.set_num_threads(args.threads)
-    rep = 2 if args.quick else 3
     rng = np.random.default_rng(0)
     rows = []  # (target, measured, ratio, limit, ok, kind) ; kind '>=' or '<='
 
@@ -86,54 +85,47 @@ def main(argv=None) -> int:
         pb = normalize(q, k, v, **kw)
         return lambda: nbk.forward(pb)
 
-    def matmul_now():
-        return matmul_gflops(1024 if args.quick else 2048, repeat=3 if args.quick else 5)
+    mm_call, mm_flops = matmul_call(1024 if args.quick else 2048)
+    mm_rates = []  # every matmul timing of the run, for the ceiling quoted in the header
+    rounds = 3 if args.quick else 5
+
+    def with_matmul(*fns, rounds=rounds):
+        """Interleaved medians of ``fns``, with numpy.matmul timed in the same rounds."""
+        tm, *ts = interleaved_medians([mm_call, *fns], rounds=rounds)
+        mm_rates.append(mm_flops / tm / 1e9)
+        return mm_flops / tm / 1e9, ts
 
     # -- forward FLOP rate vs matmul, and vs the NumPy backend --------------
-    gf_all = []
     fshapes = [(1, 8, 1024, 64), (1, 8, 2048, 64), (1, 8, 4096, 64), (4, 8, 1024, 128)]
     if args.quick:
         fshapes = [(1, 8, 512, 64), (1, 4, 1024, 64)]
     for (b, h, n, d) in fshapes:
         q, k, v = _inputs(rng, b, h, n, n, d)
         f = fwd(q, k, v)
-        f()  # compile / warm
-        mm = matmul_now()
-        t = median_time(f, repeat=rep)
-        mm = (mm + matmul_now()) / 2
+        pbn = normalize(q, k, v)
+        mm, (t, tn) = with_matmul(f, lambda: npk.forward(pbn))
         gf = attention_flops(b, h, n, n, d) / t / 1e9
-        gf_all.append(mm)
-        add(f"fwd f32 {b}x{h}x{n}x{d} GFLOP/s vs matmul", f"{gf:.1f} GF/s ({t * 1e3:.1f} ms)", gf / mm, 0.75, True)
-        if n <= 2048 or not args.quick:
-            pbn = normalize(q, k, v)
-            tn = median_time(lambda: npk.forward(pbn), repeat=2, warmup=0)
-            t2 = median_time(f, repeat=rep)
-            add(f"fwd f32 {b}x{h}x{n}x{d} speed-up vs numpy backend", f"{tn * 1e3:.1f} / {t2 * 1e3:.1f} ms", tn / t2, 3.0, True)
+        add(f"fwd f32 {b}x{h}x{n}x{d} GFLOP/s vs matmul", f"{gf:.1f} / {mm:.1f} GF/s ({t * 1e3:.1f} ms)", gf / mm, 0.75, True)
+        add(f"fwd f32 {b}x{h}x{n}x{d} speed-up vs numpy backend", f"{tn * 1e3:.1f} / {t * 1e3:.1f} ms", tn / t, 3.0, True)
 
     # -- causal vs non-causal ------------------------------------------------
     n = 1024 if args.quick else 4096
     q, k, v = _inputs(rng, 1, 8, n, n, 64)
-    f_full, f_causal = fwd(q, k, v), fwd(q, k, v, causal=True)
-    f_causal()
-    tf = median_time(f_full, repeat=rep)
-    tc = median_time(f_causal, repeat=rep)
+    tf, tc = interleaved_medians([fwd(q, k, v), fwd(q, k, v, causal=True)], rounds=rounds)
     add(f"causal 1x8x{n}x64 time / non-causal", f"{tc * 1e3:.1f} / {tf * 1e3:.1f} ms", tc / tf, 0.6, False)
 
     # -- decode vs two numpy matvecs ----------------------------------------
     m = 32768
     q, k, v = _inputs(rng, 1, 8, 1, m, 64)
-    f_dec = fwd(q, k, v)
-    f_dec()
     k2, v2 = k[0], v[0]
     q2 = q[0, :, 0, :]
     p = np.ones((8, m), np.float32) / m
 
     def numpy_decode():
         s = np.matmul(k2, q2[:, :, None])  # (8, M, 1): K @ q per head
-        return np.matmul(p[:, None, :], v2)  # p @ V per head
+        return s, np.matmul(p[:, None, :], v2)  # p @ V per head
 
-    tn = median_time(numpy_decode, repeat=rep * 4, min_time=0.2)
-    td = median_time(f_dec, repeat=rep * 4, min_time=0.2)
+    td, tn = interleaved_medians([fwd(q, k, v), numpy_decode], rounds=20 * rounds, pause=0.02)
     add(f"decode 1x8x1x64, M={m} vs K@q + p@V", f"{td * 1e3:.2f} / {tn * 1e3:.2f} ms", td / tn, 1.5, False)
 
     # -- backward vs forward -------------------------------------------------
@@ -142,9 +134,7 @@ def main(argv=None) -> int:
     pbv = normalize(q, k, v, needs_vjp=True)
     out, lse, _ = nbk.forward(pbv)
     g = rng.standard_normal(out.shape, dtype=np.float32)
-    nbk.backward(pbv, out, lse, g)
-    tb = median_time(lambda: nbk.backward(pbv, out, lse, g), repeat=rep)
-    tf = median_time(lambda: nbk.forward(pbv), repeat=rep)
+    tb, tf = interleaved_medians([lambda: nbk.backward(pbv, out, lse, g), lambda: nbk.forward(pbv)], rounds=rounds)
     add(f"backward 1x8x{n}x64 time / forward", f"{tb * 1e3:.1f} / {tf * 1e3:.1f} ms", tb / tf, 3.0, False)
 
     # -- peak memory -----------------------------------------------------------
@@ -174,10 +164,10 @@ def main(argv=None) -> int:
             except Exception as exc:  # pragma: no cover - reporting only
                 compile_lines = [f"compile probe failed: {exc}"]
 
-    mm = float(np.median(gf_all))
+    mm = float(np.median(mm_rates))
     print(f"selfattn {selfattn.__version__} numba {numba.__version__}, threads={numba.get_num_threads()}, "
           f"cpus={os.cpu_count()}")
-    print(f"numpy.matmul {'1024' if args.quick else '2048'}² float32: {mm:.1f} GFLOP/s (median of the side-by-side runs)")
+    print(f"numpy.matmul {'1024' if args.quick else '2048'}² float32: {mm:.1f} GFLOP/s (median over the run; each ratio uses the matmul timed in its own rounds)")
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows)
     print(f"{'target':<{w0}}  {'measured':<{w1}}  {'ratio':>7}  {'limit':>6}  result")

@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-__all__ = ["median_time", "matmul_gflops", "attention_flops", "peak_rss_delta"]
+__all__ = ["median_time", "interleaved_medians", "matmul_call", "matmul_gflops", "attention_flops", "peak_rss_delta"]
 
 
 def median_time(fn, *, repeat: int = 5, min_time: float = 0.0, warmup: int = 1) -> float:
@@ -34,13 +34,43 @@ def median_time(fn, *, repeat: int = 5, min_time: float = 0.0, warmup: int = 1) 
     return statistics.median(times)
 
 
-def matmul_gflops(n: int = 2048, dtype=np.float32, repeat: int = 7) -> float:
-    """This machine's practical ceiling: GFLOP/s of ``numpy.matmul`` on two n x n matrices."""
+def interleaved_medians(fns, *, rounds: int = 5, warmup: int = 1, pause: float = 0.2) -> list[float]:
+    """Median wall time in seconds of each callable in ``fns``, timed in alternation.
+
+    Each round calls every function once, in order, so a slow spell on a
+    shared machine hits all of them alike and ratios of the medians stay
+    meaningful even when absolute times drift. ``pause`` seconds pass before
+    each timed call: OpenBLAS's worker threads keep spinning for a while after
+    a call (about 0.1 s by default), and without the pause they would steal
+    cores from whatever is timed next (a Numba kernel right after
+    ``numpy.matmul`` ran up to 2x slower in a test).
+    """
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times = [[] for _ in fns]
+    for _ in range(rounds):
+        for fn, ts in zip(fns, times):
+            if pause > 0:
+                time.sleep(pause)
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) for ts in times]
+
+
+def matmul_call(n: int = 2048, dtype=np.float32):
+    """A zero-argument call of ``numpy.matmul`` on two n x n matrices, and its FLOP count."""
     rng = np.random.default_rng(0)
     a = rng.standard_normal((n, n)).astype(dtype)
     b = rng.standard_normal((n, n)).astype(dtype)
-    t = median_time(lambda: np.matmul(a, b), repeat=repeat)
-    return 2.0 * n ** 3 / t / 1e9
+    return (lambda: np.matmul(a, b)), 2.0 * n ** 3
+
+
+def matmul_gflops(n: int = 2048, dtype=np.float32, repeat: int = 7) -> float:
+    """This machine's practical ceiling: GFLOP/s of ``numpy.matmul`` on two n x n matrices."""
+    call, flops = matmul_call(n, dtype)
+    return flops / median_time(call, repeat=repeat) / 1e9
 
 
 def attention_flops(batch: int, heads: int, n: int, m: int, d: int, dv: int | None = None, causal: bool = False) -> float:

@@ -422,3 +422,26 @@ def test_huge_values_take_the_general_path(kernel_path):
     ro = ref.forward(q, k, v)[0]
     assert np.all(np.isfinite(out))
     np.testing.assert_allclose(out / 1e33, ro / 1e33, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.skipif(__import__("platform").machine() not in ("x86_64", "AMD64"), reason="checks x86 assembly")
+def test_float32_exp_vectorizes():
+    # The softmax's exp is the CPU bottleneck once the products go to BLAS: its loop must compile
+    # to packed (SIMD) instructions, not one scalar exp per score.
+    import re
+
+    from selfattn.backends._numba_kernels import _FM, _exp_shift_row
+
+    @numba.njit(fastmath=_FM)
+    def row(a, mu):
+        return _exp_shift_row(a, a.shape[0], mu)
+
+    a = np.linspace(-100, 50, 64).astype(np.float32)
+    expect = np.exp((a - np.float32(3)).astype(np.float64))  # the shift is a float32 subtraction
+    total = row(a, np.float32(3))
+    np.testing.assert_allclose(a, expect, rtol=3e-7, atol=1e-38)
+    assert abs(total - expect.sum()) <= 1e-6 * expect.sum()
+    asm = "\n".join(row.inspect_asm().values())
+    packed = set(re.findall(r"\b(v?(?:roundps|cvttps2dq|cvtps2dq|fmadd\d+ps))\b", asm))
+    assert "cvttps2dq" in {p.lstrip("v") for p in packed}, sorted(packed)
+    assert any("fmadd" in p or "roundps" in p for p in packed), sorted(packed)

@@ -125,7 +125,9 @@ def main(argv=None) -> int:
         s = np.matmul(k2, q2[:, :, None])  # (8, M, 1): K @ q per head
         return s, np.matmul(p[:, None, :], v2)  # p @ V per head
 
-    td, tn = interleaved_medians([fwd(q, k, v), numpy_decode], rounds=20 * rounds, pause=0.02)
+    # The default pause (longer than OpenBLAS's spin) matters here too: numpy's batched
+    # matmul leaves BLAS threads spinning that would halve the speed of the kernel timed next.
+    td, tn = interleaved_medians([fwd(q, k, v), numpy_decode], rounds=3 * rounds)
     add(f"decode 1x8x1x64, M={m} vs K@q + p@V", f"{td * 1e3:.2f} / {tn * 1e3:.2f} ms", td / tn, 1.5, False)
 
     # -- backward vs forward -------------------------------------------------

@@ -188,6 +188,28 @@ def _exp_shift_row_impl(srow, nc, mu):
     return impl64
 
 
+@nb.njit(inline="always", **_OPTS)
+def _query_task(t, nqb, rows, N, M, Hq, G, Hkv, lo, up):
+    """Decode task ``t`` = (bh, query tile) of a kernel with ``nqb`` tiles of ``rows`` rows.
+
+    Returns ``(bh, b, h, kvh, i0, i1, j0, j1)``: flat batch·head, batch, query
+    head, flat key/value head, the tile's query rows ``[i0, i1)`` and the keys
+    ``[j0, j1)`` that the band (``lo``/``up`` around the bottom-right
+    diagonal) lets any of them attend (``j1 <= j0`` when none).
+    """
+    qb = t % nqb
+    bh = t // nqb
+    b = bh // Hq
+    h = bh - b * Hq
+    kvh = b * Hkv + h // G
+    i0 = qb * rows
+    i1 = min(N, i0 + rows)
+    off = M - N
+    j0 = max(0, i0 + off - lo)
+    j1 = min(M, i1 - 1 + off + up + 1)
+    return bh, b, h, kvh, i0, i1, j0, j1
+
+
 @nb.njit(**_OPTS)
 def _apply_masks(s, nr, nc, i0, c0, off, lo, up, bh, b, h, Hq, mask_kind, mbool, mfloat, midx):
     """Add/apply the user mask and the causal/window band to the score tile."""
@@ -247,6 +269,35 @@ def _dropout(s, nr, nc, i0, c0, bh, seed_lo, seed_hi, thr):
                 srow[c] = 0.0
 
 
+@nb.njit(**_OPTS)
+def _dropout_grad(s, dp, pz, transposed, nr, nc, i0, c0, bh, seed_lo, seed_hi, thr, dscale):
+    """Backward dropout on a tile: ``pz = P*Z`` (into ``pz``, or its transpose) and ``dP *= Z``.
+
+    ``Z`` is the forward's keep mask times ``dscale`` (the same hash as :func:`_dropout`).
+    """
+    for r in range(nr):
+        rh = _row_hash(seed_lo, seed_hi, bh, i0 + r)
+        for c in range(nc):
+            u = _fmix32(rh ^ (((c0 + c) * _MUL_COL) & _M32))
+            z = dscale if u >= thr else 0.0
+            if transposed:
+                pz[c, r] = s[r, c] * z
+            else:
+                pz[r, c] = s[r, c] * z
+            dp[r, c] *= z
+
+
+@nb.njit(**_OPTS)
+def _ds_in_place(s, dp, nr, nc, delta, bh, i0):
+    """``dS = P * (dP - delta)`` on a tile, written over ``P`` in ``s``."""
+    for r in range(nr):
+        dl = delta[bh, i0 + r]
+        srow = s[r]
+        dprow = dp[r]
+        for c in range(nc):
+            srow[c] = srow[c] * (dprow[c] - dl)
+
+
 @nb.njit(parallel=True, **_OPTS)
 def forward(q, k, v, Hq, Hkv, lo, up, scale, mask_kind, mbool, mfloat, midx,
             thr, seed_lo, seed_hi, dscale, nsplit, o_acc, m_acc, l_acc):
@@ -267,17 +318,8 @@ def forward(q, k, v, Hq, Hkv, lo, up, scale, mask_kind, mbool, mfloat, midx,
     dt = q.dtype
     for t in prange(ntask):
         sp = t % nsplit
-        rest = t // nsplit
-        qb = rest % nqb
-        bh = rest // nqb
-        b = bh // Hq
-        h = bh - b * Hq
-        kvh = b * Hkv + h // G
-        i0 = qb * BR
-        i1 = min(N, i0 + BR)
+        bh, b, h, kvh, i0, i1, j0, j1 = _query_task(t // nsplit, nqb, BR, N, M, Hq, G, Hkv, lo, up)
         nr = i1 - i0
-        j0 = max(0, i0 + off - lo)
-        j1 = min(M, i1 - 1 + off + up + 1)
         if j1 > j0:
             per = ((j1 - j0 + nsplit - 1) // nsplit + BC - 1) // BC * BC
             js0 = j0 + sp * per
@@ -421,16 +463,8 @@ def weights(q, k, Hq, Hkv, lo, up, scale, mask_kind, mbool, mfloat, midx, lse, w
     nqb = (N + BR - 1) // BR
     dt = q.dtype
     for t in prange(BH * nqb):
-        qb = t % nqb
-        bh = t // nqb
-        b = bh // Hq
-        h = bh - b * Hq
-        kvh = b * Hkv + h // G
-        i0 = qb * BR
-        i1 = min(N, i0 + BR)
+        bh, b, h, kvh, i0, i1, j0, j1 = _query_task(t, nqb, BR, N, M, Hq, G, Hkv, lo, up)
         nr = i1 - i0
-        j0 = max(0, i0 + off - lo)
-        j1 = min(M, i1 - 1 + off + up + 1)
         qs = np.zeros((BR, D), dt)
         kb = np.zeros((BC, D), dt)
         s = np.zeros((BR, BC), dt)
@@ -542,13 +576,7 @@ def backward(q, k, v, do, lse, delta, Hq, Hkv, lo, up, scale, mask_kind, mbool, 
                         _exp_shift_row(s[r], nc, lse[bh, i0 + r])
                     # sT = (P*Z)^T ; dP *= Z
                     if thr > 0:
-                        for r in range(nr):
-                            rh = _row_hash(seed_lo, seed_hi, bh, i0 + r)
-                            for c in range(nc):
-                                u = _fmix32(rh ^ (((c0 + c) * _MUL_COL) & _M32))
-                                z = dscale if u >= thr else 0.0
-                                sT[c, r] = s[r, c] * z
-                                dp[r, c] *= z
+                        _dropout_grad(s, dp, sT, True, nr, nc, i0, c0, bh, seed_lo, seed_hi, thr, dscale)
                     else:
                         for r in range(nr):
                             for c in range(nc):
@@ -556,12 +584,7 @@ def backward(q, k, v, do, lse, delta, Hq, Hkv, lo, up, scale, mask_kind, mbool, 
                     # dV += (P*Z)^T dO
                     _dot_nt(sT, doT, dva, ncp, Dvp, nr, True, zero, 0)
                     # dS = P * (dP - delta)
-                    for r in range(nr):
-                        dl = delta[bh, i0 + r]
-                        srow = s[r]
-                        dprow = dp[r]
-                        for c in range(nc):
-                            srow[c] = srow[c] * (dprow[c] - dl)
+                    _ds_in_place(s, dp, nr, nc, delta, bh, i0)
                     for r in range(nr):
                         for c in range(nc):
                             sT[c, r] = s[r, c]
@@ -656,16 +679,8 @@ def forward_gemm(q, k, v, Hq, Hkv, lo, up, scale, mask_kind, mbool, mfloat, midx
     nqb = (N + GQ - 1) // GQ
     dt = q.dtype
     for t in prange(BH * nqb):
-        qb = t % nqb
-        bh = t // nqb
-        b = bh // Hq
-        h = bh - b * Hq
-        kvh = b * Hkv + h // G
-        i0 = qb * GQ
-        i1 = min(N, i0 + GQ)
+        bh, b, h, kvh, i0, i1, j0, j1 = _query_task(t, nqb, GQ, N, M, Hq, G, Hkv, lo, up)
         nr = i1 - i0
-        j0 = max(0, i0 + off - lo)
-        j1 = min(M, i1 - 1 + off + up + 1)
         qs = np.empty((nr, D), dt)
         sbuf = np.empty(nr * GK, dt)
         pv = np.empty((nr, Dv), dt)
@@ -814,24 +829,13 @@ def backward_gemm(q, k, v, do, lse, delta, Hq, Hkv, lo, up, scale, mask_kind, mb
                     if thr > 0:
                         # pz = P*Z feeds dV; dP *= Z feeds dS.
                         pz = zbuf[:nr * nc].reshape((nr, nc))
-                        for r in range(nr):
-                            rh = _row_hash(seed_lo, seed_hi, bh, i0 + r)
-                            for c in range(nc):
-                                u = _fmix32(rh ^ (((c0 + c) * _MUL_COL) & _M32))
-                                z = dscale if u >= thr else 0.0
-                                pz[r, c] = s[r, c] * z
-                                dp[r, c] *= z
+                        _dropout_grad(s, dp, pz, False, nr, nc, i0, c0, bh, seed_lo, seed_hi, thr, dscale)
                         np.dot(pz.T, dot, tv)
                     else:
                         np.dot(s.T, dot, tv)
                     dva[:nc] += tv
                     # dS = P * (dP - delta), in place of P
-                    for r in range(nr):
-                        dl = delta[bh, i0 + r]
-                        srow = s[r]
-                        dprow = dp[r]
-                        for c in range(nc):
-                            srow[c] = srow[c] * (dprow[c] - dl)
+                    _ds_in_place(s, dp, nr, nc, delta, bh, i0)
                     np.dot(s.T, qt, tk)
                     dka[:nc] += tk
                     dqt = dqbuf[:nr * D].reshape((nr, D))

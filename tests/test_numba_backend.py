@@ -332,7 +332,7 @@ def test_automatic_kernel_choice(kernel_path, monkeypatch):
     assert numba_._use_gemm(big) == (numba_._gemm_controller() is not None)
     assert not numba_._use_gemm(small)
     assert not numba_._use_gemm(big, nsplit=4)  # decode-like: the key split wins
-    monkeypatch.setattr(numba_, "_gemm_state", False)  # as without scipy/threadpoolctl
+    monkeypatch.setattr(numba_, "_gemm_state", (None, "scipy not installed"))  # as without scipy
     assert not numba_._use_gemm(big)
     q, k, v = _inputs(rng, 1, 4, 4, 256, 256, 64)
     _check_forward(q, k, v)
@@ -445,3 +445,26 @@ def test_float32_exp_vectorizes():
     packed = set(re.findall(r"\b(v?(?:roundps|cvttps2dq|cvtps2dq|fmadd\d+ps))\b", asm))
     assert "cvttps2dq" in {p.lstrip("v") for p in packed}, sorted(packed)
     assert any("fmadd" in p or "roundps" in p for p in packed), sorted(packed)
+
+
+def test_blas_tile_kernels_reported_and_refused_without_a_limitable_blas(monkeypatch):
+    from selfattn.backends import numba_
+
+    ctl, why = numba_._gemm_probe()
+    info = numba_.backend.info()["blas_tile_kernels"]
+    assert info == "yes" if ctl is not None else why in info
+    # A BLAS threadpoolctl cannot limit would be oversubscribed: the probe must refuse it.
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+
+    class NoBlas(threadpoolctl.ThreadpoolController):
+        def select(self, **kw):
+            sel = super().select(**kw)
+            sel.lib_controllers = []
+            return sel
+
+    monkeypatch.setattr(threadpoolctl, "ThreadpoolController", NoBlas)
+    monkeypatch.setattr(numba_, "_gemm_state", None)
+    assert numba_._gemm_controller() is None
+    assert "no BLAS it can limit" in numba_.backend.info()["blas_tile_kernels"]
+    rng = np.random.default_rng(21)
+    _check_forward(*_inputs(rng, 1, 4, 4, 256, 256, 64))  # still correct, on the fused kernels

@@ -75,28 +75,41 @@ _FORCE_PATH = None
 #: Below this much work (B*Hq*N*M*D) the fused kernels win: the BLAS-tile
 #: ones pay a thread-limit switch and per-call BLAS overhead.
 GEMM_MIN_WORK = 1 << 18
-_gemm_state = None  # None: not probed; False: unavailable; else the threadpoolctl controller
+_gemm_state = None  # None: not probed; else (threadpoolctl controller or None, reason)
 
 
-def _gemm_controller():
-    """The threadpoolctl controller for the BLAS-tile kernels, or ``None`` if they cannot run.
+def _gemm_probe():
+    """``(controller, reason)``: the threadpoolctl controller for the BLAS-tile kernels, or
+    ``(None, why they cannot run)``. Probed once, on the first large call (or ``info``).
 
     Numba's ``np.dot`` calls the BLAS SciPy exports, so those kernels need
     SciPy; threadpoolctl makes that BLAS single-threaded while Numba's threads
     each run a task (no oversubscription) and restores the user's setting.
     SciPy's BLAS is loaded before the controller scans the process, or it
-    would not be limited.
+    would not be limited; a BLAS that threadpoolctl cannot limit (e.g.
+    Apple's Accelerate) would be oversubscribed, so the fused kernels run
+    instead.
     """
     global _gemm_state
     if _gemm_state is None:
-        if importlib.util.find_spec("scipy") is None or importlib.util.find_spec("threadpoolctl") is None:
-            _gemm_state = False
+        missing = [m for m in ("scipy", "threadpoolctl") if importlib.util.find_spec(m) is None]
+        if missing:
+            _gemm_state = (None, f"{' and '.join(missing)} not installed: pip install 'selfattn[numba]'")
         else:
             import scipy.linalg.cython_blas  # noqa: F401 - load the BLAS that Numba will call
             from threadpoolctl import ThreadpoolController
 
-            _gemm_state = ThreadpoolController()
-    return _gemm_state or None
+            ctl = ThreadpoolController()
+            if ctl.select(user_api="blas").lib_controllers:
+                _gemm_state = (ctl, "")
+            else:
+                _gemm_state = (None, "threadpoolctl finds no BLAS it can limit to one thread here")
+    return _gemm_state
+
+
+def _gemm_controller():
+    """The threadpoolctl controller for the BLAS-tile kernels, or ``None`` if they cannot run."""
+    return _gemm_probe()[0]
 
 
 def _use_gemm(pb, nsplit=1):
@@ -203,9 +216,8 @@ class NumbaBackend(Backend):
         if nbm is not None:
             d["threads"] = nbm.get_num_threads()
             d["threading_layer"] = nbm.config.THREADING_LAYER
-        missing = [m for m in ("scipy", "threadpoolctl") if importlib.util.find_spec(m) is None]
-        d["blas_tile_kernels"] = ("yes" if not missing else
-                                  f"no ({' and '.join(missing)} missing: pip install 'selfattn[numba]')")
+        ctl, why = _gemm_probe()
+        d["blas_tile_kernels"] = "yes" if ctl is not None else f"no ({why}; the fused kernels run)"
         return d
 
     # -- forward ---------------------------------------------------------

@@ -606,7 +606,7 @@ def backward(q, k, v, do, lse, delta, Hq, Hkv, lo, up, scale, mask_kind, mbool, 
 # -- BLAS-tile kernels ---------------------------------------------------------
 # Numba lowers ``np.dot`` on contiguous 2-D arrays to the BLAS that SciPy
 # exports (``scipy.linalg.cython_blas``). An optimised single-threaded sgemm/
-# dgemm on a (128 x 64) @ (64 x 1024) tile runs 2-3x faster than any loop nest
+# dgemm on a (256 x 64) @ (64 x 512) tile runs 2-3x faster than any loop nest
 # LLVM generates from Python, so these kernels keep the FlashAttention
 # structure (parallel tasks, online softmax over key blocks, no N x M scores)
 # but hand every tile product to BLAS. The caller must make BLAS
@@ -615,8 +615,8 @@ def backward(q, k, v, do, lse, delta, Hq, Hkv, lo, up, scale, mask_kind, mbool, 
 # C-contiguous buffer reshaped from a flat scratch array, which is what lets
 # Numba pass it to BLAS without a temporary.
 
-#: Query rows per task in the BLAS-tile forward (and per tile in its backward).
-#: 256 rows amortise BLAS's packing of each K/V block over more work than 128.
+#: Query rows per task in the BLAS-tile forward (the caller may pass fewer so
+#: that every thread gets work). 256 rows amortise BLAS's packing of each K/V block over more work than 128.
 GQ = 256
 #: Keys per block in the BLAS-tile forward: a 256 x 512 float32 score block is
 #: 512 KiB, a core's L2 here, and stays there between the two products.
@@ -768,7 +768,7 @@ def backward_gemm(q, k, v, do, lse, delta, Hq, Hkv, lo, up, scale, mask_kind, mb
 
     Same task structure and contract as :func:`backward` (tasks own
     (kv head, key chunk) pairs, blocks of ``GKB`` keys, query tiles of
-    ``GQ`` rows; ``lse`` holds ``+inf`` for rows that attend nothing), with
+    ``GQ`` rows -- the module's ``GQB`` by default; ``lse`` holds ``+inf`` for rows that attend nothing), with
     the five products per tile -- ``S = (q*scale) K^T``, ``dP = dO V^T``,
     ``dV += (P*Z)^T dO``, ``dK += dS^T (q*scale)``, ``dQ += dS K * scale`` --
     done by BLAS on views of the inputs (no copies of K, V or dO).

@@ -258,6 +258,42 @@ def _apply_masks(s, nr, nc, i0, c0, off, lo, up, bh, b, h, Hq, mask_kind, mbool,
 
 
 @nb.njit(**_OPTS)
+def _softmax_tile(s, nr, nc, mrow, lrow, o, Dv, bounded, ninf, zero):
+    """One online-softmax step on a score tile, in place.
+
+    Row ``r`` of ``s[:nr, :nc]`` becomes ``exp(s - m_r)`` with ``m_r`` the
+    running row maximum (``mrow``, updated); the running sums ``lrow`` and
+    the output rows ``o[:nr, :Dv]`` are rescaled by ``exp(m_old - m_new)``
+    when the maximum grows. Rows with nothing attended so far keep
+    ``m = -inf`` and exponentiate against 0 (giving exact zeros). With
+    ``bounded`` the caller has proved every score small enough for ``exp``
+    unshifted: the maximum stays 0 and only the sums are updated. ``ninf``
+    and ``zero`` are -inf and 0 in the tile's dtype.
+    """
+    for r in range(nr):
+        srow = s[r]
+        if bounded:
+            lrow[r] += _exp_shift_row(srow, nc, zero)
+            continue
+        mx = ninf
+        for c in range(nc):
+            mx = srow[c] if srow[c] > mx else mx
+        mold = mrow[r]
+        mnew = mx if mx > mold else mold
+        muse = zero if mnew == ninf else mnew
+        ps = _exp_shift_row(srow, nc, muse)
+        if mold != mnew:
+            alpha = math.exp(mold - muse)
+            lrow[r] = lrow[r] * alpha + ps
+            orow = o[r]
+            for e in range(Dv):
+                orow[e] *= alpha
+        else:
+            lrow[r] += ps
+        mrow[r] = mnew
+
+
+@nb.njit(**_OPTS)
 def _dropout(s, nr, nc, i0, c0, bh, seed_lo, seed_hi, thr):
     """Zero the dropped entries of the (probability) tile."""
     for r in range(nr):
@@ -355,24 +391,7 @@ def forward(q, k, v, Hq, Hkv, lo, up, scale, mask_kind, mbool, mfloat, midx,
                         kb[c, dd] = krow[dd]
                 _dot_nt(qs, kb, s, nrp, ncp, D, False, zero, 0)
             _apply_masks(s, nr, nc, i0, c0, off, lo, up, bh, b, h, Hq, mask_kind, mbool, mfloat, midx)
-            for r in range(nr):
-                srow = s[r]
-                mx = ninf
-                for c in range(nc):
-                    mx = srow[c] if srow[c] > mx else mx
-                mold = mrow[r]
-                mnew = mx if mx > mold else mold
-                muse = zero if mnew == ninf else mnew
-                ps = _exp_shift_row(srow, nc, muse)
-                if mold != mnew:
-                    alpha = math.exp(mold - muse)
-                    lrow[r] = lrow[r] * alpha + ps
-                    orow = o[r]
-                    for e in range(Dv):
-                        orow[e] *= alpha
-                else:
-                    lrow[r] = lrow[r] + ps
-                mrow[r] = mnew
+            _softmax_tile(s, nr, nc, mrow, lrow, o, Dv, False, ninf, zero)
             if thr > 0:
                 _dropout(s, nr, nc, i0, c0, bh, seed_lo, seed_hi, thr)
             if nr < 8:
@@ -717,27 +736,8 @@ def forward_gemm(q, k, v, Hq, Hkv, lo, up, scale, mask_kind, mbool, mfloat, midx
             s = sbuf[:nr * nc].reshape((nr, nc))
             np.dot(qs, k[kvh, c0:c1].T, s)
             _apply_masks(s, nr, nc, i0, c0, off, lo, up, bh, b, h, Hq, mask_kind, mbool, mfloat, midx)
-            for r in range(nr):
-                srow = s[r]
-                if bounded:
-                    lrow[r] += _exp_shift_row(srow, nc, zero)
-                    continue
-                mx = ninf
-                for c in range(nc):
-                    mx = srow[c] if srow[c] > mx else mx
-                mold = mrow[r]
-                mnew = mx if mx > mold else mold
-                muse = zero if mnew == ninf else mnew
-                ps = _exp_shift_row(srow, nc, muse)
-                if mold != mnew and c0 > j0:
-                    alpha = math.exp(mold - muse)
-                    lrow[r] = lrow[r] * alpha + ps
-                    orow = o[r]
-                    for e in range(Dv):
-                        orow[e] *= alpha
-                else:
-                    lrow[r] += ps
-                mrow[r] = mnew
+            # (o is still all zeros at the first block, so a rescale there is harmless)
+            _softmax_tile(s, nr, nc, mrow, lrow, o, Dv, bounded, ninf, zero)
             if thr > 0:
                 _dropout(s, nr, nc, i0, c0, bh, seed_lo, seed_hi, thr)
             if c0 == j0:

@@ -331,6 +331,8 @@ def test_automatic_kernel_choice(kernel_path, monkeypatch):
     small = selfattn._problem.normalize(*_inputs(rng, 1, 2, 2, 8, 8, 4))
     assert numba_._use_gemm(big) == (numba_._gemm_controller() is not None)
     assert not numba_._use_gemm(small)
+    few_rows = selfattn._problem.normalize(*_inputs(rng, 8, 8, 8, numba_.GEMM_MIN_ROWS - 1, 4096, 64))
+    assert not numba_._use_gemm(few_rows)  # enough work, but thin products: fused
     assert not numba_._use_gemm(big, nsplit=4)  # decode-like: the key split wins
     monkeypatch.setattr(numba_, "_gemm_state", (None, "scipy not installed"))  # as without scipy
     assert not numba_._use_gemm(big)

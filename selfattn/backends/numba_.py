@@ -5,8 +5,8 @@ float32, returned float16; lse float32), float32 and float64. Two kernel
 families share one algorithm (online softmax over key blocks, no N x M
 scores stored; only ``return_weights=True`` materialises N x M):
 
-* **BLAS-tile kernels** (prefill-like shapes with enough work, the common
-  case): Numba threads run (batch·head, tile of query rows) tasks in parallel
+* **BLAS-tile kernels** (prefill-like shapes with enough work:
+  ``GEMM_MIN_ROWS`` query rows and ``GEMM_MIN_WORK``): Numba threads run (batch·head, tile of query rows) tasks in parallel
   (``numba.prange``) and hand each tile product -- ``S = (q·scale) K_blkᵀ``,
   ``O += P V_blk`` and the five products of the backward -- to an optimised
   single-threaded sgemm/dgemm through ``np.dot`` (the BLAS SciPy exports).
@@ -72,9 +72,16 @@ def _load():
 #: Tests set this to ``"gemm"`` or ``"fused"`` to run one kernel family on
 #: every shape; ``None`` picks per call (:func:`_use_gemm`).
 _FORCE_PATH = None
-#: Below this much work (B*Hq*N*M*D) the fused kernels win: the BLAS-tile
-#: ones pay a thread-limit switch and per-call BLAS overhead.
-GEMM_MIN_WORK = 1 << 18
+#: The BLAS-tile kernels run for calls with at least this much work
+#: (B*Hq*N*M*D) and at least GEMM_MIN_ROWS query rows; below, the fused ones
+#: win (the BLAS-tile ones pay a thread-limit switch, per-call BLAS overhead
+#: and, with few rows, BLAS's poor efficiency on thin products). Measured
+#: side by side on the 2-core VM, float32 forward, fused / BLAS-tile:
+#: (1,4,128,128,64) 2^22 1.14 / 1.46 ms; (1,4,256,256,64) 2^24 2.43 / 2.46;
+#: (1,8,256,256,64) 2^25 4.05 / 3.29; (8,8,16,1024,64) 10.2 / 17.4;
+#: (4,8,32,2048,64) 14.8 / 15.5; (4,8,48,2048,64) 20.0 / 19.2.
+GEMM_MIN_WORK = 1 << 24
+GEMM_MIN_ROWS = 48
 _gemm_state = None  # None: not probed; else (threadpoolctl controller or None, reason)
 
 
@@ -119,7 +126,7 @@ def _use_gemm(pb, nsplit=1):
     if _FORCE_PATH is not None:
         return _FORCE_PATH == "gemm" and _gemm_controller() is not None
     work = pb.batch * pb.q_heads * pb.n * pb.m * pb.d
-    return nsplit == 1 and pb.n >= 16 and work >= GEMM_MIN_WORK and _gemm_controller() is not None
+    return nsplit == 1 and pb.n >= GEMM_MIN_ROWS and work >= GEMM_MIN_WORK and _gemm_controller() is not None
 
 
 def _query_tile(bh, n, nthreads, largest):

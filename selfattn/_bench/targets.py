@@ -15,7 +15,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 
 import numpy as np
 
@@ -89,7 +88,7 @@ def main(argv=None) -> int:
     mm_rates = []  # every matmul timing of the run, for the ceiling quoted in the header
     rounds = 3 if args.quick else 5
 
-    def with_matmul(*fns, rounds=rounds):
+    def with_matmul(*fns):
         """Interleaved medians of ``fns``, with numpy.matmul timed in the same rounds."""
         tm, *ts = interleaved_medians([mm_call, *fns], rounds=rounds)
         mm_rates.append(mm_flops / tm / 1e9)

@@ -253,14 +253,15 @@ class NumbaBackend(Backend):
         lo, up = _band(pb)
         mkind, mb, mf, midx = _mask_args(pb, cdt)
         thr, slo, shi, dscale = _dropout_args(pb)
-        nsplit = self._nsplit(pb, numba.get_num_threads())
+        nthreads = numba.get_num_threads()
+        nsplit = self._nsplit(pb, nthreads)
         args = (Hq, Hkv, lo, up, float(pb.scale), mkind, mb, mf, midx, thr, slo, shi, float(dscale))
         out3 = np.empty((BH, N, Dv), cdt)
         lse3 = np.empty((BH, N), cdt)
         with _lock:
             if _use_gemm(pb, nsplit):
                 safe = 0.0 if mkind == 2 else _shift_free_bound(v3, cdt)
-                gq = _query_tile(BH, N, numba.get_num_threads(), k.GQ)
+                gq = _query_tile(BH, N, nthreads, k.GQ)
                 with _gemm_controller().limit(limits=1, user_api="blas"):
                     k.forward_gemm(q3, k3, v3, *args, k.key_norm_max(k3), safe, gq, k.GK, out3, lse3)
             elif nsplit == 1:
@@ -302,7 +303,8 @@ class NumbaBackend(Backend):
         thr, slo, shi, dscale = _dropout_args(pb)
         nthreads = numba.get_num_threads()
         gemm = _use_gemm(pb)
-        nkb = (M + (k.GKB if gemm else k.BC) - 1) // (k.GKB if gemm else k.BC)
+        block = k.GKB if gemm else k.BC
+        nkb = (M + block - 1) // block
         tasks = B * Hkv
         nchunk = 1 if tasks >= 2 * nthreads else max(1, min(nkb, (2 * nthreads + tasks - 1) // tasks))
         dq_acc = np.zeros((nchunk, B * Hq, N, D), cdt)

@@ -143,9 +143,16 @@ def _nvrtc():
 def test_kernels_compile_nvrtc(arch):
     nc = _nvrtc()
     for fname in launch.KERNEL_SOURCES:
+        report = {}
         cubin = nc.compile_source(launch.kernel_source(fname), arch, name=fname,
-                                  name_expressions=launch.kernel_names(fname))
+                                  name_expressions=launch.kernel_names(fname), report=report)
         assert len(cubin) > 1000
+        # The tensor-core forwards must keep S, P, O and the Q fragments in registers:
+        # a spill would put local-memory traffic in the inner loop (a silent slowdown).
+        for dm in launch.TC_DMAX_CHOICES:
+            r = report[launch.tc_kernel_name(dm)]
+            assert r["spill_stores"] == 0 and r["spill_loads"] == 0, (dm, r)
+            assert 0 < r["registers"] <= 255 and r["smem"] <= 48 * 1024, (dm, r)
 
 
 @pytest.mark.parametrize("broken, what", [
@@ -218,7 +225,7 @@ def test_kernel_names_present_in_source():
     src = launch.kernel_source("attn.cu")
     for name in launch.kernel_names("attn.cu"):
         assert re.search(rf"\b{name}\b", src), name
-    assert len(launch.kernel_names()) == 3 * len(launch.DMAX_CHOICES) + 2
+    assert len(launch.kernel_names()) == 3 * len(launch.DMAX_CHOICES) + len(launch.TC_DMAX_CHOICES) + 2
 
 
 def test_kernel_source_only_selects_one_instantiation():
@@ -227,13 +234,47 @@ def test_kernel_source_only_selects_one_instantiation():
     assert src.count("SA_DEFINE_FWD(attn_fwd_") == 1 and f"SA_DEFINE_FWD({name}," in src
     assert "sa_fmix32" in src  # common.cuh prepended
     assert "dropout_tile_float32" in src
+    assert "SA_DEFINE_FWD_TC(attn_fwd_tc_" not in src  # the tensor-core kernels are left out too
+    tc = launch.tc_kernel_name(64)
+    src = launch.kernel_source("attn.cu", only=tc)
+    assert f"SA_DEFINE_FWD_TC({tc}," in src and len(re.findall(r"^SA_DEFINE_FWD(_TC)?\(", src, re.M)) == 1
+    assert "SA_DEFINE_FWD(attn_fwd_" not in src
     with pytest.raises(KeyError):
         launch.kernel_source("attn.cu", only="attn_fwd_float16_48")
+    with pytest.raises(KeyError):
+        launch.kernel_source("attn.cu", only="attn_fwd_tc_float16_256")
 
 
 def test_bm_matches_source():
     src = launch.kernel_source("attn.cu")
     assert re.search(rf"#define SA_BM {launch.BM}\b", src)
+    # Both forwards give a block BM query rows (pack_fwd_args counts row blocks once).
+    assert re.search(rf"#define SA_TC_BM {launch.BM}\b", src)
+    assert re.search(rf"#define SA_TC_THREADS {launch.TC_THREADS}\b", src)
+    assert re.search(r"#if !defined\(__CUDA_ARCH__\) \|\| __CUDA_ARCH__ >= " + str(launch.TC_MIN_CC * 10), src)
+
+
+@pytest.mark.parametrize("d, dv, want", [(8, 8, 32), (32, 16, 32), (64, 64, 64), (40, 64, 64), (96, 64, 128),
+                                         (128, 128, 128), (6, 8, None), (64, 60, None), (136, 64, None),
+                                         (0, 8, None)])
+def test_pick_tc_dmax(d, dv, want):
+    assert launch.pick_tc_dmax(d, dv) == want
+    assert launch.tc_ok(np.float16, d, dv, False, 90) == (want is not None)
+    assert not launch.tc_ok(np.float16, d, dv, True, 90)     # weights: blockwise path
+    assert not launch.tc_ok(np.float16, d, dv, False, 75)    # no mma.m16n8k16 / cp.async before sm_80
+    assert not launch.tc_ok(np.float32, d, dv, False, 90)
+
+
+def test_tc_layout_ok():
+    x = np.zeros((2, 3, 5, 8), np.float16)
+    ok = lambda a, addr=0: launch.tc_layout_ok(a.shape, a.strides, a.itemsize, addr)
+    assert ok(x) and not ok(x, 8)                       # base address must be 16-byte aligned
+    assert not ok(np.asfortranarray(x))                 # last axis must have unit stride
+    assert not ok(np.zeros((2, 3, 5, 12), np.float16))  # 24-byte rows
+    assert ok(np.zeros((2, 3, 5, 12), np.float16)[..., :8]) is False
+    assert ok(np.zeros((2, 3, 5, 16), np.float16)[..., :8])  # 32-byte row stride, 8 used
+    assert ok(np.zeros((1, 1, 1, 8), np.float16).reshape(1, 1, 1, 8))
+    assert ok(np.broadcast_to(np.zeros((1, 1, 5, 8), np.float16), (2, 3, 5, 8)))  # 0 strides
 
 
 @pytest.mark.parametrize("d, dv, want", [(1, 1, 32), (32, 32, 32), (33, 8, 64), (64, 128, 128),
@@ -248,6 +289,7 @@ def test_fwd_launch():
     assert launch.fwd_launch(2, 3, 0)[0] is None
     grid, block, nrb, total = launch.fwd_launch(2, 3, 130)
     assert block == (64,) and nrb == 3 and total == 18 and grid == (18,)
+    assert launch.fwd_launch(2, 3, 130, launch.TC_THREADS) == ((18,), (128,), 3, 18)
     grid, _, nrb, total = launch.fwd_launch(2**20, 2**10, 2**10)
     assert total == 2**30 * 16 and grid == (launch.GRID_MAX,)  # the kernel loops over the rest
 
@@ -588,3 +630,43 @@ def test_gpu_fully_masked_rows_and_nan():
     out, lse = cupy.asnumpy(out), cupy.asnumpy(lse)
     assert (out[1] == 0).all() and lse[1] == -np.inf
     assert np.isnan(out[3]).all() and np.isnan(lse[3])
+
+
+@pytest.mark.parametrize("case", [dict(), dict(causal=True),
+                                  dict(window=(100, 20), mask="bool_row", dropout_p=0.1, dropout_seed=4)],
+                         ids=lambda c: "-".join(c) or "plain")
+@pytest.mark.parametrize("d", [64, 128])
+def test_gpu_tensor_core_forward_matches_cuda_cores_and_numpy(case, d):
+    cupy = _need_gpu()
+    be = cupy_backend_mod.backend
+    if be._compute_capability(cupy) < launch.TC_MIN_CC:
+        pytest.skip(f"compute capability {be._compute_capability(cupy)} < {launch.TC_MIN_CC}: no tensor-core kernel")
+    q, k, v, kw = _make(case, dtype=np.float16, shape=(2, 8, 2, 300, 517, d, d))
+    ref_out, ref_lse = selfattn.scaled_dot_product_attention(q, k, v, return_lse=True, backend="numpy", **kw)
+    ckw = {n: (cupy.asarray(x) if isinstance(x, np.ndarray) else x) for n, x in kw.items()}
+    cq, ck, cv = (cupy.asarray(x) for x in (q, k, v))
+    got = {}
+    for tc in (True, False):
+        be.tensor_cores = tc
+        try:
+            got[tc] = selfattn.scaled_dot_product_attention(cq, ck, cv, return_lse=True, backend="cupy", **ckw)
+        finally:
+            be.tensor_cores = True
+    for out, lse in got.values():
+        np.testing.assert_allclose(cupy.asnumpy(out).astype(np.float64), ref_out, rtol=5e-3, atol=5e-3)
+        np.testing.assert_allclose(cupy.asnumpy(lse), ref_lse, rtol=5e-3, atol=5e-3)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_gpu_forward_memory_is_linear(dtype):
+    """The fused forwards allocate their output and lse, nothing that grows with N*M."""
+    cupy = _need_gpu()
+    pool = cupy.get_default_memory_pool()
+    q = cupy.ones((1, 8, 16384, 64), dtype=dtype)
+    pool.free_all_blocks()
+    before = pool.used_bytes()
+    out, lse = selfattn.scaled_dot_product_attention(q, q, q, return_lse=True, backend="cupy")
+    cupy.cuda.Device().synchronize()
+    extra = pool.total_bytes() - before - out.nbytes - lse.nbytes
+    assert extra <= 2**20, f"{extra / 2**20:.1f} MiB beyond out and lse"
+

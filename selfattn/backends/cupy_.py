@@ -8,7 +8,10 @@ Forward (no weights requested, max(D, Dv) <= 256): one fused RawModule kernel
 (``_cuda/attn.cu``): online softmax over K/V tiles staged in shared memory,
 float32 accumulation for float16/float32 (float64 for float64), O(N) memory,
 causal/window block skipping, masks read through broadcast strides, GQA by
-head index arithmetic, dropout with the core's counter hash.
+head index arithmetic, dropout with the core's counter hash. float16 on an
+sm_80+ GPU with D and Dv multiples of 8, at most 128, runs the tensor-core
+variant (``attn_fwd_tc_float16_*``: mma.sync m16n8k16 with float32
+accumulation, FlashAttention-2 tiling); other float16 calls use CUDA cores.
 
 Forward with ``return_weights`` (or larger heads) and the backward pass:
 blockwise over query rows with ``cupy.matmul`` (cuBLAS) in the compute dtype,
@@ -86,12 +89,15 @@ class CupyBackend(Backend):
     capabilities = Capabilities(
         array_type="cupy",
         notes={
-            "float16": "computed with float32 accumulation (CUDA cores; no tensor-core path yet)",
+            "float16": ("float32 accumulation; the forward uses tensor cores (mma.sync m16n8k16) on "
+                        "sm_80+ when D and Dv are multiples of 8 and at most 128, CUDA cores otherwise"),
         },
     )
 
-    def __init__(self, block_bytes: int = 256 * 2**20):
+    def __init__(self, block_bytes: int = 256 * 2**20, tensor_cores: bool = True):
         self.block_bytes = int(block_bytes)
+        #: False keeps float16 on the CUDA-core kernel (for A/B benchmarks and bisecting).
+        self.tensor_cores = bool(tensor_cores)
         self._modules = {}
         self._lock = threading.Lock()
 
@@ -164,6 +170,11 @@ class CupyBackend(Backend):
         only = name if name.startswith("attn_fwd_") else "-"
         return self._module(cupy, only).get_function(name)
 
+    @staticmethod
+    def _compute_capability(cupy) -> int:
+        """major*10 + minor of the current device (e.g. 90 for an H100)."""
+        return int(cupy.cuda.Device().compute_capability)
+
     # -- helpers -----------------------------------------------------------
     def _scores(self, cupy, pb, b0, b1, i0, i1, j0, j1):
         cdt = pb.compute_dtype
@@ -222,7 +233,7 @@ class CupyBackend(Backend):
         B, Hq, Hkv, N, M, D, Dv = pb.batch, pb.q_heads, pb.kv_heads, pb.n, pb.m, pb.d, pb.dv
         out = cupy.empty((B, Hq, N, Dv), dtype=pb.dtype)
         lse = cupy.empty((B, Hq, N), dtype=pb.lse_dtype) if pb.want_lse else cupy.empty((1,), dtype=pb.lse_dtype)
-        grid, block, _, _ = launch.fwd_launch(B, Hq, N)
+        grid, block, _, _ = launch.fwd_launch(B, Hq, N, launch.BM)
         if grid is None:
             return out, (lse if pb.want_lse else None), None
         if pb.mask is not None:
@@ -236,6 +247,12 @@ class CupyBackend(Backend):
             mask_index = cupy.zeros((1,), dtype=cupy.int64)
             mdt, mss = None, None
         q, k, v = pb.query, pb.key, pb.value
+        tc = self.tensor_cores and launch.tc_ok(pb.dtype, D, Dv, pb.return_weights, self._compute_capability(cupy))
+        if tc:
+            # The tensor-core kernel copies 16-byte row chunks: give it unit-stride,
+            # aligned rows (a copy only for unusual views; O(N) like the input).
+            q, k, v = (x if launch.tc_layout_ok(x.shape, x.strides, x.itemsize, _address(x))
+                       else cupy.ascontiguousarray(x) for x in (q, k, v))
         ss = {a: (x.shape, x.strides, x.itemsize) for a, x in (("q", q), ("k", k), ("v", v))}
         if mss is not None:
             ss["m"] = mss
@@ -249,8 +266,12 @@ class CupyBackend(Backend):
             shapes_strides=ss, sizes=dict(B=B, Hq=Hq, Hkv=Hkv, N=N, M=M, D=D, Dv=Dv),
             scale=pb.scale, lower=pb.lower, upper=pb.upper, dropout_p=pb.dropout_p,
             dropout_seed=pb.dropout_seed, write_lse=pb.want_lse)
-        kern = self._kernel(cupy, launch.fwd_kernel_name(pb.dtype, launch.pick_dmax(D, Dv)))
-        kern(grid, block, args)
+        if tc:
+            name, threads = launch.tc_kernel_name(launch.pick_tc_dmax(D, Dv)), launch.TC_THREADS
+        else:
+            name, threads = launch.fwd_kernel_name(pb.dtype, launch.pick_dmax(D, Dv)), launch.BM
+        grid, block, _, _ = launch.fwd_launch(B, Hq, N, threads)
+        self._kernel(cupy, name)(grid, block, args)
         return out, (lse if pb.want_lse else None), None
 
     def _forward_blockwise(self, cupy, pb):
@@ -318,6 +339,12 @@ class CupyBackend(Backend):
             dq[b0:b1, :, i0:i1] = (cupy.matmul(ds, kb) * cdt.type(pb.scale)).reshape(bb, Hq, rows, D)
             dk[b0:b1, :, j0:j1] += cupy.matmul(ds.swapaxes(-1, -2), qs)
         return dq.astype(pb.dtype, copy=False), dk.astype(pb.dtype, copy=False), dv.astype(pb.dtype, copy=False)
+
+
+def _address(x) -> int:
+    """Device (CuPy) or host (NumPy, in the CPU tests) address of ``x``'s first element."""
+    data = x.data
+    return data.ptr if hasattr(data, "ptr") else x.ctypes.data
 
 
 #: The instance the dispatcher registers.

@@ -16,12 +16,18 @@
 
 #define SA_BM 64
 
+// Hardware instructions (PTX) live in small wrappers, each guarded by
+// SA_EMULATE: the host SIMT emulator (emu/simt.hpp) supplies the same
+// functions with the semantics the PTX ISA documents, so this file also runs
+// on a CPU (selfattn/backends/_cuda/emulate.py).
+#ifndef SA_EMULATE
 __device__ __forceinline__ float sa_h2f(unsigned short h) {
     float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f;
 }
 __device__ __forceinline__ unsigned short sa_f2h(float f) {
     unsigned short h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h;
 }
+#endif
 
 // Storage type T -> accumulation type A and back.
 template <typename A> __device__ __forceinline__ A sa_load(const unsigned short* p, long long i) { return (A)sa_h2f(p[i]); }
@@ -209,6 +215,321 @@ SA_DEFINE_FWD(attn_fwd_float64_32, double, double, 32)
 SA_DEFINE_FWD(attn_fwd_float64_64, double, double, 64)
 SA_DEFINE_FWD(attn_fwd_float64_128, double, double, 128)
 SA_DEFINE_FWD(attn_fwd_float64_256, double, double, 256)
+
+// ---------------------------------------------------------------------------
+// attn_fwd_tc_float16_<DMAX>: the float16 forward on tensor cores (sm_80+).
+//
+// Same contract as attn_fwd_float16_<DMAX> (same parameter list, out and lse
+// layout, masks, band, GQA, dropout pattern, NaN and fully-masked rules), with
+// two extra preconditions the host checks (launch.tc_layout_ok): D and Dv are
+// multiples of 8, and Q/K/V have unit last-axis stride, 16-byte aligned rows
+// and base pointers, so a row chunk of 8 halves is one 16-byte cp.async.
+//
+// FlashAttention-2 structure: a block of 4 warps owns SA_TC_BM = 64 query rows
+// of one (batch, query head); each warp owns 16 rows and keeps their Q
+// fragments in registers for the whole key loop. Per tile of SA_TC_BN = 64
+// keys, S = Q Kᵀ is computed with mma.sync.m16n8k16 (float16 inputs, float32
+// accumulation); the online softmax runs on the accumulator fragments in
+// float32 (row max/sum across the 4 lanes that share a row via shuffles);
+// P is rounded to float16 and re-used directly as the A operand of O += P V
+// (the m16n8 accumulator layout of two adjacent key blocks is the m16n8k16 A
+// layout), O stays in float32 registers. K and V tiles are staged by cp.async
+// into padded shared memory (row pitch DMAX + 8 halves, so the 8 row addresses
+// of an ldmatrix hit distinct banks); the next K tile loads while the softmax
+// and P V of the current one run, the next V tile while the next S does.
+// Memory is O(N) (out and lse only); key tiles outside the row block's band
+// are never loaded.
+#define SA_TC_BM 64
+#define SA_TC_BN 64
+#define SA_TC_THREADS 128
+
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+
+#ifndef SA_EMULATE
+// 32-bit shared-memory address of a generic pointer (what ldmatrix/cp.async take).
+__device__ __forceinline__ unsigned sa_smem_addr(const void* p) {
+    unsigned a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+// Four 8x8 b16 matrices; lanes 8j..8j+7 give the row addresses of matrix j, and
+// lane l receives (row l/4, columns 2(l%4), 2(l%4)+1) of matrix j in r[j].
+__device__ __forceinline__ void sa_ldsm_x4(unsigned (&r)[4], const unsigned short* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(sa_smem_addr(p)) : "memory");
+}
+// The same with each matrix transposed: lane l receives (rows 2(l%4), 2(l%4)+1; column l/4).
+__device__ __forceinline__ void sa_ldsm_x4_trans(unsigned (&r)[4], const unsigned short* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(sa_smem_addr(p)) : "memory");
+}
+// c += A (16x16, row) * B (16x8, col); float16 inputs, float32 accumulators.
+__device__ __forceinline__ void sa_mma_16816(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+                 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+// 16 bytes global -> shared, asynchronously; bytes past src_bytes (0 or 16) are zero-filled.
+__device__ __forceinline__ void sa_cp_async16(unsigned short* dst, const unsigned short* src, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
+                 :: "r"(sa_smem_addr(dst)), "l"(src), "r"(src_bytes) : "memory");
+}
+__device__ __forceinline__ void sa_cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+// Wait until at most N of this thread's committed groups are still in flight.
+template <int N> __device__ __forceinline__ void sa_cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory");
+}
+#endif  // SA_EMULATE
+
+__device__ __forceinline__ unsigned sa_pack_h2(float lo, float hi) {
+    return (unsigned)sa_f2h(lo) | ((unsigned)sa_f2h(hi) << 16);
+}
+
+// Stage rows [r0, r0 + 64) of a (rows, cols) float16 matrix (row stride rs
+// elements, unit column stride) into smem rows of pitch LD; rows >= r_end and
+// columns >= cols become zeros. Every thread of the block takes part.
+template <int DMAX, int LD>
+__device__ __forceinline__ void sa_tc_stage(unsigned short* smem, const unsigned short* base, long long rs,
+                                            long long r0, long long r_end, int cols) {
+    const int chunks = DMAX / 8;
+    for (int e = threadIdx.x; e < SA_TC_BN * chunks; e += SA_TC_THREADS) {
+        const int r = e / chunks;
+        const int c = (e - r * chunks) * 8;
+        const bool ok = (r0 + r < r_end) && (c < cols);
+        // A skipped chunk still needs a valid address; src_bytes = 0 reads nothing.
+        sa_cp_async16(smem + r * LD + c, ok ? base + (r0 + r) * rs + c : base, ok ? 16 : 0);
+    }
+}
+
+template <int DMAX>
+__device__ void sa_attn_fwd_tc(
+    const unsigned short* __restrict__ q, const unsigned short* __restrict__ k, const unsigned short* __restrict__ v,
+    unsigned short* __restrict__ out, float* __restrict__ lse,
+    const void* __restrict__ mask, const long long* __restrict__ mask_index, int mask_kind,
+    long long qs0, long long qs1, long long qs2, long long ks0, long long ks1, long long ks2,
+    long long vs0, long long vs1, long long vs2,
+    long long ms0, long long ms1, long long ms2, long long ms3,
+    int Hq, int G, int N, int M, int D, int Dv, long long n_row_blocks, long long total_blocks,
+    double scale_d, int has_lower, int lower, int has_upper, int upper,
+    sa_u32 threshold, sa_u32 seed_lo, sa_u32 seed_hi, double drop_scale_d, int use_dropout, int write_lse)
+{
+    const int LD = DMAX + 8;
+    const int KS = DMAX / 16;        // k-steps of S = Q Kᵀ
+    const int NB = SA_TC_BN / 8;     // 8-key accumulator blocks of S
+    const int OB = DMAX / 8;         // 8-column accumulator blocks of O
+    // Ks also stages the Q tile (SA_TC_BM == SA_TC_BN) before the key loop.
+    __shared__ __attribute__((aligned(16))) unsigned short Ks[SA_TC_BN * LD];
+    __shared__ __attribute__((aligned(16))) unsigned short Vs[SA_TC_BN * LD];
+    const float drop_scale = (float)drop_scale_d;
+    const float NINF = sa_ninf<float>();
+    const float LOG2E = 1.4426950408889634f;
+    const float scale_log2 = (float)(scale_d * 1.4426950408889634);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;   // fragment row group and column pair
+    const long long off = (long long)M - (long long)N;
+    const int ks_used = (D + 15) / 16, vs_used = (Dv + 15) / 16;   // skip all-zero padding
+
+    for (long long blk = blockIdx.x; blk < total_blocks; blk += gridDim.x) {
+        const long long bh = blk / n_row_blocks;
+        const int i0 = (int)(blk - bh * n_row_blocks) * SA_TC_BM;
+        const int i1 = min(N, i0 + SA_TC_BM);
+        const int b = (int)(bh / Hq);
+        const int h = (int)(bh - (long long)b * Hq);
+        const int hk = h / G;
+        long long j0 = 0, j1 = M;
+        if (has_lower) j0 = max(0LL, (long long)i0 + off - lower);
+        if (has_upper) j1 = min((long long)M, (long long)(i1 - 1) + off + upper + 1);
+        if (j1 < j0) j1 = j0;
+        const int ntiles = (int)((j1 - j0 + SA_TC_BN - 1) / SA_TC_BN);
+        const unsigned short* kb = k + b * ks0 + hk * ks1;
+        const unsigned short* vb = v + b * vs0 + hk * vs1;
+
+        // Q fragments of this warp's 16 rows, for every 16-column k-step.
+        sa_tc_stage<DMAX, LD>(Ks, q + b * qs0 + h * qs1, qs2, i0, N, D);
+        sa_cp_async_commit();
+        sa_cp_async_wait<0>();
+        __syncthreads();
+        unsigned qf[KS][4];
+#pragma unroll
+        for (int kk = 0; kk < KS; ++kk)
+            sa_ldsm_x4(qf[kk], Ks + (warp * 16 + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8);
+        __syncthreads();   // Ks is refilled with keys next
+
+        if (ntiles > 0) {
+            sa_tc_stage<DMAX, LD>(Ks, kb, ks2, j0, j1, D);
+            sa_cp_async_commit();
+            sa_tc_stage<DMAX, LD>(Vs, vb, vs2, j0, j1, Dv);
+            sa_cp_async_commit();
+        }
+
+        // This lane's two rows: r = 0 -> row g of the warp's 16, r = 1 -> row g + 8.
+        int row[2];
+        long long mrow[2] = {0, 0};
+        sa_u32 rowh[2] = {0u, 0u};
+        float m_run[2], l_run[2];   // running max (base-2 logits) and this lane's share of the sum
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            row[r] = i0 + warp * 16 + g + 8 * r;
+            if (mask_kind && row[r] < N) mrow[r] = mask_index[b] * ms0 + h * ms1 + (long long)row[r] * ms2;
+            if (use_dropout) rowh[r] = sa_row_hash(sa_head_hash(seed_lo, seed_hi, (sa_u32)bh), (sa_u32)row[r]);
+            m_run[r] = NINF; l_run[r] = 0.0f;
+        }
+        float o[OB][4];
+#pragma unroll
+        for (int nb = 0; nb < OB; ++nb)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) o[nb][e] = 0.0f;
+
+        for (int tile = 0; tile < ntiles; ++tile) {
+            const long long jt = j0 + (long long)tile * SA_TC_BN;
+            sa_cp_async_wait<1>();   // K(tile) has landed (V(tile) may still be in flight)
+            __syncthreads();
+            float s[NB][4];
+#pragma unroll
+            for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[nb][e] = 0.0f;
+#pragma unroll
+            for (int kk = 0; kk < KS; ++kk) {
+                if (kk >= ks_used) break;
+#pragma unroll
+                for (int np = 0; np < NB / 2; ++np) {
+                    unsigned kf[4];
+                    sa_ldsm_x4(kf, Ks + (np * 16 + (lane & 7) + ((lane >> 4) << 3)) * LD + kk * 16 + ((lane >> 3) & 1) * 8);
+                    sa_mma_16816(s[2 * np], qf[kk], kf[0], kf[1]);
+                    sa_mma_16816(s[2 * np + 1], qf[kk], kf[2], kf[3]);
+                }
+            }
+            __syncthreads();   // every warp is done with Ks: prefetch the next K tile
+            if (tile + 1 < ntiles) sa_tc_stage<DMAX, LD>(Ks, kb, ks2, jt + SA_TC_BN, j1, D);
+            sa_cp_async_commit();   // possibly empty: keeps the group count uniform
+
+            // Scores -> masked logits in base-2 units (x * log2(e): exp2 is one
+            // instruction, and the scale folds into one multiply); row max per tile.
+            // A NaN score makes its p, hence the row sum, NaN: that marks the row.
+            float tmax[2] = {NINF, NINF};
+            const int wr0 = i0 + warp * 16;   // this warp's first row
+            const bool interior = !mask_kind && jt + SA_TC_BN <= j1 && wr0 + 16 <= N
+                && (!has_lower || jt - ((long long)wr0 + 15 + off) >= -(long long)lower)
+                && (!has_upper || jt + SA_TC_BN - 1 - ((long long)wr0 + off) <= (long long)upper);
+            if (interior) {   // no mask, every key of the tile is in every row's band
+#pragma unroll
+                for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        s[nb][e] *= scale_log2;
+                        tmax[e >> 1] = fmaxf(tmax[e >> 1], s[nb][e]);   // fmaxf ignores a NaN operand
+                    }
+            } else {
+#pragma unroll
+                for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int r = e >> 1;
+                        const long long j = jt + nb * 8 + 2 * t + (e & 1);
+                        float x = NINF;
+                        if (j < j1 && row[r] < N) {
+                            x = s[nb][e] * scale_log2;
+                            if (mask_kind) x += sa_mask_term<float>(mask, mask_kind, mrow[r] + j * ms3) * LOG2E;
+                            const long long rel = j - ((long long)row[r] + off);
+                            if ((has_lower && rel < -(long long)lower) || (has_upper && rel > (long long)upper)) x = NINF;
+                        }
+                        s[nb][e] = x;
+                        tmax[r] = fmaxf(tmax[r], x);
+                    }
+            }
+            float m_use[2];
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffffu, tmax[r], 1));
+                tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffffu, tmax[r], 2));
+                const float m_new = fmaxf(m_run[r], tmax[r]);
+                // Nothing attendable yet: exponentiate against 0 so every p is exp2(-inf) = 0.
+                m_use[r] = m_new == NINF ? 0.0f : m_new;
+                const float corr = exp2f(m_run[r] - m_use[r]);   // 0 on the first live tile
+                l_run[r] *= corr;
+#pragma unroll
+                for (int nb = 0; nb < OB; ++nb) { o[nb][2 * r] *= corr; o[nb][2 * r + 1] *= corr; }
+                m_run[r] = m_new;
+            }
+#pragma unroll
+            for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int r = e >> 1;
+                    float p = exp2f(s[nb][e] - m_use[r]);
+                    l_run[r] += p;   // this lane's share of the row sum; lanes are summed at the end
+                    if (use_dropout) {
+                        const long long j = jt + nb * 8 + 2 * t + (e & 1);
+                        p = sa_keep(rowh[r], (sa_u32)j, threshold) ? p * drop_scale : 0.0f;
+                    }
+                    s[nb][e] = p;
+                }
+
+            sa_cp_async_wait<1>();   // V(tile) has landed
+            __syncthreads();
+#pragma unroll
+            for (int kc = 0; kc < SA_TC_BN / 16; ++kc) {
+                unsigned pa[4];
+                pa[0] = sa_pack_h2(s[2 * kc][0], s[2 * kc][1]);
+                pa[1] = sa_pack_h2(s[2 * kc][2], s[2 * kc][3]);
+                pa[2] = sa_pack_h2(s[2 * kc + 1][0], s[2 * kc + 1][1]);
+                pa[3] = sa_pack_h2(s[2 * kc + 1][2], s[2 * kc + 1][3]);
+#pragma unroll
+                for (int dp = 0; dp < OB / 2; ++dp) {
+                    if (dp >= vs_used) break;
+                    unsigned vf[4];
+                    sa_ldsm_x4_trans(vf, Vs + (kc * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + dp * 16 + (lane >> 4) * 8);
+                    sa_mma_16816(o[2 * dp], pa, vf[0], vf[1]);
+                    sa_mma_16816(o[2 * dp + 1], pa, vf[2], vf[3]);
+                }
+            }
+            __syncthreads();   // every warp is done with Vs: prefetch the next V tile
+            if (tile + 1 < ntiles) sa_tc_stage<DMAX, LD>(Vs, vb, vs2, jt + SA_TC_BN, j1, Dv);
+            sa_cp_async_commit();
+        }
+        sa_cp_async_wait<0>();
+        __syncthreads();   // the next row block restages Ks
+
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            float l = l_run[r];
+            l += __shfl_xor_sync(0xffffffffu, l, 1);
+            l += __shfl_xor_sync(0xffffffffu, l, 2);
+            if (row[r] >= N) continue;
+            float inv = 0.0f, lv = NINF;
+            const bool nan_row = l != l;   // a NaN score reached the sum
+            if (nan_row) { inv = sa_nan<float>(); lv = sa_nan<float>(); }
+            else if (l > 0.0f) { inv = 1.0f / l; lv = (m_run[r] + log2f(l)) * 0.6931471805599453f; }
+            const long long orow = (bh * N + row[r]) * (long long)Dv;
+#pragma unroll
+            for (int nb = 0; nb < OB; ++nb) {
+                const int c = nb * 8 + 2 * t;
+                if (c < Dv) {
+                    out[orow + c] = sa_f2h(nan_row ? sa_nan<float>() : o[nb][2 * r] * inv);
+                    out[orow + c + 1] = sa_f2h(nan_row ? sa_nan<float>() : o[nb][2 * r + 1] * inv);
+                }
+            }
+            if (write_lse && t == 0) lse[bh * N + row[r]] = lv;
+        }
+    }
+}
+
+#define SA_DEFINE_FWD_TC(NAME, DMAX) \
+    extern "C" __global__ void __launch_bounds__(SA_TC_THREADS) NAME(SA_FWD_ARGS(unsigned short, float)) { \
+        (void)qs3; (void)ks3; (void)vs3;  /* unit last-axis strides: checked by the host */ \
+        sa_attn_fwd_tc<DMAX>(q, k, v, out, lse, mask, mask_index, mask_kind, qs0, qs1, qs2, ks0, ks1, ks2, \
+                             vs0, vs1, vs2, ms0, ms1, ms2, ms3, Hq, G, N, M, D, Dv, n_row_blocks, total_blocks, \
+                             scale, has_lower, lower, has_upper, upper, threshold, seed_lo, seed_hi, drop_scale, \
+                             use_dropout, write_lse); \
+    }
+
+SA_DEFINE_FWD_TC(attn_fwd_tc_float16_32, 32)
+SA_DEFINE_FWD_TC(attn_fwd_tc_float16_64, 64)
+SA_DEFINE_FWD_TC(attn_fwd_tc_float16_128, 128)
+
+#endif  // sm_80+
 
 // Dropout multiplier tile for the blockwise paths: z[bhl, r, c] = drop_scale if
 // weight (bh0 + bhl, i0 + r, j0 + c) is kept, else 0. Layout (n_bh, rows, cols),

@@ -18,7 +18,8 @@ __all__ = [
     "kernel_source", "kernel_names", "pick_dmax", "fwd_kernel_name", "dropout_kernel_name",
     "fwd_launch", "elementwise_launch", "element_strides", "mask_kind", "mask_strides",
     "band_args", "dropout_args", "FWD_SIGNATURE", "DROPOUT_SIGNATURE", "pack_fwd_args",
-    "pack_dropout_args", "row_block", "fused_ok",
+    "pack_dropout_args", "row_block", "fused_ok", "TC_DMAX_CHOICES", "TC_THREADS", "TC_MIN_CC",
+    "tc_kernel_name", "pick_tc_dmax", "tc_ok", "tc_layout_ok", "kernel_signature",
 ]
 
 _HERE = Path(__file__).resolve().parent
@@ -29,31 +30,51 @@ KERNEL_SOURCES = ("attn.cu",)
 BM = 64
 #: Head sizes the fused forward is instantiated for (max(D, Dv) is rounded up to one).
 DMAX_CHOICES = (32, 64, 128, 256)
+#: Head sizes of the float16 tensor-core forward (``attn_fwd_tc_float16_<DMAX>``); it
+#: runs 128 threads (4 warps x 16 query rows, SA_TC_THREADS) per block of BM rows.
+TC_DMAX_CHOICES = (32, 64, 128)
+TC_THREADS = 128
+#: Oldest compute capability (major*10 + minor) with mma.sync.m16n8k16 and cp.async.
+TC_MIN_CC = 80
 #: Largest gridDim.x; kernels loop over blocks beyond it.
 GRID_MAX = 2**31 - 1
 INT32_MAX = 2**31 - 1
 _DTYPE_NAMES = ("float16", "float32", "float64")
 
 
+def _instantiated(line: str):
+    """Kernel name of an ``SA_DEFINE_FWD``/``SA_DEFINE_FWD_TC`` instantiation line, else None."""
+    for prefix in ("SA_DEFINE_FWD(", "SA_DEFINE_FWD_TC("):
+        if line.startswith(prefix):
+            return line[len(prefix):].split(",", 1)[0].strip()
+    return None
+
+
 def kernel_source(fname: str, only=None) -> str:
     """Source of ``fname`` as compiled: ``common.cuh`` followed by the file.
 
-    With ``only`` (a fused-forward kernel name), the other ``SA_DEFINE_FWD``
+    With ``only`` (a forward kernel name, ``attn_fwd_*``), the other forward
     instantiations are left out, so the runtime compiles just the kernel it
-    launches (each instantiation takes seconds in NVRTC + ptxas).
+    launches (each instantiation takes seconds in NVRTC + ptxas). Any other
+    ``only`` (e.g. ``"-"``) keeps the small helper kernels alone.
     """
     text = (_HERE / fname).read_text()
     if only is not None:
         lines = text.splitlines()
-        keep = [ln for ln in lines if not ln.startswith("SA_DEFINE_FWD(") or ln.startswith(f"SA_DEFINE_FWD({only},")]
-        if only.startswith("attn_fwd_") and len(keep) != len(lines) - (sum(ln.startswith("SA_DEFINE_FWD(") for ln in lines) - 1):
+        names = [_instantiated(ln) for ln in lines]
+        if only.startswith("attn_fwd_") and only not in names:
             raise KeyError(f"no kernel {only!r} in {fname}")
-        text = "\n".join(keep) + "\n"
+        text = "\n".join(ln for ln, nm in zip(lines, names) if nm is None or nm == only) + "\n"
     return (_HERE / "common.cuh").read_text() + "\n" + text
 
 
 def fwd_kernel_name(dtype, dmax: int) -> str:
     return f"attn_fwd_{np.dtype(dtype).name}_{int(dmax)}"
+
+
+def tc_kernel_name(dmax: int) -> str:
+    """Name of the float16 tensor-core forward for head size ``dmax``."""
+    return f"attn_fwd_tc_float16_{int(dmax)}"
 
 
 def dropout_kernel_name(compute_dtype) -> str:
@@ -65,7 +86,17 @@ def kernel_names(fname: str = "attn.cu") -> tuple:
     if fname != "attn.cu":
         raise KeyError(fname)
     fwd = tuple(fwd_kernel_name(dt, dm) for dt in _DTYPE_NAMES for dm in DMAX_CHOICES)
-    return fwd + (dropout_kernel_name("float32"), dropout_kernel_name("float64"))
+    tc = tuple(tc_kernel_name(dm) for dm in TC_DMAX_CHOICES)
+    return fwd + tc + (dropout_kernel_name("float32"), dropout_kernel_name("float64"))
+
+
+def kernel_signature(name: str) -> tuple:
+    """The ``(parameter, C type)`` list of kernel ``name`` (every forward shares one)."""
+    if name.startswith("attn_fwd_"):
+        return tuple(FWD_SIGNATURE)
+    if name.startswith("dropout_tile_"):
+        return DROPOUT_SIGNATURE
+    raise KeyError(name)
 
 
 def pick_dmax(d: int, dv: int):
@@ -82,13 +113,60 @@ def fused_ok(d: int, dv: int, return_weights: bool) -> bool:
     return not return_weights and pick_dmax(d, dv) is not None
 
 
-def fwd_launch(batch: int, q_heads: int, n: int):
-    """``(grid, block, n_row_blocks, total_blocks)`` for the fused forward; grid is None when there is no work."""
+def pick_tc_dmax(d: int, dv: int):
+    """Head size of the tensor-core forward for ``(d, dv)``, or None when it does not apply.
+
+    It needs ``d`` and ``dv`` to be multiples of 8 (a row chunk of 8 halves is
+    one 16-byte copy) and at most 128 (registers: O and the Q fragments stay in
+    registers for the whole key loop).
+    """
+    d, dv = int(d), int(dv)
+    if d % 8 or dv % 8 or d <= 0 or dv <= 0:
+        return None
+    for dm in TC_DMAX_CHOICES:
+        if max(d, dv) <= dm:
+            return dm
+    return None
+
+
+def tc_ok(dtype, d: int, dv: int, return_weights: bool, compute_capability: int) -> bool:
+    """Whether the float16 tensor-core forward handles the call (sm_80+, float16, no weights)."""
+    return (np.dtype(dtype) == np.float16 and not return_weights
+            and int(compute_capability) >= TC_MIN_CC and pick_tc_dmax(d, dv) is not None)
+
+
+def tc_layout_ok(shape, byte_strides, itemsize: int, address: int) -> bool:
+    """Whether an array can be read by the tensor-core forward in place.
+
+    The last axis must have unit stride, every other stride (of an axis longer
+    than 1) and the base address must be multiples of 16 bytes; otherwise the
+    backend passes a contiguous copy (same O(N) memory as the input).
+    """
+    if address % 16:
+        return False
+    for i, (n, st) in enumerate(zip(shape, byte_strides)):
+        if n == 1:
+            continue
+        if i == len(shape) - 1:
+            if st != itemsize:
+                return False
+        elif st % 16 or st < 0:
+            return False
+    return True
+
+
+def fwd_launch(batch: int, q_heads: int, n: int, threads: int = BM):
+    """``(grid, block, n_row_blocks, total_blocks)`` for a forward kernel; grid is None when there is no work.
+
+    Both forwards give each block BM query rows of one (batch, query head):
+    the CUDA-core kernel with ``threads = BM`` (a row per thread), the
+    tensor-core kernel with ``threads = TC_THREADS`` (16 rows per warp).
+    """
     n_row_blocks = -(-int(n) // BM)
     total = n_row_blocks * int(batch) * int(q_heads)
     if total == 0:
-        return None, (BM,), n_row_blocks, 0
-    return (min(total, GRID_MAX),), (BM,), n_row_blocks, total
+        return None, (int(threads),), n_row_blocks, 0
+    return (min(total, GRID_MAX),), (int(threads),), n_row_blocks, total
 
 
 def elementwise_launch(total: int, threads: int = 256, max_blocks: int = 65536):

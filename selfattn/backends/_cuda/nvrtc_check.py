@@ -12,11 +12,12 @@ the NVRTC log) if any source fails to compile.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from .launch import KERNEL_SOURCES, kernel_names, kernel_source
 
-__all__ = ["NvrtcUnavailable", "load_nvrtc", "compile_source", "compile_all", "main"]
+__all__ = ["NvrtcUnavailable", "load_nvrtc", "compile_source", "compile_all", "resource_usage", "main"]
 
 DEFAULT_ARCHES = ("sm_80", "sm_90")
 
@@ -61,11 +62,14 @@ def _check(nvrtc, result, what):
 
 
 def compile_source(source: str, arch: str = "sm_80", name: str = "selfattn.cu",
-                   name_expressions=(), nvrtc=None) -> bytes:
+                   name_expressions=(), nvrtc=None, report=None) -> bytes:
     """Compile ``source`` for ``arch`` (e.g. ``"sm_90"``) to a CUBIN; raise :class:`CompileError` with the log on failure.
 
     ``name_expressions`` (``extern "C"`` kernel names) must all appear in the
     CUBIN's symbol table, so a missing or misspelt kernel is an error too.
+    With a dict ``report``, ptxas runs verbose and ``report`` receives
+    :func:`resource_usage` of its log: ``{kernel: {"registers", "spill_stores",
+    "spill_loads", "smem"}}``.
     """
     nvrtc = nvrtc or load_nvrtc()
     (prog,) = _check(nvrtc, nvrtc.nvrtcCreateProgram(source.encode(), name.encode(), 0, [], []), "nvrtcCreateProgram")
@@ -74,6 +78,8 @@ def compile_source(source: str, arch: str = "sm_80", name: str = "selfattn.cu",
         # register/shared-memory limits of the architecture are checked as well.
         # No -std flag: CuPy's RawModule passes none either (NVRTC default dialect).
         opts = [f"--gpu-architecture={arch}".encode()]
+        if report is not None:
+            opts.append(b"--ptxas-options=-v")
         (res,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)[:1]
         (log_size,) = _check(nvrtc, nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
         log = b" " * log_size
@@ -81,6 +87,8 @@ def compile_source(source: str, arch: str = "sm_80", name: str = "selfattn.cu",
         log = log.decode(errors="replace").rstrip("\x00 \n")
         if res != nvrtc.nvrtcResult.NVRTC_SUCCESS:
             raise CompileError(f"NVRTC failed to compile {name} for {arch}:\n{log}")
+        if report is not None:
+            report.update(resource_usage(log))
         (size,) = _check(nvrtc, nvrtc.nvrtcGetCUBINSize(prog), "nvrtcGetCUBINSize")
         cubin = b" " * size
         _check(nvrtc, nvrtc.nvrtcGetCUBIN(prog, cubin), "nvrtcGetCUBIN")
@@ -92,14 +100,42 @@ def compile_source(source: str, arch: str = "sm_80", name: str = "selfattn.cu",
         nvrtc.nvrtcDestroyProgram(prog)
 
 
-def compile_all(arches=DEFAULT_ARCHES) -> dict:
-    """Compile every source in :data:`launch.KERNEL_SOURCES` for each arch; return ``{(file, arch): cubin_bytes}``."""
+def resource_usage(ptxas_log: str) -> dict:
+    """Per-kernel registers, spill bytes and static shared memory from a verbose ptxas log."""
+    out, cur = {}, None
+    for line in ptxas_log.splitlines():
+        m = re.search(r"(?:Compiling entry function|Function properties for) '?([A-Za-z_]\w*)'?", line)
+        if m:
+            cur = out.setdefault(m.group(1), {"registers": 0, "spill_stores": 0, "spill_loads": 0, "smem": 0})
+            continue
+        if cur is None:
+            continue
+        m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m:
+            cur["spill_stores"], cur["spill_loads"] = int(m.group(1)), int(m.group(2))
+        m = re.search(r"Used (\d+) registers", line)
+        if m:
+            cur["registers"] = int(m.group(1))
+            m = re.search(r"(\d+) bytes smem", line)
+            cur["smem"] = int(m.group(1)) if m else 0
+    return out
+
+
+def compile_all(arches=DEFAULT_ARCHES, reports=None) -> dict:
+    """Compile every source in :data:`launch.KERNEL_SOURCES` for each arch; return ``{(file, arch): cubin_bytes}``.
+
+    With a dict ``reports``, ``reports[(file, arch)]`` receives the ptxas resource usage per kernel.
+    """
     nvrtc = load_nvrtc()
     results = {}
     for fname in KERNEL_SOURCES:
         for arch in arches:
+            rep = {} if reports is not None else None
             results[(fname, arch)] = compile_source(
-                kernel_source(fname), arch, name=fname, name_expressions=kernel_names(fname), nvrtc=nvrtc)
+                kernel_source(fname), arch, name=fname, name_expressions=kernel_names(fname), nvrtc=nvrtc,
+                report=rep)
+            if rep is not None:
+                reports[(fname, arch)] = rep
     return results
 
 
@@ -107,8 +143,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", action="append", help="target, e.g. sm_80 (repeatable; default sm_80 and sm_90)")
     args = ap.parse_args(argv)
+    reports = {}
     try:
-        results = compile_all(tuple(args.arch or DEFAULT_ARCHES))
+        results = compile_all(tuple(args.arch or DEFAULT_ARCHES), reports)
     except NvrtcUnavailable as exc:
         print(f"skipped: {exc}", file=sys.stderr)
         return 2
@@ -117,6 +154,9 @@ def main(argv=None) -> int:
         return 1
     for (fname, arch), cubin in results.items():
         print(f"ok  {fname:12s} {arch}  {len(kernel_names(fname))} kernels, {len(cubin)} bytes of CUBIN")
+        for kname, r in sorted(reports.get((fname, arch), {}).items()):
+            spill = f"spills {r['spill_stores']}/{r['spill_loads']} B" if r["spill_stores"] or r["spill_loads"] else "no spills"
+            print(f"      {kname:28s} {r['registers']:3d} registers  {r['smem'] / 1024:5.1f} KiB smem  {spill}")
     return 0
 
 

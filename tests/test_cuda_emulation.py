@@ -1,0 +1,281 @@
+"""The CuPy backend's CUDA kernels, executed on the CPU.
+
+``selfattn/backends/_cuda/emulate.py`` compiles the real ``attn.cu`` source with
+g++ under ``emu/simt.hpp`` (one OS thread per CUDA thread; warp collectives,
+ldmatrix, mma.sync and cp.async emulated from the PTX ISA). Here the backend's
+own host code runs with NumPy standing in for CuPy and those kernels standing
+in for the NVRTC-compiled ones, and must match the NumPy backend -- for the
+float16 tensor-core forward and for the CUDA-core forwards. Further tests show
+that the emulator is not vacuous: single instructions are probed against the
+PTX ISA's fragment tables (written out independently below), and broken
+variants of the tensor-core kernel (wrong fragment, missing wait, missing
+barrier, out-of-range copy) are caught.
+
+What this cannot show: speed, and GPU behaviour the emulator does not model
+(see simt.hpp). docs/gpu-validation.md keeps the GPU part.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+
+from selfattn._dropout import keep_mask
+from selfattn._problem import normalize
+from selfattn.backends import cupy_ as cupy_backend_mod
+from selfattn.backends import numpy_
+from selfattn.backends._cuda import emulate, launch
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _need_compiler():
+    try:
+        emulate.compiler()
+    except emulate.EmulatorUnavailable as exc:
+        pytest.skip(f"CUDA emulator unavailable: {exc}")
+
+
+class EmulatedCupy(cupy_backend_mod.CupyBackend):
+    """The CuPy backend's host code with NumPy for CuPy and emulated kernels for compiled ones."""
+
+    def __init__(self, cc=90, copies="late", mutate=None, **kw):
+        super().__init__(**kw)
+        self.cc, self.copies, self.mutate, self.launched = cc, copies, mutate, []
+
+    def _kernel(self, xp, name):
+        self.launched.append(name)
+        src = None
+        if self.mutate is not None:
+            src = launch.kernel_source("attn.cu", only=name if name.startswith("attn_fwd_") else "-")
+            old, new = self.mutate
+            assert old in src, f"mutation target not in the source: {old!r}"
+            src = src.replace(old, new, 1)
+        return functools.partial(emulate.load(name, source=src), copies=self.copies)
+
+    def _compute_capability(self, xp):
+        return self.cc
+
+
+def _inputs(shape, dtype, case=None, layout="contiguous", seed=0):
+    """``(q, k, v, kwargs)`` for ``normalize``; ``shape = (B, Hq, Hkv, N, M, D, Dv)``."""
+    rng = np.random.default_rng(seed)
+    B, Hq, Hkv, N, M, D, Dv = shape
+    q = rng.standard_normal((B, Hq, N, D)).astype(dtype)
+    k = rng.standard_normal((B, Hkv, M, D)).astype(dtype)
+    v = rng.standard_normal((B, Hkv, M, Dv)).astype(dtype)
+    if layout == "strided":  # q Fortran-ordered, k a transposed view: not unit-stride rows
+        q = np.asfortranarray(q)
+        k = rng.standard_normal((B, Hkv, D, M)).astype(dtype).swapaxes(-1, -2)
+    elif layout == "offset":  # rows unit-stride but the views start 2 bytes off a 16-byte boundary
+        q = np.pad(q, [(0, 0)] * 3 + [(1, 0)])[..., 1:]
+    kw = dict(case or {})
+    mk = kw.pop("mask", None)
+    if mk == "bool_row":
+        kw["mask"] = rng.random((1, 1, M)) > 0.2
+    elif mk == "float_full":
+        kw["mask"] = rng.standard_normal((B, Hq, N, M)).astype(np.float32)
+    elif mk == "half_cols":
+        kw["mask"] = (rng.standard_normal((N, M)) * 2).astype(np.float16)
+    elif mk == "bool_batch":
+        kw["mask"] = rng.random((B, 1, N, M)) > 0.5
+    return q, k, v, kw
+
+
+def _check(be, q, k, v, kw, want_kernel, tol):
+    pb = normalize(q, k, v, return_lse=True, **kw)
+    with np.errstate(all="ignore"):
+        ref_out, ref_lse, _ = numpy_.backend.forward(pb)
+        out, lse, _ = be._forward_fused(np, pb)
+    assert be.launched and be.launched[-1] == want_kernel
+    assert out.dtype == pb.dtype and out.shape == ref_out.shape and lse.dtype == ref_lse.dtype
+    np.testing.assert_allclose(out.astype(np.float64), ref_out.astype(np.float64), **tol)
+    np.testing.assert_allclose(lse, ref_lse, **tol)
+    return out, lse
+
+
+F16 = dict(rtol=5e-3, atol=5e-3)
+TC = launch.tc_kernel_name
+
+# (shape (B, Hq, Hkv, N, M, D, Dv), case, layout, tensor-core kernel): N = 70 and M = 90
+# cross row blocks (64) and key tiles (64); Hq > Hkv is GQA.
+TC_CASES = [
+    ((1, 2, 1, 70, 90, 64, 64), {}, "contiguous", TC(64)),
+    ((1, 1, 1, 70, 90, 64, 64), dict(causal=True), "contiguous", TC(64)),
+    ((1, 1, 1, 90, 40, 32, 32), dict(causal=True), "contiguous", TC(32)),  # first 50 rows attend nothing
+    ((1, 2, 2, 70, 90, 64, 64), dict(window=(5, 3), mask="bool_row"), "contiguous", TC(64)),
+    ((2, 2, 1, 40, 70, 64, 32), dict(mask="float_full"), "contiguous", TC(64)),
+    ((2, 2, 2, 70, 70, 32, 32), dict(mask="bool_batch", dropout_p=0.3, dropout_seed=123), "contiguous", TC(32)),
+    ((1, 2, 1, 70, 90, 16, 32), dict(mask="half_cols"), "strided", TC(32)),
+    ((1, 1, 1, 20, 70, 128, 128), dict(causal=True, window=(30, 0)), "offset", TC(128)),
+    ((1, 1, 1, 33, 65, 96, 64), dict(scale=0.3), "contiguous", TC(128)),
+]
+
+
+@pytest.mark.parametrize("shape, case, layout, kernel", TC_CASES,
+                         ids=lambda x: "-".join(map(str, x)) if isinstance(x, tuple) else
+                         ("-".join(x) or "plain") if isinstance(x, dict) else str(x))
+def test_tensor_core_forward_matches_numpy(shape, case, layout, kernel):
+    q, k, v, kw = _inputs(shape, np.float16, case, layout)
+    out, lse = _check(EmulatedCupy(), q, k, v, kw, kernel, F16)
+    if case.get("causal") and shape[3] > shape[4]:
+        rows = shape[3] - shape[4]  # bottom-right alignment: these rows see no key
+        assert (out[..., :rows, :] == 0).all() and (lse[..., :rows] == -np.inf).all()
+
+
+def test_tensor_core_forward_same_result_with_early_copies():
+    q, k, v, kw = _inputs((1, 2, 1, 70, 130, 64, 64), np.float16, dict(causal=True))
+    late = _check(EmulatedCupy(copies="late"), q, k, v, kw, TC(64), F16)
+    early = _check(EmulatedCupy(copies="early"), q, k, v, kw, TC(64), F16)
+    np.testing.assert_array_equal(late[0], early[0])
+
+
+def test_tensor_core_forward_nan_and_fully_masked_rows():
+    q, k, v, _ = _inputs((1, 1, 1, 6, 70, 64, 64), np.float16)
+    mask = np.ones((6, 70), bool)
+    mask[1] = False
+    q[0, 0, 3, 5] = np.nan
+    out, lse = _check(EmulatedCupy(), q[0, 0], k[0, 0], v[0, 0], dict(mask=mask), TC(64),
+                      dict(F16, equal_nan=True))
+    out, lse = out[0, 0], lse[0, 0]
+    assert (out[1] == 0).all() and lse[1] == -np.inf
+    assert np.isnan(out[3]).all() and np.isnan(lse[3])
+    assert not np.isnan(out[[0, 2, 4, 5]]).any()
+
+
+@pytest.mark.parametrize("shape, dtype, case, cc, kernel", [
+    ((1, 2, 1, 70, 90, 8, 8), np.float32, dict(causal=True), 90, launch.fwd_kernel_name("float32", 32)),
+    ((1, 2, 2, 70, 40, 6, 5), np.float64, dict(window=(3, 1), mask="bool_row"), 90, launch.fwd_kernel_name("float64", 32)),
+    ((1, 2, 1, 70, 90, 64, 64), np.float16, dict(dropout_p=0.25, dropout_seed=5), 75, launch.fwd_kernel_name("float16", 64)),
+    ((1, 1, 1, 20, 30, 6, 6), np.float16, dict(mask="float_full"), 90, launch.fwd_kernel_name("float16", 32)),
+])
+def test_cuda_core_forward_matches_numpy(shape, dtype, case, cc, kernel):
+    """The CUDA-core kernels too (float32/64; float16 below sm_80 or with D not a multiple of 8)."""
+    q, k, v, kw = _inputs(shape, dtype, case, "strided")
+    tol = F16 if dtype == np.float16 else dict(rtol=2e-5, atol=2e-6)
+    _check(EmulatedCupy(cc=cc), q, k, v, kw, kernel, tol)
+
+
+def test_tensor_cores_can_be_switched_off():
+    q, k, v, kw = _inputs((1, 1, 1, 20, 30, 32, 32), np.float16)
+    _check(EmulatedCupy(tensor_cores=False), q, k, v, kw, launch.fwd_kernel_name("float16", 32), F16)
+
+
+def test_dropout_tile_kernel_matches_core():
+    be = EmulatedCupy()
+    q, k, v, _ = _inputs((2, 3, 3, 20, 30, 4, 4), np.float32)
+    pb = normalize(q, k, v, dropout_p=0.4, dropout_seed=2**64 - 3)
+    z = be._dropout_z(np, pb, 1, 2, 5, 17, 3, 29)
+    keep = keep_mask(pb.dropout_seed, np.arange(3, 6), np.arange(5, 17), np.arange(3, 29), 0.4)
+    np.testing.assert_array_equal(z.reshape(keep.shape), keep * np.float32(1 / 0.6))
+
+
+# -- the emulator itself: instructions against the PTX ISA's fragment tables -----
+
+PROBES = r'''
+extern "C" __global__ void probe_ldsm(const unsigned short* m, unsigned* out, int trans) {
+    __shared__ __attribute__((aligned(16))) unsigned short sm[32 * 8];
+    for (int e = threadIdx.x; e < 32 * 8; e += 32) sm[e] = m[e];
+    __syncthreads();
+    unsigned r[4];
+    const unsigned short* row = sm + threadIdx.x * 8 + (trans >> 1);  // trans & 2: misalign
+    if (trans & 1) sa_ldsm_x4_trans(r, row); else sa_ldsm_x4(r, row);
+    for (int j = 0; j < 4; ++j) out[threadIdx.x * 4 + j] = r[j];
+}
+extern "C" __global__ void probe_mma(const unsigned* a, const unsigned* b, float* c) {
+    const int l = threadIdx.x;
+    unsigned ar[4] = {a[4 * l], a[4 * l + 1], a[4 * l + 2], a[4 * l + 3]};
+    float cr[4] = {c[4 * l], c[4 * l + 1], c[4 * l + 2], c[4 * l + 3]};
+    sa_mma_16816(cr, ar, b[2 * l], b[2 * l + 1]);
+    for (int i = 0; i < 4; ++i) c[4 * l + i] = cr[i];
+}
+'''
+LDSM_SIG = (("m", "ptr"), ("out", "ptr"), ("trans", "int"))
+MMA_SIG = (("a", "ptr"), ("b", "ptr"), ("c", "ptr"))
+
+
+def _halves(words):
+    """uint32 registers -> (low, high) float16 pairs."""
+    return np.asarray(words, np.uint32).view(np.float16).reshape(*np.shape(words), 2)
+
+
+@pytest.mark.parametrize("trans", [0, 1])
+def test_ldmatrix_emulation_follows_ptx_table(trans):
+    mats = np.arange(4 * 64, dtype=np.float16).reshape(4, 8, 8)  # matrix j, row, column
+    out = np.zeros(32 * 4, np.uint32)
+    emulate.load("probe_ldsm", source=PROBES, signature=LDSM_SIG)((1,), (32,), (mats.reshape(-1), out, np.int32(trans)))
+    got = _halves(out.reshape(32, 4))
+    for lane in range(32):
+        for j in range(4):
+            r, c = lane // 4, 2 * (lane % 4)   # PTX ISA: lane holds (row lane/4, cols 2(lane%4)+{0,1})
+            want = mats[j].T if trans else mats[j]
+            assert list(got[lane, j]) == [want[r, c], want[r, c + 1]], (lane, j)
+
+
+def test_ldmatrix_misaligned_row_is_a_fault():
+    mats = np.zeros(256, np.float16)
+    out = np.zeros(128, np.uint32)
+    with pytest.raises(emulate.EmulationError, match="16-byte aligned"):
+        emulate.load("probe_ldsm", source=PROBES, signature=LDSM_SIG)((1,), (32,), (mats, out, np.int32(2)))
+
+
+def test_mma_emulation_follows_ptx_table():
+    rng = np.random.default_rng(0)
+    A = rng.integers(-8, 8, (16, 16)).astype(np.float16)
+    B = rng.integers(-8, 8, (16, 8)).astype(np.float16)
+    C = rng.integers(-8, 8, (16, 8)).astype(np.float32)
+    # PTX ISA, mma.m16n8k16 .f16 / .f32 fragments, g = lane >> 2, t = lane % 4:
+    #   A a_i: row g + 8*[i in {2,3,6,7}], col 2t + (i & 1) + 8*[i >= 4]  (two per register)
+    #   B b_i: row 2t + (i & 1) + 8*[i >= 2], col g
+    #   C c_i: row g + 8*[i >= 2],           col 2t + (i & 1)
+    a = np.zeros((32, 8), np.float16)
+    b = np.zeros((32, 4), np.float16)
+    c = np.zeros((32, 4), np.float32)
+    for lane in range(32):
+        g, t = lane >> 2, lane % 4
+        for i in range(8):
+            a[lane, i] = A[g + 8 * (i in (2, 3, 6, 7)), 2 * t + (i & 1) + 8 * (i >= 4)]
+        for i in range(4):
+            b[lane, i] = B[2 * t + (i & 1) + 8 * (i >= 2), g]
+            c[lane, i] = C[g + 8 * (i >= 2), 2 * t + (i & 1)]
+    d = c.copy()
+    emulate.load("probe_mma", source=PROBES, signature=MMA_SIG)(
+        (1,), (32,), (a.view(np.uint32).reshape(-1).copy(), b.view(np.uint32).reshape(-1).copy(), d.reshape(-1)))
+    want = A.astype(np.float32) @ B.astype(np.float32) + C
+    for lane in range(32):
+        g, t = lane >> 2, lane % 4
+        for i in range(4):
+            assert d[lane, i] == want[g + 8 * (i >= 2), 2 * t + (i & 1)], (lane, i)
+
+
+# -- broken tensor-core kernels are caught ----------------------------------------
+
+MUTATIONS = {
+    "V-not-transposed": ("sa_ldsm_x4_trans(vf,", "sa_ldsm_x4(vf,"),
+    "P-fragments-swapped": ("pa[1] = sa_pack_h2(s[2 * kc][2]", "pa[2] = sa_pack_h2(s[2 * kc][2]"),
+    "K-row-addressing": ("((lane >> 4) << 3)) * LD + kk * 16", "((lane >> 3) & 1) * 8) * LD + kk * 16"),
+    "row-max-not-shared": ("tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffffu, tmax[r], 2));", ";"),
+    "no-wait-for-V": ("sa_cp_async_wait<1>();   // V(tile) has landed", ";"),
+    "no-barrier-before-K-prefetch": (
+        "__syncthreads();   // every warp is done with Ks: prefetch the next K tile", ";"),
+    "copy-past-the-end": ("ok ? base + (r0 + r) * rs + c : base, ok ? 16 : 0", "base + (r0 + r) * rs + c, 16"),
+}
+
+
+@pytest.mark.parametrize("mutation", sorted(MUTATIONS))
+def test_broken_tensor_core_kernel_is_caught(mutation):
+    q, k, v, kw = _inputs((1, 1, 1, 70, 150, 64, 64), np.float16)
+    pb = normalize(q, k, v, return_lse=True, **kw)
+    ref, _, _ = numpy_.backend.forward(pb)
+    outcomes = []
+    for copies in ("late", "early"):
+        be = EmulatedCupy(copies=copies, mutate=MUTATIONS[mutation])
+        try:
+            out, _, _ = be._forward_fused(np, pb)
+        except emulate.EmulationError as exc:
+            outcomes.append(f"fault: {exc}")
+            continue
+        err = float(np.nanmax(np.abs(out.astype(np.float64) - ref)))
+        outcomes.append(err if not np.isnan(out).any() else "nan")
+    assert any(not isinstance(o, float) or o > 0.05 for o in outcomes), outcomes

@@ -670,3 +670,11 @@ def test_gpu_forward_memory_is_linear(dtype):
     extra = pool.total_bytes() - before - out.nbytes - lse.nbytes
     assert extra <= 2**20, f"{extra / 2**20:.1f} MiB beyond out and lse"
 
+
+def test_bench_gpu_markdown_renders_missing_torch():
+    from selfattn.backends._cuda import bench_gpu
+    rows = [dict(shape="(4,16,4096,64)", dtype="float16", causal=False, pass_="fwd", ms=2.0, tflops=137.4,
+                 torch_ms=None, torch_tflops=None, ratio=None, mib=0.0)]
+    md = bench_gpu.markdown(rows, "Test GPU")
+    assert "| (4,16,4096,64) | float16 | False | fwd | 2.00 | 137.40 | n/a | n/a | n/a | 0.0 |" in md
+    assert bench_gpu._flops(4, 16, 4096, 64, True, False) == 4.0 * 4 * 16 * 4096 * 4096 * 64 / 2

@@ -7,7 +7,11 @@ Usage (on a machine with an NVIDIA GPU, cupy and torch with CUDA)::
 Shapes (B, H, N, D) = (4, 16, 4096, 64) and (4, 16, 4096, 128), float16 and
 float32, causal and not, forward and forward+backward. TFLOP/s count the
 matmul FLOPs of exact attention (4·B·H·N·M·D forward, 2.5x that for the
-backward; halved for causal). Writes a markdown table and prints it.
+backward; halved for causal). float16 forwards are timed twice: on the
+tensor-core kernel (the default on sm_80+) and on the CUDA-core kernel
+(``CupyBackend.tensor_cores = False``), to show what the tensor cores give.
+"extra MiB" is the device memory the forward allocates beyond its output
+(O(N) means it stays small as N grows). Writes a markdown table and prints it.
 """
 
 from __future__ import annotations
@@ -47,9 +51,21 @@ def _time_torch(torch, fn, repeat):
     return start.elapsed_time(stop) / 1e3 / repeat
 
 
+def _extra_mib(cupy, fn):
+    """Device memory a call takes from CuPy's pool beyond what its result keeps, in MiB."""
+    pool = cupy.get_default_memory_pool()
+    pool.free_all_blocks()
+    before = pool.used_bytes()
+    res = fn()
+    cupy.cuda.Device().synchronize()
+    kept = sum(x.nbytes for x in (res if isinstance(res, tuple) else (res,)) if hasattr(x, "nbytes"))
+    return (pool.total_bytes() - before - kept) / 2**20
+
+
 def run(shapes, dtypes, repeat):
     import cupy
     import selfattn
+    from selfattn.backends.cupy_ import backend as cupy_backend
 
     try:
         import torch
@@ -74,6 +90,14 @@ def run(shapes, dtypes, repeat):
 
                 t_f = _time_cupy(cupy, fwd, repeat)
                 t_fb = _time_cupy(cupy, fwdbwd, max(1, repeat // 2))
+                mem = _extra_mib(cupy, fwd)
+                t_core = None
+                if cupy.dtype(dt) == cupy.float16:
+                    cupy_backend.tensor_cores = False
+                    try:
+                        t_core = _time_cupy(cupy, fwd, repeat)
+                    finally:
+                        cupy_backend.tensor_cores = True
                 tt_f = tt_fb = None
                 if has_torch:
                     tq, tk, tv, tg = (torch.as_tensor(x, device="cuda") for x in (q, k, v, g))
@@ -89,26 +113,32 @@ def run(shapes, dtypes, repeat):
 
                     tt_f = _time_torch(torch, tfwd, repeat)
                     tt_fb = _time_torch(torch, tfwdbwd, max(1, repeat // 2))
-                for what, t, tt, bwd in (("fwd", t_f, tt_f, False), ("fwd+bwd", t_fb, tt_fb, True)):
+                passes = [("fwd", t_f, tt_f, False), ("fwd+bwd", t_fb, tt_fb, True)]
+                if t_core is not None:
+                    passes.insert(1, ("fwd (CUDA cores)", t_core, tt_f, False))
+                for what, t, tt, bwd in passes:
                     fl = _flops(b, h, n, d, causal, bwd)
                     rows.append(dict(shape=f"({b},{h},{n},{d})", dtype=cupy.dtype(dt).name, causal=causal, pass_=what,
                                      ms=t * 1e3, tflops=fl / t / 1e12,
                                      torch_ms=None if tt is None else tt * 1e3,
                                      torch_tflops=None if tt is None else fl / tt / 1e12,
-                                     ratio=None if tt is None else tt / t))
-                del q, k, v, g
+                                     ratio=None if tt is None else tt / t,
+                                     mib=mem if what == "fwd" else None))
+                q = k = v = g = None  # free the inputs before the next shape
                 cupy.get_default_memory_pool().free_all_blocks()
     return rows
 
 
 def markdown(rows, device):
     out = [f"GPU: {device}", "",
-           "| shape (B,H,N,D) | dtype | causal | pass | selfattn ms | selfattn TFLOP/s | torch ms | torch TFLOP/s | speed vs torch |",
-           "|---|---|---|---|---:|---:|---:|---:|---:|"]
+           "| shape (B,H,N,D) | dtype | causal | pass | selfattn ms | selfattn TFLOP/s | torch ms | torch TFLOP/s "
+           "| speed vs torch | extra MiB |",
+           "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
     f = lambda x, p: "n/a" if x is None else f"{x:.{p}f}"
     for r in rows:
         out.append(f"| {r['shape']} | {r['dtype']} | {r['causal']} | {r['pass_']} | {f(r['ms'], 2)} | "
-                   f"{f(r['tflops'], 2)} | {f(r['torch_ms'], 2)} | {f(r['torch_tflops'], 2)} | {f(r['ratio'], 3)} |")
+                   f"{f(r['tflops'], 2)} | {f(r['torch_ms'], 2)} | {f(r['torch_tflops'], 2)} | {f(r['ratio'], 3)} | "
+                   f"{f(r['mib'], 1)} |")
     out.append("")
     out.append("speed vs torch = torch time / selfattn time (1.0 = as fast as torch.nn.functional.scaled_dot_product_attention).")
     return "\n".join(out) + "\n"

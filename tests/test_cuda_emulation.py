@@ -37,25 +37,38 @@ def _need_compiler():
         pytest.skip(f"CUDA emulator unavailable: {exc}")
 
 
-class EmulatedCupy(cupy_backend_mod.CupyBackend):
-    """The CuPy backend's host code with NumPy for CuPy and emulated kernels for compiled ones."""
+class EmulatedCupy(emulate.EmulatedCupyBackend):
+    """The emulated CuPy backend, recording which kernels it launched, optionally with a broken source."""
 
-    def __init__(self, cc=90, copies="late", mutate=None, **kw):
-        super().__init__(**kw)
-        self.cc, self.copies, self.mutate, self.launched = cc, copies, mutate, []
+    def __init__(self, cc=90, copies="late", mutate=None, tensor_cores=True):
+        super().__init__(compute_capability=cc, copies=copies)
+        self.tensor_cores, self.mutate, self.launched = tensor_cores, mutate, []
 
     def _kernel(self, xp, name):
         self.launched.append(name)
-        src = None
-        if self.mutate is not None:
-            src = launch.kernel_source("attn.cu", only=name if name.startswith("attn_fwd_") else "-")
-            old, new = self.mutate
-            assert old in src, f"mutation target not in the source: {old!r}"
-            src = src.replace(old, new, 1)
-        return functools.partial(emulate.load(name, source=src), copies=self.copies)
+        if self.mutate is None:
+            return super()._kernel(xp, name)
+        src = launch.kernel_source("attn.cu", only=name if name.startswith("attn_fwd_") else "-")
+        old, new = self.mutate
+        assert old in src, f"mutation target not in the source: {old!r}"
+        kern = emulate.load(name, source=src.replace(old, new, 1))
+        return lambda grid, block, args: kern(grid, block, args, copies=self.copies)
 
-    def _compute_capability(self, xp):
-        return self.cc
+
+def test_emulated_backend_is_registered_for_the_conformance_suite():
+    """tests/plugins registers it, so the conformance suite runs the CuPy backend's code on every CI run."""
+    import selfattn
+
+    rec = {r.name: r for r in selfattn.list_backends()}["cupy-emulated"]
+    assert rec.available, rec.reason
+    be = selfattn.get_backend("cupy-emulated")
+    assert isinstance(be, cupy_backend_mod.CupyBackend) and be.capabilities.array_type == "numpy"
+    assert be.capabilities.features == cupy_backend_mod.backend.capabilities.features
+    assert be.capabilities.dtypes == cupy_backend_mod.backend.capabilities.dtypes
+    q = np.ones((2, 3, 8), np.float16)
+    assert selfattn.explain(q, q, q).backend != "cupy-emulated"  # never chosen automatically
+    out = selfattn.scaled_dot_product_attention(q, q, q, backend="cupy-emulated")
+    np.testing.assert_allclose(out, 1.0)
 
 
 def _inputs(shape, dtype, case=None, layout="contiguous", seed=0):

@@ -62,6 +62,31 @@ __device__ __forceinline__ A sa_mask_term(const void* mask, int kind, long long 
     }
 }
 
+// Row block `blk` of a forward launch: BM query rows [i0, i1) of one (batch b,
+// query head h) pair bh, its key/value head hk = h / G, and the key range
+// [j0, j1) any of its rows may attend under the causal/window band
+// (Problem.key_range: keys outside it are never loaded).
+struct SaRowBlock { long long bh, j0, j1; int i0, i1, b, h, hk; };
+
+template <int BM>
+__device__ __forceinline__ SaRowBlock sa_row_block(long long blk, long long n_row_blocks, int Hq, int G, int N, int M,
+                                                   int has_lower, int lower, int has_upper, int upper) {
+    SaRowBlock rb;
+    const long long off = (long long)M - (long long)N;
+    rb.bh = blk / n_row_blocks;
+    rb.i0 = (int)(blk - rb.bh * n_row_blocks) * BM;
+    rb.i1 = min(N, rb.i0 + BM);
+    rb.b = (int)(rb.bh / Hq);
+    rb.h = (int)(rb.bh - (long long)rb.b * Hq);
+    rb.hk = rb.h / G;
+    rb.j0 = 0;
+    rb.j1 = M;
+    if (has_lower) rb.j0 = max(0LL, (long long)rb.i0 + off - lower);
+    if (has_upper) rb.j1 = min((long long)M, (long long)(rb.i1 - 1) + off + upper + 1);
+    if (rb.j1 < rb.j0) rb.j1 = rb.j0;
+    return rb;
+}
+
 // Key tile size: keep the K and V tiles within 32 KiB of static shared memory.
 template <typename A, int DMAX>
 struct SaTile {
@@ -93,20 +118,11 @@ __device__ void sa_attn_fwd(
     const long long off = (long long)M - (long long)N;
 
     for (long long blk = blockIdx.x; blk < total_blocks; blk += gridDim.x) {
-        const long long bh = blk / n_row_blocks;
-        const int i0 = (int)(blk - bh * n_row_blocks) * SA_BM;
-        const int i1 = min(N, i0 + SA_BM);
-        const int b = (int)(bh / Hq);
-        const int h = (int)(bh - (long long)b * Hq);
-        const int hk = h / G;
-        const int i = i0 + tid;
+        const SaRowBlock rb = sa_row_block<SA_BM>(blk, n_row_blocks, Hq, G, N, M, has_lower, lower, has_upper, upper);
+        const long long bh = rb.bh, j0 = rb.j0, j1 = rb.j1;
+        const int b = rb.b, h = rb.h, hk = rb.hk;
+        const int i = rb.i0 + tid;
         const bool row_ok = i < N;
-
-        // Key range [j0, j1) that any row of the block may attend (Problem.key_range).
-        long long j0 = 0, j1 = M;
-        if (has_lower) j0 = max(0LL, (long long)i0 + off - lower);
-        if (has_upper) j1 = min((long long)M, (long long)(i1 - 1) + off + upper + 1);
-        if (j1 < j0) j1 = j0;
 
         A qr[DMAX];
         A acc[DMAX];
@@ -331,16 +347,9 @@ __device__ void sa_attn_fwd_tc(
     const int ks_used = (D + 15) / 16, vs_used = (Dv + 15) / 16;   // skip all-zero padding
 
     for (long long blk = blockIdx.x; blk < total_blocks; blk += gridDim.x) {
-        const long long bh = blk / n_row_blocks;
-        const int i0 = (int)(blk - bh * n_row_blocks) * SA_TC_BM;
-        const int i1 = min(N, i0 + SA_TC_BM);
-        const int b = (int)(bh / Hq);
-        const int h = (int)(bh - (long long)b * Hq);
-        const int hk = h / G;
-        long long j0 = 0, j1 = M;
-        if (has_lower) j0 = max(0LL, (long long)i0 + off - lower);
-        if (has_upper) j1 = min((long long)M, (long long)(i1 - 1) + off + upper + 1);
-        if (j1 < j0) j1 = j0;
+        const SaRowBlock rb = sa_row_block<SA_TC_BM>(blk, n_row_blocks, Hq, G, N, M, has_lower, lower, has_upper, upper);
+        const long long bh = rb.bh, j0 = rb.j0, j1 = rb.j1;
+        const int i0 = rb.i0, b = rb.b, h = rb.h, hk = rb.hk;
         const int ntiles = (int)((j1 - j0 + SA_TC_BN - 1) / SA_TC_BN);
         const unsigned short* kb = k + b * ks0 + hk * ks1;
         const unsigned short* vb = v + b * vs0 + hk * vs1;

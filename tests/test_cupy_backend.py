@@ -678,3 +678,29 @@ def test_bench_gpu_markdown_renders_missing_torch():
     md = bench_gpu.markdown(rows, "Test GPU")
     assert "| (4,16,4096,64) | float16 | False | fwd | 2.00 | 137.40 | n/a | n/a | n/a | 0.0 |" in md
     assert bench_gpu._flops(4, 16, 4096, 64, True, False) == 4.0 * 4 * 16 * 4096 * 4096 * 64 / 2
+
+
+def test_gpu_report_fills_the_doc_from_measurements():
+    """gpu_report's text handling, with made-up facts (the numbers only come from a GPU run)."""
+    from selfattn.backends._cuda import gpu_report as gr
+
+    doc = (launch._HERE.parents[2] / "docs" / "gpu-validation.md").read_text()
+    assert "**Status: not yet run on a GPU.**" in doc and "gpu_report:placeholder begin" in doc
+    facts = {"device": "Test GPU", "commit": "abc123", "date (UTC)": "2026-01-01 00:00", "torch": "9.9"}
+    tests = [("conformance suite on `cupy`", "python -m pytest ...", 0, "391 passed in 80.00s")]
+    rows = [dict(shape="(4,16,4096,64)", dtype="float16", causal=c, pass_="fwd", ms=1.0, tflops=1.0,
+                 torch_ms=1.0, torch_tflops=1.0, ratio=r, mib=0.0) for c, r in ((False, 0.61), (True, 0.42))]
+    summary = gr.summarize_bench(rows)
+    assert "0.42-0.61x" in summary and "not met by 1 of 2" in summary
+    bench = gr.render("bench", facts, bench_md="| table |", bench_summary=summary)
+    text = gr.update_report(doc, "bench", bench, "run on Test GPU at commit abc123.")
+    text = gr.update_report(text, "tests", gr.render("tests", facts, tests=tests), "run on Test GPU at commit abc123.")
+    assert "**Status: run on Test GPU at commit abc123.**" in text and "not yet run on a GPU" not in text
+    assert "placeholder" not in text and "Expectations" not in text
+    assert text.index("gpu_report:tests begin") < text.index("gpu_report:bench begin")
+    assert "| conformance suite on `cupy` | `python -m pytest ...` | 0 | 391 passed in 80.00s |" in text
+    again = gr.update_report(text, "bench", gr.render("bench", facts, bench_md="| new |", bench_summary="s"), "x.")
+    assert again.count("gpu_report:bench begin") == 1 and "| new |" in again and "| table |" not in again
+    assert "## What has been checked without a GPU" in again
+    assert gr._summary_line("....\n= 12 passed, 3 skipped in 4.00s =\n") == "12 passed, 3 skipped in 4.00s"
+    assert gr.summarize_bench([dict(rows[0], ratio=0.9)]).endswith("met (stretch goal too).")

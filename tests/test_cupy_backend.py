@@ -704,3 +704,29 @@ def test_gpu_report_fills_the_doc_from_measurements():
     assert "## What has been checked without a GPU" in again
     assert gr._summary_line("....\n= 12 passed, 3 skipped in 4.00s =\n") == "12 passed, 3 skipped in 4.00s"
     assert gr.summarize_bench([dict(rows[0], ratio=0.9)]).endswith("met (stretch goal too).")
+
+
+def test_cupy_inputs_without_a_device_give_a_clear_error(monkeypatch):
+    """CuPy arrays on a machine whose CuPy cannot reach a GPU: a NoBackendError that says why."""
+    import importlib.machinery
+
+    from selfattn import _dispatch
+
+    if _real_availability()[0]:
+        pytest.skip("a CUDA device is present")
+    fake = types.ModuleType("cupy")
+    fake.__spec__ = importlib.machinery.ModuleSpec("cupy", None)
+    fake.ndarray = type("ndarray", (np.ndarray,), {})  # what the dispatcher tests arrays against
+    fake.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=lambda: 0))
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    _dispatch.registry.reset()
+    try:
+        q = np.ones((2, 4, 8), np.float32).view(fake.ndarray)
+        with pytest.raises(selfattn.NoBackendError) as info:
+            selfattn.scaled_dot_product_attention(q, q, q)
+        msg = str(info.value)
+        assert "cupy arrays" in msg and "cupy: skipped" in msg and ("CUDA driver" in msg or "CUDA device" in msg)
+        with pytest.raises(selfattn.BackendUnavailableError, match="CUDA"):
+            selfattn.scaled_dot_product_attention(q, q, q, backend="cupy")
+    finally:
+        _dispatch.registry.reset()

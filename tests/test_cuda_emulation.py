@@ -32,7 +32,7 @@ from selfattn.backends._cuda import emulate, launch
 @pytest.fixture(scope="module", autouse=True)
 def _need_compiler():
     try:
-        emulate.compiler()
+        emulate.check_toolchain()
     except emulate.EmulatorUnavailable as exc:
         pytest.skip(f"CUDA emulator unavailable: {exc}")
 

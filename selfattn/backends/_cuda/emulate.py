@@ -33,7 +33,7 @@ from ..._capabilities import Capabilities
 from ..cupy_ import CupyBackend
 from . import launch
 
-__all__ = ["EmulatorUnavailable", "EmulationError", "compiler", "load", "EmulatedKernel", "EmulatedCupyBackend", "make_backend"]
+__all__ = ["EmulatorUnavailable", "EmulationError", "compiler", "check_toolchain", "load", "EmulatedKernel", "EmulatedCupyBackend", "make_backend"]
 
 _HEADER = Path(__file__).resolve().parent / "emu" / "simt.hpp"
 _CTYPES = {"int": ctypes.c_int32, "long long": ctypes.c_int64, "double": ctypes.c_double,
@@ -57,6 +57,40 @@ def compiler() -> str:
         if cand and shutil.which(cand):
             return shutil.which(cand)
     raise EmulatorUnavailable("no C++ compiler (g++ or clang++) on PATH to build the CUDA emulator")
+
+
+_PROBE = ('extern "C" __global__ void simt_probe(float* x) {\n'
+          '    __shared__ float s[32];\n'
+          '    s[threadIdx.x] = (float)sa_f2h(1.5f);\n'
+          '    __syncthreads();\n'
+          '    x[threadIdx.x] = __shfl_xor_sync(0xffffffffu, s[threadIdx.x], 1);\n'
+          '}\n')
+_toolchain_error: list = []
+
+
+def check_toolchain() -> None:
+    """Build and run a tiny kernel once per process; raise :class:`EmulatorUnavailable` if that fails.
+
+    Tells a compiler that cannot build the emulator (no C++20, no ``_Float16``)
+    apart from a kernel source that does not compile (a real error).
+    """
+    with _lock:
+        if _toolchain_error:
+            if _toolchain_error[0]:
+                raise EmulatorUnavailable(_toolchain_error[0])
+            return
+    try:
+        x = np.zeros(32, np.float32)
+        load("simt_probe", source=_PROBE, signature=(("x", "ptr"),))((1,), (32,), (x,))
+        if not (x == np.float32(np.float16(1.5).view(np.uint16))).all():
+            raise EmulatorUnavailable(f"the emulator's probe kernel computed {x[:4]}...")
+    except (EmulatorUnavailable, EmulationError, OSError) as exc:
+        msg = f"the host C++ compiler cannot run the CUDA emulator: {exc}"
+        with _lock:
+            _toolchain_error[:] = [msg]
+        raise EmulatorUnavailable(msg) from exc
+    with _lock:
+        _toolchain_error[:] = [""]
 
 
 def _launcher(name: str, signature) -> str:
@@ -189,7 +223,7 @@ class EmulatedCupyBackend(CupyBackend):
 
     def availability(self):
         try:
-            compiler()
+            check_toolchain()
         except EmulatorUnavailable as exc:
             return False, str(exc)
         return True, ""

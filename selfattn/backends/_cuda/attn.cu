@@ -65,7 +65,10 @@ __device__ __forceinline__ A sa_mask_term(const void* mask, int kind, long long 
 // Row block `blk` of a forward launch: BM query rows [i0, i1) of one (batch b,
 // query head h) pair bh, its key/value head hk = h / G, and the key range
 // [j0, j1) any of its rows may attend under the causal/window band
-// (Problem.key_range: keys outside it are never loaded).
+// (Problem.key_range: keys outside it are never loaded). Within a head the row
+// blocks go last-first: under a causal mask the last rows see the most keys,
+// and starting the longest blocks first shortens the tail of the launch
+// (FlashAttention-2 does the same).
 struct SaRowBlock { long long bh, j0, j1; int i0, i1, b, h, hk; };
 
 template <int BM>
@@ -74,7 +77,7 @@ __device__ __forceinline__ SaRowBlock sa_row_block(long long blk, long long n_ro
     SaRowBlock rb;
     const long long off = (long long)M - (long long)N;
     rb.bh = blk / n_row_blocks;
-    rb.i0 = (int)(blk - rb.bh * n_row_blocks) * BM;
+    rb.i0 = (int)(n_row_blocks - 1 - (blk - rb.bh * n_row_blocks)) * BM;
     rb.i1 = min(N, rb.i0 + BM);
     rb.b = (int)(rb.bh / Hq);
     rb.h = (int)(rb.bh - (long long)rb.b * Hq);

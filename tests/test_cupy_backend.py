@@ -285,6 +285,15 @@ def test_pick_dmax(d, dv, want):
     assert not launch.fused_ok(d, dv, True)
 
 
+@pytest.mark.parametrize("d, dv, n, m, weights, want", [
+    (64, 64, 4096, 4096, False, "fused"), (64, 64, 1, 32768, False, "blockwise"),
+    (64, 64, 15, 256, False, "blockwise"), (64, 64, 16, 256, False, "fused"), (64, 64, 1, 255, False, "fused"),
+    (64, 64, 4096, 4096, True, "blockwise"), (300, 64, 4096, 4096, False, "blockwise"),
+])
+def test_forward_path(d, dv, n, m, weights, want):
+    assert launch.forward_path(d, dv, n, m, weights) == want
+
+
 def test_fwd_launch():
     assert launch.fwd_launch(2, 3, 0)[0] is None
     grid, block, nrb, total = launch.fwd_launch(2, 3, 130)

@@ -13,7 +13,8 @@ sm_80+ GPU with D and Dv multiples of 8, at most 128, runs the tensor-core
 variant (``attn_fwd_tc_float16_*``: mma.sync m16n8k16 with float32
 accumulation, FlashAttention-2 tiling); other float16 calls use CUDA cores.
 
-Forward with ``return_weights`` (or larger heads) and the backward pass:
+Forward with ``return_weights`` (or larger heads, or decode-like calls with
+fewer than 16 query rows against 256+ keys: ``launch.forward_path``) and the backward pass:
 blockwise over query rows with ``cupy.matmul`` (cuBLAS) in the compute dtype,
 recomputing the probabilities from the log-sum-exp (FlashAttention-2 style);
 temporaries stay within ``block_bytes`` per score tile except the weights the
@@ -225,9 +226,12 @@ class CupyBackend(Backend):
         import cupy
 
         with cupy.cuda.Device(pb.query.device.id):
-            if launch.fused_ok(pb.d, pb.dv, pb.return_weights):
-                return self._forward_fused(cupy, pb)
-            return self._forward_blockwise(cupy, pb)
+            return self._forward(cupy, pb)
+
+    def _forward(self, cupy, pb):
+        if launch.forward_path(pb.d, pb.dv, pb.n, pb.m, pb.return_weights) == "fused":
+            return self._forward_fused(cupy, pb)
+        return self._forward_blockwise(cupy, pb)
 
     def _forward_fused(self, cupy, pb):
         B, Hq, Hkv, N, M, D, Dv = pb.batch, pb.q_heads, pb.kv_heads, pb.n, pb.m, pb.d, pb.dv

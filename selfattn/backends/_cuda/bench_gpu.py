@@ -11,7 +11,9 @@ backward; halved for causal). float16 forwards are timed twice: on the
 tensor-core kernel (the default on sm_80+) and on the CUDA-core kernel
 (``CupyBackend.tensor_cores = False``), to show what the tensor cores give.
 "extra MiB" is the device memory the forward allocates beyond its output
-(O(N) means it stays small as N grows). Writes a markdown table and prints it.
+(O(N) means it stays small as N grows). A float16 decode shape (one query row,
+M = 32768 keys) times the path the backend picks beside the fused kernel.
+Writes a markdown table and prints it.
 """
 
 from __future__ import annotations
@@ -129,6 +131,57 @@ def run(shapes, dtypes, repeat):
     return rows
 
 
+def run_decode(shapes, repeat):
+    """float16 decode (one query row against M keys): the chosen path, the fused kernel, and torch.
+
+    Rows ``(B, H, M, D)``. ``launch.forward_path`` sends these calls to the
+    blockwise cuBLAS path on an estimate; timing the fused kernel beside it
+    (``launch.DECODE_MAX_ROWS = 0`` for that call) checks the estimate.
+    """
+    import cupy
+    import selfattn
+    from . import launch
+
+    try:
+        import torch
+        import torch.nn.functional as F
+        has_torch = torch.cuda.is_available()
+    except ImportError:
+        has_torch = False
+    rows = []
+    for (b, h, m, d) in shapes:
+        rng = cupy.random.default_rng(0)
+        q = rng.standard_normal((b, h, 1, d), dtype=cupy.float32).astype(cupy.float16)
+        k, v = (rng.standard_normal((b, h, m, d), dtype=cupy.float32).astype(cupy.float16) for _ in range(2))
+
+        def fwd():
+            return selfattn.scaled_dot_product_attention(q, k, v, backend="cupy")
+
+        t = _time_cupy(cupy, fwd, repeat)
+        saved = launch.DECODE_MAX_ROWS
+        launch.DECODE_MAX_ROWS = 0
+        try:
+            t_fused = _time_cupy(cupy, fwd, repeat)
+        finally:
+            launch.DECODE_MAX_ROWS = saved
+        tt = None
+        if has_torch:
+            tq, tk, tv = (torch.as_tensor(x, device="cuda") for x in (q, k, v))
+
+            def tfwd():
+                with torch.no_grad():
+                    return F.scaled_dot_product_attention(tq, tk, tv)
+
+            tt = _time_torch(torch, tfwd, repeat)
+        fl = 4.0 * b * h * m * d
+        for what, tm in (("decode fwd", t), ("decode fwd (fused kernel)", t_fused)):
+            rows.append(dict(shape=f"({b},{h},1,{d}), M={m}", dtype="float16", causal=False, pass_=what,
+                             ms=tm * 1e3, tflops=fl / tm / 1e12, torch_ms=None if tt is None else tt * 1e3,
+                             torch_tflops=None if tt is None else fl / tt / 1e12,
+                             ratio=None if tt is None else tt / tm, mib=None))
+    return rows
+
+
 def markdown(rows, device):
     out = [f"GPU: {device}", "",
            "| shape (B,H,N,D) | dtype | causal | pass | selfattn ms | selfattn TFLOP/s | torch ms | torch TFLOP/s "
@@ -162,6 +215,7 @@ def main(argv=None):
     props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
     name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
     rows = run([(4, 16, n, 64), (4, 16, n, 128)], [cupy.float16, cupy.float32], args.repeat)
+    rows += run_decode([(8, 32, 8 * n, 128)], args.repeat)
     md = markdown(rows, name)
     with open(args.out, "w") as fh:
         fh.write(md)

@@ -192,6 +192,7 @@ def main(argv=None) -> int:
         from . import bench_gpu
 
         rows = bench_gpu.run([(4, 16, 4096, 64), (4, 16, 4096, 128)], [cupy.float16, cupy.float32], args.repeat)
+        rows += bench_gpu.run_decode([(8, 32, 32768, 128)], args.repeat)
         section = render("bench", facts, bench_md=bench_gpu.markdown(rows, facts["device"]),
                          bench_summary=summarize_bench(rows))
         text = update_report(text, "bench", section, status)

@@ -18,7 +18,8 @@ __all__ = [
     "kernel_source", "kernel_names", "pick_dmax", "fwd_kernel_name", "dropout_kernel_name",
     "fwd_launch", "elementwise_launch", "element_strides", "mask_kind", "mask_strides",
     "band_args", "dropout_args", "FWD_SIGNATURE", "DROPOUT_SIGNATURE", "pack_fwd_args",
-    "pack_dropout_args", "row_block", "fused_ok", "TC_DMAX_CHOICES", "TC_THREADS", "TC_MIN_CC",
+    "pack_dropout_args", "row_block", "fused_ok", "forward_path", "DECODE_MAX_ROWS", "DECODE_MIN_KEYS",
+    "TC_DMAX_CHOICES", "TC_THREADS", "TC_MIN_CC",
     "tc_kernel_name", "pick_tc_dmax", "tc_ok", "tc_layout_ok", "kernel_signature",
 ]
 
@@ -109,8 +110,32 @@ def pick_dmax(d: int, dv: int):
 
 
 def fused_ok(d: int, dv: int, return_weights: bool) -> bool:
-    """Whether the fused forward kernel handles the call (else the blockwise cuBLAS path does)."""
+    """Whether the fused forward kernel can handle the call (else the blockwise cuBLAS path must)."""
     return not return_weights and pick_dmax(d, dv) is not None
+
+
+#: Decode-like calls (fewer query rows than this per head, at least DECODE_MIN_KEYS keys) take
+#: the blockwise cuBLAS path even where the fused kernel could run: see :func:`forward_path`.
+DECODE_MAX_ROWS = 16
+DECODE_MIN_KEYS = 256
+
+
+def forward_path(d: int, dv: int, n: int, m: int, return_weights: bool) -> str:
+    """``"fused"`` or ``"blockwise"``: which forward the CuPy backend runs.
+
+    The fused kernels give a block 64 query rows of one head and walk its keys
+    in order, so with a handful of rows (decoding: N = 1) most threads idle and
+    the walk over M keys is serial. The blockwise path then reads K and V once
+    per key/value head through cuBLAS (GQA heads share the read) and keeps an
+    N x M score block -- small when N is. The crossover here is an estimate
+    from that argument, not a GPU measurement; bench_gpu times a decode shape
+    so a GPU run can check it.
+    """
+    if not fused_ok(d, dv, return_weights):
+        return "blockwise"
+    if int(n) < DECODE_MAX_ROWS and int(m) >= DECODE_MIN_KEYS:
+        return "blockwise"
+    return "fused"
 
 
 def pick_tc_dmax(d: int, dv: int):

@@ -2,7 +2,8 @@
 
 ``emu/simt.hpp`` turns the CUDA dialect into host C++ (one OS thread per CUDA
 thread, one block at a time, warp collectives and tensor-core instructions
-emulated with the PTX ISA's fragment layouts, cp.async deferred to its wait);
+emulated with the PTX ISA's fragment layouts, cp.async copies landing as late
+or as early as the PTX memory model allows);
 this module compiles ``launch.kernel_source(...)`` with it into a shared
 library and exposes each ``extern "C"`` kernel as a callable with CuPy's
 ``RawKernel`` calling convention, ``kernel(grid, block, args)``, where the
@@ -11,9 +12,11 @@ unchanged with NumPy standing in for CuPy and these kernels standing in for
 the compiled ones: the tests do exactly that.
 
 It is a correctness tool, not a fast path: a launch of a few hundred threads
-takes milliseconds to seconds. It needs a C++20 compiler (``g++`` or
-``clang++``, found on ``PATH`` or through ``$CXX``); :func:`compiler` says which,
-:class:`EmulatorUnavailable` says why not.
+takes milliseconds to seconds. It needs a C++20 compiler with ``_Float16``
+(g++ >= 12 or clang++ >= 15 on x86-64; ``$CXX`` overrides) on a system with
+POSIX threads and shared libraries; :func:`compiler` says which compiler,
+:func:`check_toolchain` whether it can build the emulator. Built libraries are
+cached by content hash in ``$TMPDIR/selfattn-simt-<uid>``.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ from ..._capabilities import Capabilities
 from ..cupy_ import CupyBackend
 from . import launch
 
-__all__ = ["EmulatorUnavailable", "EmulationError", "compiler", "check_toolchain", "load", "EmulatedKernel", "EmulatedCupyBackend", "make_backend"]
+__all__ = ["EmulatorUnavailable", "EmulationError", "compiler", "check_toolchain", "load", "EmulatedKernel",
+           "EmulatedCupyBackend", "make_backend"]
 
 _HEADER = Path(__file__).resolve().parent / "emu" / "simt.hpp"
 _CTYPES = {"int": ctypes.c_int32, "long long": ctypes.c_int64, "double": ctypes.c_double,
@@ -113,12 +117,14 @@ def _build(names: tuple, source: str, signature) -> ctypes.CDLL:
     cache.mkdir(parents=True, exist_ok=True)
     lib_path = cache / f"{key}.so"
     if not lib_path.exists():
-        cpp = cache / f"{key}.cpp"
+        # Per-process file names: parallel test workers may build the same library at once.
+        cpp = cache / f"{key}.{os.getpid()}.cpp"
         cpp.write_text(src)
         tmp = cache / f"{key}.{os.getpid()}.so"
         cmd = [cxx, "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-include", str(_HEADER),
                "-x", "c++", str(cpp), "-o", str(tmp)]
         res = subprocess.run(cmd, capture_output=True, text=True)
+        cpp.unlink(missing_ok=True)
         if res.returncode != 0:
             raise EmulatorUnavailable(f"building the CUDA emulator failed ({' '.join(cmd)}):\n{res.stderr[-4000:]}")
         os.replace(tmp, lib_path)

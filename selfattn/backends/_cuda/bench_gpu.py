@@ -64,17 +64,23 @@ def _extra_mib(cupy, fn):
     return (pool.total_bytes() - before - kept) / 2**20
 
 
+def _torch():
+    """``(torch, torch.nn.functional)`` when PyTorch with CUDA is installed, else ``(None, None)``."""
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        return None, None
+    return (torch, F) if torch.cuda.is_available() else (None, None)
+
+
 def run(shapes, dtypes, repeat):
     import cupy
     import selfattn
     from selfattn.backends.cupy_ import backend as cupy_backend
 
-    try:
-        import torch
-        import torch.nn.functional as F
-        has_torch = torch.cuda.is_available()
-    except ImportError:
-        has_torch = False
+    torch, F = _torch()
+    has_torch = torch is not None
     rows = []
     for (b, h, n, d) in shapes:
         for dt in dtypes:
@@ -142,12 +148,8 @@ def run_decode(shapes, repeat):
     import selfattn
     from . import launch
 
-    try:
-        import torch
-        import torch.nn.functional as F
-        has_torch = torch.cuda.is_available()
-    except ImportError:
-        has_torch = False
+    torch, F = _torch()
+    has_torch = torch is not None
     rows = []
     for (b, h, m, d) in shapes:
         rng = cupy.random.default_rng(0)

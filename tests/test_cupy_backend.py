@@ -739,3 +739,54 @@ def test_cupy_inputs_without_a_device_give_a_clear_error(monkeypatch):
             selfattn.scaled_dot_product_attention(q, q, q, backend="cupy")
     finally:
         _dispatch.registry.reset()
+
+
+def test_bench_gpu_runs_with_stand_ins(monkeypatch):
+    """bench_gpu's loops, timing and table on the CPU: NumPy for CuPy, the NumPy backend for the call.
+
+    Catches a slip in the benchmark code before it costs GPU time; the numbers mean nothing.
+    """
+    from selfattn.backends._cuda import bench_gpu
+
+    class Event:
+        def record(self):
+            self.t = __import__("time").perf_counter()
+
+        def synchronize(self):
+            pass
+
+    class Pool:
+        def free_all_blocks(self):
+            pass
+
+        def used_bytes(self):
+            return 0
+
+        def total_bytes(self):
+            return 0
+
+    class Rng:
+        def __init__(self, seed):
+            self.g = np.random.default_rng(seed)
+
+        def standard_normal(self, shape, dtype):
+            return self.g.standard_normal(shape).astype(dtype)
+
+    fake = types.SimpleNamespace(
+        float16=np.float16, float32=np.float32, dtype=np.dtype,
+        random=types.SimpleNamespace(default_rng=Rng), get_default_memory_pool=Pool,
+        cuda=types.SimpleNamespace(Event=Event, Device=lambda: types.SimpleNamespace(synchronize=lambda: None),
+                                   get_elapsed_time=lambda a, b: max(b.t - a.t, 1e-9) * 1e3))
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setattr(bench_gpu, "_torch", lambda: (None, None))
+    sdpa, vjp = selfattn.scaled_dot_product_attention, selfattn.scaled_dot_product_attention_vjp
+    monkeypatch.setattr(selfattn, "scaled_dot_product_attention", lambda *a, backend=None, **k: sdpa(*a, backend="numpy", **k))
+    monkeypatch.setattr(selfattn, "scaled_dot_product_attention_vjp",
+                        lambda *a, backend=None, **k: vjp(*a, backend="numpy", **k))
+    rows = bench_gpu.run([(1, 2, 64, 16)], [np.float16, np.float32], 2) + bench_gpu.run_decode([(1, 2, 300, 16)], 2)
+    passes = [(r["dtype"], r["causal"], r["pass_"]) for r in rows]
+    assert ("float16", True, "fwd (CUDA cores)") in passes and ("float32", False, "fwd+bwd") in passes
+    assert ("float16", False, "decode fwd (fused kernel)") in passes
+    assert launch.DECODE_MAX_ROWS == 16 and cupy_backend_mod.backend.tensor_cores  # restored
+    assert all(r["ms"] > 0 and r["ratio"] is None for r in rows)
+    assert bench_gpu.markdown(rows, "stand-in").count("\n| (1,2,") == len(rows)

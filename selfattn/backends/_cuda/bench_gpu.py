@@ -75,6 +75,7 @@ def _torch():
 
 
 def run(shapes, dtypes, repeat):
+    """Rows of the table for ``shapes`` ``(B, H, N, D)`` x ``dtypes`` x causal or not (see the module docstring)."""
     import cupy
     import selfattn
     from selfattn.backends.cupy_ import backend as cupy_backend
@@ -200,6 +201,7 @@ def markdown(rows, device):
 
 
 def main(argv=None):
+    """Command line: run the benchmark on the current GPU, write and print the markdown table."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="gpu-bench.md", help="markdown file to write")
     ap.add_argument("--repeat", type=int, default=20)

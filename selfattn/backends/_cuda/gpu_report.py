@@ -159,6 +159,7 @@ def update_report(text: str, part: str, section: str, status: str) -> str:
 
 
 def main(argv=None) -> int:
+    """Command line; exit status 0, 1 if a correctness run failed, 2 without a usable CuPy backend."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--part", choices=("all", "tests", "bench"), default="all")
     ap.add_argument("--out", default="docs/gpu-validation.md")

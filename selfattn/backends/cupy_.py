@@ -237,8 +237,18 @@ class CupyBackend(Backend):
         B, Hq, Hkv, N, M, D, Dv = pb.batch, pb.q_heads, pb.kv_heads, pb.n, pb.m, pb.d, pb.dv
         out = cupy.empty((B, Hq, N, Dv), dtype=pb.dtype)
         lse = cupy.empty((B, Hq, N), dtype=pb.lse_dtype) if pb.want_lse else cupy.empty((1,), dtype=pb.lse_dtype)
-        grid, block, _, _ = launch.fwd_launch(B, Hq, N, launch.BM)
+        tc = self.tensor_cores and launch.tc_ok(pb.dtype, D, Dv, pb.return_weights, self._compute_capability(cupy))
+        if tc:
+            name, threads = launch.tc_kernel_name(launch.pick_tc_dmax(D, Dv)), launch.TC_THREADS
+        else:
+            name, threads = launch.fwd_kernel_name(pb.dtype, launch.pick_dmax(D, Dv)), launch.BM
+        grid, block, _, _ = launch.fwd_launch(B, Hq, N, threads)
         if grid is None:
+            return out, (lse if pb.want_lse else None), None
+        if M == 0:
+            out.fill(0)
+            if pb.want_lse:
+                lse.fill(-np.inf)
             return out, (lse if pb.want_lse else None), None
         if pb.mask is not None:
             mask = pb.mask
@@ -251,7 +261,6 @@ class CupyBackend(Backend):
             mask_index = cupy.zeros((1,), dtype=cupy.int64)
             mdt, mss = None, None
         q, k, v = pb.query, pb.key, pb.value
-        tc = self.tensor_cores and launch.tc_ok(pb.dtype, D, Dv, pb.return_weights, self._compute_capability(cupy))
         if tc:
             # The tensor-core kernel copies 16-byte row chunks: give it unit-stride,
             # aligned rows (a copy only for unusual views; O(N) like the input).
@@ -260,21 +269,11 @@ class CupyBackend(Backend):
         ss = {a: (x.shape, x.strides, x.itemsize) for a, x in (("q", q), ("k", k), ("v", v))}
         if mss is not None:
             ss["m"] = mss
-        if M == 0:
-            out.fill(0)
-            if pb.want_lse:
-                lse.fill(-np.inf)
-            return out, (lse if pb.want_lse else None), None
         args = launch.pack_fwd_args(
             q=q, k=k, v=v, out=out, lse=lse, mask=mask, mask_index=mask_index, mask_dtype=mdt,
             shapes_strides=ss, sizes=dict(B=B, Hq=Hq, Hkv=Hkv, N=N, M=M, D=D, Dv=Dv),
             scale=pb.scale, lower=pb.lower, upper=pb.upper, dropout_p=pb.dropout_p,
             dropout_seed=pb.dropout_seed, write_lse=pb.want_lse)
-        if tc:
-            name, threads = launch.tc_kernel_name(launch.pick_tc_dmax(D, Dv)), launch.TC_THREADS
-        else:
-            name, threads = launch.fwd_kernel_name(pb.dtype, launch.pick_dmax(D, Dv)), launch.BM
-        grid, block, _, _ = launch.fwd_launch(B, Hq, N, threads)
         self._kernel(cupy, name)(grid, block, args)
         return out, (lse if pb.want_lse else None), None
 

@@ -184,7 +184,8 @@ def main(argv=None) -> int:
     rc = 0
     if args.part in ("all", "tests"):
         tests = run_tests(root)
-        rc = max(rc, *(1 for _, _, r, _ in tests if r != 0), 0)
+        if any(r != 0 for _, _, r, _ in tests):
+            rc = 1
         text = update_report(text, "tests", render("tests", facts, tests=tests), status)
         path.write_text(text)
     if args.part in ("all", "bench"):

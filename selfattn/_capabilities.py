@@ -16,7 +16,10 @@ declaration drives
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import TYPE_CHECKING, Iterable, Mapping
+
+if TYPE_CHECKING:
+    from ._problem import Problem
 
 __all__ = ["FEATURES", "DTYPES", "Capabilities", "required_features"]
 
@@ -31,6 +34,10 @@ FEATURES: Mapping[str, str] = {
     "lse": "return the log-sum-exp of the scores",
     "weights": "return the attention probabilities",
     "vjp": "gradients through scaled_dot_product_attention_vjp",
+    "softcap": "logit soft-capping (softcap * tanh(s / softcap))",
+    "alibi": "ALiBi linear position biases (per-head slopes)",
+    "varlen": "packed variable-length batches (scaled_dot_product_attention_varlen)",
+    "chunks": "a chunk of a larger call: global offsets for the band and dropout (Dask, split-KV)",
 }
 
 #: The dtypes the public API accepts, by name.
@@ -53,14 +60,21 @@ class Capabilities:
     notes:
         Optional reason for each missing feature or dtype, shown in errors and in
         the support table.
+    min_flops:
+        The work range where the backend pays off, as data: automatic selection
+        passes it over for calls of fewer forward FLOPs (``Problem.flops``)
+        when a later backend can run the call (e.g. a JIT backend whose thread
+        hand-off costs more than a tiny call). 0 means always. An explicit
+        choice (``backend=``, ``use_backend``, ``set_backend``) ignores it.
     """
 
     array_type: str
-    dtypes: frozenset = frozenset(DTYPES)
-    features: frozenset = frozenset(FEATURES)
+    dtypes: frozenset[str] = frozenset(DTYPES)
+    features: frozenset[str] = frozenset(FEATURES)
     notes: Mapping[str, str] = field(default_factory=dict)
+    min_flops: float = 0.0
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         unknown = set(self.features) - set(FEATURES)
         if unknown:
             raise ValueError(f"unknown capability feature(s) {sorted(unknown)}; known: {sorted(FEATURES)}")
@@ -70,7 +84,7 @@ class Capabilities:
         object.__setattr__(self, "features", frozenset(self.features))
         object.__setattr__(self, "dtypes", frozenset(self.dtypes))
 
-    def missing(self, array_type: str, dtype: str, features) -> list[str]:
+    def missing(self, array_type: str, dtype: str, features: Iterable[str]) -> list[str]:
         """Return human-readable reasons why a call needing these cannot run (empty if it can)."""
         reasons = []
         if array_type != self.array_type:
@@ -83,17 +97,18 @@ class Capabilities:
             reasons.append(f"does not support {feat!r} ({FEATURES[feat]})" + (f": {note}" if note else ""))
         return reasons
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, object]:
         """A JSON-friendly view, used by ``list_backends`` consumers and the CLI."""
         return {
             "array_type": self.array_type,
             "dtypes": sorted(self.dtypes, key=DTYPES.index),
             "features": sorted(self.features, key=list(FEATURES).index),
             "notes": dict(self.notes),
+            "min_flops": self.min_flops,
         }
 
 
-def required_features(problem) -> frozenset:
+def required_features(problem: Problem) -> frozenset[str]:
     """The capability features a normalized problem needs (see :mod:`selfattn._problem`)."""
     need = set()
     if problem.mask is not None:
@@ -112,4 +127,10 @@ def required_features(problem) -> frozenset:
         need.add("weights")
     if problem.needs_vjp:
         need.add("vjp")
+    if problem.softcap is not None:
+        need.add("softcap")
+    if problem.alibi is not None:
+        need.add("alibi")
+    if problem.is_chunk:
+        need.add("chunks")
     return frozenset(need)

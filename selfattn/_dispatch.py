@@ -9,14 +9,19 @@ Selection precedence for a call (first match wins):
    variable;
 4. automatic: the first backend, by ascending priority (cupy 10, numba 20,
    numpy 100, plugins 200 unless they say otherwise), that consumes this array
-   type, is available, and declares every capability the call needs.
+   type, is available, declares every capability the call needs, and whose
+   declared work range (``Capabilities.min_flops``) holds the call's size --
+   a smaller call goes to the next such backend (NumPy for a toy call: no
+   JIT compile, no thread hand-off). The last able backend takes any size.
 
 Automatic selection never converts arrays between libraries. A backend that
 handles the array type but is skipped (unavailable, or missing a capability)
 is logged at DEBUG on the ``selfattn`` logger; in strict mode
 (``SELFATTN_STRICT=1`` or ``use_backend(strict=True)``) any such skip is an
-error instead. Automatic decisions are cached per (array type, dtype, needed
-features, strictness), so dispatch adds only microseconds to a call.
+error instead (a backend passed over for a small problem is not a skip: a
+later backend is simply faster there). Automatic decisions are cached per
+(array type, dtype, needed features, strictness) as the list of able
+backends; the size check on it costs a comparison per call.
 
 Backends come from :data:`selfattn.backends.BUILTIN` and from the
 ``selfattn.backends`` entry-point group. An entry point names either a backend
@@ -38,9 +43,12 @@ import threading
 import warnings
 from dataclasses import dataclass, field
 
+from collections.abc import Sequence
+
 from ._capabilities import Capabilities, required_features
 from ._errors import BackendNotFoundError, BackendUnavailableError, NoBackendError, UnsupportedFeatureError
-from .backends import BUILTIN
+from ._problem import Problem
+from .backends import BUILTIN, Backend
 
 __all__ = [
     "ENTRY_POINT_GROUP", "BackendRecord", "Explanation", "list_backends", "get_backend",
@@ -286,7 +294,15 @@ def get_backend(name: str):
     return registry.load(entry)
 
 
-def select(problem, backend_arg=None, trail: list | None = None):
+def _small(problem: Problem, caps: Capabilities) -> str | None:
+    """Why ``problem`` is below the work range ``caps`` declares (None when it is inside)."""
+    if problem.flops >= caps.min_flops:
+        return None
+    return (f"small problem ({problem.flops:.3g} FLOP < {caps.min_flops:.3g}, the work range it declares: "
+            "below it a later backend is faster)")
+
+
+def select(problem: Problem, backend_arg: str | None = None, trail: list[str] | None = None) -> Backend:
     """Choose the backend object for a normalized problem (see the module docstring)."""
     need = required_features(problem)
     array_type = problem.array_type
@@ -298,7 +314,7 @@ def select(problem, backend_arg=None, trail: list | None = None):
         if trail is None:
             hit = registry._cache.get(key)
             if hit is not None:
-                return hit
+                return _by_size(problem, hit)
     dtype = problem.dtype.name
     if name is not None:
         backend = get_backend(name)
@@ -319,6 +335,7 @@ def select(problem, backend_arg=None, trail: list | None = None):
         return backend
 
     skipped = []
+    eligible: list[Backend] = []
     for entry in registry.entries().values():
         if entry.array_type is not None and entry.array_type != array_type:
             if trail is not None:
@@ -340,15 +357,41 @@ def select(problem, backend_arg=None, trail: list | None = None):
                 raise cls(f"strict backend selection: {msg} (SELFATTN_STRICT / use_backend(strict=True) forbid "
                           "skipping; choose a backend explicitly or disable strict mode)")
             continue
-        backend = registry.load(entry)
-        if trail is not None:
-            trail.append(f"{entry.name}: chosen automatically (priority {entry.priority})")
-        registry._cache[key] = backend
-        return backend
-    raise NoBackendError(
-        f"no backend can run this call ({array_type} arrays, {dtype}, needs {sorted(need) or 'no options'}): "
-        + ("; ".join(skipped) or "no backend handles this array type") + f". {_install_hint()}"
-    )
+        eligible.append(registry.load(entry))
+    if not eligible:
+        raise NoBackendError(
+            f"no backend can run this call ({array_type} arrays, {dtype}, needs {sorted(need) or 'no options'}): "
+            + ("; ".join(skipped) or "no backend handles this array type") + f". {_install_hint()}"
+        )
+    registry._cache[key] = tuple(eligible)
+    chosen = _by_size(problem, eligible)
+    if trail is not None:
+        for backend in eligible:
+            if backend is chosen:
+                trail.append(f"{backend.name}: chosen automatically (priority {backend.priority}"
+                             + (", the last backend able to run it" if _small(problem, backend.capabilities)
+                                else "") + ")")
+                break
+            trail.append(f"{backend.name}: passed over, {_small(problem, backend.capabilities)}")
+        later = [b.name for b in eligible[eligible.index(chosen) + 1:]]
+        if later:
+            trail.append(f"also able to run it: {', '.join(later)}")
+    return chosen
+
+
+def _by_size(problem: Problem, eligible: Sequence[Backend]) -> Backend:
+    """The first eligible backend whose declared work range holds the problem.
+
+    A backend declares (``Capabilities.min_flops``) the smallest call where it
+    pays off; below it a later backend runs the call -- e.g. NumPy instead of a
+    JIT backend whose thread hand-off and compile cost more than a tiny call.
+    The last eligible backend always takes what no earlier one wants.
+    """
+    flops = problem.flops
+    for backend in eligible:
+        if flops >= backend.capabilities.min_flops:
+            return backend
+    return eligible[-1]
 
 
 def list_backends() -> list[BackendRecord]:

@@ -29,13 +29,17 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["MUL_BH", "MUL_ROW", "MUL_COL", "threshold", "fmix32", "head_hash", "row_hash", "keep_mask", "split_seed"]
+__all__ = ["MUL_BH", "MUL_ROW", "MUL_COL", "FMIX_1", "FMIX_2", "threshold", "fmix32", "head_hash", "row_hash", "keep_mask", "split_seed"]
 
+#: Multipliers of the batch·head, row and column counters.
 MUL_BH = 0x9E3779B1
 MUL_ROW = 0x85EBCA77
 MUL_COL = 0xC2B2AE3D
-_M1 = np.uint32(0x85EBCA6B)
-_M2 = np.uint32(0xC2B2AE35)
+#: The two multipliers of MurmurHash3's 32-bit finaliser.
+FMIX_1 = 0x85EBCA6B
+FMIX_2 = 0xC2B2AE35
+_M1 = np.uint32(FMIX_1)
+_M2 = np.uint32(FMIX_2)
 
 
 def threshold(p: float) -> int:

@@ -14,11 +14,12 @@ import math
 import numbers
 import secrets
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 
-__all__ = ["Problem", "normalize", "array_library", "MAX_EXTENT"]
+__all__ = ["Problem", "Coordinates", "normalize", "array_library", "MAX_EXTENT"]
 
 #: Largest allowed N, M and flat batch·head count. Kernels index with int32 in
 #: places (CUDA grids) and the dropout counters are 32-bit, so larger extents
@@ -28,7 +29,7 @@ MAX_EXTENT = 2**31 - 1
 _FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
 
-def array_library(x) -> str | None:
+def array_library(x: Any) -> str | None:
     """Name of the array library that owns ``x`` (``"numpy"``/``"cupy"``), or None.
 
     CuPy is looked up in ``sys.modules`` and never imported: if CuPy has not been
@@ -42,12 +43,12 @@ def array_library(x) -> str | None:
     return None
 
 
-def _describe(x) -> str:
+def _describe(x: Any) -> str:
     t = type(x)
     return f"{t.__module__}.{t.__qualname__}" if t.__module__ != "builtins" else t.__qualname__
 
 
-def _check_array(name: str, x) -> str:
+def _check_array(name: str, x: Any) -> str:
     lib = array_library(x)
     if lib is None:
         if isinstance(x, np.ndarray):
@@ -82,7 +83,7 @@ def _check_array(name: str, x) -> str:
     return lib
 
 
-def _check_bool(name: str, value) -> bool:
+def _check_bool(name: str, value: Any) -> bool:
     if value is True or value is False:
         return value
     if isinstance(value, (bool, np.bool_)):
@@ -90,7 +91,7 @@ def _check_bool(name: str, value) -> bool:
     raise TypeError(f"{name} must be True or False, got {value!r} ({_describe(value)})")
 
 
-def _check_int(name: str, value, *, allow_none=False):
+def _check_int(name: str, value: Any, *, allow_none: bool = False) -> int | None:
     if allow_none and value is None:
         return None
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
@@ -98,7 +99,7 @@ def _check_int(name: str, value, *, allow_none=False):
     return int(value)
 
 
-def _normalize_window(window, causal: bool, n: int, m: int):
+def _normalize_window(window: Any, n: int, m: int) -> tuple[int, int] | None:
     if window is None:
         return None
     if isinstance(window, (tuple, list)):
@@ -117,12 +118,54 @@ def _normalize_window(window, causal: bool, n: int, m: int):
     return (min(left, cap), min(right, cap))
 
 
-@dataclass
+@dataclass(frozen=True)
+class Coordinates:
+    """Where a problem's elements sit in a larger call: the dropout counters of a chunk.
+
+    The dropout pattern is a pure function of each weight's *global*
+    ``(batch·head, i, j)`` index (:mod:`selfattn._dropout`). A whole call has
+    the defaults (its own indices are global). A chunk of a larger call -- a
+    block of a Dask graph, one piece of a split-KV schedule -- carries here
+    how its local indices map back: local flat batch ``b``, query head ``h``,
+    row ``i`` and key ``j`` use the counters
+
+    ``bh = batch_index[b] * total_heads + head_start + h``,
+    ``row = row_start + i``, ``col = col_start + j``.
+
+    ``batch_index`` is a host ``int64`` array of length ``B`` (None: ``b``
+    itself); ``total_heads`` None means the problem's own ``Hq``.
+    """
+
+    batch_index: np.ndarray | None = None
+    head_start: int = 0
+    total_heads: int | None = None
+    row_start: int = 0
+    col_start: int = 0
+
+    def is_default(self, q_heads: int) -> bool:
+        """True when the local indices are the global ones (a whole call)."""
+        return (self.batch_index is None and self.head_start == 0 and self.total_heads in (None, q_heads)
+                and self.row_start == 0 and self.col_start == 0)
+
+    def batch_heads(self, b0: int, b1: int, q_heads: int) -> np.ndarray:
+        """Global flat batch·head counters of local batches ``[b0, b1)`` x every query head, ``int64 (b1-b0)*Hq``."""
+        total = q_heads if self.total_heads is None else self.total_heads
+        b = np.arange(b0, b1, dtype=np.int64) if self.batch_index is None else self.batch_index[b0:b1]
+        return (b[:, None] * total + self.head_start + np.arange(q_heads, dtype=np.int64)[None, :]).reshape(-1)
+
+
+#: Array of the problem's array library (``numpy.ndarray`` or ``cupy.ndarray``);
+#: typed loosely because CuPy is never imported for type checking.
+Array = Any
+
+
+@dataclass(frozen=True)
 class Problem:
     """A validated, normalized attention call, as every backend receives it.
 
+    This is the backend contract (exported as :class:`selfattn.backends.Problem`).
     Arrays keep the caller's array library, dtype and memory (views, never
-    copies, except where noted):
+    copies):
 
     * ``query``: ``(B, Hq, N, D)``, ``key``: ``(B, Hkv, M, D)``, ``value``:
       ``(B, Hkv, M, Dv)``, where ``B`` is the product of the caller's batch axes
@@ -132,33 +175,50 @@ class Problem:
       ``Hm in (1, Hq)``, ``Nm in (1, N)``, ``Mm in (1, M)``; batch entry ``b``
       uses ``mask[mask_index[b]]`` (``mask_index`` is a host int64 array of
       length ``B``). Size-1 axes broadcast; the mask is never expanded.
-    * ``lower``/``upper``: the band that causal and window masking leave:
-      query ``i`` may attend key ``j`` iff
-      ``i + offset - lower <= j <= i + offset + upper`` with
-      ``offset = M - N``; ``None`` means unbounded on that side.
-    * ``dropout_seed`` is an int in ``[0, 2**64)`` whenever ``dropout_p > 0``.
+    * The causal/window band: query ``i`` may attend key ``j`` iff
+      ``i + offset - lower <= j <= i + offset + upper`` (``lower``/``upper``
+      None: unbounded on that side). ``offset`` is ``M - N`` for a whole call
+      (bottom-right alignment); a chunk of a larger call carries its own.
+    * ``softcap``: None or a positive float; scaled scores ``s`` become
+      ``softcap * tanh(s / softcap)`` before any bias or mask is added.
+    * ``alibi``: None or an array ``(B, Hq)`` (float32/float64, the inputs'
+      array library) of ALiBi slopes: ``-alibi[b, h] * |i + offset - j|`` is
+      added to the (soft-capped) scores.
+    * ``dropout_seed`` is an int in ``[0, 2**64)`` whenever ``dropout_p > 0``;
+      ``coords`` maps local indices to the pattern's global counters.
+
+    Order of operations: scale, softcap, + alibi, + float mask / bool mask,
+    causal/window band, softmax, dropout.
 
     Invariants: ``Hq % Hkv == 0``, ``D >= 1``, ``N, M, B*Hq <= MAX_EXTENT``,
-    ``scale`` finite and positive.
+    ``scale`` finite and positive. The dataclass is frozen: derive variants
+    with :func:`dataclasses.replace` or :meth:`chunk`.
     """
 
     array_type: str
-    query: object
-    key: object
-    value: object
-    batch_shape: tuple
-    two_d: bool
-    mask: object = None
+    query: Array
+    key: Array
+    value: Array
+    batch_shape: tuple[int, ...]
+    two_d: bool = False
+    mask: Array | None = None
     mask_index: np.ndarray | None = None
     causal: bool = False
-    window: tuple | None = None
+    window: tuple[int, int] | None = None
     scale: float = 1.0
+    softcap: float | None = None
+    alibi: Array | None = None
     dropout_p: float = 0.0
     dropout_seed: int | None = None
     return_lse: bool = False
     return_weights: bool = False
     needs_vjp: bool = False
-    extra: dict = field(default_factory=dict)
+    offset: int | None = None
+    coords: Coordinates = field(default_factory=Coordinates)
+
+    def __post_init__(self) -> None:
+        if self.offset is None:
+            object.__setattr__(self, "offset", int(self.key.shape[2]) - int(self.query.shape[2]))
 
     # -- derived sizes -------------------------------------------------
     @property
@@ -169,32 +229,68 @@ class Problem:
     @property
     def compute_dtype(self) -> np.dtype:
         """Accumulation dtype: float32 for float16 inputs, else the input dtype."""
-        return np.dtype(np.float32) if self.query.dtype == np.float16 else self.query.dtype
+        return np.dtype(np.float32) if self.query.dtype == np.float16 else np.dtype(self.query.dtype)
 
     @property
     def lse_dtype(self) -> np.dtype:
         """dtype of the returned log-sum-exp (float32 for float16 inputs, as in FlashAttention)."""
         return self.compute_dtype
 
-    batch = property(lambda self: self.query.shape[0], doc="Flat batch size B.")
-    q_heads = property(lambda self: self.query.shape[1], doc="Query heads Hq.")
-    kv_heads = property(lambda self: self.key.shape[1], doc="Key/value heads Hkv.")
-    group = property(lambda self: self.query.shape[1] // self.key.shape[1], doc="Query heads per key/value head.")
-    n = property(lambda self: self.query.shape[2], doc="Query length N.")
-    m = property(lambda self: self.key.shape[2], doc="Key length M.")
-    d = property(lambda self: self.query.shape[3], doc="Query/key head size D.")
-    dv = property(lambda self: self.value.shape[3], doc="Value head size Dv.")
-    offset = property(lambda self: self.key.shape[2] - self.query.shape[2], doc="M - N, the bottom-right alignment offset.")
+    @property
+    def batch(self) -> int:
+        """Flat batch size B."""
+        return int(self.query.shape[0])
 
     @property
-    def lower(self):
+    def q_heads(self) -> int:
+        """Query heads Hq."""
+        return int(self.query.shape[1])
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads Hkv."""
+        return int(self.key.shape[1])
+
+    @property
+    def group(self) -> int:
+        """Query heads per key/value head."""
+        return self.q_heads // self.kv_heads
+
+    @property
+    def n(self) -> int:
+        """Query length N."""
+        return int(self.query.shape[2])
+
+    @property
+    def m(self) -> int:
+        """Key length M."""
+        return int(self.key.shape[2])
+
+    @property
+    def d(self) -> int:
+        """Query/key head size D."""
+        return int(self.query.shape[3])
+
+    @property
+    def dv(self) -> int:
+        """Value head size Dv."""
+        return int(self.value.shape[3])
+
+    @property
+    def flops(self) -> float:
+        """Forward work in floating-point operations, ``2·B·Hq·N·M·(D + Dv)``, before band skipping."""
+        return 2.0 * self.batch * self.q_heads * self.n * self.m * (self.d + self.dv)
+
+    @property
+    def lower(self) -> int | None:
         """How many keys left of the aligned diagonal a query may reach (None: unbounded)."""
         return None if self.window is None else self.window[0]
 
     @property
-    def upper(self):
+    def upper(self) -> int | None:
         """How many keys right of the aligned diagonal a query may reach (None: unbounded)."""
-        ups = [u for u in ((0 if self.causal else None), None if self.window is None else self.window[1]) if u is not None]
+        ups = [u for u in ((0 if self.causal else None), None if self.window is None else self.window[1])
+               if u is not None]
         return min(ups) if ups else None
 
     @property
@@ -202,22 +298,27 @@ class Problem:
         """Whether the forward must produce the log-sum-exp (asked for, or kept for the VJP)."""
         return self.return_lse or self.needs_vjp
 
+    @property
+    def is_chunk(self) -> bool:
+        """True when this problem is a chunk of a larger call (non-default offset or counters)."""
+        return self.offset != self.m - self.n or not self.coords.is_default(self.q_heads)
+
     def key_range(self, i0: int, i1: int) -> tuple[int, int]:
         """Half-open range ``[j0, j1)`` of keys that any query row in ``[i0, i1)`` may attend.
 
         Keys outside it are masked for every row of the block by causal/window
         masking, so a backend may skip them entirely. Empty ranges have ``j0 >= j1``.
         """
-        m, off = self.m, self.offset
+        m, off = self.m, int(self.offset)  # type: ignore[arg-type]
         j0 = 0 if self.lower is None else max(0, i0 + off - self.lower)
         j1 = m if self.upper is None else min(m, i1 - 1 + off + self.upper + 1)
         return j0, max(j0, j1)
 
-    def band(self, i0: int, i1: int, j0: int, j1: int, xp=np):
+    def band(self, i0: int, i1: int, j0: int, j1: int, xp: Any = np) -> Array | None:
         """Boolean ``(i1-i0, j1-j0)`` array, True where causal/window allow attending (None if no band)."""
         if self.lower is None and self.upper is None:
             return None
-        rel = xp.arange(j0, j1)[None, :] - (xp.arange(i0, i1)[:, None] + self.offset)
+        rel = self.distance(i0, i1, j0, j1, xp)
         ok = xp.ones(rel.shape, dtype=bool)
         if self.lower is not None:
             ok &= rel >= -self.lower
@@ -225,13 +326,18 @@ class Problem:
             ok &= rel <= self.upper
         return ok
 
-    def mask_block(self, b0: int, b1: int, i0: int, i1: int, j0: int, j1: int, xp=np):
+    def distance(self, i0: int, i1: int, j0: int, j1: int, xp: Any = np) -> Array:
+        """Signed ``j - (i + offset)`` for rows ``[i0, i1)`` and keys ``[j0, j1)`` (int64)."""
+        return xp.arange(j0, j1, dtype=xp.int64)[None, :] - (xp.arange(i0, i1, dtype=xp.int64)[:, None] + self.offset)
+
+    def mask_block(self, b0: int, b1: int, i0: int, i1: int, j0: int, j1: int, xp: Any = np) -> Array:
         """The mask restricted to flat batches ``[b0,b1)``, rows ``[i0,i1)``, keys ``[j0,j1)``.
 
         Shape ``(b1-b0 or 1, Hm, i1-i0 or 1, j1-j0 or 1)``: broadcast axes stay size 1.
         ``xp`` is the mask's array module; a gathered batch index is moved to it.
         """
         mk = self.mask
+        assert mk is not None and self.mask_index is not None
         rows = slice(i0, i1) if mk.shape[2] > 1 else slice(None)
         cols = slice(j0, j1) if mk.shape[3] > 1 else slice(None)
         if mk.shape[0] == 1:
@@ -241,20 +347,72 @@ class Problem:
             return mk[b0:b1, :, rows, cols]
         return mk[xp.asarray(idx)][:, :, rows, cols]
 
-    def out_shape(self, last: int) -> tuple:
+    def chunk(self, batches: tuple[int, int] | None = None, heads: tuple[int, int] | None = None,
+              rows: tuple[int, int] | None = None, keys: tuple[int, int] | None = None) -> Problem:
+        """The sub-problem of flat batches, query heads, query rows and keys ``[start, stop)`` each.
+
+        Its result is exactly the corresponding piece of this problem's partial
+        result over those keys: the band, ALiBi distances and the dropout
+        counters keep their global positions (``offset`` and ``coords`` are
+        adjusted), the mask is sliced (never expanded), and GQA stays aligned:
+        ``heads`` must cover whole key/value groups (multiples of ``group``).
+        The chunk never asks for weights; whether it returns lse is unchanged.
+        Merging the partial ``(out, lse)`` of chunks over disjoint key ranges
+        with :func:`selfattn.merge_attention` gives the whole call's result.
+        """
+        b0, b1 = batches if batches is not None else (0, self.batch)
+        h0, h1 = heads if heads is not None else (0, self.q_heads)
+        i0, i1 = rows if rows is not None else (0, self.n)
+        j0, j1 = keys if keys is not None else (0, self.m)
+        g = self.group
+        if h0 % g or h1 % g:
+            raise ValueError(f"heads=({h0}, {h1}) must cover whole key/value groups of {g} query heads")
+        q = self.query[b0:b1, h0:h1, i0:i1]
+        k = self.key[b0:b1, h0 // g:h1 // g, j0:j1]
+        v = self.value[b0:b1, h0 // g:h1 // g, j0:j1]
+        mask = mask_index = None
+        if self.mask is not None:
+            assert self.mask_index is not None
+            mk = self.mask
+            mask = mk[:, slice(h0, h1) if mk.shape[1] > 1 else slice(None),
+                      slice(i0, i1) if mk.shape[2] > 1 else slice(None),
+                      slice(j0, j1) if mk.shape[3] > 1 else slice(None)]
+            mask_index = self.mask_index[b0:b1]
+        alibi = None if self.alibi is None else self.alibi[b0:b1, h0:h1]
+        c = self.coords
+        bidx = np.arange(b0, b1, dtype=np.int64) if c.batch_index is None else c.batch_index[b0:b1]
+        coords = Coordinates(batch_index=bidx, head_start=c.head_start + h0,
+                             total_heads=self.q_heads if c.total_heads is None else c.total_heads,
+                             row_start=c.row_start + i0, col_start=c.col_start + j0)
+        return replace(self, query=q, key=k, value=v, batch_shape=(b1 - b0,), two_d=False, mask=mask,
+                       mask_index=mask_index, alibi=alibi, return_weights=False,
+                       offset=int(self.offset) + i0 - j0, coords=coords)  # type: ignore[arg-type]
+
+    def out_shape(self, last: int) -> tuple[int, ...]:
         """The caller-facing shape of an array laid out ``(B, Hq, N, last)``."""
         if self.two_d:
             return (self.n, last)
         return tuple(self.batch_shape) + (self.q_heads, self.n, last)
 
-    def lse_shape(self) -> tuple:
+    def lse_shape(self) -> tuple[int, ...]:
         """The caller-facing shape of the log-sum-exp ``(..., Hq, N)``."""
         if self.two_d:
             return (self.n,)
         return tuple(self.batch_shape) + (self.q_heads, self.n)
 
+    def output_bytes(self) -> int:
+        """Bytes of the arrays the forward returns (output, lse, weights) -- allocated before any work."""
+        bh = self.batch * self.q_heads
+        total = bh * self.n * self.dv * self.dtype.itemsize
+        if self.want_lse:
+            total += bh * self.n * self.lse_dtype.itemsize
+        if self.return_weights:
+            total += bh * self.n * self.m * self.dtype.itemsize
+        return int(total)
 
-def _normalize_mask(mask, lib, full_shape, batch_shape, q_heads, n, m, two_d):
+
+def _normalize_mask(mask: Any, lib: str, full_shape: tuple[int, ...],
+                    batch_shape: tuple[int, ...]) -> tuple[Array, np.ndarray]:
     mlib = array_library(mask)
     if mlib is None:
         raise TypeError(
@@ -295,9 +453,10 @@ def _normalize_mask(mask, lib, full_shape, batch_shape, q_heads, n, m, two_d):
     return mk4, mask_index
 
 
-def normalize(query, key, value, *, mask=None, causal=False, window=None, scale=None,
-              dropout_p=0.0, dropout_seed=None, return_lse=False, return_weights=False,
-              needs_vjp=False) -> Problem:
+def normalize(query: Any, key: Any, value: Any, *, mask: Any = None, causal: bool = False, window: Any = None,
+              scale: float | None = None, softcap: float | None = None, alibi_slopes: Any = None,
+              dropout_p: float = 0.0, dropout_seed: int | None = None, return_lse: bool = False,
+              return_weights: bool = False, needs_vjp: bool = False) -> Problem:
     """Validate a call of the public API and build its :class:`Problem`.
 
     Raises ``TypeError`` for wrong kinds of values and ``ValueError`` for wrong
@@ -362,7 +521,7 @@ def normalize(query, key, value, *, mask=None, causal=False, window=None, scale=
     causal = _check_bool("causal", causal)
     return_lse = _check_bool("return_lse", return_lse)
     return_weights = _check_bool("return_weights", return_weights)
-    window = _normalize_window(window, causal, n, m)
+    window = _normalize_window(window, n, m)
 
     if scale is None:
         scale = 1.0 / math.sqrt(d)
@@ -388,17 +547,51 @@ def normalize(query, key, value, *, mask=None, causal=False, window=None, scale=
     if dropout_p > 0.0 and seed is None:
         seed = secrets.randbits(64)
 
+    if softcap is not None:
+        if isinstance(softcap, (bool, np.bool_)) or not isinstance(softcap, numbers.Real):
+            raise TypeError(f"softcap must be None or a positive float, got {softcap!r} ({_describe(softcap)})")
+        softcap = float(softcap)
+        if not (math.isfinite(softcap) and softcap > 0):
+            raise ValueError(f"softcap must be finite and positive (e.g. 50.0), got {softcap!r}; "
+                             "pass None to disable soft-capping")
+
     mk = mask_index = None
     if mask is not None:
         full = (n, m) if two_d else batch_shape + (hq, n, m)
-        mk, mask_index = _normalize_mask(mask, lib, full, batch_shape, hq, n, m, two_d)
+        mk, mask_index = _normalize_mask(mask, lib, full, batch_shape)
         if two_d:
             mk = mk.reshape((1, 1) + tuple(mk.shape[-2:]))
             mask_index = np.zeros(1, dtype=np.int64)
 
+    alibi = None
+    if alibi_slopes is not None:
+        alibi = _normalize_alibi(alibi_slopes, lib, batch_shape, hq)
+
     return Problem(
         array_type=lib, query=q4, key=k4, value=v4, batch_shape=batch_shape, two_d=two_d,
         mask=mk, mask_index=mask_index, causal=causal, window=window, scale=scale,
-        dropout_p=dropout_p, dropout_seed=seed if dropout_p > 0.0 else None,
+        softcap=softcap, alibi=alibi, dropout_p=dropout_p, dropout_seed=seed if dropout_p > 0.0 else None,
         return_lse=return_lse, return_weights=return_weights, needs_vjp=bool(needs_vjp),
     )
+
+
+def _normalize_alibi(slopes: Any, lib: str, batch_shape: tuple[int, ...], q_heads: int) -> Array:
+    """ALiBi slopes ``(Hq,)`` or ``(..., Hq)`` (batch axes broadcastable) as a ``(B, Hq)`` array."""
+    slib = array_library(slopes)
+    if slib is None:
+        raise TypeError(f"alibi_slopes must be a numpy.ndarray or cupy.ndarray of float32/float64 slopes, got "
+                        f"{_describe(slopes)}; convert it first, e.g. with numpy.asarray(alibi_slopes, "
+                        "dtype=numpy.float32)")
+    if slib != lib:
+        raise TypeError(f"alibi_slopes is a {slib} array but query is a {lib} array; pass all arrays from one library")
+    if slopes.dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise TypeError(f"alibi_slopes has dtype {slopes.dtype}; it must be float32 or float64: convert with "
+                        "alibi_slopes.astype(numpy.float32)")
+    full = tuple(batch_shape) + (q_heads,)
+    if (slopes.ndim < 1 or slopes.ndim > len(full) or slopes.shape[-1] != q_heads
+            or any(s not in (1, t) for s, t in zip(slopes.shape[::-1], full[::-1]))):
+        raise ValueError(f"alibi_slopes with shape {tuple(slopes.shape)} does not fit the query heads: it must be "
+                         f"(Hq,) = ({q_heads},) or (..., Hq) with batch axes broadcastable to {tuple(batch_shape)}")
+    xp = np if lib == "numpy" else sys.modules["cupy"]
+    nb = math.prod(batch_shape)
+    return xp.ascontiguousarray(xp.broadcast_to(slopes, full).reshape(nb, q_heads))

@@ -411,11 +411,13 @@ def test_pack_rejects_overflow():
 
 
 def test_row_block_budget():
-    bb, rows = launch.row_block(8, 16, 4096, 4096, 4, 256 * 2**20, False)
+    from selfattn.backends._blockwise import BANDED_ROWS, row_block
+
+    bb, rows = row_block(8, 16, 4096, 4096, 4, 256 * 2**20, False)
     assert bb == 1 and 16 * rows * 4096 * 4 <= 256 * 2**20 and rows == 1024
-    assert launch.row_block(8, 2, 16, 16, 4, 2**20, False) == (8, 16)
-    assert launch.row_block(1, 1, 10**6, 10**6, 8, 1, False) == (1, 1)
-    assert launch.row_block(1, 1, 4096, 16, 4, 2**30, True)[1] == 512
+    assert row_block(8, 2, 16, 16, 4, 2**20, False) == (8, 16)
+    assert row_block(1, 1, 10**6, 10**6, 8, 1, False) == (1, 1)
+    assert row_block(1, 1, 4096, 16, 4, 2**30, True)[1] == BANDED_ROWS
 
 
 # -- NumPy emulation of the fused kernel, driven by the packed arguments ----

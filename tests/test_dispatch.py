@@ -27,9 +27,17 @@ def chosen(**options):
     return selfattn.explain(Q, Q, Q, **options).backend
 
 
-def auto_numpy_backend():
-    """What automatic selection picks for plain float32 NumPy inputs."""
-    return next(r.name for r in selfattn.list_backends() if r.available and r.capabilities.array_type == "numpy")
+def auto_numpy_backend(q=Q):
+    """What automatic selection picks for plain float32 NumPy inputs of ``q``'s size.
+
+    The first available NumPy-array backend whose declared work range holds the
+    call (``Capabilities.min_flops``), else the last able one.
+    """
+    from selfattn._problem import normalize
+
+    flops = normalize(q, q, q).flops
+    able = [r for r in selfattn.list_backends() if r.available and r.capabilities.array_type == "numpy"]
+    return next((r.name for r in able if flops >= r.capabilities.min_flops), able[-1].name)
 
 
 @pytest.fixture(autouse=True)
@@ -240,3 +248,65 @@ def test_decision_cache_is_used(monkeypatch):
 def test_entry_points_group_name():
     eps = importlib.metadata.entry_points(group="selfattn.backends")
     assert "loopback" in [e.name for e in eps]
+
+
+# -- size-aware automatic choice (deterministic: the tests set the thresholds) -----------------------------------
+@pytest.fixture
+def numba_work_range(monkeypatch):
+    """Give the numba backend (if installed) a declared work range of 1e6 FLOPs for the test."""
+    import dataclasses
+
+    recs = {r.name: r for r in selfattn.list_backends()}
+    if not recs["numba"].available:
+        pytest.skip("numba is not installed")
+    be = selfattn.get_backend("numba")
+    monkeypatch.setattr(be, "capabilities", dataclasses.replace(be.capabilities, min_flops=1e6))
+    registry._cache.clear()
+    yield be
+    registry._cache.clear()
+
+
+def _sized(n):
+    q = np.zeros((1, 2, n, 16), np.float32)
+    return q, q, q  # FLOPs = 2*2*n*n*32 = 128 n^2
+
+
+def test_small_problems_go_to_the_next_backend(numba_work_range):
+    small, big = _sized(80), _sized(90)  # 819200 and 1036800 FLOPs around the 1e6 threshold
+    assert selfattn.explain(*small).backend == "numpy"
+    assert selfattn.explain(*big).backend == "numba"
+    trail = selfattn.explain(*small).trail
+    assert any(line.startswith("numba: passed over, small problem") for line in trail), trail
+    # The decision cache keeps both answers apart (same dtype and features, different sizes).
+    assert selfattn.explain(*big).backend == "numba" and selfattn.explain(*small).backend == "numpy"
+    from selfattn._dispatch import select
+    from selfattn._problem import normalize
+
+    assert select(normalize(*small)).name == "numpy" and select(normalize(*big)).name == "numba"
+
+
+def test_size_preference_never_overrides_an_explicit_choice(numba_work_range):
+    small = _sized(8)
+    assert selfattn.explain(*small, backend="numba").backend == "numba"
+    with selfattn.use_backend("numba"):
+        assert selfattn.explain(*small).backend == "numba"
+    selfattn.set_backend("numba")
+    assert selfattn.explain(*small).backend == "numba"
+    selfattn.set_backend(None)
+    # strict mode forbids falling back after a failure; preferring a faster backend is not one
+    with selfattn.use_backend(strict=True):
+        assert selfattn.explain(*small).backend == "numpy"
+
+
+def test_the_last_able_backend_takes_any_size(numba_work_range, monkeypatch):
+    # numpy cannot run it (an unsupported feature is simulated): numba takes the small call anyway
+    import dataclasses
+
+    np_be = selfattn.get_backend("numpy")
+    monkeypatch.setattr(np_be, "capabilities", dataclasses.replace(np_be.capabilities, dtypes=frozenset({"float64"})))
+    monkeypatch.setattr(registry, "_entries", {k: v for k, v in registry.entries().items() if k in ("numba", "numpy")})
+    registry._cache.clear()
+    try:
+        assert selfattn.explain(*_sized(8)).backend == "numba"
+    finally:
+        registry.reset()

@@ -18,28 +18,29 @@ numba = pytest.importorskip("numba", reason="numba is not installed (pip install
 BACKEND = "numba"
 
 
-@pytest.fixture(autouse=True, params=["fused", "gemm"])
+@pytest.fixture(autouse=True, params=["fused", "blas"])
 def kernel_path(request, monkeypatch):
     """Run every test on both kernel families: the fused loop kernels and the BLAS-tile ones.
 
     The BLAS-tile kernels run with tiny, odd tile sizes here (as stumpy's
     GPU tests shrink threads-per-block), so that the small inputs of these
     tests cross many query-tile and key-block boundaries; their default tile
-    sizes are exercised by ``test_gemm_default_tiles``.
+    sizes are exercised by ``test_blas_default_tiles``. The knobs are the
+    registered backend instance's attributes (monkeypatch restores them).
     """
-    from selfattn.backends import _numba_kernels, numba_
+    from selfattn.backends import numba_
 
-    if request.param == "gemm":
-        if numba_._gemm_controller() is None:
+    if request.param == "blas":
+        if numba_._blas.probe()[0] is None:
             pytest.skip("the BLAS-tile kernels need scipy and threadpoolctl (pip install 'selfattn[numba]')")
-        for name, size in SMALL_TILES.items():
-            monkeypatch.setattr(_numba_kernels, name, size)
-    monkeypatch.setattr(numba_, "_FORCE_PATH", request.param)
+        monkeypatch.setattr(numba_.backend, "blas_tiles", SMALL_TILES)
+    monkeypatch.setattr(numba_.backend, "kernels", request.param)
     return request.param
 
 
-#: Tile sizes of the BLAS-tile kernels under test: small and not multiples of each other.
-SMALL_TILES = {"GQ": 24, "GK": 40, "GQB": 20, "GKB": 36}
+#: Tile sizes of the BLAS-tile kernels under test (forward rows, keys; backward rows, keys):
+#: small and not multiples of each other.
+SMALL_TILES = (24, 40, 20, 36)
 TOL = {np.float16: (3e-3, 3e-3), np.float32: (2e-5, 2e-5), np.float64: (1e-11, 1e-11)}
 
 
@@ -287,9 +288,16 @@ def test_import_does_not_import_numba():
     assert res.stdout.strip() == "True"
 
 
-def test_automatic_selection_prefers_numba():
-    q, k, v = _inputs(np.random.default_rng(14), 1, 2, 2, 8, 8, 4)
+def test_automatic_selection_prefers_numba_above_its_work_range():
+    from selfattn.backends import numba_
+
+    q, k, v = _inputs(np.random.default_rng(14), 1, 8, 8, 256, 256, 64)
+    assert selfattn._problem.normalize(q, k, v).flops >= numba_.MIN_FLOPS
     assert selfattn.explain(q, k, v).backend == "numba"
+    # a toy call is below the declared work range: NumPy runs it (no compile, no thread hand-off)
+    t = _inputs(np.random.default_rng(14), 1, 2, 2, 8, 8, 4)
+    ex = selfattn.explain(*t)
+    assert ex.backend == "numpy" and any("small problem" in line for line in ex.trail)
 
 
 def test_concurrent_python_threads():
@@ -325,36 +333,59 @@ def _blas_threads():
 def test_automatic_kernel_choice(kernel_path, monkeypatch):
     from selfattn.backends import numba_
 
-    monkeypatch.setattr(numba_, "_FORCE_PATH", None)
+    be = numba_.NumbaBackend()  # kernels="auto"
     rng = np.random.default_rng(16)
     big = selfattn._problem.normalize(*_inputs(rng, 1, 4, 4, 256, 256, 64))
     small = selfattn._problem.normalize(*_inputs(rng, 1, 2, 2, 8, 8, 4))
-    assert numba_._use_gemm(big) == (numba_._gemm_controller() is not None)
-    assert not numba_._use_gemm(small)
+    assert be._use_blas(big) == (numba_._blas.probe()[0] is not None)
+    assert not be._use_blas(small)
     few_rows = selfattn._problem.normalize(*_inputs(rng, 8, 8, 8, numba_.GEMM_MIN_ROWS - 1, 4096, 64))
-    assert not numba_._use_gemm(few_rows)  # enough work, but thin products: fused
-    assert not numba_._use_gemm(big, nsplit=4)  # decode-like: the key split wins
-    monkeypatch.setattr(numba_, "_gemm_state", (None, "scipy not installed"))  # as without scipy
-    assert not numba_._use_gemm(big)
+    assert not be._use_blas(few_rows)  # enough work, but thin products: fused
+    assert not be._use_blas(big, nsplit=4)  # decode-like: the key split wins
+    assert "blas kernels" in be.plan(big) and "fused kernels" in be.plan(small)
+    monkeypatch.setattr(numba_._blas, "_state", (None, "scipy not installed"))  # as without scipy
+    assert not be._use_blas(big)
     q, k, v = _inputs(rng, 1, 4, 4, 256, 256, 64)
     _check_forward(q, k, v)
 
 
 def test_blas_threads_single_inside_and_restored(kernel_path):
-    pytest.importorskip("threadpoolctl")
+    threadpoolctl = pytest.importorskip("threadpoolctl")
     from selfattn.backends import numba_
 
-    if numba_._gemm_controller() is None:
+    if numba_._blas.probe()[0] is None:
         pytest.skip("no BLAS-tile kernels here")
     rng = np.random.default_rng(17)
     q, k, v = _inputs(rng, 1, 2, 2, 200, 300, 32)
     before = _blas_threads()
-    with numba_._gemm_controller().limit(limits=2, user_api="blas"):
+    with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
         inside = _blas_threads()
         _check_forward(q, k, v, causal=True)
         _check_vjp(q, k, v)
         assert _blas_threads() == inside  # the user's setting is back after each call
     assert _blas_threads() == before
+
+
+def test_blas_limit_leaves_numpys_blas_alone():
+    """Only SciPy's BLAS (the one Numba's np.dot calls) is limited during a BLAS-tile call."""
+    pytest.importorskip("threadpoolctl")
+    from selfattn.backends import numba_
+
+    libs, _ = numba_._blas.probe()
+    if libs is None:
+        pytest.skip("no BLAS-tile kernels here")
+    limited = {c.filepath for c in libs}
+    seen = {}
+    with numba_._blas.single_threaded():
+        for path, n in _blas_threads():
+            seen[path] = n
+        with numba_._blas.single_threaded():  # nested/concurrent calls restore once
+            pass
+        assert all(seen[p] == 1 for p in limited)
+    after = dict(_blas_threads())
+    others = [p for p in after if p not in limited]
+    if any("numpy" in p for p in others):
+        assert all(after[p] == seen[p] for p in others)  # NumPy's own OpenBLAS was never touched
 
 
 def test_large_logits_take_the_max_shift_path(kernel_path):
@@ -370,30 +401,30 @@ def test_large_logits_take_the_max_shift_path(kernel_path):
         assert np.all(np.isfinite(out))
 
 
-def test_gemm_default_tiles(kernel_path, monkeypatch):
+def test_blas_default_tiles(kernel_path, monkeypatch):
     # The production tile sizes, on shapes that still cross a few tiles and blocks.
-    from selfattn.backends import _numba_kernels, numba_
+    from selfattn.backends import numba_
 
-    if kernel_path != "gemm":
+    if kernel_path != "blas":
         pytest.skip("BLAS-tile kernels only")
-    monkeypatch.undo()
-    monkeypatch.setattr(numba_, "_FORCE_PATH", "gemm")
+    monkeypatch.setattr(numba_.backend, "blas_tiles", numba_.NumbaBackend().blas_tiles)
+    gq, gk, _, gkb = numba_.backend.blas_tiles
     rng = np.random.default_rng(19)
-    n = _numba_kernels.GQ + 37
-    m = _numba_kernels.GK + _numba_kernels.GKB + 11
+    n = gq + 37
+    m = gk + gkb + 11
     q, k, v = _inputs(rng, 1, 4, 2, n, m, 16)
     for kw in ({}, {"causal": True}, {"window": (300, 5)}, {"dropout_p": 0.25, "dropout_seed": 3}):
         _check_forward(q, k, v, **kw)
         _check_vjp(q, k, v, **kw)
 
 
-def test_gemm_conformance_cases(kernel_path):
+def test_blas_conformance_cases(kernel_path):
     # Every conformance case through the BLAS-tile kernels with tiny tiles
     # (the conformance suite itself runs whichever path the shapes select).
     from selfattn.testing.cases import generate_cases
     from selfattn.testing.check import check_case
 
-    if kernel_path != "gemm":
+    if kernel_path != "blas":
         pytest.skip("BLAS-tile kernels only (test_conformance.py covers the default choice)")
     cases = generate_cases()
     assert len(cases) > 100
@@ -432,11 +463,11 @@ def test_float32_exp_vectorizes():
     # to packed (SIMD) instructions, not one scalar exp per score.
     import re
 
-    from selfattn.backends._numba_kernels import _FM, _exp_shift_row
+    from selfattn.backends._numba.tiles import FASTMATH, exp_shift_row
 
-    @numba.njit(fastmath=_FM)
+    @numba.njit(fastmath=FASTMATH)
     def row(a, mu):
-        return _exp_shift_row(a, a.shape[0], mu)
+        return exp_shift_row(a, a.shape[0], mu)
 
     a = np.linspace(-100, 50, 64).astype(np.float32)
     expect = np.exp((a - np.float32(3)).astype(np.float64))  # the shift is a float32 subtraction
@@ -452,7 +483,7 @@ def test_float32_exp_vectorizes():
 def test_blas_tile_kernels_reported_and_refused_without_a_limitable_blas(monkeypatch):
     from selfattn.backends import numba_
 
-    ctl, why = numba_._gemm_probe()
+    ctl, why = numba_._blas.probe()
     info = numba_.backend.info()["blas_tile_kernels"]
     assert info == "yes" if ctl is not None else why in info
     # A BLAS threadpoolctl cannot limit would be oversubscribed: the probe must refuse it.
@@ -465,8 +496,8 @@ def test_blas_tile_kernels_reported_and_refused_without_a_limitable_blas(monkeyp
             return sel
 
     monkeypatch.setattr(threadpoolctl, "ThreadpoolController", NoBlas)
-    monkeypatch.setattr(numba_, "_gemm_state", None)
-    assert numba_._gemm_controller() is None
+    monkeypatch.setattr(numba_._blas, "_state", None)
+    assert numba_._blas.probe()[0] is None
     assert "no BLAS it can limit" in numba_.backend.info()["blas_tile_kernels"]
     rng = np.random.default_rng(21)
     _check_forward(*_inputs(rng, 1, 4, 4, 256, 256, 64))  # still correct, on the fused kernels

@@ -1,4 +1,8 @@
-"""Built-in backends, one module each (``numpy_``, ``numba_``, ``cupy_``).
+"""Built-in backends, one module each (``numpy_``, ``numba_``, ``cupy_``, ``dask_``), and the backend contract.
+
+The contract third-party backends implement is public here: :class:`Backend`
+(the abstract base class), :class:`Problem` (the validated call every backend
+receives) and :class:`Coordinates` (where a chunk of a larger call sits).
 
 Module names end in an underscore so that ``selfattn.backends.numba_`` never
 shadows the ``numba`` package it wraps. :data:`BUILTIN` is the one table the
@@ -11,7 +15,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["BuiltinSpec", "BUILTIN"]
+from .._problem import Coordinates, Problem
+from ._base import Backend
+
+__all__ = ["Backend", "Problem", "Coordinates", "BuiltinSpec", "BUILTIN"]
 
 
 @dataclass(frozen=True)
@@ -26,7 +33,7 @@ class BuiltinSpec:
 
     name: str
     module: str
-    requires: tuple
+    requires: tuple[str, ...]
     extra: str | None
     array_type: str
     priority: int

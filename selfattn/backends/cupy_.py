@@ -29,7 +29,12 @@ import threading
 
 import numpy as np
 
+from functools import partial
+from typing import Any
+
 from .._capabilities import Capabilities
+from .._problem import Problem
+from . import _blockwise
 from ._base import Backend
 from ._cuda import launch
 
@@ -177,49 +182,33 @@ class CupyBackend(Backend):
         return int(cupy.cuda.Device().compute_capability)
 
     # -- helpers -----------------------------------------------------------
-    def _scores(self, cupy, pb, b0, b1, i0, i1, j0, j1):
-        cdt = pb.compute_dtype
-        bb, Hq, Hkv, G = b1 - b0, pb.q_heads, pb.kv_heads, pb.group
-        rows, cols = i1 - i0, j1 - j0
-        qs = pb.query[b0:b1, :, i0:i1].astype(cdt) * cdt.type(pb.scale)
-        qs = qs.reshape(bb, Hkv, G * rows, pb.d)
-        kb = pb.key[b0:b1, :, j0:j1].astype(cdt, copy=False)
-        vb = pb.value[b0:b1, :, j0:j1].astype(cdt, copy=False)
-        s = cupy.matmul(qs, kb.swapaxes(-1, -2))
-        s4 = s.reshape(bb, Hq, rows, cols)
-        allowed = pb.band(i0, i1, j0, j1, xp=cupy)
-        if pb.mask is not None:
-            mblk = pb.mask_block(b0, b1, i0, i1, j0, j1, xp=cupy)
-            if mblk.dtype == np.bool_:
-                allowed = mblk if allowed is None else (mblk & allowed)
-            else:
-                s4 += mblk.astype(cdt, copy=False)
-        if allowed is not None:
-            cupy.copyto(s4, cdt.type(-np.inf), where=cupy.broadcast_to(~allowed, s4.shape))
-        return s, qs, kb, vb
+    def _dropout_z(self, xp: Any, pb: Problem, b0: int, b1: int, i0: int, i1: int, j0: int, j1: int) -> Any:
+        """Dropout multipliers (0 or 1/(1-p)) of a block, ``(bb, Hq, rows, cols)``, from the dropout_tile kernel.
 
-    def _dropout_z(self, cupy, pb, b0, b1, i0, i1, j0, j1):
-        """Dropout multipliers (0 or 1/(1-p)) shaped like the score block ``(bb, Hkv, G*rows, cols)``."""
+        The kernel numbers batch·heads from a start counter; a chunk's global
+        counters (:class:`~selfattn.backends.Coordinates`) are one run of ``Hq``
+        per batch entry, so the default layout takes one launch and a chunk one
+        launch per batch entry of the block. ``xp`` is CuPy (NumPy in the CPU emulation).
+        """
         cdt = pb.compute_dtype
-        Hq = pb.q_heads
-        n_bh, rows, cols = (b1 - b0) * Hq, i1 - i0, j1 - j0
-        z = cupy.empty((n_bh, rows, cols), dtype=cdt)
-        grid, block = launch.elementwise_launch(z.size)
-        if grid is not None:
-            args = launch.pack_dropout_args(z=z, n_bh=n_bh, rows=rows, cols=cols, bh0=b0 * Hq, i0=i0, j0=j0,
-                                            dropout_p=pb.dropout_p, dropout_seed=pb.dropout_seed)
-            self._kernel(cupy, launch.dropout_kernel_name(cdt))(grid, block, args)
-        return z.reshape(b1 - b0, pb.kv_heads, pb.group * rows, cols)
-
-    def _blocks(self, pb, budget):
-        B, N = pb.batch, pb.n
-        if B == 0 or pb.q_heads == 0 or N == 0:
-            return
-        bb, rows = launch.row_block(B, pb.q_heads, N, pb.m, pb.compute_dtype.itemsize, budget,
-                                    pb.lower is not None or pb.upper is not None)
-        for b0 in range(0, B, bb):
-            for i0 in range(0, N, rows):
-                yield b0, min(B, b0 + bb), i0, min(N, i0 + rows)
+        Hq, rows, cols = pb.q_heads, i1 - i0, j1 - j0
+        c = pb.coords
+        z = xp.empty((b1 - b0, Hq, rows, cols), dtype=cdt)
+        if c.is_default(Hq):
+            runs = [(0, b1 - b0, b0 * Hq)]
+        else:
+            bh = c.batch_heads(b0, b1, Hq)
+            runs = [(b, b + 1, int(bh[b * Hq])) for b in range(b1 - b0)]
+        kernel = self._kernel(xp, launch.dropout_kernel_name(cdt))
+        for r0, r1, bh0 in runs:
+            zr = z[r0:r1]
+            grid, block = launch.elementwise_launch(zr.size)
+            if grid is not None:
+                args = launch.pack_dropout_args(z=zr, n_bh=(r1 - r0) * Hq, rows=rows, cols=cols, bh0=bh0,
+                                                i0=i0 + c.row_start, j0=j0 + c.col_start,
+                                                dropout_p=pb.dropout_p, dropout_seed=pb.dropout_seed)
+                kernel(grid, block, args)
+        return z
 
     # -- forward -----------------------------------------------------------
     def forward(self, pb):
@@ -277,71 +266,19 @@ class CupyBackend(Backend):
         self._kernel(cupy, name)(grid, block, args)
         return out, (lse if pb.want_lse else None), None
 
-    def _forward_blockwise(self, cupy, pb):
-        B, Hq, N, M, Dv = pb.batch, pb.q_heads, pb.n, pb.m, pb.dv
-        cdt = pb.compute_dtype
-        out = cupy.zeros((B, Hq, N, Dv), dtype=pb.dtype)
-        lse = cupy.full((B, Hq, N), -np.inf, dtype=pb.lse_dtype) if pb.want_lse else None
-        weights = cupy.zeros((B, Hq, N, M), dtype=pb.dtype) if pb.return_weights else None
-        for b0, b1, i0, i1 in self._blocks(pb, self.block_bytes):
-            j0, j1 = pb.key_range(i0, i1)
-            if j1 <= j0:
-                continue
-            bb, rows = b1 - b0, i1 - i0
-            s, _, _, vb = self._scores(cupy, pb, b0, b1, i0, i1, j0, j1)
-            mx = s.max(axis=-1, keepdims=True)
-            mx = cupy.where(mx == -np.inf, cdt.type(0), mx)
-            s -= mx
-            cupy.exp(s, out=s)
-            total = s.sum(axis=-1, keepdims=True)
-            if lse is not None:
-                lse[b0:b1, :, i0:i1] = (mx + cupy.log(total)).reshape(bb, Hq, rows)
-            inv = cupy.where(total == 0, cdt.type(0), cupy.reciprocal(total))
-            if weights is not None:
-                weights[b0:b1, :, i0:i1, j0:j1] = (s * inv).reshape(bb, Hq, rows, j1 - j0)
-            if pb.dropout_p > 0.0:
-                s *= self._dropout_z(cupy, pb, b0, b1, i0, i1, j0, j1)
-            o = cupy.matmul(s, vb) * inv
-            out[b0:b1, :, i0:i1] = o.reshape(bb, Hq, rows, Dv)
-        return out, lse, weights
+    def _forward_blockwise(self, xp: Any, pb: Problem) -> tuple[Any, Any, Any]:
+        return _blockwise.forward(pb, xp, block_bytes=self.block_bytes, dropout=partial(self._dropout_z, xp))
 
     # -- backward ----------------------------------------------------------
-    def backward(self, pb, out, lse, grad_out):
+    def backward(self, pb: Problem, out: Any, lse: Any, grad_out: Any) -> tuple[Any, Any, Any]:
         import cupy
 
         with cupy.cuda.Device(pb.query.device.id):
             return self._backward(cupy, pb, out, lse, grad_out)
 
-    def _backward(self, cupy, pb, out, lse, grad_out):
-        B, Hq, Hkv, G, N, M, D, Dv = pb.batch, pb.q_heads, pb.kv_heads, pb.group, pb.n, pb.m, pb.d, pb.dv
-        cdt = pb.compute_dtype
-        dq = cupy.zeros((B, Hq, N, D), dtype=cdt)
-        dk = cupy.zeros((B, Hkv, M, D), dtype=cdt)
-        dv = cupy.zeros((B, Hkv, M, Dv), dtype=cdt)
-        delta = (grad_out.astype(cdt) * out.astype(cdt)).sum(axis=-1)
-        lse_safe = cupy.where(lse == -np.inf, np.inf, lse).astype(cdt)
-        for b0, b1, i0, i1 in self._blocks(pb, max(self.block_bytes // 3, 1)):
-            j0, j1 = pb.key_range(i0, i1)
-            if j1 <= j0:
-                continue
-            bb, rows = b1 - b0, i1 - i0
-            s, qs, kb, vb = self._scores(cupy, pb, b0, b1, i0, i1, j0, j1)
-            shape_rows = (bb, Hkv, G * rows, 1)
-            s -= lse_safe[b0:b1, :, i0:i1].reshape(shape_rows)
-            p = cupy.exp(s, out=s)
-            do = grad_out[b0:b1, :, i0:i1].astype(cdt).reshape(bb, Hkv, G * rows, Dv)
-            dp = cupy.matmul(do, vb.swapaxes(-1, -2))
-            if pb.dropout_p > 0.0:
-                z = self._dropout_z(cupy, pb, b0, b1, i0, i1, j0, j1)
-                dv[b0:b1, :, j0:j1] += cupy.matmul((p * z).swapaxes(-1, -2), do)
-                dp *= z
-            else:
-                dv[b0:b1, :, j0:j1] += cupy.matmul(p.swapaxes(-1, -2), do)
-            dp -= delta[b0:b1, :, i0:i1].reshape(shape_rows)
-            ds = cupy.multiply(p, dp, out=dp)
-            dq[b0:b1, :, i0:i1] = (cupy.matmul(ds, kb) * cdt.type(pb.scale)).reshape(bb, Hq, rows, D)
-            dk[b0:b1, :, j0:j1] += cupy.matmul(ds.swapaxes(-1, -2), qs)
-        return dq.astype(pb.dtype, copy=False), dk.astype(pb.dtype, copy=False), dv.astype(pb.dtype, copy=False)
+    def _backward(self, xp: Any, pb: Problem, out: Any, lse: Any, grad_out: Any) -> tuple[Any, Any, Any]:
+        return _blockwise.backward(pb, xp, out, lse, grad_out, block_bytes=self.block_bytes,
+                                   dropout=partial(self._dropout_z, xp))
 
 
 def _address(x) -> int:

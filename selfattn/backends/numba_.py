@@ -1,145 +1,166 @@
-"""The Numba backend: tiled FlashAttention kernels on the CPU.
+"""The Numba backend: FlashAttention kernels compiled for the CPU.
 
 Every feature of the public API, forward and VJP, for float16 (computed in
-float32, returned float16; lse float32), float32 and float64. Two kernel
-families share one algorithm (online softmax over key blocks, no N x M
-scores stored; only ``return_weights=True`` materialises N x M):
+float32, returned float16; lse float32), float32 and float64. Kernel
+families (:mod:`selfattn.backends._numba`) share one algorithm -- online
+softmax over key blocks, no N x M scores stored (only ``return_weights=True``
+materialises N x M):
 
-* **BLAS-tile kernels** (prefill-like shapes with enough work:
-  ``GEMM_MIN_ROWS`` query rows and ``GEMM_MIN_WORK``): Numba threads run (batch·head, tile of query rows) tasks in parallel
-  (``numba.prange``) and hand each tile product -- ``S = (q·scale) K_blkᵀ``,
-  ``O += P V_blk`` and the five products of the backward -- to an optimised
-  single-threaded sgemm/dgemm through ``np.dot`` (the BLAS SciPy exports).
-  The exp/mask/softmax work between the two products stays in Numba. BLAS is
-  limited to one thread for the duration of the call with threadpoolctl
-  (every Numba thread already runs its own task, so nothing is
-  oversubscribed); the user's BLAS thread settings are restored afterwards.
-  Needs SciPy and threadpoolctl (both in ``selfattn[numba]``).
-* **Fused loop kernels** (small problems, decode-like shapes, or no SciPy):
-  64 x 64 tiles with a register-blocked dot product that LLVM vectorises; no
-  BLAS at all. Decode-like shapes (too few query tiles to keep every thread
-  busy) split the key range into chunks whose partial results are merged by
+* **BLAS-tile** (:mod:`~selfattn.backends._numba.blas`, prefill-like shapes
+  with enough work): tile products handed to single-threaded sgemm/dgemm
+  (SciPy's BLAS), the exp/mask/softmax between them in Numba;
+* **fused** (:mod:`~selfattn.backends._numba.fused`, small and thin problems,
+  decode-like shapes, or no usable BLAS): small tiles and a register-blocked
+  dot product, no BLAS; decode-like shapes split the keys and merge by
   log-sum-exp (flash-decoding).
 
-Both skip key blocks that causal/window masking excludes for a whole query
-tile (causal costs about half). The backward (FlashAttention-2) recomputes
-probabilities block by block from ``q``, ``k`` and the forward's lse; tasks
-own (kv head, key chunk) pairs, so dK/dV need no atomics and grouped-query
-heads are summed in place without copying K/V. Dropout reproduces
-:mod:`selfattn._dropout` bit for bit. float32 ``exp`` is a branch-free
-degree-5 polynomial with exponent-bit scaling that vectorises (relative
-error < 2.1e-7; float64 uses ``math.exp``).
-Calls from several Python threads take turns (one lock): each call already
-uses all of Numba's threads.
+Threads: the kernels are serial and release the GIL; this module runs task
+ranges on its own sleeping worker threads (:mod:`~selfattn.backends._numba.pool`)
+instead of ``numba.prange``, whose OpenMP workers spin after every call and
+collided with NumPy's OpenBLAS workers (a 12x stall in layer pipelines).
+Small calls run inline on the calling thread. The thread count is Numba's
+(``NUMBA_NUM_THREADS`` / ``numba.set_num_threads``), further limited for the
+calls inside :func:`thread_budget` (the Dask backend uses it so a chunk task
+uses its worker's share). Calls from several Python threads run concurrently.
 
-Importing this module does not import Numba: the kernels
-(:mod:`selfattn.backends._numba_kernels`) are compiled on first use and
-cached on disk (``cache=True``), two specialisations (float32/float64) each;
-tile sizes are run-time arguments, so shapes never trigger a compile.
-The thread count is Numba's (``NUMBA_NUM_THREADS`` / ``numba.set_num_threads``).
+Compilation: kernels compile on the first call that needs them and are
+cached on disk (``cache=True``; ``NUMBA_CACHE_DIR``), two specialisations
+(float32/float64) each; sizes are run-time arguments, so shapes never trigger
+a compile. The first compile of a kernel family in a process is announced
+once on the ``selfattn`` logger (INFO) and, when stderr is a terminal, as one
+line on stderr. ``python -m selfattn compile`` compiles and caches every
+family ahead of time; ``python -m selfattn info`` shows what is cached.
+Importing this module does not import Numba.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib.util
+import logging
 import math
+import sys
 import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from .._capabilities import Capabilities
-from .._dropout import split_seed, threshold
+from .._problem import Problem, normalize
 from ._base import Backend
+from ._numba.args import KernelParams, as3, kernel_params
+from ._numba.pool import run_tasks
 
-__all__ = ["NumbaBackend", "backend"]
+__all__ = ["NumbaBackend", "backend", "thread_budget", "FAMILIES", "MIN_FLOPS"]
 
-_kernels = None
-# Numba's default "workqueue" threading layer must not run parallel kernels from
-# two Python threads at once; each kernel already uses every thread, so calls
-# from concurrent Python threads simply take turns.
-_lock = threading.Lock()
+_log = logging.getLogger("selfattn")
 
-
-def _load():
-    global _kernels
-    if _kernels is None:
-        from . import _numba_kernels
-
-        _kernels = _numba_kernels
-    return _kernels
-
-
-#: Tests set this to ``"gemm"`` or ``"fused"`` to run one kernel family on
-#: every shape; ``None`` picks per call (:func:`_use_gemm`).
-_FORCE_PATH = None
-#: The BLAS-tile kernels run for calls with at least this much work
-#: (B*Hq*N*M*D) and at least GEMM_MIN_ROWS query rows; below, the fused ones
-#: win (the BLAS-tile ones pay a thread-limit switch, per-call BLAS overhead
-#: and, with few rows, BLAS's poor efficiency on thin products). Measured
-#: side by side on the 2-core VM, float32 forward, fused / BLAS-tile:
-#: (1,4,128,128,64) 2^22 1.14 / 1.46 ms; (1,4,256,256,64) 2^24 2.43 / 2.46;
-#: (1,8,256,256,64) 2^25 4.05 / 3.29; (8,8,16,1024,64) 10.2 / 17.4;
-#: (4,8,32,2048,64) 14.8 / 15.5; (4,8,48,2048,64) 20.0 / 19.2.
+#: The work range where this backend pays off (``Capabilities.min_flops``): below
+#: it, automatic selection runs NumPy, which needs no compiled kernel and no
+#: thread hand-off. Measured side by side on the 2-core VM (``tools/crossover.py``).
+MIN_FLOPS = 4.0e6
+#: A call gets one more thread per this many forward FLOPs: below ~0.3 ms of
+#: work per thread the hand-off (waking a sleeping worker) costs more than it saves.
+FLOPS_PER_THREAD = 8.0e6
+#: The BLAS-tile kernels run from this much work (B*Hq*N*M*D) and this many query
+#: rows; below, the fused ones win (per-call BLAS overhead, thin products).
 GEMM_MIN_WORK = 1 << 24
 GEMM_MIN_ROWS = 48
-_gemm_state = None  # None: not probed; else (threadpoolctl controller or None, reason)
+
+_budget: contextvars.ContextVar[int | None] = contextvars.ContextVar("selfattn_numba_threads", default=None)
 
 
-def _gemm_probe():
-    """``(controller, reason)``: the threadpoolctl controller for the BLAS-tile kernels, or
-    ``(None, why they cannot run)``. Probed once, on the first large call (or ``info``).
+@contextlib.contextmanager
+def thread_budget(threads: int | None) -> Iterator[None]:
+    """Limit the Numba backend's calls inside the block to ``threads`` threads (None: no limit).
 
-    Numba's ``np.dot`` calls the BLAS SciPy exports, so those kernels need
-    SciPy; threadpoolctl makes that BLAS single-threaded while Numba's threads
-    each run a task (no oversubscription) and restores the user's setting.
-    SciPy's BLAS is loaded before the controller scans the process, or it
-    would not be limited; a BLAS that threadpoolctl cannot limit (e.g.
-    Apple's Accelerate) would be oversubscribed, so the fused kernels run
-    instead.
+    Scoped with a context variable (per thread and asyncio task). The Dask
+    backend runs each chunk task inside it, so a worker's threads are not
+    oversubscribed.
     """
-    global _gemm_state
-    if _gemm_state is None:
-        missing = [m for m in ("scipy", "threadpoolctl") if importlib.util.find_spec(m) is None]
-        if missing:
-            _gemm_state = (None, f"{' and '.join(missing)} not installed: pip install 'selfattn[numba]'")
-        else:
-            import scipy.linalg.cython_blas  # noqa: F401 - load the BLAS that Numba will call
-            from threadpoolctl import ThreadpoolController
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+    token = _budget.set(threads)
+    try:
+        yield
+    finally:
+        _budget.reset(token)
 
-            ctl = ThreadpoolController()
-            if ctl.select(user_api="blas").lib_controllers:
-                _gemm_state = (ctl, "")
+
+def _numba_threads() -> int:
+    import numba
+
+    n = int(numba.get_num_threads())
+    limit = _budget.get()
+    return n if limit is None else max(1, min(n, limit))
+
+
+# -- BLAS for the BLAS-tile kernels ------------------------------------------------------------------------------
+class _BlasLimit:
+    """Keeps SciPy's BLAS single-threaded while BLAS-tile kernels run, and restores it after.
+
+    Only the BLAS library that Numba's ``np.dot`` calls (SciPy's) is limited;
+    where NumPy shares it (one system BLAS), NumPy's products in other Python
+    threads also run single-threaded for that window. Reference-counted, so
+    concurrent calls from several Python threads limit once and restore once.
+    """
+
+    def __init__(self) -> None:
+        self._state: tuple[Any, str] | None = None  # (controllers or None, reason)
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._ctx: Any = None
+
+    def probe(self) -> tuple[Any, str]:
+        """``(controllers, "")`` when the BLAS-tile kernels can run, else ``(None, why not)``."""
+        if self._state is None:
+            missing = [m for m in ("scipy", "threadpoolctl") if importlib.util.find_spec(m) is None]
+            if missing:
+                self._state = (None, f"{' and '.join(missing)} not installed: pip install 'selfattn[numba]'")
             else:
-                _gemm_state = (None, "threadpoolctl finds no BLAS it can limit to one thread here")
-    return _gemm_state
+                import scipy.linalg.cython_blas  # noqa: F401 - load the BLAS that Numba will call
+                from threadpoolctl import ThreadpoolController
+
+                ctl = ThreadpoolController().select(user_api="blas")
+                # SciPy's wheels carry their own OpenBLAS (scipy.libs); limit just that one,
+                # so NumPy's products elsewhere keep their threads. Where no such copy is
+                # found (one system BLAS), limit whatever BLAS there is.
+                own = [c for c in ctl.lib_controllers if "scipy.libs" in c.filepath or "/scipy/" in c.filepath]
+                libs = own or ctl.lib_controllers
+                if libs:
+                    self._state = (libs, "")
+                else:
+                    self._state = (None, "threadpoolctl finds no BLAS it can limit to one thread here")
+        return self._state
+
+    @contextlib.contextmanager
+    def single_threaded(self) -> Iterator[None]:
+        libs, _ = self.probe()
+        assert libs is not None
+        with self._lock:
+            if self._depth == 0:
+                self._saved = [(c, c.num_threads) for c in libs]
+                for c, _n in self._saved:
+                    c.set_num_threads(1)
+            self._depth += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._depth -= 1
+                if self._depth == 0:
+                    for c, n in self._saved:
+                        c.set_num_threads(n)
 
 
-def _gemm_controller():
-    """The threadpoolctl controller for the BLAS-tile kernels, or ``None`` if they cannot run."""
-    return _gemm_probe()[0]
+_blas = _BlasLimit()
 
 
-def _use_gemm(pb, nsplit=1):
-    """Whether this call runs the BLAS-tile kernels (large prefill-like shapes) or the fused ones."""
-    if pb.d == 0 or pb.dv == 0:
-        return False
-    if _FORCE_PATH is not None:
-        return _FORCE_PATH == "gemm" and _gemm_controller() is not None
-    work = pb.batch * pb.q_heads * pb.n * pb.m * pb.d
-    return nsplit == 1 and pb.n >= GEMM_MIN_ROWS and work >= GEMM_MIN_WORK and _gemm_controller() is not None
-
-
-def _query_tile(bh, n, nthreads, largest):
-    """Query rows per BLAS-tile task: ``largest``, or fewer so every thread gets two tasks.
-
-    Never below 32 rows (smaller tiles make BLAS inefficient) and a multiple of 8.
-    """
-    per_bh = -(-2 * nthreads // max(bh, 1))  # tiles each batch·head must give
-    rows = -(-n // per_bh)
-    return int(min(largest, max(32, -(-rows // 8) * 8)))
-
-
-def _shift_free_bound(v3, cdt):
+def _shift_free_bound(v3: np.ndarray, cdt: np.dtype) -> float:
     """Largest score magnitude for which the BLAS-tile forward may skip the max shift.
 
     With every score in ``[-b, b]``, ``exp`` neither underflows to zero nor
@@ -153,54 +174,110 @@ def _shift_free_bound(v3, cdt):
     if not math.isfinite(vmax):
         return 0.0
     cap = 30.0 if cdt == np.float32 else 300.0
-    room = math.log(float(np.finfo(cdt).max) / 1e3) - math.log(max(vmax, 1.0) * v3.shape[1])
+    room = math.log(float(np.finfo(cdt).max) / 1e3) - math.log(max(vmax, 1.0) * max(v3.shape[1], 1))
     return max(0.0, min(cap, room))
 
 
-def _band(pb):
-    big = pb.n + pb.m + 2
-    lo = big if pb.lower is None else int(pb.lower)
-    up = big if pb.upper is None else int(pb.upper)
-    return lo, up
+def _query_tile(bh: int, n: int, nthreads: int, largest: int) -> int:
+    """Query rows per BLAS-tile task: ``largest``, or fewer so every thread gets two tasks.
+
+    Never below 32 rows (smaller tiles make BLAS inefficient) and a multiple of 8.
+    """
+    per_bh = -(-2 * nthreads // max(bh, 1))  # tiles each batch·head must give
+    rows = -(-n // per_bh)
+    return int(min(largest, max(32, -(-rows // 8) * 8)))
 
 
-def _mask_args(pb, cdt):
-    """``(kind, bool_mask_u8, float_mask, index)`` for the kernels; the mask is never expanded."""
-    dummy_b = np.ones((1, 1, 1, 1), np.uint8)
-    dummy_f = np.zeros((1, 1, 1, 1), cdt)
-    if pb.mask is None:
-        return 0, dummy_b, dummy_f, np.zeros(max(pb.batch, 1), np.int64)
-    idx = np.ascontiguousarray(pb.mask_index, dtype=np.int64)
-    if pb.mask.dtype.kind == "b":
-        return 1, np.ascontiguousarray(pb.mask).view(np.uint8), dummy_f, idx
-    return 2, dummy_b, np.ascontiguousarray(pb.mask, dtype=cdt), idx
+# -- compile announcements and the kernel families ---------------------------------------------------------------
+@dataclass(frozen=True)
+class Family:
+    """A kernel family: kernels compiled together on first use (per dtype)."""
+
+    name: str
+    description: str
+    kernels: tuple[str, ...]  # "module.function" under selfattn.backends._numba
 
 
-def _dropout_args(pb):
-    if pb.dropout_p <= 0.0:
-        return 0, 0, 0, 1.0
-    lo, hi = split_seed(pb.dropout_seed)
-    return threshold(pb.dropout_p), lo, hi, 1.0 / (1.0 - pb.dropout_p)
+#: Every kernel family, in the order ``python -m selfattn compile`` builds them.
+FAMILIES: dict[str, Family] = {f.name: f for f in (
+    Family("fused-forward", "fused loop forward + key-split merge (small, thin and decode-like calls)",
+           ("fused.forward", "fused.merge_splits")),
+    Family("fused-backward", "fused loop backward", ("fused.backward",)),
+    Family("blas-forward", "BLAS-tile forward (prefill-like calls)", ("blas.forward_gemm", "blas.key_norm_max")),
+    Family("blas-backward", "BLAS-tile backward", ("blas.backward_gemm",)),
+    Family("weights", "attention weights (return_weights=True)", ("fused.weights",)),
+)}
+
+_announced: set[tuple[str, str]] = set()
+_announce_lock = threading.Lock()
 
 
-def _c3(x, cdt):
-    """``x`` (4-D) as a C-contiguous 3-D array in ``cdt`` (no copy when already so)."""
-    a = np.ascontiguousarray(x, dtype=cdt)
-    return a.reshape((a.shape[0] * a.shape[1],) + a.shape[2:])
+def _kernel(path: str) -> Any:
+    import importlib
+
+    mod, fn = path.split(".")
+    return getattr(importlib.import_module(f"selfattn.backends._numba.{mod}"), fn)
+
+
+def _signature_cached(dispatcher: Any, args: tuple[Any, ...]) -> bool | None:
+    """Whether ``dispatcher`` has machine code for ``args``' types, in this process or on disk (None: unknown)."""
+    try:
+        import numba
+
+        sig = tuple(numba.typeof(a) for a in args)
+        if sig in dispatcher.overloads:
+            return True
+        cache = dispatcher._cache
+        index = cache._cache_file._load_index()
+        magic = dispatcher.targetctx.codegen().magic_tuple()
+        return any(key[0] == sig and key[1] == magic for key in index)
+    except Exception:  # numba internals changed: say "unknown" rather than guess
+        return None
+
+
+def _announce(family: str, dtype: np.dtype, calls: list[tuple[Any, tuple[Any, ...]]]) -> None:
+    """Announce, once per process, that a family's kernels are about to compile (if they are not cached)."""
+    key = (family, np.dtype(dtype).name)
+    if key in _announced:
+        return
+    with _announce_lock:
+        if key in _announced:
+            return
+        _announced.add(key)
+        if all(_signature_cached(k, a) is not False for k, a in calls):
+            return
+        msg = (f"selfattn: compiling the Numba {family} kernels for {key[1]} (first use on this machine; "
+               "cached on disk afterwards -- `python -m selfattn compile` does it ahead of time)")
+        _log.info(msg)
+        if getattr(sys.stderr, "isatty", lambda: False)():
+            print(msg, file=sys.stderr, flush=True)
 
 
 class NumbaBackend(Backend):
-    """Fused FlashAttention-style CPU kernels compiled with Numba (see the module docstring)."""
+    """FlashAttention-style CPU kernels compiled with Numba (see the module docstring).
+
+    ``kernels`` picks the kernel family: ``"auto"`` (by shape, see
+    :meth:`plan`), ``"fused"`` or ``"blas"``. ``fused_tiles`` (query rows,
+    keys) and ``blas_tiles`` (forward rows, forward keys, backward rows,
+    backward keys) are the tile sizes, run-time arguments of the kernels
+    (tests shrink them so small inputs cross many tiles).
+    """
 
     name = "numba"
     priority = 20
-    capabilities = Capabilities(array_type="numpy")
+    capabilities = Capabilities(array_type="numpy", min_flops=MIN_FLOPS)
 
-    def __init__(self):
-        self._version = None
+    def __init__(self, kernels: str = "auto", fused_tiles: tuple[int, int] = (64, 64),
+                 blas_tiles: tuple[int, int, int, int] = (256, 512, 512, 256)) -> None:
+        if kernels not in ("auto", "fused", "blas"):
+            raise ValueError(f"kernels must be 'auto', 'fused' or 'blas', got {kernels!r}")
+        self.kernels = kernels
+        self.fused_tiles = tuple(int(x) for x in fused_tiles)
+        self.blas_tiles = tuple(int(x) for x in blas_tiles)
+        self._version: str | None = None
 
     @property
-    def version(self):
+    def version(self) -> str:  # type: ignore[override]
         if self._version is None:
             try:
                 from importlib.metadata import version
@@ -210,35 +287,54 @@ class NumbaBackend(Backend):
                 self._version = "unknown"
         return self._version
 
-    def availability(self):
+    def availability(self) -> tuple[bool, str]:
         if importlib.util.find_spec("numba") is None:
             return False, "numba is not installed; pip install 'selfattn[numba]'"
         return True, ""
 
-    def info(self):
-        import sys
-
-        d = {"numba": self.version}
-        nbm = sys.modules.get("numba")
-        if nbm is not None:
-            d["threads"] = nbm.get_num_threads()
-            d["threading_layer"] = nbm.config.THREADING_LAYER
-        ctl, why = _gemm_probe()
-        d["blas_tile_kernels"] = "yes" if ctl is not None else f"no ({why}; the fused kernels run)"
+    def info(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"numba": self.version, "threads": _numba_threads(),
+                             "threading": "own sleeping worker threads (no numba.prange / OpenMP)"}
+        libs, why = _blas.probe()
+        d["blas_tile_kernels"] = "yes" if libs is not None else f"no ({why}; the fused kernels run)"
+        d["compiled_kernels"] = cache_status()
         return d
 
-    # -- forward ---------------------------------------------------------
-    def _nsplit(self, pb, nthreads):
+    # -- planning --------------------------------------------------------------------------------------------------
+    def _use_blas(self, pb: Problem, nsplit: int = 1) -> bool:
+        if self.kernels == "fused" or _blas.probe()[0] is None:
+            return False
+        if self.kernels == "blas":
+            return True
+        work = pb.batch * pb.q_heads * pb.n * pb.m * pb.d
+        return nsplit == 1 and pb.n >= GEMM_MIN_ROWS and work >= GEMM_MIN_WORK
+
+    def _nsplit(self, pb: Problem, nthreads: int) -> int:
         """Key splits per query tile: enough tasks for every thread on decode-like shapes."""
-        k = _load()
-        tiles = pb.batch * pb.q_heads * ((pb.n + k.BR - 1) // k.BR)
-        if tiles == 0 or pb.m <= 4 * k.BC or tiles >= 2 * nthreads:
+        br, bc = self.fused_tiles
+        tiles = pb.batch * pb.q_heads * ((pb.n + br - 1) // br)
+        if tiles == 0 or pb.m <= 4 * bc or tiles >= 2 * nthreads:
             return 1
         want = (4 * nthreads + tiles - 1) // tiles
-        return int(max(1, min(want, pb.m // (2 * k.BC), 64)))
+        return int(max(1, min(want, pb.m // (2 * bc), 64)))
 
-    def forward(self, pb):
-        B, Hq, Hkv, N, M, D, Dv = pb.batch, pb.q_heads, pb.kv_heads, pb.n, pb.m, pb.d, pb.dv
+    @staticmethod
+    def _threads_for(pb: Problem) -> int:
+        """Threads for this call: Numba's count, the budget, and one per FLOPS_PER_THREAD of work."""
+        return max(1, min(_numba_threads(), int(pb.flops // FLOPS_PER_THREAD)))
+
+    def plan(self, pb: Problem) -> str:
+        """One line: which kernel family and how many threads this call would use (for ``explain``)."""
+        nthreads = self._threads_for(pb)
+        nsplit = self._nsplit(pb, nthreads)
+        fam = "blas" if self._use_blas(pb, nsplit) else "fused"
+        extra = f", keys split {nsplit} ways (flash-decoding)" if nsplit > 1 and fam == "fused" else ""
+        where = "inline on the calling thread" if nthreads == 1 else f"{nthreads} threads"
+        return f"{fam} kernels, {where}{extra}"
+
+    # -- forward ---------------------------------------------------------------------------------------------------
+    def forward(self, pb: Problem) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        B, Hq, N, M, Dv = pb.batch, pb.q_heads, pb.n, pb.m, pb.dv
         cdt = pb.compute_dtype
         BH = B * Hq
         if BH == 0 or N == 0 or M == 0:
@@ -246,78 +342,103 @@ class NumbaBackend(Backend):
             lse = np.full((B, Hq, N), -np.inf, pb.lse_dtype) if pb.want_lse else None
             w = np.zeros((B, Hq, N, M), pb.dtype) if pb.return_weights else None
             return out, lse, w
-        k = _load()
-        import numba
-
-        q3, k3, v3 = _c3(pb.query, cdt), _c3(pb.key, cdt), _c3(pb.value, cdt)
-        lo, up = _band(pb)
-        mkind, mb, mf, midx = _mask_args(pb, cdt)
-        thr, slo, shi, dscale = _dropout_args(pb)
-        nthreads = numba.get_num_threads()
-        nsplit = self._nsplit(pb, nthreads)
-        args = (Hq, Hkv, lo, up, float(pb.scale), mkind, mb, mf, midx, thr, slo, shi, float(dscale))
+        # Outputs first: a result that cannot be allocated fails before any work.
         out3 = np.empty((BH, N, Dv), cdt)
         lse3 = np.empty((BH, N), cdt)
-        with _lock:
-            if _use_gemm(pb, nsplit):
-                safe = 0.0 if mkind == 2 else _shift_free_bound(v3, cdt)
-                gq = _query_tile(BH, N, nthreads, k.GQ)
-                with _gemm_controller().limit(limits=1, user_api="blas"):
-                    k.forward_gemm(q3, k3, v3, *args, k.key_norm_max(k3), safe, gq, k.GK, out3, lse3)
-            elif nsplit == 1:
-                k.forward(q3, k3, v3, *args, 1, out3[None], lse3[None], lse3[None])
-            else:
-                o_acc = np.empty((nsplit, BH, N, Dv), cdt)
-                m_acc = np.empty((nsplit, BH, N), cdt)
-                l_acc = np.empty((nsplit, BH, N), cdt)
-                k.forward(q3, k3, v3, *args, nsplit, o_acc, m_acc, l_acc)
-                k.merge_splits(o_acc, m_acc, l_acc, float(dscale), out3, lse3)
-                del o_acc, m_acc, l_acc
-            w = None
-            if pb.return_weights:
-                w3 = np.zeros((BH, N, M), cdt)
-                k.weights(q3, k3, Hq, Hkv, lo, up, float(pb.scale), mkind, mb, mf, midx, lse3, w3)
-                w = w3.reshape(B, Hq, N, M).astype(pb.dtype, copy=False)
+        w3 = np.zeros((BH, N, M), cdt) if pb.return_weights else None
+        q3, k3, v3 = as3(pb.query, cdt), as3(pb.key, cdt), as3(pb.value, cdt)
+        P = kernel_params(pb)
+        nthreads = self._threads_for(pb)
+        nsplit = self._nsplit(pb, nthreads)
+        if self._use_blas(pb, nsplit):
+            self._forward_blas(pb, q3, k3, v3, P, nthreads, out3, lse3)
+        else:
+            self._forward_fused(pb, q3, k3, v3, P, nthreads, nsplit, out3, lse3)
+        w = None
+        if w3 is not None:
+            br, bc = self.fused_tiles
+            kern = _kernel("fused.weights")
+            args = (q3, k3, P, br, bc, lse3, w3)
+            _announce("weights", cdt, [(kern, (0, 0) + args)])
+            run_tasks(lambda t0, t1: kern(t0, t1, *args), BH * ((N + br - 1) // br), nthreads)
+            w = w3.reshape(B, Hq, N, M).astype(pb.dtype, copy=False)
         out = out3.reshape(B, Hq, N, Dv).astype(pb.dtype, copy=False)
         lse = lse3.reshape(B, Hq, N).astype(pb.lse_dtype, copy=False) if pb.want_lse else None
         return out, lse, w
 
-    # -- backward --------------------------------------------------------
-    def backward(self, pb, out, lse, grad_out):
+    def _forward_fused(self, pb: Problem, q3: np.ndarray, k3: np.ndarray, v3: np.ndarray, P: KernelParams,
+                       nthreads: int, nsplit: int, out3: np.ndarray, lse3: np.ndarray) -> None:
+        br, bc = self.fused_tiles
+        BH, N, Dv = q3.shape[0], q3.shape[1], v3.shape[2]
+        cdt = q3.dtype
+        fwd, merge = _kernel("fused.forward"), _kernel("fused.merge_splits")
+        ntask = BH * ((N + br - 1) // br) * nsplit
+        if nsplit == 1:
+            args = (q3, k3, v3, P, br, bc, 1, out3[None], lse3[None], lse3[None])
+            _announce("fused-forward", cdt, [(fwd, (0, 0) + args)])
+            run_tasks(lambda t0, t1: fwd(t0, t1, *args), ntask, nthreads)
+            return
+        o_acc = np.empty((nsplit, BH, N, Dv), cdt)
+        m_acc = np.empty((nsplit, BH, N), cdt)
+        l_acc = np.empty((nsplit, BH, N), cdt)
+        args = (q3, k3, v3, P, br, bc, nsplit, o_acc, m_acc, l_acc)
+        margs = (o_acc, m_acc, l_acc, float(P.dscale), out3, lse3)
+        _announce("fused-forward", cdt, [(fwd, (0, 0) + args), (merge, (0, 0) + margs)])
+        run_tasks(lambda t0, t1: fwd(t0, t1, *args), ntask, nthreads)
+        run_tasks(lambda t0, t1: merge(t0, t1, *margs), BH * N, nthreads)
+
+    def _forward_blas(self, pb: Problem, q3: np.ndarray, k3: np.ndarray, v3: np.ndarray, P: KernelParams,
+                      nthreads: int, out3: np.ndarray, lse3: np.ndarray) -> None:
+        gq, gk, _, _ = self.blas_tiles
+        BH, N = q3.shape[0], q3.shape[1]
+        cdt = q3.dtype
+        fwd, knorm = _kernel("blas.forward_gemm"), _kernel("blas.key_norm_max")
+        kmax = np.empty(k3.shape[0], cdt)
+        safe = 0.0 if (P.mask_kind == 2 or P.has_alibi) else _shift_free_bound(v3, cdt)
+        rows = _query_tile(BH, N, nthreads, gq)
+        args = (q3, k3, v3, P, kmax, safe, rows, gk, out3, lse3)
+        _announce("blas-forward", cdt, [(knorm, (0, 0, k3, kmax)), (fwd, (0, 0) + args)])
+        with _blas.single_threaded():
+            run_tasks(lambda t0, t1: knorm(t0, t1, k3, kmax), k3.shape[0], nthreads)
+            run_tasks(lambda t0, t1: fwd(t0, t1, *args), BH * ((N + rows - 1) // rows), nthreads)
+
+    # -- backward --------------------------------------------------------------------------------------------------
+    def backward(self, pb: Problem, out: np.ndarray, lse: np.ndarray,
+                 grad_out: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         B, Hq, Hkv, N, M, D, Dv = pb.batch, pb.q_heads, pb.kv_heads, pb.n, pb.m, pb.d, pb.dv
         cdt = pb.compute_dtype
         if B * Hq == 0 or N == 0 or M == 0:
             return (np.zeros((B, Hq, N, D), pb.dtype), np.zeros((B, Hkv, M, D), pb.dtype),
                     np.zeros((B, Hkv, M, Dv), pb.dtype))
-        k = _load()
-        import numba
-
-        q3, k3, v3 = _c3(pb.query, cdt), _c3(pb.key, cdt), _c3(pb.value, cdt)
-        do3 = _c3(grad_out, cdt)
-        o3 = _c3(out, cdt)
+        q3, k3, v3 = as3(pb.query, cdt), as3(pb.key, cdt), as3(pb.value, cdt)
+        do3 = as3(grad_out, cdt)
+        o3 = as3(out, cdt)
         delta = np.einsum("bnd,bnd->bn", do3, o3)
         lse3 = np.asarray(lse, dtype=cdt).reshape(B * Hq, N)
         lse3 = np.where(lse3 == -np.inf, np.inf, lse3).astype(cdt)
-        lo, up = _band(pb)
-        mkind, mb, mf, midx = _mask_args(pb, cdt)
-        thr, slo, shi, dscale = _dropout_args(pb)
-        nthreads = numba.get_num_threads()
-        gemm = _use_gemm(pb)
-        block = k.GKB if gemm else k.BC
+        P = kernel_params(pb)
+        nthreads = max(1, min(_numba_threads(), int(3 * pb.flops // FLOPS_PER_THREAD)))
+        blas = self._use_blas(pb)
+        if blas:
+            _, _, rows, block = self.blas_tiles
+        else:
+            rows, block = self.fused_tiles
         nkb = (M + block - 1) // block
         tasks = B * Hkv
         nchunk = 1 if tasks >= 2 * nthreads else max(1, min(nkb, (2 * nthreads + tasks - 1) // tasks))
         dq_acc = np.zeros((nchunk, B * Hq, N, D), cdt)
         dk3 = np.empty((B * Hkv, M, D), cdt)
         dv3 = np.empty((B * Hkv, M, Dv), cdt)
-        if gemm:
-            with _lock, _gemm_controller().limit(limits=1, user_api="blas"):
-                k.backward_gemm(q3, k3, v3, do3, lse3, delta, Hq, Hkv, lo, up, float(pb.scale), mkind, mb, mf,
-                                midx, thr, slo, shi, float(dscale), k.GQB, k.GKB, nchunk, dq_acc, dk3, dv3)
+        args = (q3, k3, v3, do3, lse3, delta, P, rows, block, nchunk, dq_acc, dk3, dv3)
+        if blas:
+            kern = _kernel("blas.backward_gemm")
+            _announce("blas-backward", cdt, [(kern, (0, 0) + args)])
+            with _blas.single_threaded():
+                run_tasks(lambda t0, t1: kern(t0, t1, *args), tasks * nchunk, nthreads, chunks_per_thread=1)
         else:
-            with _lock:
-                k.backward(q3, k3, v3, do3, lse3, delta, Hq, Hkv, lo, up, float(pb.scale), mkind, mb, mf, midx,
-                           thr, slo, shi, float(dscale), nchunk, dq_acc, dk3, dv3)
+            kern = _kernel("fused.backward")
+            _announce("fused-backward", cdt, [(kern, (0, 0) + args)])
+            run_tasks(lambda t0, t1: kern(t0, t1, *args), tasks * nchunk, nthreads, chunks_per_thread=1)
         dq3 = dq_acc[0] if nchunk == 1 else dq_acc.sum(axis=0)
         return (dq3.reshape(B, Hq, N, D).astype(pb.dtype, copy=False),
                 dk3.reshape(B, Hkv, M, D).astype(pb.dtype, copy=False),
@@ -326,3 +447,79 @@ class NumbaBackend(Backend):
 
 #: The instance the dispatcher registers.
 backend = NumbaBackend()
+
+
+# -- ahead-of-time compilation and cache status ----------------------------------------------------------------------
+def _family_problem(family: str, dtype: str) -> tuple[NumbaBackend, Problem, str]:
+    """A small problem, and a backend configured so that it runs ``family``'s kernels."""
+    rng = np.random.default_rng(0)
+    n = 70
+    q = rng.standard_normal((1, 2, n, 16)).astype(dtype)
+    k = rng.standard_normal((1, 2, n, 16)).astype(dtype)
+    kernels = "blas" if family.startswith("blas") else "fused"
+    be = NumbaBackend(kernels=kernels)
+    pb = normalize(q, k, k, return_weights=family == "weights", needs_vjp=family.endswith("backward"))
+    return be, pb, "backward" if family.endswith("backward") else "forward"
+
+
+def compile_family(family: str, dtype: str) -> float:
+    """Compile (or load from the disk cache) the kernels of ``family`` for ``dtype``; returns seconds taken.
+
+    Runs a small problem through the backend's own host code, so exactly the
+    signatures real calls use are compiled and cached.
+    """
+    if family == "blas-forward" or family == "blas-backward":
+        if _blas.probe()[0] is None:
+            raise RuntimeError(f"the BLAS-tile kernels cannot run here: {_blas.probe()[1]}")
+    be, pb, which = _family_problem(family, dtype)
+    t0 = time.perf_counter()
+    out, lse, _ = be.forward(pb)
+    if which == "backward":
+        be.backward(pb, out, lse, np.ones_like(out))
+    return time.perf_counter() - t0
+
+
+def cache_status() -> dict[str, str]:
+    """``{"family dtype": "cached" | "not cached" | "unknown"}`` for every kernel family, without compiling.
+
+    "cached" means machine code for the exact signatures real calls use is
+    in this process or in Numba's on-disk cache.
+    """
+    status: dict[str, str] = {}
+    for fam in FAMILIES.values():
+        if fam.name.startswith("blas") and _blas.probe()[0] is None:
+            for dt in ("float32", "float64"):
+                status[f"{fam.name} {dt}"] = "n/a (no limitable BLAS)"
+            continue
+        for dt in ("float32", "float64"):
+            calls = _family_calls(fam.name, dt)
+            states = [_signature_cached(k, a) for k, a in calls]
+            status[f"{fam.name} {dt}"] = ("unknown" if None in states else
+                                          "cached" if all(states) else "not cached")
+    return status
+
+
+def _family_calls(family: str, dtype: str) -> list[tuple[Any, tuple[Any, ...]]]:
+    """The (kernel, arguments) pairs a small problem of ``family`` would launch, built but not run."""
+    be, pb, which = _family_problem(family, dtype)
+    cdt = pb.compute_dtype
+    q3, k3, v3 = as3(pb.query, cdt), as3(pb.key, cdt), as3(pb.value, cdt)
+    P = kernel_params(pb)
+    BH, N, Dv = q3.shape[0], q3.shape[1], v3.shape[2]
+    out3, lse3 = np.empty((BH, N, Dv), cdt), np.empty((BH, N), cdt)
+    br, bc = be.fused_tiles
+    if family == "fused-forward":
+        acc = (np.empty((2, BH, N, Dv), cdt), np.empty((2, BH, N), cdt), np.empty((2, BH, N), cdt))
+        return [(_kernel("fused.forward"), (0, 0, q3, k3, v3, P, br, bc, 1, out3[None], lse3[None], lse3[None])),
+                (_kernel("fused.merge_splits"), (0, 0) + acc + (1.0, out3, lse3))]
+    if family == "weights":
+        return [(_kernel("fused.weights"), (0, 0, q3, k3, P, br, bc, lse3, np.empty((BH, N, N), cdt)))]
+    if family == "blas-forward":
+        kmax = np.empty(k3.shape[0], cdt)
+        return [(_kernel("blas.key_norm_max"), (0, 0, k3, kmax)),
+                (_kernel("blas.forward_gemm"), (0, 0, q3, k3, v3, P, kmax, 0.0, 64, 64, out3, lse3))]
+    dq = np.empty((1, BH, N, q3.shape[2]), cdt)
+    dk, dv = np.empty_like(k3), np.empty_like(v3)
+    args = (0, 0, q3, k3, v3, out3, lse3, lse3, P, 64, 64, 1, dq, dk, dv)
+    return [(_kernel("blas.backward_gemm" if family == "blas-backward" else "fused.backward"), args)]
+

@@ -18,7 +18,7 @@ __all__ = [
     "kernel_source", "kernel_names", "pick_dmax", "fwd_kernel_name", "dropout_kernel_name",
     "fwd_launch", "elementwise_launch", "element_strides", "mask_kind", "mask_strides",
     "band_args", "dropout_args", "FWD_SIGNATURE", "DROPOUT_SIGNATURE", "pack_fwd_args",
-    "pack_dropout_args", "row_block", "fused_ok", "forward_path", "DECODE_MAX_ROWS", "DECODE_MIN_KEYS",
+    "pack_dropout_args", "fused_ok", "forward_path", "DECODE_MAX_ROWS", "DECODE_MIN_KEYS",
     "TC_DMAX_CHOICES", "TC_THREADS", "TC_MIN_CC",
     "tc_kernel_name", "pick_tc_dmax", "tc_ok", "tc_layout_ok", "kernel_signature",
 ]
@@ -331,18 +331,3 @@ def pack_dropout_args(*, z, n_bh, rows, cols, bh0, i0, j0, dropout_p, dropout_se
     thr, lo, hi, sc, _ = dropout_args(dropout_p, dropout_seed)
     return _pack(DROPOUT_SIGNATURE, dict(z=z, n_bh=n_bh, rows=rows, cols=cols, bh0=bh0, i0=i0, j0=j0,
                                          seed_lo=lo, seed_hi=hi, threshold=thr, drop_scale=sc))
-
-
-def row_block(batch: int, q_heads: int, n: int, m: int, itemsize: int, budget_bytes: int, banded: bool):
-    """``(batches_per_block, rows_per_block)`` for the blockwise (cuBLAS) paths.
-
-    One score tile ``(bb, Hq, rows, M)`` stays within ``budget_bytes`` (at least
-    one row of one batch entry); banded calls use at most 512 rows so the
-    skipped key range can shrink with the block.
-    """
-    per_row = max(1, int(q_heads) * max(int(m), 1) * int(itemsize))
-    rows = max(1, min(int(n), int(budget_bytes) // per_row)) if n else 1
-    if banded:
-        rows = min(rows, 512)
-    bb = max(1, min(int(batch), int(budget_bytes) // (per_row * max(int(n), 1)))) if rows >= n else 1
-    return bb, rows

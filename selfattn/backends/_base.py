@@ -59,6 +59,10 @@ class Backend(ABC):
         """Extra facts for ``python -m selfattn info`` (threads, devices...)."""
         return {}
 
+    def plan(self, problem: Problem) -> str:
+        """One line on how the backend would run ``problem`` (kernels, threads...), for ``explain``; "" if none."""
+        return ""
+
     @abstractmethod
     def forward(self, problem: Problem) -> tuple[Array, Array | None, Array | None]:
         """``(out, lse, weights)`` for ``problem`` (see the module docstring)."""

@@ -32,7 +32,7 @@ import numpy as np
 from functools import partial
 from typing import Any
 
-from .._capabilities import Capabilities
+from .._capabilities import FEATURES, Capabilities
 from .._problem import Problem
 from . import _blockwise
 from ._base import Backend
@@ -94,6 +94,7 @@ class CupyBackend(Backend):
     priority = 10
     capabilities = Capabilities(
         array_type="cupy",
+        features=frozenset(FEATURES) - {"varlen"},
         notes={
             "float16": ("float32 accumulation; the forward uses tensor cores (mma.sync m16n8k16) on "
                         "sm_80+ when D and Dv are multiples of 8 and at most 128, CUDA cores otherwise"),
@@ -218,7 +219,9 @@ class CupyBackend(Backend):
             return self._forward(cupy, pb)
 
     def _forward(self, cupy, pb):
-        if launch.forward_path(pb.d, pb.dv, pb.n, pb.m, pb.return_weights) == "fused":
+        # Soft-capping, ALiBi and chunk offsets run on the blockwise path until the fused kernels take them.
+        in_kernel = pb.softcap is None and pb.alibi is None and not pb.is_chunk
+        if in_kernel and launch.forward_path(pb.d, pb.dv, pb.n, pb.m, pb.return_weights) == "fused":
             return self._forward_fused(cupy, pb)
         return self._forward_blockwise(cupy, pb)
 

@@ -49,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from .._capabilities import Capabilities
+from .._capabilities import FEATURES, Capabilities
 from .._problem import Problem, normalize
 from ._base import Backend
 from ._numba.args import KernelParams, as3, kernel_params
@@ -265,7 +265,7 @@ class NumbaBackend(Backend):
 
     name = "numba"
     priority = 20
-    capabilities = Capabilities(array_type="numpy", min_flops=MIN_FLOPS)
+    capabilities = Capabilities(array_type="numpy", features=frozenset(FEATURES) - {"varlen"}, min_flops=MIN_FLOPS)
 
     def __init__(self, kernels: str = "auto", fused_tiles: tuple[int, int] = (64, 64),
                  blas_tiles: tuple[int, int, int, int] = (256, 512, 512, 256)) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .._capabilities import Capabilities
+from .._capabilities import FEATURES, Capabilities
 from .._dropout import keep_mask
 from .._problem import Problem
 from . import _blockwise
@@ -45,7 +45,7 @@ class NumpyBackend(Backend):
 
     name = "numpy"
     priority = 100
-    capabilities = Capabilities(array_type="numpy")
+    capabilities = Capabilities(array_type="numpy", features=frozenset(FEATURES) - {"varlen"})
 
     def __init__(self, block_bytes: int = 32 * 2**20) -> None:
         #: Budget for one block's score tile, in bytes (the backward uses a third of it per block).

@@ -214,6 +214,7 @@ class EmulatedCupyBackend(CupyBackend):
     priority = 1000  # never chosen automatically
     capabilities = Capabilities(
         array_type="numpy",
+        features=CupyBackend.capabilities.features,
         notes={"float16": "as the cupy backend: tensor cores when compute_capability >= 80 and D, Dv "
                           "are multiples of 8 up to 128 (emulated)"},
     )

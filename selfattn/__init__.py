@@ -13,7 +13,13 @@ types. Importing selfattn imports NumPy only; numba and cupy are imported when
 a backend that needs them first runs.
 """
 
-from ._api import explain, scaled_dot_product_attention, scaled_dot_product_attention_vjp
+from ._api import (
+    explain,
+    scaled_dot_product_attention,
+    scaled_dot_product_attention_varlen,
+    scaled_dot_product_attention_varlen_vjp,
+    scaled_dot_product_attention_vjp,
+)
 from ._merge import merge_attention
 from ._capabilities import DTYPES, FEATURES, Capabilities
 from ._dispatch import BackendRecord, Explanation, get_backend, list_backends, set_backend, use_backend
@@ -38,7 +44,8 @@ def __getattr__(name):
     raise AttributeError(f"module 'selfattn' has no attribute {name!r}")
 
 __all__ = [
-    "scaled_dot_product_attention", "scaled_dot_product_attention_vjp", "merge_attention", "explain",
+    "scaled_dot_product_attention", "scaled_dot_product_attention_vjp", "scaled_dot_product_attention_varlen",
+    "scaled_dot_product_attention_varlen_vjp", "merge_attention", "explain",
     "use_backend", "set_backend", "get_backend", "list_backends", "BackendRecord", "Explanation",
     "Backend", "Capabilities", "FEATURES", "DTYPES",
     "SelfAttnError", "BackendNotFoundError", "BackendUnavailableError", "UnsupportedFeatureError", "NoBackendError",

@@ -8,9 +8,10 @@ from typing import Any
 
 from ._dispatch import Explanation, select
 from ._memory import format_bytes, require
-from ._problem import Array, Problem, array_library, normalize
+from ._problem import Array, Problem, array_library, normalize, normalize_varlen
 
-__all__ = ["scaled_dot_product_attention", "scaled_dot_product_attention_vjp", "explain"]
+__all__ = ["scaled_dot_product_attention", "scaled_dot_product_attention_vjp", "scaled_dot_product_attention_varlen",
+           "scaled_dot_product_attention_varlen_vjp", "explain"]
 
 #: Keywords of other libraries' attention functions, with the selfattn way to say them and the
 #: difference that matters. Passing one is a TypeError that says so.
@@ -213,11 +214,15 @@ def scaled_dot_product_attention_vjp(query: Array, key: Array, value: Array, *, 
         _refuse_keywords("scaled_dot_product_attention_vjp", unexpected, own)
     pb = normalize(query, key, value, mask=mask, causal=causal, window=window, scale=scale, softcap=softcap,
                    alibi_slopes=alibi_slopes, dropout_p=dropout_p, dropout_seed=dropout_seed, needs_vjp=True)
-    impl = select(pb, backend)
+    return _with_backward(pb, select(pb, backend), query.shape, key.shape, value.shape)
+
+
+def _with_backward(pb: Problem, impl: Any, q_shape: tuple[int, ...], k_shape: tuple[int, ...],
+                   v_shape: tuple[int, ...]) -> tuple[Array, Callable[[Array], tuple[Array, Array, Array]]]:
+    """Run the forward of a VJP call and return ``(out, backward)``."""
     _check_result_memory(pb)
     out4, lse4, _ = impl.forward(pb)
     out = out4.reshape(pb.out_shape(pb.dv))
-    q_shape, k_shape, v_shape = query.shape, key.shape, value.shape
 
     def backward(grad_out: Array) -> tuple[Array, Array, Array]:
         """Gradients ``(dq, dk, dv)`` of ``sum(out * grad_out)`` w.r.t. query, key, value."""
@@ -269,3 +274,87 @@ def explain(query: Array, key: Array, value: Array, *, vjp: bool = False, backen
     if plan:
         trail.append(f"{impl.name} plan: {plan}")
     return Explanation(impl.name, trail)
+
+
+_VARLEN_KEYWORDS = ("causal", "window", "scale", "softcap", "alibi_slopes", "dropout_p", "dropout_seed",
+                    "return_lse", "backend")
+
+
+def scaled_dot_product_attention_varlen(query: Array, key: Array, value: Array, cu_seqlens_q: Array,
+                                        cu_seqlens_k: Array, *, causal: bool = False,
+                                        window: int | tuple[int, int] | None = None, scale: float | None = None,
+                                        softcap: float | None = None, alibi_slopes: Array | None = None,
+                                        dropout_p: float = 0.0, dropout_seed: int | None = None,
+                                        return_lse: bool = False, backend: str | None = None,
+                                        **unexpected: Any) -> Array | tuple[Array, Array]:
+    """Attention over a packed batch of variable-length sequences (FlashAttention's ``varlen`` layout).
+
+    Parameters
+    ----------
+    query : array ``(Hq, total_q, D)``
+    key : array ``(Hkv, total_k, D)``
+    value : array ``(Hkv, total_k, Dv)``
+        Heads first, like the rest of the API; the sequences are concatenated
+        along axis 1. Dtypes and array libraries as in
+        :func:`scaled_dot_product_attention`; GQA as there.
+    cu_seqlens_q, cu_seqlens_k : integer arrays of length ``B + 1``
+        Cumulative lengths: non-decreasing, starting at 0 and ending at
+        ``total_q`` / ``total_k``. Sequence ``b`` has queries
+        ``[cu_q[b], cu_q[b+1])`` and keys ``[cu_k[b], cu_k[b+1])`` and attends
+        only within them. Empty sequences are allowed.
+    causal, window, scale, softcap, dropout_p, dropout_seed, return_lse, backend
+        As in :func:`scaled_dot_product_attention`, with causal, window and
+        ALiBi positions local to each sequence (bottom-right aligned per
+        sequence: ``j <= i + (M_b - N_b)``).
+    alibi_slopes : float32/float64 array ``(Hq,)`` or ``(B, Hq)``, optional
+
+    Dropout draws exactly the pattern of the equivalent padded call (sequence
+    ``b`` as batch entry ``b``, local positions), so the result equals the
+    padded, key-masked call on the same seed. Work and memory scale with
+    ``Σ N_b·M_b``, never with ``B·max N·max M``.
+
+    Returns
+    -------
+    ``out (Hq, total_q, Dv)``, or ``(out, lse)`` with ``lse (Hq, total_q)``
+    (float32 for float16 inputs). Query rows of a sequence with no keys get
+    output 0 and lse ``-inf``.
+
+    Raises
+    ------
+    TypeError, ValueError
+        Malformed arguments (``cu_seqlens`` decreasing, with wrong ends, of a
+        non-integer dtype, or of different lengths for q and k), named, before
+        any kernel runs.
+    """
+    if unexpected:
+        _refuse_keywords("scaled_dot_product_attention_varlen", unexpected, _VARLEN_KEYWORDS)
+    pb = normalize_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, causal=causal, window=window, scale=scale,
+                          softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p, dropout_seed=dropout_seed,
+                          return_lse=return_lse)
+    impl = select(pb, backend)
+    _check_result_memory(pb)
+    out, lse, _ = impl.forward(pb)
+    return _package(pb, out, lse, None)
+
+
+def scaled_dot_product_attention_varlen_vjp(query: Array, key: Array, value: Array, cu_seqlens_q: Array,
+                                            cu_seqlens_k: Array, *, causal: bool = False,
+                                            window: int | tuple[int, int] | None = None,
+                                            scale: float | None = None, softcap: float | None = None,
+                                            alibi_slopes: Array | None = None, dropout_p: float = 0.0,
+                                            dropout_seed: int | None = None, backend: str | None = None,
+                                            **unexpected: Any
+                                            ) -> tuple[Array, Callable[[Array], tuple[Array, Array, Array]]]:
+    """:func:`scaled_dot_product_attention_varlen` plus a pullback ``backward(grad_out) -> (dq, dk, dv)``.
+
+    As :func:`scaled_dot_product_attention_vjp`, for the packed layout:
+    ``grad_out`` is ``(Hq, total_q, Dv)``; the gradients have the shapes of
+    ``query``, ``key`` and ``value``.
+    """
+    if unexpected:
+        _refuse_keywords("scaled_dot_product_attention_varlen_vjp", unexpected,
+                         tuple(k for k in _VARLEN_KEYWORDS if k != "return_lse"))
+    pb = normalize_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, causal=causal, window=window, scale=scale,
+                          softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p, dropout_seed=dropout_seed,
+                          needs_vjp=True)
+    return _with_backward(pb, select(pb, backend), query.shape, key.shape, value.shape)

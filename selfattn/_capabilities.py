@@ -133,4 +133,6 @@ def required_features(problem: Problem) -> frozenset[str]:
         need.add("alibi")
     if problem.is_chunk:
         need.add("chunks")
+    if problem.is_varlen:
+        need.add("varlen")
     return frozenset(need)

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Problem", "Coordinates", "normalize", "array_library", "MAX_EXTENT"]
+__all__ = ["Problem", "Coordinates", "normalize", "normalize_varlen", "array_library", "MAX_EXTENT"]
 
 #: Largest allowed N, M and flat batch·head count. Kernels index with int32 in
 #: places (CUDA grids) and the dropout counters are 32-bit, so larger extents
@@ -186,6 +186,14 @@ class Problem:
       added to the (soft-capped) scores.
     * ``dropout_seed`` is an int in ``[0, 2**64)`` whenever ``dropout_p > 0``;
       ``coords`` maps local indices to the pattern's global counters.
+    * Packed variable-length batches (:func:`selfattn.scaled_dot_product_attention_varlen`):
+      ``cu_seqlens_q``/``cu_seqlens_k`` are host int64 arrays of length
+      ``S + 1`` (``S`` sequences); ``query`` is ``(1, Hq, total_q, D)`` and
+      sequence ``s`` has rows ``[cu_q[s], cu_q[s+1])`` and keys
+      ``[cu_k[s], cu_k[s+1])``. Band, ALiBi and dropout positions are local to
+      each sequence (bottom-right aligned per sequence, dropout counters as
+      batch entry ``s``); ``alibi`` is ``(S, Hq)``; there is no mask.
+      :meth:`sequence` gives one sequence as an ordinary problem.
 
     Order of operations: scale, softcap, + alibi, + float mask / bool mask,
     causal/window band, softmax, dropout.
@@ -215,6 +223,8 @@ class Problem:
     needs_vjp: bool = False
     offset: int | None = None
     coords: Coordinates = field(default_factory=Coordinates)
+    cu_seqlens_q: np.ndarray | None = None
+    cu_seqlens_k: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.offset is None:
@@ -278,8 +288,39 @@ class Problem:
 
     @property
     def flops(self) -> float:
-        """Forward work in floating-point operations, ``2·B·Hq·N·M·(D + Dv)``, before band skipping."""
+        """Forward work in floating-point operations, ``2·B·Hq·N·M·(D + Dv)`` (``Σ Nₛ·Mₛ`` for varlen).
+
+        Counted before band skipping.
+        """
+        if self.cu_seqlens_q is not None and self.cu_seqlens_k is not None:
+            nm = float(np.dot(np.diff(self.cu_seqlens_q).astype(np.float64), np.diff(self.cu_seqlens_k)))
+            return 2.0 * self.q_heads * nm * (self.d + self.dv)
         return 2.0 * self.batch * self.q_heads * self.n * self.m * (self.d + self.dv)
+
+    @property
+    def is_varlen(self) -> bool:
+        """True for a packed variable-length batch (see the class docstring)."""
+        return self.cu_seqlens_q is not None
+
+    @property
+    def num_sequences(self) -> int:
+        """Number of packed sequences (1 for an ordinary problem)."""
+        return 1 if self.cu_seqlens_q is None else len(self.cu_seqlens_q) - 1
+
+    def sequence(self, s: int) -> Problem:
+        """Packed sequence ``s`` as an ordinary problem (views; batch 1, its own band offset).
+
+        Its dropout counters are those of batch entry ``s`` of the equivalent
+        padded call, with positions local to the sequence.
+        """
+        assert self.cu_seqlens_q is not None and self.cu_seqlens_k is not None
+        q0, q1 = int(self.cu_seqlens_q[s]), int(self.cu_seqlens_q[s + 1])
+        k0, k1 = int(self.cu_seqlens_k[s]), int(self.cu_seqlens_k[s + 1])
+        return replace(self, query=self.query[:, :, q0:q1], key=self.key[:, :, k0:k1],
+                       value=self.value[:, :, k0:k1], batch_shape=(1,),
+                       alibi=None if self.alibi is None else self.alibi[s:s + 1],
+                       offset=(k1 - k0) - (q1 - q0), cu_seqlens_q=None, cu_seqlens_k=None,
+                       coords=Coordinates(batch_index=np.array([s], np.int64), total_heads=self.q_heads))
 
     @property
     def lower(self) -> int | None:
@@ -301,6 +342,8 @@ class Problem:
     @property
     def is_chunk(self) -> bool:
         """True when this problem is a chunk of a larger call (non-default offset or counters)."""
+        if self.cu_seqlens_q is not None:
+            return False
         return self.offset != self.m - self.n or not self.coords.is_default(self.q_heads)
 
     def key_range(self, i0: int, i1: int) -> tuple[int, int]:
@@ -595,3 +638,66 @@ def _normalize_alibi(slopes: Any, lib: str, batch_shape: tuple[int, ...], q_head
     xp = np if lib == "numpy" else sys.modules["cupy"]
     nb = math.prod(batch_shape)
     return xp.ascontiguousarray(xp.broadcast_to(slopes, full).reshape(nb, q_heads))
+
+
+def _check_cu_seqlens(name: str, cu: Any, total: int, total_name: str) -> np.ndarray:
+    """``cu_seqlens`` as a host int64 array, validated (TypeError/ValueError naming ``name``)."""
+    lib = array_library(cu)
+    if lib is None:
+        raise TypeError(f"{name} must be a numpy (or cupy) integer array of cumulative sequence lengths, got "
+                        f"{_describe(cu)}; convert it with numpy.asarray({name}, dtype=numpy.int32)")
+    if cu.dtype.kind not in "iu":
+        raise TypeError(f"{name} has dtype {cu.dtype}; it must be an integer array (int32 or int64), e.g. "
+                        f"numpy.asarray({name}, dtype=numpy.int32)")
+    if cu.ndim != 1 or cu.shape[0] < 1:
+        raise ValueError(f"{name} must be 1-D of length B + 1 (B sequences), got shape {tuple(cu.shape)}")
+    host = np.asarray(cu.get() if lib == "cupy" else cu).astype(np.int64)
+    if host[0] != 0:
+        raise ValueError(f"{name} must start at 0, got {name}[0] = {int(host[0])}")
+    if np.any(np.diff(host) < 0):
+        at = int(np.argmax(np.diff(host) < 0))
+        raise ValueError(f"{name} must be non-decreasing, but {name}[{at + 1}] = {int(host[at + 1])} < "
+                         f"{name}[{at}] = {int(host[at])}")
+    if host[-1] != total:
+        raise ValueError(f"{name} must end at {total_name} = {total}, got {name}[-1] = {int(host[-1])}")
+    return host
+
+
+def normalize_varlen(query: Any, key: Any, value: Any, cu_seqlens_q: Any, cu_seqlens_k: Any, *,
+                     causal: bool = False, window: Any = None, scale: float | None = None,
+                     softcap: float | None = None, alibi_slopes: Any = None, dropout_p: float = 0.0,
+                     dropout_seed: int | None = None, return_lse: bool = False,
+                     needs_vjp: bool = False) -> Problem:
+    """Validate a packed variable-length call and build its :class:`Problem` (before any kernel runs).
+
+    ``query (Hq, total_q, D)``, ``key (Hkv, total_k, D)``, ``value (Hkv, total_k, Dv)``;
+    ``cu_seqlens_*`` integer arrays of length ``S + 1``, non-decreasing, from
+    0 to ``total_*``; ``alibi_slopes`` ``(Hq,)`` or ``(S, Hq)``.
+    """
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        lib = array_library(x)
+        if lib is not None and x.ndim != 3:
+            raise ValueError(f"{name} must be 3-D (heads, total tokens, head size) for a packed varlen call, got "
+                             f"shape {tuple(x.shape)}")
+    pb = normalize(query, key, value, causal=causal, window=window, scale=scale, softcap=softcap,
+                   dropout_p=dropout_p, dropout_seed=dropout_seed, return_lse=return_lse, needs_vjp=needs_vjp)
+    cq = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, pb.n, "total_q (query.shape[1])")
+    ck = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, pb.m, "total_k (key.shape[1])")
+    if len(cq) != len(ck):
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length (B + 1), got {len(cq)} and "
+                         f"{len(ck)}")
+    nseq = len(cq) - 1
+    alibi = None
+    if alibi_slopes is not None:
+        lib = pb.array_type
+        slib = array_library(alibi_slopes)
+        if slib is not None and alibi_slopes.ndim == 2 and alibi_slopes.shape[0] not in (1, nseq):
+            raise ValueError(f"alibi_slopes with shape {tuple(alibi_slopes.shape)} must be (Hq,) or (B, Hq) = "
+                             f"({nseq}, {pb.q_heads}) for {nseq} packed sequences")
+        alibi = _normalize_alibi(alibi_slopes, lib, (nseq,), pb.q_heads)
+    window = pb.window
+    if window is not None:  # clamp to the longest sequence rather than the totals (same meaning, smaller ints)
+        longest = int(max(np.diff(cq).max(initial=0), np.diff(ck).max(initial=0)))
+        window = (min(window[0], 2 * longest + 1), min(window[1], 2 * longest + 1))
+    return replace(pb, alibi=alibi, window=window, cu_seqlens_q=cq, cu_seqlens_k=ck,
+                   offset=0)

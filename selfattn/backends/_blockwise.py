@@ -34,7 +34,8 @@ import numpy as np
 
 from .._problem import Array, Problem
 
-__all__ = ["row_block", "blocks", "scores", "forward", "backward", "shift_free", "DropoutFn", "BANDED_ROWS"]
+__all__ = ["row_block", "blocks", "scores", "forward", "backward", "forward_varlen", "backward_varlen", "shift_free",
+           "DropoutFn", "BANDED_ROWS"]
 
 #: Largest row block for banded (causal/window) calls: smaller blocks let the
 #: key range that the band leaves shrink with them.
@@ -253,3 +254,41 @@ def backward(pb: Problem, xp: Any, out: Array, lse: Array, grad_out: Array, *, b
             # G*rows axis also sums over the query heads sharing this kv head.
             dk[b0:b1, :, j0:j1] += xp.matmul(ds.swapaxes(-1, -2), qs)
     return dq.astype(pb.dtype, copy=False), dk.astype(pb.dtype, copy=False), dv.astype(pb.dtype, copy=False)
+
+
+def forward_varlen(pb: Problem, xp: Any, **options: Any) -> tuple[Array, Array | None, Array | None]:
+    """:func:`forward` of a packed variable-length problem, one sequence at a time (outputs allocated first).
+
+    Work and memory follow each sequence's ``Nₛ·Mₛ``, never ``S·max N·max M``.
+    ``options`` are :func:`forward`'s.
+    """
+    assert pb.cu_seqlens_q is not None and pb.cu_seqlens_k is not None
+    out = xp.zeros((1, pb.q_heads, pb.n, pb.dv), dtype=pb.dtype)
+    lse = xp.full((1, pb.q_heads, pb.n), -np.inf, dtype=pb.lse_dtype) if pb.want_lse else None
+    cq = pb.cu_seqlens_q
+    for s in range(pb.num_sequences):
+        q0, q1 = int(cq[s]), int(cq[s + 1])
+        if q1 == q0:
+            continue
+        o, ls, _ = forward(pb.sequence(s), xp, **options)
+        out[:, :, q0:q1] = o
+        if lse is not None and ls is not None:
+            lse[:, :, q0:q1] = ls
+    return out, lse, None
+
+
+def backward_varlen(pb: Problem, xp: Any, out: Array, lse: Array, grad_out: Array,
+                    **options: Any) -> tuple[Array, Array, Array]:
+    """:func:`backward` of a packed variable-length problem, one sequence at a time."""
+    assert pb.cu_seqlens_q is not None and pb.cu_seqlens_k is not None
+    dq = xp.zeros(pb.query.shape, dtype=pb.dtype)
+    dk = xp.zeros(pb.key.shape, dtype=pb.dtype)
+    dv = xp.zeros(pb.value.shape, dtype=pb.dtype)
+    cq, ck = pb.cu_seqlens_q, pb.cu_seqlens_k
+    for s in range(pb.num_sequences):
+        q0, q1, k0, k1 = int(cq[s]), int(cq[s + 1]), int(ck[s]), int(ck[s + 1])
+        if q1 == q0 or k1 == k0:
+            continue
+        g = backward(pb.sequence(s), xp, out[:, :, q0:q1], lse[:, :, q0:q1], grad_out[:, :, q0:q1], **options)
+        dq[:, :, q0:q1], dk[:, :, k0:k1], dv[:, :, k0:k1] = g
+    return dq, dk, dv

@@ -94,7 +94,7 @@ class CupyBackend(Backend):
     priority = 10
     capabilities = Capabilities(
         array_type="cupy",
-        features=frozenset(FEATURES) - {"varlen"},
+        features=frozenset(FEATURES),
         notes={
             "float16": ("float32 accumulation; the forward uses tensor cores (mma.sync m16n8k16) on "
                         "sm_80+ when D and Dv are multiples of 8 and at most 128, CUDA cores otherwise"),
@@ -219,6 +219,9 @@ class CupyBackend(Backend):
             return self._forward(cupy, pb)
 
     def _forward(self, cupy, pb):
+        if pb.is_varlen:  # one sequence at a time on the blockwise path, until the fused kernel takes them
+            return _blockwise.forward_varlen(pb, cupy, block_bytes=self.block_bytes,
+                                             dropout=partial(self._dropout_z, cupy))
         # Soft-capping, ALiBi and chunk offsets run on the blockwise path until the fused kernels take them.
         in_kernel = pb.softcap is None and pb.alibi is None and not pb.is_chunk
         if in_kernel and launch.forward_path(pb.d, pb.dv, pb.n, pb.m, pb.return_weights) == "fused":
@@ -280,8 +283,8 @@ class CupyBackend(Backend):
             return self._backward(cupy, pb, out, lse, grad_out)
 
     def _backward(self, xp: Any, pb: Problem, out: Any, lse: Any, grad_out: Any) -> tuple[Any, Any, Any]:
-        return _blockwise.backward(pb, xp, out, lse, grad_out, block_bytes=self.block_bytes,
-                                   dropout=partial(self._dropout_z, xp))
+        run = _blockwise.backward_varlen if pb.is_varlen else _blockwise.backward
+        return run(pb, xp, out, lse, grad_out, block_bytes=self.block_bytes, dropout=partial(self._dropout_z, xp))
 
 
 def _address(x) -> int:

@@ -44,13 +44,13 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from .._capabilities import FEATURES, Capabilities
-from .._problem import Problem, normalize
+from .._problem import Problem, normalize, normalize_varlen
 from ._base import Backend
 from ._numba.args import KernelParams, as3, kernel_params
 from ._numba.pool import run_tasks
@@ -206,6 +206,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("blas-forward", "BLAS-tile forward (prefill-like calls)", ("blas.forward_gemm", "blas.key_norm_max")),
     Family("blas-backward", "BLAS-tile backward", ("blas.backward_gemm",)),
     Family("weights", "attention weights (return_weights=True)", ("fused.weights",)),
+    Family("varlen", "packed variable-length batches, forward and backward",
+           ("fused.forward_varlen", "fused.backward_varlen")),
 )}
 
 _announced: set[tuple[str, str]] = set()
@@ -265,7 +267,7 @@ class NumbaBackend(Backend):
 
     name = "numba"
     priority = 20
-    capabilities = Capabilities(array_type="numpy", features=frozenset(FEATURES) - {"varlen"}, min_flops=MIN_FLOPS)
+    capabilities = Capabilities(array_type="numpy", features=frozenset(FEATURES), min_flops=MIN_FLOPS)
 
     def __init__(self, kernels: str = "auto", fused_tiles: tuple[int, int] = (64, 64),
                  blas_tiles: tuple[int, int, int, int] = (256, 512, 512, 256)) -> None:
@@ -326,6 +328,9 @@ class NumbaBackend(Backend):
     def plan(self, pb: Problem) -> str:
         """One line: which kernel family and how many threads this call would use (for ``explain``)."""
         nthreads = self._threads_for(pb)
+        if pb.is_varlen:
+            where = "inline on the calling thread" if nthreads == 1 else f"{nthreads} threads"
+            return f"fused varlen kernels over {pb.num_sequences} packed sequences, {where}"
         nsplit = self._nsplit(pb, nthreads)
         fam = "blas" if self._use_blas(pb, nsplit) else "fused"
         extra = f", keys split {nsplit} ways (flash-decoding)" if nsplit > 1 and fam == "fused" else ""
@@ -342,6 +347,8 @@ class NumbaBackend(Backend):
             lse = np.full((B, Hq, N), -np.inf, pb.lse_dtype) if pb.want_lse else None
             w = np.zeros((B, Hq, N, M), pb.dtype) if pb.return_weights else None
             return out, lse, w
+        if pb.is_varlen:
+            return self._forward_varlen(pb)
         # Outputs first: a result that cannot be allocated fails before any work.
         out3 = np.empty((BH, N, Dv), cdt)
         lse3 = np.empty((BH, N), cdt)
@@ -402,6 +409,61 @@ class NumbaBackend(Backend):
             run_tasks(lambda t0, t1: knorm(t0, t1, k3, kmax), k3.shape[0], nthreads)
             run_tasks(lambda t0, t1: fwd(t0, t1, *args), BH * ((N + rows - 1) // rows), nthreads)
 
+    def _varlen_tiles(self, cu: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(sequence, first local row)`` of every tile of ``rows`` rows, sequence by sequence."""
+        lens = np.diff(cu)
+        counts = -(-lens // rows)
+        seq = np.repeat(np.arange(len(lens), dtype=np.int64), counts)
+        starts = np.concatenate([[0], np.cumsum(counts)])[:-1]
+        first = (np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(starts, counts)) * rows
+        return seq, first
+
+    def _forward_varlen(self, pb: Problem) -> tuple[np.ndarray, np.ndarray | None, None]:
+        assert pb.cu_seqlens_q is not None and pb.cu_seqlens_k is not None
+        cdt = pb.compute_dtype
+        Hq, N, Dv = pb.q_heads, pb.n, pb.dv
+        out3 = np.empty((Hq, N, Dv), cdt)
+        lse3 = np.empty((Hq, N), cdt)
+        q3, k3, v3 = as3(pb.query, cdt), as3(pb.key, cdt), as3(pb.value, cdt)
+        P = kernel_params(pb)
+        br, bc = self.fused_tiles
+        seq, first = self._varlen_tiles(pb.cu_seqlens_q, br)
+        kern = _kernel("fused.forward_varlen")
+        args = (q3, k3, v3, P, br, bc, pb.cu_seqlens_q, pb.cu_seqlens_k, seq, first, out3, lse3)
+        _announce("varlen", cdt, [(kern, (0, 0) + args)])
+        run_tasks(lambda t0, t1: kern(t0, t1, *args), Hq * len(seq), self._threads_for(pb))
+        out = out3.reshape(1, Hq, N, Dv).astype(pb.dtype, copy=False)
+        lse = lse3.reshape(1, Hq, N).astype(pb.lse_dtype, copy=False) if pb.want_lse else None
+        return out, lse, None
+
+    def _backward_varlen(self, pb: Problem, out: np.ndarray, lse: np.ndarray,
+                         grad_out: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        assert pb.cu_seqlens_q is not None and pb.cu_seqlens_k is not None
+        cdt = pb.compute_dtype
+        Hq, Hkv, N, D = pb.q_heads, pb.kv_heads, pb.n, pb.d
+        q3, k3, v3 = as3(pb.query, cdt), as3(pb.key, cdt), as3(pb.value, cdt)
+        do3, o3 = as3(grad_out, cdt), as3(out, cdt)
+        delta = np.einsum("bnd,bnd->bn", do3, o3)
+        lse3 = np.asarray(lse, dtype=cdt).reshape(Hq, N)
+        lse3 = np.where(lse3 == -np.inf, np.inf, lse3).astype(cdt)
+        P = kernel_params(pb)
+        br, bc = self.fused_tiles
+        seq, first = self._varlen_tiles(pb.cu_seqlens_k, bc)
+        nthreads = max(1, min(_numba_threads(), int(3 * pb.flops // FLOPS_PER_THREAD)))
+        nchunk = 1 if Hkv >= 2 * nthreads else max(1, min(len(seq), (2 * nthreads + Hkv - 1) // Hkv))
+        dq_acc = np.zeros((nchunk, Hq, N, D), cdt)
+        dk3 = np.zeros_like(k3)
+        dv3 = np.zeros_like(v3)
+        kern = _kernel("fused.backward_varlen")
+        args = (q3, k3, v3, do3, lse3, delta, P, br, bc, pb.cu_seqlens_q, pb.cu_seqlens_k, seq, first, nchunk,
+                dq_acc, dk3, dv3)
+        _announce("varlen", cdt, [(kern, (0, 0) + args)])
+        run_tasks(lambda t0, t1: kern(t0, t1, *args), Hkv * nchunk, nthreads, chunks_per_thread=1)
+        dq3 = dq_acc[0] if nchunk == 1 else dq_acc.sum(axis=0)
+        return (dq3.reshape(pb.query.shape).astype(pb.dtype, copy=False),
+                dk3.reshape(pb.key.shape).astype(pb.dtype, copy=False),
+                dv3.reshape(pb.value.shape).astype(pb.dtype, copy=False))
+
     # -- backward --------------------------------------------------------------------------------------------------
     def backward(self, pb: Problem, out: np.ndarray, lse: np.ndarray,
                  grad_out: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -410,6 +472,8 @@ class NumbaBackend(Backend):
         if B * Hq == 0 or N == 0 or M == 0:
             return (np.zeros((B, Hq, N, D), pb.dtype), np.zeros((B, Hkv, M, D), pb.dtype),
                     np.zeros((B, Hkv, M, Dv), pb.dtype))
+        if pb.is_varlen:
+            return self._backward_varlen(pb, out, lse, grad_out)
         q3, k3, v3 = as3(pb.query, cdt), as3(pb.key, cdt), as3(pb.value, cdt)
         do3 = as3(grad_out, cdt)
         o3 = as3(out, cdt)
@@ -458,6 +522,10 @@ def _family_problem(family: str, dtype: str) -> tuple[NumbaBackend, Problem, str
     k = rng.standard_normal((1, 2, n, 16)).astype(dtype)
     kernels = "blas" if family.startswith("blas") else "fused"
     be = NumbaBackend(kernels=kernels)
+    if family == "varlen":
+        cu = np.array([0, 30, n], np.int64)
+        pb = normalize_varlen(q[0], k[0], k[0], cu, cu, needs_vjp=True)
+        return be, pb, "backward"
     pb = normalize(q, k, k, return_weights=family == "weights", needs_vjp=family.endswith("backward"))
     return be, pb, "backward" if family.endswith("backward") else "forward"
 
@@ -514,6 +582,15 @@ def _family_calls(family: str, dtype: str) -> list[tuple[Any, tuple[Any, ...]]]:
                 (_kernel("fused.merge_splits"), (0, 0) + acc + (1.0, out3, lse3))]
     if family == "weights":
         return [(_kernel("fused.weights"), (0, 0, q3, k3, P, br, bc, lse3, np.empty((BH, N, N), cdt)))]
+    if family == "varlen":
+        cu = np.array([0, N], np.int64)
+        vp = replace(pb, cu_seqlens_q=cu, cu_seqlens_k=cu, batch_shape=(), needs_vjp=True)
+        Pv = kernel_params(vp)
+        tiles = (np.zeros(1, np.int64), np.zeros(1, np.int64))
+        dq = np.empty((1, BH, N, q3.shape[2]), cdt)
+        return [(_kernel("fused.forward_varlen"), (0, 0, q3, k3, v3, Pv, br, bc, cu, cu) + tiles + (out3, lse3)),
+                (_kernel("fused.backward_varlen"), (0, 0, q3, k3, v3, out3, lse3, lse3, Pv, br, bc, cu, cu) + tiles
+                 + (1, dq, np.empty_like(k3), np.empty_like(v3)))]
     if family == "blas-forward":
         kmax = np.empty(k3.shape[0], cdt)
         return [(_kernel("blas.key_norm_max"), (0, 0, k3, kmax)),

@@ -45,7 +45,7 @@ class NumpyBackend(Backend):
 
     name = "numpy"
     priority = 100
-    capabilities = Capabilities(array_type="numpy", features=frozenset(FEATURES) - {"varlen"})
+    capabilities = Capabilities(array_type="numpy", features=frozenset(FEATURES))
 
     def __init__(self, block_bytes: int = 32 * 2**20) -> None:
         #: Budget for one block's score tile, in bytes (the backward uses a third of it per block).
@@ -56,13 +56,14 @@ class NumpyBackend(Backend):
         return {"numpy": np.__version__}
 
     def forward(self, problem: Problem) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-        return _blockwise.forward(problem, np, block_bytes=self.block_bytes, dropout=dropout_multipliers,
-                                  shift_free_ok=True, ones_column=True, reuse_buffer=True)
+        run = _blockwise.forward_varlen if problem.is_varlen else _blockwise.forward
+        return run(problem, np, block_bytes=self.block_bytes, dropout=dropout_multipliers,
+                   shift_free_ok=True, ones_column=True, reuse_buffer=True)
 
     def backward(self, problem: Problem, out: np.ndarray, lse: np.ndarray,
                  grad_out: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return _blockwise.backward(problem, np, out, lse, grad_out, block_bytes=self.block_bytes,
-                                   dropout=dropout_multipliers)
+        run = _blockwise.backward_varlen if problem.is_varlen else _blockwise.backward
+        return run(problem, np, out, lse, grad_out, block_bytes=self.block_bytes, dropout=dropout_multipliers)
 
 
 #: The instance the dispatcher registers.

@@ -111,8 +111,9 @@ def kernel_params(pb: Problem) -> KernelParams:
     else:
         thr, slo, shi, dscale = 0, 0, 0, 1.0
     c = pb.coords
-    bidx = (np.arange(max(pb.batch, 1), dtype=np.int64) if c.batch_index is None
-            else _writable_c(c.batch_index, np.int64))
+    # Varlen: packed sequence s draws the dropout pattern of batch entry s.
+    nb = pb.num_sequences if pb.is_varlen else max(pb.batch, 1)
+    bidx = np.arange(nb, dtype=np.int64) if c.batch_index is None else _writable_c(c.batch_index, np.int64)
     htot = pb.q_heads if c.total_heads is None else int(c.total_heads)
     softcap = 0.0 if pb.softcap is None else float(pb.softcap)
     assert math.isfinite(softcap)

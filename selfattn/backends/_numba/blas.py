@@ -136,7 +136,7 @@ def forward_gemm(t0, t1, q, k, v, P, kmax, safe, GQ, GK, out, lse):
             s = sbuf[:nr * nc].reshape((nr, nc))
             dcap = dcap_buf[:nr * nc].reshape((nr, nc)) if P.softcap > 0.0 else dcap_buf[:1].reshape((1, 1))
             np.dot(qs, k[kvh, c0:c1].T, s)
-            score_bias(s, nr, nc, i0, c0, b, h, P, dcap, False)
+            score_bias(s, nr, nc, i0, c0, b, h, P.off, P, dcap, False)
             softmax_tile(s, nr, nc, mrow, lrow, o, Dv, bounded, ninf, zero)
             if P.thr > 0:
                 dropout_tile(s, nr, nc, i0, c0, b, h, P)
@@ -217,7 +217,7 @@ def backward_gemm(t0, t1, q, k, v, do, lse, delta, P, GQ, GKB, nchunk, dq_acc, d
                     dp = dpbuf[:nr * nc].reshape((nr, nc))
                     dcap = dcap_buf[:nr * nc].reshape((nr, nc)) if capped else dcap_buf[:1].reshape((1, 1))
                     np.dot(qt, kb.T, s)
-                    score_bias(s, nr, nc, i0, c0, b, h, P, dcap, True)
+                    score_bias(s, nr, nc, i0, c0, b, h, P.off, P, dcap, True)
                     np.dot(dot, vb.T, dp)
                     # P = exp(S - lse)
                     for r in range(nr):

@@ -257,12 +257,14 @@ def query_task(t, nqb, rows, N, M, G, P):
 
 
 @nb.njit(**OPTS)
-def score_bias(s, nr, nc, i0, c0, b, h, P, dcap, want_dcap):
+def score_bias(s, nr, nc, i0, c0, b, h, off, P, dcap, want_dcap):
     """Turn a tile of scaled scores into the logits the softmax sees, in the API's order.
 
     Soft-capping (``dcap`` receives ``1 - tanh²`` when ``want_dcap``), the
     ALiBi bias ``-slope·|i + off - j|``, the user's mask (bool: ``-inf`` where
-    False; float: added) and the causal/window band (``-inf`` outside).
+    False; float: added) and the causal/window band (``-inf`` outside), for
+    rows ``i0..`` and keys ``c0..`` of batch ``b`` (a packed sequence's index
+    for varlen), head ``h``, band offset ``off``.
     """
     neg = -np.inf
     if P.softcap > 0.0:
@@ -272,7 +274,7 @@ def score_bias(s, nr, nc, i0, c0, b, h, P, dcap, want_dcap):
     if P.has_alibi:
         slope = P.alibi[b, h]
         for r in range(nr):
-            base = i0 + r + P.off - c0
+            base = i0 + r + off - c0
             srow = s[r]
             for c in range(nc):
                 srow[c] -= slope * cast_like(abs(base - c), slope)
@@ -307,11 +309,11 @@ def score_bias(s, nr, nc, i0, c0, b, h, P, dcap, want_dcap):
     # Band: only tiles that cross an edge of the band need per-element work.
     i1 = i0 + nr
     c1 = c0 + nc
-    if not (c0 >= i1 - 1 + P.off - P.lo and c1 - 1 <= i0 + P.off + P.up):
+    if not (c0 >= i1 - 1 + off - P.lo and c1 - 1 <= i0 + off + P.up):
         for r in range(nr):
             i = i0 + r
-            jlo = i + P.off - P.lo
-            jhi = i + P.off + P.up
+            jlo = i + off - P.lo
+            jhi = i + off + P.up
             srow = s[r]
             for c in range(nc):
                 j = c0 + c

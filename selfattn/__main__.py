@@ -1,10 +1,13 @@
-"""Command line: ``python -m selfattn {info,check,bench}``.
+"""Command line: ``python -m selfattn {info,check,compile,bench}``.
 
 * ``info``: backends, availability or the reason not, versions, threads,
   devices; ``--table`` prints the capability support table (Markdown) that the
   README embeds; ``--json`` for machines.
 * ``check``: the conformance cases against every available backend, a
   pass/fail table, exit status 1 on any failure.
+* ``compile``: compile and cache every Numba kernel family ahead of time
+  (``--dtype`` to limit), with a progress bar; later processes load them in
+  about a second instead of compiling on their first call.
 * ``bench``: a short benchmark over every available backend (see
   ``python -m selfattn bench --help``).
 """
@@ -16,6 +19,7 @@ import json
 import os
 import platform
 import sys
+import time
 
 import numpy as np
 
@@ -70,8 +74,64 @@ def _info(args) -> int:
         state = "available" if row["available"] else f"unavailable: {row['reason']}"
         print(f"  {row['name']:<10} {row['version'] or '-':<10} {state}  [{row['source']}]")
         for k, v in row["info"].items():
-            print(f"  {'':<10} {k}: {v}")
+            if isinstance(v, dict):
+                print(f"  {'':<10} {k}:")
+                for kk, vv in v.items():
+                    print(f"  {'':<12} {kk}: {vv}")
+            else:
+                print(f"  {'':<10} {k}: {v}")
     return 0
+
+
+def _compile(args) -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("numba") is None:
+        print("error: numba is not installed; pip install 'selfattn[numba]'", file=sys.stderr)
+        return 2
+    from selfattn.backends import numba_
+
+    dtypes = args.dtype or ["float32", "float64"]
+    jobs = [(fam, dt) for fam in numba_.FAMILIES for dt in dtypes]
+    results = []
+    total_start = time.perf_counter()
+    try:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                            TimeElapsedColumn(), disable=not sys.stderr.isatty())
+    except ImportError:  # rich is in the numba extra; without it, one line per family
+        progress = None
+    if progress is not None:
+        with progress:
+            task = progress.add_task("compiling", total=len(jobs))
+            for fam, dt in jobs:
+                progress.update(task, description=f"compiling {fam} {dt}")
+                results.append((fam, dt, _compile_one(numba_, fam, dt)))
+                progress.advance(task)
+    else:
+        for i, (fam, dt) in enumerate(jobs, 1):
+            print(f"[{i}/{len(jobs)}] compiling {fam} {dt} ...", file=sys.stderr, flush=True)
+            results.append((fam, dt, _compile_one(numba_, fam, dt)))
+    failed = 0
+    for fam, dt, res in results:
+        if isinstance(res, float):
+            print(f"  {fam:<15} {dt:<8} {res:6.1f} s")
+        else:
+            failed += not res.startswith("n/a")
+            print(f"  {fam:<15} {dt:<8} {res}")
+    print(f"compiled and cached in {time.perf_counter() - total_start:.1f} s "
+          "(NUMBA_CACHE_DIR or the package's __pycache__)")
+    return 1 if failed else 0
+
+
+def _compile_one(numba_, fam: str, dt: str):
+    try:
+        return numba_.compile_family(fam, dt)
+    except RuntimeError as exc:  # e.g. no limitable BLAS for the BLAS-tile family
+        return f"n/a ({exc})"
+    except Exception as exc:  # report and go on with the other families
+        return f"FAILED: {type(exc).__name__}: {exc}"
 
 
 def _check(args) -> int:
@@ -92,6 +152,9 @@ def main(argv=None) -> int:
     p_check = sub.add_parser("check", help="run the conformance cases against every available backend")
     p_check.add_argument("--backend", action="append", help="only this backend (repeatable)")
     p_check.add_argument("-v", "--verbose", action="store_true", help="print tracebacks of failures")
+    p_compile = sub.add_parser("compile", help="compile and cache every Numba kernel family ahead of time")
+    p_compile.add_argument("--dtype", action="append", choices=["float32", "float64"],
+                           help="only this compute dtype (repeatable; float16 runs the float32 kernels)")
     sub.add_parser("bench", help="benchmark every available backend (see 'bench --help')", add_help=False)
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "bench":
@@ -100,7 +163,7 @@ def main(argv=None) -> int:
 
         return bench_main(argv[1:])
     args = parser.parse_args(argv)
-    return {"info": _info, "check": _check}[args.command](args)
+    return {"info": _info, "check": _check, "compile": _compile}[args.command](args)
 
 
 if __name__ == "__main__":

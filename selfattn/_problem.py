@@ -390,6 +390,22 @@ class Problem:
             return mk[b0:b1, :, rows, cols]
         return mk[xp.asarray(idx)][:, :, rows, cols]
 
+    def dropout_keep(self, b0: int, b1: int, i0: int, i1: int, j0: int, j1: int) -> np.ndarray:
+        """The dropout keep-mask of batches ``[b0,b1)``, rows ``[i0,i1)``, keys ``[j0,j1)``: host bool ``(bb, Hq, rows, cols)``.
+
+        True = kept (then scaled by ``1/(1-dropout_p)``). Drawn from the
+        documented counter hash (:mod:`selfattn._dropout`) at the problem's
+        global counters (:attr:`coords`), so every backend, the backward pass
+        and every chunk of a split call draw the same pattern.
+        """
+        from ._dropout import keep_mask
+
+        assert self.dropout_seed is not None, "dropout_keep needs dropout_p > 0"
+        c = self.coords
+        keep = keep_mask(self.dropout_seed, c.batch_heads(b0, b1, self.q_heads),
+                         np.arange(i0, i1) + c.row_start, np.arange(j0, j1) + c.col_start, self.dropout_p)
+        return keep.reshape(b1 - b0, self.q_heads, i1 - i0, j1 - j0)
+
     def chunk(self, batches: tuple[int, int] | None = None, heads: tuple[int, int] | None = None,
               rows: tuple[int, int] | None = None, keys: tuple[int, int] | None = None) -> Problem:
         """The sub-problem of flat batches, query heads, query rows and keys ``[start, stop)`` each.

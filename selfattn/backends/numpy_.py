@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 
 from .._capabilities import FEATURES, Capabilities
-from .._dropout import keep_mask
 from .._problem import Problem
 from . import _blockwise
 from ._base import Backend
@@ -30,14 +29,11 @@ __all__ = ["NumpyBackend", "backend", "dropout_multipliers"]
 def dropout_multipliers(pb: Problem, b0: int, b1: int, i0: int, i1: int, j0: int, j1: int) -> np.ndarray:
     """Dropout multipliers (0 or ``1/(1-p)``) of a block, ``(b1-b0, Hq, i1-i0, j1-j0)`` in the compute dtype.
 
-    Counters are the problem's global ones (:class:`selfattn.backends.Coordinates`),
+    Counters are the problem's global ones (:meth:`Problem.dropout_keep`),
     so a chunk of a larger call draws exactly its piece of the whole pattern.
     """
-    c, cdt = pb.coords, pb.compute_dtype
-    keep = keep_mask(pb.dropout_seed, c.batch_heads(b0, b1, pb.q_heads),
-                     np.arange(i0, i1) + c.row_start, np.arange(j0, j1) + c.col_start, pb.dropout_p)
-    z = keep.astype(cdt) * cdt.type(1.0 / (1.0 - pb.dropout_p))
-    return z.reshape(b1 - b0, pb.q_heads, i1 - i0, j1 - j0)
+    cdt = pb.compute_dtype
+    return pb.dropout_keep(b0, b1, i0, i1, j0, j1).astype(cdt) * cdt.type(1.0 / (1.0 - pb.dropout_p))
 
 
 class NumpyBackend(Backend):

@@ -43,7 +43,8 @@ import threading
 import warnings
 from dataclasses import dataclass, field
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 from ._capabilities import Capabilities, required_features
 from ._errors import BackendNotFoundError, BackendUnavailableError, NoBackendError, UnsupportedFeatureError
@@ -66,11 +67,11 @@ class _Entry:
     priority: int
     array_type: str | None = None
     extra: str | None = None
-    requires: tuple = ()
+    requires: tuple[str, ...] = ()
     module: str | None = None
-    backend: object = None
+    backend: Any = None
     load_error: str | None = None
-    availability: tuple | None = None
+    availability: tuple[bool, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,7 @@ class Explanation:
     trail: list = field(default_factory=list)
     error: str | None = None
 
-    def __str__(self):
+    def __str__(self) -> str:
         lines = [f"backend: {self.backend}"] + [f"  - {t}" for t in self.trail]
         if self.error:
             lines.append(f"error: {self.error}")
@@ -111,12 +112,12 @@ class Explanation:
 class _Registry:
     """The set of known backends, discovered lazily on first use."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._lock = threading.RLock()
         self._entries: dict[str, _Entry] | None = None
         self._cache: dict = {}
 
-    def reset(self):
+    def reset(self) -> None:
         """Forget discovered backends and cached decisions (tests and plugin installs use this)."""
         with self._lock:
             self._entries = None
@@ -170,12 +171,13 @@ class _Registry:
             )
         return entries[name]
 
-    def load(self, entry: _Entry):
+    def load(self, entry: _Entry) -> Any:
         """The backend object of ``entry`` (imports built-in modules on first use)."""
         if entry.backend is None and entry.load_error is None:
             with self._lock:
                 if entry.backend is None and entry.load_error is None:
                     try:
+                        assert entry.module is not None, "plugins are loaded at discovery"
                         entry.backend = importlib.import_module(entry.module).backend
                     except Exception as exc:
                         entry.load_error = f"failed to import {entry.module}: {type(exc).__name__}: {exc}"
@@ -191,20 +193,21 @@ class _Registry:
             else:
                 backend = self.load(entry)
                 if backend is None:
-                    entry.availability = (False, entry.load_error)
+                    entry.availability = (False, entry.load_error or "failed to load")
                 else:
                     try:
                         ok, reason = backend.availability()
                     except Exception as exc:
                         ok, reason = False, f"availability check failed: {type(exc).__name__}: {exc}"
                     entry.availability = (bool(ok), "" if ok else str(reason))
+        assert entry.availability is not None
         return entry.availability
 
 
 registry = _Registry()
 
 
-def _check_backend_object(name, backend):
+def _check_backend_object(name: str, backend: Any) -> None:
     for attr in ("capabilities", "forward"):
         if not hasattr(backend, attr):
             raise TypeError(f"backend object for {name!r} has no {attr!r} attribute")
@@ -242,7 +245,7 @@ def set_backend(name: str | None) -> None:
 
 
 @contextlib.contextmanager
-def use_backend(name: str | None = None, *, strict: bool | None = None):
+def use_backend(name: str | None = None, *, strict: bool | None = None) -> Iterator[str | None]:
     """Context manager choosing the backend (and/or strictness) for calls inside it.
 
     ``name=None`` keeps the outer choice; ``strict=True`` turns every automatic
@@ -264,7 +267,7 @@ def use_backend(name: str | None = None, *, strict: bool | None = None):
         _choice.reset(token)
 
 
-def _requested(backend_arg):
+def _requested(backend_arg: str | None) -> tuple[str | None, str | None]:
     if backend_arg is not None:
         return backend_arg, "the backend= argument"
     c = _choice.get()
@@ -285,7 +288,7 @@ def _strict() -> bool:
     return os.environ.get("SELFATTN_STRICT", "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
-def get_backend(name: str):
+def get_backend(name: str) -> Backend:
     """The backend object registered as ``name``; raises if unknown or unavailable here."""
     entry = registry.entry(name)
     ok, reason = registry.available(entry)

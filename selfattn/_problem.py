@@ -110,6 +110,7 @@ def _normalize_window(window: Any, n: int, m: int) -> tuple[int, int] | None:
         left = right = window
     left = _check_int("window[0] (left)" if isinstance(window, (tuple, list)) else "window", left)
     right = _check_int("window[1] (right)" if isinstance(window, (tuple, list)) else "window", right)
+    assert left is not None and right is not None
     if left < 0 or right < 0:
         raise ValueError(f"window sizes must be non-negative, got window={window!r}")
     # Clamp: a reach beyond n + m keys cannot change the mask, and clamping keeps

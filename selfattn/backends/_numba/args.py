@@ -91,7 +91,7 @@ def kernel_params(pb: Problem) -> KernelParams:
     """The :class:`KernelParams` of ``pb`` (the mask is never expanded; it may be copied to C order)."""
     cdt = pb.compute_dtype
     lo, up = band(pb)
-    if pb.mask is None:
+    if pb.mask is None or pb.mask_index is None:
         kind, mb, mf = 0, np.ones((1, 1, 1, 1), np.uint8), np.zeros((1, 1, 1, 1), cdt)
         midx = np.zeros(max(pb.batch, 1), np.int64)
     else:

@@ -1,7 +1,7 @@
 """The CuPy backend's CUDA kernels, executed on the CPU.
 
-``selfattn/backends/_cuda/emulate.py`` compiles the real ``attn.cu`` source with
-g++ under ``emu/simt.hpp`` (one OS thread per CUDA thread; warp collectives,
+``selfattn_cuda_emulated.emulate`` (in ``tests/plugins/good``) compiles the real
+``attn.cu`` source with g++ under ``simt.hpp`` (one OS thread per CUDA thread; warp collectives,
 ldmatrix, mma.sync and cp.async emulated from the PTX ISA). Here the backend's
 own host code runs with NumPy standing in for CuPy and those kernels standing
 in for the NVRTC-compiled ones, and must match the NumPy backend -- for the
@@ -26,7 +26,8 @@ from selfattn._dropout import keep_mask
 from selfattn._problem import normalize
 from selfattn.backends import cupy_ as cupy_backend_mod
 from selfattn.backends import numpy_
-from selfattn.backends._cuda import emulate, launch
+from selfattn.backends._cuda import launch
+from selfattn_cuda_emulated import EmulatedCupyBackend, emulate
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -37,7 +38,7 @@ def _need_compiler():
         pytest.skip(f"CUDA emulator unavailable: {exc}")
 
 
-class EmulatedCupy(emulate.EmulatedCupyBackend):
+class EmulatedCupy(EmulatedCupyBackend):
     """The emulated CuPy backend, recording which kernels it launched, optionally with a broken source."""
 
     def __init__(self, cc=90, copies="late", mutate=None, tensor_cores=True):

@@ -17,9 +17,9 @@
 #define SA_BM 64
 
 // Hardware instructions (PTX) live in small wrappers, each guarded by
-// SA_EMULATE: the host SIMT emulator (emu/simt.hpp) supplies the same
-// functions with the semantics the PTX ISA documents, so this file also runs
-// on a CPU (selfattn/backends/_cuda/emulate.py).
+// SA_EMULATE: the tests' host SIMT emulator (simt.hpp in
+// tests/plugins/good/selfattn_cuda_emulated) supplies the same functions with
+// the semantics the PTX ISA documents, so this file also runs on a CPU.
 #ifndef SA_EMULATE
 __device__ __forceinline__ float sa_h2f(unsigned short h) {
     float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f;

@@ -43,16 +43,19 @@ class EmulatedCupy(EmulatedCupyBackend):
 
     def __init__(self, cc=90, copies="late", mutate=None, tensor_cores=True):
         super().__init__(compute_capability=cc, copies=copies)
-        self.tensor_cores, self.mutate, self.launched = tensor_cores, mutate, []
+        self.tensor_cores, self.launched = tensor_cores, []
+        # mutate: one (old, new) source replacement, or a list of them
+        self.mutate = [mutate] if isinstance(mutate, tuple) else mutate
 
     def _kernel(self, xp, name):
         self.launched.append(name)
         if self.mutate is None:
             return super()._kernel(xp, name)
         src = launch.kernel_source("attn.cu", only=name if name.startswith("attn_fwd_") else "-")
-        old, new = self.mutate
-        assert old in src, f"mutation target not in the source: {old!r}"
-        kern = emulate.load(name, source=src.replace(old, new, 1))
+        for old, new in self.mutate:
+            assert old in src, f"mutation target not in the source: {old!r}"
+            src = src.replace(old, new, 1)
+        kern = emulate.load(name, source=src)
         return lambda grid, block, args: kern(grid, block, args, copies=self.copies)
 
 
@@ -84,6 +87,8 @@ def _inputs(shape, dtype, case=None, layout="contiguous", seed=0):
         k = rng.standard_normal((B, Hkv, D, M)).astype(dtype).swapaxes(-1, -2)
     elif layout == "offset":  # rows unit-stride but the views start 2 bytes off a 16-byte boundary
         q = np.pad(q, [(0, 0)] * 3 + [(1, 0)])[..., 1:]
+    elif layout == "flat-offset":  # C-contiguous views whose first element is 2 bytes off a 16-byte boundary
+        q, k, v = (_shifted(x) for x in (q, k, v))
     kw = dict(case or {})
     mk = kw.pop("mask", None)
     if mk == "bool_row":
@@ -95,6 +100,15 @@ def _inputs(shape, dtype, case=None, layout="contiguous", seed=0):
     elif mk == "bool_batch":
         kw["mask"] = rng.random((B, 1, N, M)) > 0.5
     return q, k, v, kw
+
+
+def _shifted(x):
+    """A C-contiguous copy of ``x`` that starts one element past an aligned allocation (``flat[1:].reshape``)."""
+    flat = np.empty(x.size + 1, x.dtype)
+    view = flat[1:].reshape(x.shape)
+    view[...] = x
+    assert view.flags.c_contiguous and view.ctypes.data % 16 == x.itemsize % 16
+    return view
 
 
 def _check(be, q, k, v, kw, want_kernel, tol):
@@ -123,6 +137,7 @@ TC_CASES = [
     ((2, 2, 2, 70, 70, 32, 32), dict(mask="bool_batch", dropout_p=0.3, dropout_seed=123), "contiguous", TC(32)),
     ((1, 2, 1, 70, 90, 16, 32), dict(mask="half_cols"), "strided", TC(32)),
     ((1, 1, 1, 20, 70, 128, 128), dict(causal=True, window=(30, 0)), "offset", TC(128)),
+    ((1, 2, 1, 70, 90, 64, 64), dict(causal=True), "flat-offset", TC(64)),
     ((1, 1, 1, 33, 65, 96, 64), dict(scale=0.3), "contiguous", TC(128)),
 ]
 
@@ -136,6 +151,84 @@ def test_tensor_core_forward_matches_numpy(shape, case, layout, kernel):
     if case.get("causal") and shape[3] > shape[4]:
         rows = shape[3] - shape[4]  # bottom-right alignment: these rows see no key
         assert (out[..., :rows, :] == 0).all() and (lse[..., :rows] == -np.inf).all()
+
+
+def test_misaligned_contiguous_view_is_copied_for_the_tensor_cores():
+    """A C-contiguous view off a 16-byte boundary fails the layout check and is copied.
+
+    ``ascontiguousarray`` would hand it over as is: the kernel's cp.async then
+    faults (on a GPU, a misaligned address that poisons the CUDA context).
+    """
+    q, k, v, kw = _inputs((1, 1, 1, 70, 90, 64, 64), np.float16, {}, "flat-offset")
+    assert all(np.ascontiguousarray(x) is x for x in (q, k, v))
+    assert not launch.tc_layout_ok(q.shape, q.strides, q.itemsize, q.ctypes.data)
+    pb = normalize(q, k, v, return_lse=True, **kw)
+    be = EmulatedCupy()
+    _check(be, q, k, v, kw, TC(64), F16)
+    # The same arrays passed to the kernel as they are: the fault the copy avoids.
+    out, lse = np.empty((1, 1, 70, 64), np.float16), np.empty((1, 1, 70), np.float32)
+    args = launch.pack_fwd_args(
+        q=pb.query, k=pb.key, v=pb.value, out=out, lse=lse, mask=np.empty(1, np.uint8),
+        mask_index=np.zeros(1, np.int64), mask_dtype=None,
+        shapes_strides={a: (x.shape, x.strides, x.itemsize) for a, x in (("q", pb.query), ("k", pb.key), ("v", pb.value))},
+        sizes=dict(B=1, Hq=1, Hkv=1, N=70, M=90, D=64, Dv=64), scale=pb.scale, lower=None, upper=None,
+        dropout_p=0.0, dropout_seed=None, write_lse=True)
+    grid, block, _, _ = launch.fwd_launch(1, 1, 70, launch.TC_THREADS)
+    with pytest.raises(emulate.EmulationError, match="16-byte aligned"):
+        emulate.load(TC(64))(grid, block, args)
+
+
+def _seed_keeping(p, rows, cols, at_least):
+    """A dropout seed that keeps at least ``at_least`` weights of head 0's first rows x cols."""
+    for seed in range(10**5):
+        if keep_mask(seed, np.arange(1), np.arange(rows), np.arange(cols), p).sum() >= at_least:
+            return seed
+    raise AssertionError("no seed found")
+
+
+def test_tensor_core_dropout_close_to_one():
+    """dropout_p > 1 - 1/65504: 1/(1-p) exceeds float16's range, yet the output is finite and right.
+
+    Zero queries make every probability 1, so a kept weight scaled before the
+    float16 rounding of P would be inf (the mutation below shows that it was).
+    """
+    p = 1 - 1 / 70000
+    seed = _seed_keeping(p, 64, 128, 2)
+    q, k, v, _ = _inputs((1, 1, 1, 64, 128, 32, 32), np.float16)
+    q[...] = 0
+    kw = dict(dropout_p=p, dropout_seed=seed)
+    out, _ = _check(EmulatedCupy(), q, k, v, kw, TC(32), F16)
+    assert np.isfinite(out).all() and np.abs(out).max() > 1.0  # kept weights reach the output, scaled
+    before = [("if (!sa_keep(rowh[r], (sa_u32)j, threshold)) p = 0.0f;",
+               "p = sa_keep(rowh[r], (sa_u32)j, threshold) ? p * out_scale : 0.0f;"),
+              ("inv = out_scale / l;", "inv = 1.0f / l;")]
+    pb = normalize(q, k, v, return_lse=True, **kw)
+    with np.errstate(all="ignore"):
+        old, _, _ = EmulatedCupy(mutate=before)._forward_fused(np, pb)
+    assert np.isinf(old).any()
+
+
+ROW_BLOCK_PROBE = r'''
+extern "C" __global__ void probe_row_block(long long* out, long long blk, long long n_row_blocks, int N, int M,
+                                           int has_upper, int upper) {
+    const SaRowBlock rb = sa_row_block<SA_BM>(blk, n_row_blocks, 1, 1, N, M, 0, 0, has_upper, upper);
+    if (threadIdx.x == 0) { out[0] = rb.i0; out[1] = rb.i1; out[2] = rb.j0; out[3] = rb.j1; }
+}
+'''
+
+
+@pytest.mark.parametrize("n", [2**31 - 1, 2**31 - 64, 1000])
+def test_row_block_indices_near_int32_max(n):
+    """The last row block of a launch with N close to 2^31: i0 + BM no longer fits in an int."""
+    src = launch.kernel_source("attn.cu", only="-") + ROW_BLOCK_PROBE
+    sig = (("out", "ptr"), ("blk", "long long"), ("n_row_blocks", "long long"), ("N", "int"), ("M", "int"),
+           ("has_upper", "int"), ("upper", "int"))
+    kern = emulate.load("probe_row_block", source=src, signature=sig)
+    nrb = -(-n // launch.BM)
+    out = np.zeros(4, np.int64)
+    kern((1,), (32,), (out, np.int64(0), np.int64(nrb), np.int32(n), np.int32(n), np.int32(1), np.int32(0)))
+    i0 = (nrb - 1) * launch.BM  # blocks go last-first: block 0 holds the last rows
+    assert out.tolist() == [i0, n, 0, n]  # causal, M = N: the last rows see every key
 
 
 def test_tensor_core_forward_same_result_with_early_copies():

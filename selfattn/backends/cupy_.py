@@ -101,10 +101,26 @@ class CupyBackend(Backend):
         },
     )
 
-    def __init__(self, block_bytes: int = 256 * 2**20, tensor_cores: bool = True):
+    def __init__(self, block_bytes: int = 256 * 2**20, tensor_cores: bool = True,
+                 decode_max_rows: int = launch.DECODE_MAX_ROWS, decode_min_keys: int = launch.DECODE_MIN_KEYS) -> None:
+        """A CuPy backend with its own settings (the dispatcher's instance uses the defaults).
+
+        ``block_bytes`` bounds one score tile of the blockwise (cuBLAS) paths.
+        ``tensor_cores=False`` keeps float16 on the CUDA-core kernel. Calls with
+        fewer than ``decode_max_rows`` query rows against at least
+        ``decode_min_keys`` keys take the blockwise path
+        (:func:`launch.forward_path`); ``decode_max_rows=0`` keeps them on the
+        fused kernel. The last three exist for A/B benchmarks and bisecting:
+        build a second instance rather than changing the dispatcher's.
+        """
+        for name, val, least in (("block_bytes", block_bytes, 1), ("decode_max_rows", decode_max_rows, 0),
+                                 ("decode_min_keys", decode_min_keys, 0)):
+            if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < least:
+                raise ValueError(f"CupyBackend: {name} must be an integer >= {least}, got {val!r}")
         self.block_bytes = int(block_bytes)
-        #: False keeps float16 on the CUDA-core kernel (for A/B benchmarks and bisecting).
         self.tensor_cores = bool(tensor_cores)
+        self.decode_max_rows = int(decode_max_rows)
+        self.decode_min_keys = int(decode_min_keys)
         self._modules = {}
         self._lock = threading.Lock()
 
@@ -215,6 +231,7 @@ class CupyBackend(Backend):
     def forward(self, pb):
         import cupy
 
+        _check_devices(pb)
         with cupy.cuda.Device(pb.query.device.id):
             return self._forward(cupy, pb)
 
@@ -224,7 +241,9 @@ class CupyBackend(Backend):
                                              dropout=partial(self._dropout_z, cupy))
         # Soft-capping, ALiBi and chunk offsets run on the blockwise path until the fused kernels take them.
         in_kernel = pb.softcap is None and pb.alibi is None and not pb.is_chunk
-        if in_kernel and launch.forward_path(pb.d, pb.dv, pb.n, pb.m, pb.return_weights) == "fused":
+        path = launch.forward_path(pb.d, pb.dv, pb.n, pb.m, pb.return_weights,
+                                   decode_max_rows=self.decode_max_rows, decode_min_keys=self.decode_min_keys)
+        if in_kernel and path == "fused":
             return self._forward_fused(cupy, pb)
         return self._forward_blockwise(cupy, pb)
 
@@ -257,10 +276,13 @@ class CupyBackend(Backend):
             mdt, mss = None, None
         q, k, v = pb.query, pb.key, pb.value
         if tc:
-            # The tensor-core kernel copies 16-byte row chunks: give it unit-stride,
-            # aligned rows (a copy only for unusual views; O(N) like the input).
+            # The tensor-core kernel copies 16-byte row chunks (cp.async): give it
+            # unit-stride rows and base pointers on 16-byte boundaries. A copy, not
+            # ascontiguousarray: that returns a C-contiguous view as is, even one
+            # that starts off a boundary (flat[1:].reshape(...)). A fresh
+            # allocation is aligned (CuPy's pool: 512 bytes); O(N) like the input.
             q, k, v = (x if launch.tc_layout_ok(x.shape, x.strides, x.itemsize, _address(x))
-                       else cupy.ascontiguousarray(x) for x in (q, k, v))
+                       else x.copy(order="C") for x in (q, k, v))
         ss = {a: (x.shape, x.strides, x.itemsize) for a, x in (("q", q), ("k", k), ("v", v))}
         if mss is not None:
             ss["m"] = mss
@@ -279,12 +301,34 @@ class CupyBackend(Backend):
     def backward(self, pb: Problem, out: Any, lse: Any, grad_out: Any) -> tuple[Any, Any, Any]:
         import cupy
 
+        _check_devices(pb, grad_out=grad_out)
         with cupy.cuda.Device(pb.query.device.id):
             return self._backward(cupy, pb, out, lse, grad_out)
 
     def _backward(self, xp: Any, pb: Problem, out: Any, lse: Any, grad_out: Any) -> tuple[Any, Any, Any]:
         run = _blockwise.backward_varlen if pb.is_varlen else _blockwise.backward
         return run(pb, xp, out, lse, grad_out, block_bytes=self.block_bytes, dropout=partial(self._dropout_z, xp))
+
+
+def _check_devices(pb: Problem, **others: Any) -> None:
+    """Raise ValueError unless key, value, mask, alibi_slopes (and ``others``) are on the query's device.
+
+    Every kernel runs on the query's device; a pointer into another GPU's memory
+    would fault there (an illegal address that poisons the CUDA context) or,
+    with peer access, be read slowly. selfattn never moves data between devices.
+    """
+    dev = pb.query.device.id
+    named = [("key", pb.key), ("value", pb.value), ("mask", pb.mask), ("alibi_slopes", pb.alibi), *others.items()]
+    for name, x in named:
+        if x is None:
+            continue
+        other = x.device.id
+        if other != dev:
+            raise ValueError(
+                f"{name} is on CUDA device {other} but query is on device {dev}; the cupy backend runs on the "
+                f"query's device and never moves data between devices: copy {name} there first, e.g. "
+                f"`with cupy.cuda.Device({dev}): {name} = {name}.copy()`"
+            )
 
 
 def _address(x) -> int:

@@ -68,8 +68,9 @@ __device__ __forceinline__ A sa_mask_term(const void* mask, int kind, long long 
 // (Problem.key_range: keys outside it are never loaded). Within a head the row
 // blocks go last-first: under a causal mask the last rows see the most keys,
 // and starting the longest blocks first shortens the tail of the launch
-// (FlashAttention-2 does the same).
-struct SaRowBlock { long long bh, j0, j1; int i0, i1, b, h, hk; };
+// (FlashAttention-2 does the same). Row indices are 64-bit: with N close to
+// 2^31, i0 + BM (and a thread's row) no longer fits in an int.
+struct SaRowBlock { long long bh, i0, i1, j0, j1; int b, h, hk; };
 
 template <int BM>
 __device__ __forceinline__ SaRowBlock sa_row_block(long long blk, long long n_row_blocks, int Hq, int G, int N, int M,
@@ -77,15 +78,15 @@ __device__ __forceinline__ SaRowBlock sa_row_block(long long blk, long long n_ro
     SaRowBlock rb;
     const long long off = (long long)M - (long long)N;
     rb.bh = blk / n_row_blocks;
-    rb.i0 = (int)(n_row_blocks - 1 - (blk - rb.bh * n_row_blocks)) * BM;
-    rb.i1 = min(N, rb.i0 + BM);
+    rb.i0 = (n_row_blocks - 1 - (blk - rb.bh * n_row_blocks)) * BM;
+    rb.i1 = min((long long)N, rb.i0 + BM);
     rb.b = (int)(rb.bh / Hq);
     rb.h = (int)(rb.bh - (long long)rb.b * Hq);
     rb.hk = rb.h / G;
     rb.j0 = 0;
     rb.j1 = M;
-    if (has_lower) rb.j0 = max(0LL, (long long)rb.i0 + off - lower);
-    if (has_upper) rb.j1 = min((long long)M, (long long)(rb.i1 - 1) + off + upper + 1);
+    if (has_lower) rb.j0 = max(0LL, rb.i0 + off - lower);
+    if (has_upper) rb.j1 = min((long long)M, rb.i1 - 1 + off + upper + 1);
     if (rb.j1 < rb.j0) rb.j1 = rb.j0;
     return rb;
 }
@@ -124,14 +125,14 @@ __device__ void sa_attn_fwd(
         const SaRowBlock rb = sa_row_block<SA_BM>(blk, n_row_blocks, Hq, G, N, M, has_lower, lower, has_upper, upper);
         const long long bh = rb.bh, j0 = rb.j0, j1 = rb.j1;
         const int b = rb.b, h = rb.h, hk = rb.hk;
-        const int i = rb.i0 + tid;
+        const long long i = rb.i0 + tid;
         const bool row_ok = i < N;
 
         A qr[DMAX];
         A acc[DMAX];
 #pragma unroll
         for (int c = 0; c < DMAX; ++c) {
-            qr[c] = (row_ok && c < D) ? sa_load<A>(q, b * qs0 + h * qs1 + (long long)i * qs2 + c * qs3) * scale : (A)0;
+            qr[c] = (row_ok && c < D) ? sa_load<A>(q, b * qs0 + h * qs1 + i * qs2 + c * qs3) * scale : (A)0;
             acc[c] = (A)0;
         }
         A m_run = NINF, l_run = (A)0;
@@ -139,7 +140,7 @@ __device__ void sa_attn_fwd(
         sa_u32 rowh = 0;
         if (use_dropout) rowh = sa_row_hash(sa_head_hash(seed_lo, seed_hi, (sa_u32)bh), (sa_u32)i);
         long long mrow = 0;
-        if (mask_kind) mrow = mask_index[b] * ms0 + h * ms1 + (long long)i * ms2;
+        if (mask_kind) mrow = mask_index[b] * ms0 + h * ms1 + i * ms2;
 
         for (long long jt = j0; jt < j1; jt += BN) {
             __syncthreads();
@@ -165,7 +166,7 @@ __device__ void sa_attn_fwd(
                     for (int c = 0; c < DMAX; ++c) dot += qr[c] * Ks[r][c];
                     x = dot;
                     if (mask_kind) x += sa_mask_term<A>(mask, mask_kind, mrow + j * ms3);
-                    const long long rel = j - ((long long)i + off);
+                    const long long rel = j - (i + off);
                     if ((has_lower && rel < -(long long)lower) || (has_upper && rel > (long long)upper)) x = NINF;
                 }
                 if (x != x) saw_nan = true;
@@ -340,7 +341,7 @@ __device__ void sa_attn_fwd_tc(
     // Ks also stages the Q tile (SA_TC_BM == SA_TC_BN) before the key loop.
     __shared__ __attribute__((aligned(16))) unsigned short Ks[SA_TC_BN * LD];
     __shared__ __attribute__((aligned(16))) unsigned short Vs[SA_TC_BN * LD];
-    const float drop_scale = (float)drop_scale_d;
+    const float out_scale = use_dropout ? (float)drop_scale_d : 1.0f;   // kept weights' 1/(1-p)
     const float NINF = sa_ninf<float>();
     const float LOG2E = 1.4426950408889634f;
     const float scale_log2 = (float)(scale_d * 1.4426950408889634);
@@ -352,7 +353,8 @@ __device__ void sa_attn_fwd_tc(
     for (long long blk = blockIdx.x; blk < total_blocks; blk += gridDim.x) {
         const SaRowBlock rb = sa_row_block<SA_TC_BM>(blk, n_row_blocks, Hq, G, N, M, has_lower, lower, has_upper, upper);
         const long long bh = rb.bh, j0 = rb.j0, j1 = rb.j1;
-        const int i0 = rb.i0, b = rb.b, h = rb.h, hk = rb.hk;
+        const long long i0 = rb.i0;
+        const int b = rb.b, h = rb.h, hk = rb.hk;
         const int ntiles = (int)((j1 - j0 + SA_TC_BN - 1) / SA_TC_BN);
         const unsigned short* kb = k + b * ks0 + hk * ks1;
         const unsigned short* vb = v + b * vs0 + hk * vs1;
@@ -376,14 +378,14 @@ __device__ void sa_attn_fwd_tc(
         }
 
         // This lane's two rows: r = 0 -> row g of the warp's 16, r = 1 -> row g + 8.
-        int row[2];
+        long long row[2];
         long long mrow[2] = {0, 0};
         sa_u32 rowh[2] = {0u, 0u};
         float m_run[2], l_run[2];   // running max (base-2 logits) and this lane's share of the sum
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             row[r] = i0 + warp * 16 + g + 8 * r;
-            if (mask_kind && row[r] < N) mrow[r] = mask_index[b] * ms0 + h * ms1 + (long long)row[r] * ms2;
+            if (mask_kind && row[r] < N) mrow[r] = mask_index[b] * ms0 + h * ms1 + row[r] * ms2;
             if (use_dropout) rowh[r] = sa_row_hash(sa_head_hash(seed_lo, seed_hi, (sa_u32)bh), (sa_u32)row[r]);
             m_run[r] = NINF; l_run[r] = 0.0f;
         }
@@ -421,10 +423,10 @@ __device__ void sa_attn_fwd_tc(
             // instruction, and the scale folds into one multiply); row max per tile.
             // A NaN score makes its p, hence the row sum, NaN: that marks the row.
             float tmax[2] = {NINF, NINF};
-            const int wr0 = i0 + warp * 16;   // this warp's first row
+            const long long wr0 = i0 + warp * 16;   // this warp's first row
             const bool interior = !mask_kind && jt + SA_TC_BN <= j1 && wr0 + 16 <= N
-                && (!has_lower || jt - ((long long)wr0 + 15 + off) >= -(long long)lower)
-                && (!has_upper || jt + SA_TC_BN - 1 - ((long long)wr0 + off) <= (long long)upper);
+                && (!has_lower || jt - (wr0 + 15 + off) >= -(long long)lower)
+                && (!has_upper || jt + SA_TC_BN - 1 - (wr0 + off) <= (long long)upper);
             if (interior) {   // no mask, every key of the tile is in every row's band
 #pragma unroll
                 for (int nb = 0; nb < NB; ++nb)
@@ -444,7 +446,7 @@ __device__ void sa_attn_fwd_tc(
                         if (j < j1 && row[r] < N) {
                             x = s[nb][e] * scale_log2;
                             if (mask_kind) x += sa_mask_term<float>(mask, mask_kind, mrow[r] + j * ms3) * LOG2E;
-                            const long long rel = j - ((long long)row[r] + off);
+                            const long long rel = j - (row[r] + off);
                             if ((has_lower && rel < -(long long)lower) || (has_upper && rel > (long long)upper)) x = NINF;
                         }
                         s[nb][e] = x;
@@ -472,9 +474,12 @@ __device__ void sa_attn_fwd_tc(
                     const int r = e >> 1;
                     float p = exp2f(s[nb][e] - m_use[r]);
                     l_run[r] += p;   // this lane's share of the row sum; lanes are summed at the end
+                    // A dropped weight is zeroed here; kept ones are scaled by 1/(1 - dropout_p)
+                    // only at the end, in float32 (out_scale): p * drop_scale rounded to float16
+                    // for the P V product would be inf once dropout_p > 1 - 1/65504.
                     if (use_dropout) {
                         const long long j = jt + nb * 8 + 2 * t + (e & 1);
-                        p = sa_keep(rowh[r], (sa_u32)j, threshold) ? p * drop_scale : 0.0f;
+                        if (!sa_keep(rowh[r], (sa_u32)j, threshold)) p = 0.0f;
                     }
                     s[nb][e] = p;
                 }
@@ -513,7 +518,7 @@ __device__ void sa_attn_fwd_tc(
             float inv = 0.0f, lv = NINF;
             const bool nan_row = l != l;   // a NaN score reached the sum
             if (nan_row) { inv = sa_nan<float>(); lv = sa_nan<float>(); }
-            else if (l > 0.0f) { inv = 1.0f / l; lv = (m_run[r] + log2f(l)) * 0.6931471805599453f; }
+            else if (l > 0.0f) { inv = out_scale / l; lv = (m_run[r] + log2f(l)) * 0.6931471805599453f; }
             const long long orow = (bh * N + row[r]) * (long long)Dv;
 #pragma unroll
             for (int nb = 0; nb < OB; ++nb) {

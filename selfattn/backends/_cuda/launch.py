@@ -114,26 +114,32 @@ def fused_ok(d: int, dv: int, return_weights: bool) -> bool:
     return not return_weights and pick_dmax(d, dv) is not None
 
 
-#: Decode-like calls (fewer query rows than this per head, at least DECODE_MIN_KEYS keys) take
-#: the blockwise cuBLAS path even where the fused kernel could run: see :func:`forward_path`.
+#: Defaults of :func:`forward_path` (and ``CupyBackend``): decode-like calls (fewer query rows
+#: than DECODE_MAX_ROWS per head, at least DECODE_MIN_KEYS keys) take the blockwise cuBLAS path
+#: even where the fused kernel could run. Constants: change them per backend instance instead.
 DECODE_MAX_ROWS = 16
 DECODE_MIN_KEYS = 256
 
 
-def forward_path(d: int, dv: int, n: int, m: int, return_weights: bool) -> str:
+def forward_path(d: int, dv: int, n: int, m: int, return_weights: bool, *,
+                 decode_max_rows: int = DECODE_MAX_ROWS, decode_min_keys: int = DECODE_MIN_KEYS) -> str:
     """``"fused"`` or ``"blockwise"``: which forward the CuPy backend runs.
+
+    Calls with fewer than ``decode_max_rows`` query rows against at least
+    ``decode_min_keys`` keys go blockwise (``CupyBackend`` passes its own
+    settings; ``decode_max_rows=0`` keeps every call on the fused kernel).
 
     The fused kernels give a block 64 query rows of one head and walk its keys
     in order, so with a handful of rows (decoding: N = 1) most threads idle and
     the walk over M keys is serial. The blockwise path then reads K and V once
     per key/value head through cuBLAS (GQA heads share the read) and keeps an
     N x M score block -- small when N is. The crossover here is an estimate
-    from that argument, not a GPU measurement; bench_gpu times a decode shape
-    so a GPU run can check it.
+    from that argument, not a GPU measurement; the GPU benchmark times a decode
+    shape both ways (benchmarks/bench_gpu.py, tools/gpu_bench.py) so a GPU run can check it.
     """
     if not fused_ok(d, dv, return_weights):
         return "blockwise"
-    if int(n) < DECODE_MAX_ROWS and int(m) >= DECODE_MIN_KEYS:
+    if int(n) < int(decode_max_rows) and int(m) >= int(decode_min_keys):
         return "blockwise"
     return "fused"
 

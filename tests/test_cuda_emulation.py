@@ -17,17 +17,15 @@ What this cannot show: speed, and GPU behaviour the emulator does not model
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import pytest
+from selfattn_cuda_emulated import EmulatedCupyBackend, emulate
 
 from selfattn._dropout import keep_mask
 from selfattn._problem import normalize
 from selfattn.backends import cupy_ as cupy_backend_mod
 from selfattn.backends import numpy_
 from selfattn.backends._cuda import launch
-from selfattn_cuda_emulated import EmulatedCupyBackend, emulate
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -170,7 +168,8 @@ def test_misaligned_contiguous_view_is_copied_for_the_tensor_cores():
     args = launch.pack_fwd_args(
         q=pb.query, k=pb.key, v=pb.value, out=out, lse=lse, mask=np.empty(1, np.uint8),
         mask_index=np.zeros(1, np.int64), mask_dtype=None,
-        shapes_strides={a: (x.shape, x.strides, x.itemsize) for a, x in (("q", pb.query), ("k", pb.key), ("v", pb.value))},
+        shapes_strides={a: (x.shape, x.strides, x.itemsize)
+                        for a, x in (("q", pb.query), ("k", pb.key), ("v", pb.value))},
         sizes=dict(B=1, Hq=1, Hkv=1, N=70, M=90, D=64, Dv=64), scale=pb.scale, lower=None, upper=None,
         dropout_p=0.0, dropout_seed=None, write_lse=True)
     grid, block, _, _ = launch.fwd_launch(1, 1, 70, launch.TC_THREADS)
@@ -253,8 +252,10 @@ def test_tensor_core_forward_nan_and_fully_masked_rows():
 
 @pytest.mark.parametrize("shape, dtype, case, cc, kernel", [
     ((1, 2, 1, 70, 90, 8, 8), np.float32, dict(causal=True), 90, launch.fwd_kernel_name("float32", 32)),
-    ((1, 2, 2, 70, 40, 6, 5), np.float64, dict(window=(3, 1), mask="bool_row"), 90, launch.fwd_kernel_name("float64", 32)),
-    ((1, 2, 1, 70, 90, 64, 64), np.float16, dict(dropout_p=0.25, dropout_seed=5), 75, launch.fwd_kernel_name("float16", 64)),
+    ((1, 2, 2, 70, 40, 6, 5), np.float64, dict(window=(3, 1), mask="bool_row"), 90,
+     launch.fwd_kernel_name("float64", 32)),
+    ((1, 2, 1, 70, 90, 64, 64), np.float16, dict(dropout_p=0.25, dropout_seed=5), 75,
+     launch.fwd_kernel_name("float16", 64)),
     ((1, 1, 1, 20, 30, 6, 6), np.float16, dict(mask="float_full"), 90, launch.fwd_kernel_name("float16", 32)),
 ])
 def test_cuda_core_forward_matches_numpy(shape, dtype, case, cc, kernel):

@@ -65,7 +65,7 @@ def kernel_source(fname: str, only=None) -> str:
         names = [_instantiated(ln) for ln in lines]
         if only.startswith("attn_fwd_") and only not in names:
             raise KeyError(f"no kernel {only!r} in {fname}")
-        text = "\n".join(ln for ln, nm in zip(lines, names) if nm is None or nm == only) + "\n"
+        text = "\n".join(ln for ln, nm in zip(lines, names, strict=True) if nm is None or nm == only) + "\n"
     return (_HERE / "common.cuh").read_text() + "\n" + text
 
 
@@ -175,7 +175,7 @@ def tc_layout_ok(shape, byte_strides, itemsize: int, address: int) -> bool:
     """
     if address % 16:
         return False
-    for i, (n, st) in enumerate(zip(shape, byte_strides)):
+    for i, (n, st) in enumerate(zip(shape, byte_strides, strict=True)):
         if n == 1:
             continue
         if i == len(shape) - 1:
@@ -210,7 +210,7 @@ def elementwise_launch(total: int, threads: int = 256, max_blocks: int = 65536):
 def element_strides(shape, byte_strides, itemsize: int) -> tuple:
     """Strides in elements, 0 for size-1 axes (a broadcast axis may have any byte stride)."""
     out = []
-    for n, s in zip(shape, byte_strides):
+    for n, s in zip(shape, byte_strides, strict=True):
         if n == 1:
             out.append(0)
         else:
@@ -326,9 +326,9 @@ def pack_fwd_args(*, q, k, v, out, lse, mask, mask_index, mask_dtype, shapes_str
     _, _, n_row_blocks, total = fwd_launch(B, Hq, N)
     vals.update(Hq=Hq, G=Hq // Hkv, N=N, M=M, D=D, Dv=Dv, n_row_blocks=n_row_blocks,
                 total_blocks=total, scale=scale, write_lse=int(bool(write_lse)))
-    vals.update(zip(("has_lower", "lower", "has_upper", "upper"), band_args(lower, upper)))
+    vals.update(zip(("has_lower", "lower", "has_upper", "upper"), band_args(lower, upper), strict=True))
     vals.update(zip(("threshold", "seed_lo", "seed_hi", "drop_scale", "use_dropout"),
-                    dropout_args(dropout_p, dropout_seed)))
+                    dropout_args(dropout_p, dropout_seed), strict=True))
     return _pack(FWD_SIGNATURE, vals)
 
 

@@ -1,12 +1,14 @@
 """Compile every CUDA kernel source of the CuPy backend with NVRTC, without a GPU.
 
-Usage::
+Usage, from a checkout::
 
-    python -m selfattn.backends._cuda.nvrtc_check [--arch sm_80 --arch sm_90]
+    python tools/nvrtc_check.py [--arch sm_80 --arch sm_90]
 
-Needs the ``cuda-python`` bindings and an NVRTC library, e.g.
-``pip install cuda-python nvidia-cuda-nvrtc-cu12``. Exits non-zero (printing
-the NVRTC log) if any source fails to compile.
+Needs the ``cuda-python`` bindings and an NVRTC library
+(``pip install -r .ci/requirements-nvrtc.txt``). Prints each kernel's registers,
+shared memory and spills (ptxas); exits 1 (printing the NVRTC log) if a source
+fails to compile, 2 if NVRTC is not installed. CI runs the same compile through
+``tests/test_cuda_nvrtc.py``. Not part of the package: a developer/CI tool.
 """
 
 from __future__ import annotations
@@ -14,8 +16,14 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from pathlib import Path
 
-from .launch import KERNEL_SOURCES, kernel_names, kernel_source
+# Run from a checkout: import selfattn from it, installed or not.
+_ROOT = str(Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+from selfattn.backends._cuda.launch import KERNEL_SOURCES, kernel_names, kernel_source  # noqa: E402
 
 __all__ = ["NvrtcUnavailable", "load_nvrtc", "compile_source", "compile_all", "resource_usage", "main"]
 
@@ -63,7 +71,7 @@ def _check(nvrtc, result, what):
 
 def compile_source(source: str, arch: str = "sm_80", name: str = "selfattn.cu",
                    name_expressions=(), nvrtc=None, report=None) -> bytes:
-    """Compile ``source`` for ``arch`` (e.g. ``"sm_90"``) to a CUBIN; raise :class:`CompileError` with the log on failure.
+    """Compile ``source`` for ``arch`` (e.g. ``"sm_90"``) to a CUBIN; :class:`CompileError` with the log on failure.
 
     ``name_expressions`` (``extern "C"`` kernel names) must all appear in the
     CUBIN's symbol table, so a missing or misspelt kernel is an error too.
@@ -155,7 +163,8 @@ def main(argv=None) -> int:
     for (fname, arch), cubin in results.items():
         print(f"ok  {fname:12s} {arch}  {len(kernel_names(fname))} kernels, {len(cubin)} bytes of CUBIN")
         for kname, r in sorted(reports.get((fname, arch), {}).items()):
-            spill = f"spills {r['spill_stores']}/{r['spill_loads']} B" if r["spill_stores"] or r["spill_loads"] else "no spills"
+            spilled = r["spill_stores"] or r["spill_loads"]
+            spill = f"spills {r['spill_stores']}/{r['spill_loads']} B" if spilled else "no spills"
             print(f"      {kname:28s} {r['registers']:3d} registers  {r['smem'] / 1024:5.1f} KiB smem  {spill}")
     return 0
 

@@ -43,6 +43,17 @@ def _recording(be: CupyBackend) -> list:
     return launched
 
 
+def test_gpu_backend_is_available_and_chosen():
+    cupy = _need_gpu()
+    rec = {r.name: r for r in selfattn.list_backends()}["cupy"]
+    assert rec.available and rec.version, rec
+    info = selfattn.get_backend("cupy").info()
+    cc = str(cupy.cuda.Device().compute_capability)  # "90" for 9.0, "100" for 10.0
+    assert info["devices"] >= 1 and info["compute_capability"] == f"{cc[:-1]}.{cc[-1]}"
+    q = cupy.ones((1, 2, 8, 16), cupy.float32)
+    assert selfattn.explain(q, q, q).backend == "cupy"  # CuPy arrays go to the cupy backend automatically
+
+
 @pytest.mark.parametrize("shape", [(2, 4, 2, 70, 40, 6, 5), (1, 2, 1, 130, 150, 64, 64), (1, 1, 1, 33, 17, 200, 256)])
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 @pytest.mark.parametrize("case", GPU_CASES, ids=case_id)

@@ -88,6 +88,16 @@ def test_device_script_dry_run(tmp_path):
     print(f"dry run of the device script: {time.monotonic() - t0:.0f} s")
 
 
+def test_cheap_gpu_tests_run_on_the_stand_in():
+    """The GPU tests' own code, where the emulator is fast enough (the dry run only collects them)."""
+    select = "backend_is_available or fully_masked or two_devices or (forward_and_vjp and shape0 and float32)"
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_cupy_gpu.py",
+                          "-k", select], cwd=ROOT, env=standin_env(devices=2), capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0 and "skipped" not in res.stdout, res.stdout[-4000:] + res.stderr[-2000:]
+    assert "11 passed" in res.stdout, res.stdout[-2000:]
+
+
 def test_run_script_is_one_short_command():
     script = ROOT / "tools" / "gpu_run.sh"
     subprocess.run(["bash", "-n", str(script)], check=True)
@@ -99,7 +109,7 @@ def test_plan_keeps_cpu_work_off_the_device(tmp_path):
     plan = gpu_report.steps(tmp_path)
     text = " ".join(" ".join(c) for s in plan for c in s.commands)
     for cpu_only in ("test_cuda_emulation", "test_cuda_nvrtc", "nvrtc_check", "selfattn_cuda_emulated",
-                     "test_cuda_replay", "test_cuda_launch"):
+                     "test_cuda_replay", "test_cuda_launch", "test_cupy_backend", "standin"):
         assert cpu_only not in text
     assert sum(s.timeout_s for s in plan) > gpu_report.DEFAULT_BUDGET_S  # the budget, not the sum, bounds a run
     for s in plan:

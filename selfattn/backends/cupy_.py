@@ -26,11 +26,10 @@ from __future__ import annotations
 
 import importlib.util
 import threading
-
-import numpy as np
-
 from functools import partial
 from typing import Any
+
+import numpy as np
 
 from .._capabilities import FEATURES, Capabilities
 from .._problem import Problem
@@ -121,7 +120,7 @@ class CupyBackend(Backend):
         self.tensor_cores = bool(tensor_cores)
         self.decode_max_rows = int(decode_max_rows)
         self.decode_min_keys = int(decode_min_keys)
-        self._modules = {}
+        self._modules: dict[tuple[str, str, int], Any] = {}  # (source, kernel or '-', device) -> RawModule
         self._lock = threading.Lock()
 
     @property

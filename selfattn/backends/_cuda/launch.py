@@ -8,6 +8,7 @@ kernels in ``attn.cu``. ``cupy_.py`` only adds device arrays.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -277,7 +278,7 @@ DROPOUT_SIGNATURE = (
     ("threshold", "sa_u32"), ("drop_scale", "double"),
 )
 
-_CTYPES = {"int": np.int32, "long long": np.int64, "double": np.float64, "sa_u32": np.uint32}
+_CTYPES: dict[str, Any] = {"int": np.int32, "long long": np.int64, "double": np.float64, "sa_u32": np.uint32}
 
 
 def _pack(signature, values: dict) -> tuple:

@@ -9,6 +9,7 @@ checked against the C parameter lists in ``attn.cu``.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +20,13 @@ from selfattn._problem import normalize
 from selfattn.backends._cuda import launch
 
 # -- host-side launch logic ---------------------------------------------------
+
+def test_cuda_folder_holds_runtime_files_only():
+    """The package's CUDA folder ships the kernel sources and their host logic; tools and the emulator live outside."""
+    here = Path(launch.__file__).resolve().parent
+    assert sorted(p.name for p in here.iterdir() if p.name != "__pycache__") == [
+        "__init__.py", "attn.cu", "common.cuh", "launch.py"]
+
 
 def test_kernel_names_present_in_source():
     src = launch.kernel_source("attn.cu")

@@ -59,12 +59,20 @@ def available_bytes(array_type: str, like: Any = None) -> int | None:
     return _host_bytes()
 
 
+#: Results below this size are never checked: the check reads /proc/meminfo (or asks
+#: the GPU), which costs more than a small call's whole computation.
+CHECK_FROM_BYTES = 64 * 2**20
+
+
 def require(nbytes: int, array_type: str, what: str, hint: str, like: Any = None) -> None:
     """Raise :class:`MemoryError` when ``nbytes`` cannot be allocated on the inputs' device.
 
     ``what`` describes the result (with its shape); ``hint`` says what to do
-    instead. Called before any computation.
+    instead. Called before any computation; results under
+    :data:`CHECK_FROM_BYTES` are not checked.
     """
+    if nbytes < CHECK_FROM_BYTES:
+        return
     avail = available_bytes(array_type, like)
     if avail is not None and nbytes > avail:
         where = "GPU" if array_type == "cupy" else "machine"

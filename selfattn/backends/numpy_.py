@@ -36,6 +36,10 @@ def dropout_multipliers(pb: Problem, b0: int, b1: int, i0: int, i1: int, j0: int
     return pb.dropout_keep(b0, b1, i0, i1, j0, j1).astype(cdt) * cdt.type(1.0 / (1.0 - pb.dropout_p))
 
 
+#: Score blocks of at least this many entries (N·M) use the CPU shortcuts of the blockwise algorithm.
+SHORTCUTS_FROM = 128 * 128
+
+
 class NumpyBackend(Backend):
     """Blocked exact attention in NumPy (see the module docstring)."""
 
@@ -53,8 +57,11 @@ class NumpyBackend(Backend):
 
     def forward(self, problem: Problem) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         run = _blockwise.forward_varlen if problem.is_varlen else _blockwise.forward
+        # The shortcuts save passes over large score blocks; on small ones their own
+        # cost (norms, a copy of V with a column of ones) is larger than what they save.
+        big = problem.n * problem.m >= SHORTCUTS_FROM
         return run(problem, np, block_bytes=self.block_bytes, dropout=dropout_multipliers,
-                   shift_free_ok=True, ones_column=True, reuse_buffer=True)
+                   shift_free_ok=big, ones_column=big, reuse_buffer=big)
 
     def backward(self, problem: Problem, out: np.ndarray, lse: np.ndarray,
                  grad_out: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

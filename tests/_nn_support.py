@@ -42,7 +42,7 @@ def _ref_mha(layer, xq, xk=None, xv=None, mask=None, causal=False):
     h, hkv, hd = layer.num_heads, layer.kv_heads, layer.head_dim
 
     def lin(x, w, bname):
-        return x @ p[w].T + (p[bname] if bname in p else 0)
+        return x @ p[w].T + p.get(bname, 0)
 
     q = lin(xq, "q_weight", "q_bias").reshape(b, n, h, hd).transpose(0, 2, 1, 3)
     k = lin(xk, "k_weight", "k_bias").reshape(b, m, hkv, hd).transpose(0, 2, 1, 3)

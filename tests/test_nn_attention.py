@@ -18,7 +18,6 @@ from _nn_support import (
     skip_unless_supported,
 )
 
-import selfattn
 from selfattn import nn
 
 
@@ -519,12 +518,6 @@ def test_mha_softcap_alibi_constructor_errors(kwargs, exc, word):
 
 # ----------------------------------------------------------------------------- packed variable-length path (issue 16)
 
-# The core's scaled_dot_product_attention_varlen lands with the lead's varlen work; until then these tests skip.
-# LEAD: remove `needs_varlen` once selfattn.scaled_dot_product_attention_varlen is on main.
-needs_varlen = pytest.mark.skipif(not hasattr(selfattn, "scaled_dot_product_attention_varlen"),
-                                  reason="selfattn.scaled_dot_product_attention_varlen is not in this build yet")
-
-
 VARLEN_BACKENDS = [b for b in BACKENDS if "varlen" in capabilities(b).features]
 VARLEN_DROPOUT_BACKENDS = [b for b in VARLEN_BACKENDS if "dropout" in capabilities(b).features]
 
@@ -539,7 +532,6 @@ def _pack(rng, lengths, features):
     return padded, key_mask, packed, cu
 
 
-@needs_varlen
 @pytest.mark.parametrize("backend", VARLEN_BACKENDS)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("opts", [{}, {"alibi": True}, {"softcap": 1.0, "kv_heads": 2}])
@@ -552,13 +544,12 @@ def test_packed_call_equals_the_padded_key_masked_call(backend, causal, opts):
     ref = layer(padded, key_mask=key_mask, causal=causal, backend=backend)
     np.testing.assert_allclose(out, ref[key_mask], rtol=1e-10, atol=1e-12)
     if opts:  # the padded path is itself checked against the oracle, sequence by sequence
-        for i, (a, z) in enumerate(zip(cu[:-1], cu[1:])):
+        for i, (a, z) in enumerate(zip(cu[:-1], cu[1:], strict=True)):
             if z > a:
                 np.testing.assert_allclose(out[a:z], naive_mha(layer, padded[i, :z - a], causal=causal),
                                            rtol=1e-10, atol=1e-12)
 
 
-@needs_varlen
 @pytest.mark.parametrize("backend", VARLEN_BACKENDS)
 def test_packed_cross_attention_equals_the_padded_call(backend):
     rng = np.random.default_rng(9)
@@ -573,7 +564,6 @@ def test_packed_cross_attention_equals_the_padded_call(backend):
     np.testing.assert_allclose(out[2:5], np.broadcast_to(layer.params["out_bias"], (3, 12)))  # no keys: out_bias
 
 
-@needs_varlen
 @pytest.mark.parametrize("backend", VARLEN_DROPOUT_BACKENDS)
 def test_packed_dropout_equals_the_padded_call_on_the_same_seed(backend):
     rng = np.random.default_rng(10)
@@ -585,7 +575,6 @@ def test_packed_dropout_equals_the_padded_call_on_the_same_seed(backend):
     assert not np.allclose(out, layer(packed, cu_seqlens=cu, causal=True, backend=backend))
 
 
-@needs_varlen
 @pytest.mark.parametrize("backend", VARLEN_BACKENDS)
 @pytest.mark.parametrize("in_dtype", FLOATS)
 def test_packed_vjp_equals_the_padded_vjp(backend, in_dtype):

@@ -7,7 +7,6 @@ import pytest
 
 from selfattn import nn
 
-
 # ----------------------------------------------------------------------------- positional encodings
 
 def test_sinusoidal_positions():

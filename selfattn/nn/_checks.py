@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 import numbers
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any, NoReturn
 
 import numpy as np
@@ -31,6 +31,7 @@ __all__ = [
 ]
 
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+_FLOAT16, _FLOAT32 = FLOAT_DTYPES[:2]
 
 
 def int_arg(name: str, value: Any, *, minimum: int = 1) -> int:
@@ -78,13 +79,15 @@ def eps_arg(eps: Any) -> float:
     return float(eps)
 
 
-def as_activation(name: str, x: Any, last: int, *, ndims: Iterable[int] = (2, 3), layout: str = "") -> NDArray[Any]:
+def as_activation(name: str, x: Any, last: int, *, ndims: Collection[int] = (2, 3),
+                  layout: str = "(..., {0})") -> NDArray[Any]:
     """Validate an activation array without casting it.
 
     ``x`` must be a real float or integer array (NumPy, or anything
     ``numpy.asarray`` accepts; CuPy arrays and PyTorch tensors are refused with
     the conversion to use) whose last axis is ``last`` and whose number of
-    axes is in ``ndims``. ``layout`` describes the expected shape in messages.
+    axes is in ``ndims``. ``layout`` describes the expected shape in messages
+    (``{0}`` stands for ``last``; formatted only when raising).
     Returns ``numpy.asarray(x)`` (no copy for an ndarray).
     """
     if isinstance(x, np.ndarray):
@@ -99,9 +102,8 @@ def as_activation(name: str, x: Any, last: int, *, ndims: Iterable[int] = (2, 3)
             raise TypeError(f"{name} must be a numeric array, got {type(x).__name__}") from None
     if arr.dtype.kind not in "fiu":
         raise TypeError(f"{name} must be a real float (or int) array, got dtype {arr.dtype}")
-    ndims = tuple(ndims)
     if arr.ndim not in ndims:
-        raise ValueError(f"{name} must have shape {layout or f'(..., {last})'}, got shape {arr.shape}")
+        raise ValueError(f"{name} must have shape {layout.format(last)}, got shape {arr.shape}")
     if arr.shape[-1] != last:
         raise ValueError(f"{name} has feature size {arr.shape[-1]} (shape {arr.shape}), expected {last}")
     return arr
@@ -114,10 +116,10 @@ def compute_dtype(arrays: Iterable[NDArray[Any] | None], default: np.dtype[Any])
     single input: its own dtype); ``default`` (the layer's parameter dtype) when
     none is floating point (integer inputs). ``None`` entries are ignored.
     """
-    floats = [a.dtype for a in arrays if a is not None and a.dtype.kind == "f"]
+    floats = {a.dtype for a in arrays if a is not None and a.dtype.kind == "f"}
     if not floats:
         return default
-    dt = np.result_type(*floats)
+    dt = floats.pop() if len(floats) == 1 else np.result_type(*floats)
     if dt not in FLOAT_DTYPES:  # float128 and the like: no backend computes in it
         raise TypeError(f"inputs of dtype {dt} are not supported; use float16, float32 or float64")
     return dt
@@ -125,7 +127,7 @@ def compute_dtype(arrays: Iterable[NDArray[Any] | None], default: np.dtype[Any])
 
 def accumulation_dtype(dtype: np.dtype[Any]) -> np.dtype[Any]:
     """Matrix products and reductions of float16 activations run in float32 (as the attention core does)."""
-    return np.dtype(np.float32) if dtype == np.float16 else dtype
+    return _FLOAT32 if dtype == _FLOAT16 else dtype
 
 
 # ----------------------------------------------------------------------------- PyTorch keywords on the layers

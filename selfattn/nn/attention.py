@@ -11,7 +11,12 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike, NDArray
 
-from .. import scaled_dot_product_attention, scaled_dot_product_attention_vjp
+from .. import (
+    scaled_dot_product_attention,
+    scaled_dot_product_attention_varlen,
+    scaled_dot_product_attention_varlen_vjp,
+    scaled_dot_product_attention_vjp,
+)
 from .._memory import format_bytes, require
 from ._checks import (
     FLOAT_DTYPES,
@@ -43,9 +48,9 @@ _VJP_KEYWORDS = {**LAYER_KEYWORDS, **dict.fromkeys(("need_weights", "average_wei
 _INIT_KEYWORDS = ("kv_heads", "kdim", "vdim", "bias", "dropout_p", "softcap", "alibi", "dtype", "seed")
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass costs several µs per call at tutorial sizes
 class _Call:
-    """One validated :class:`MultiHeadAttention` call, before any computation.
+    """One validated :class:`MultiHeadAttention` call, before any computation (read-only by convention).
 
     ``query``/``key``/``value`` are in the compute dtype ``dtype`` and batched
     ``(B, N, E)``/``(B, M, kdim)``/``(B, M, vdim)`` (unbatched inputs got a
@@ -57,8 +62,8 @@ class _Call:
     key: Array
     value: Array
     dtype: np.dtype[Any]
-    #: dtypes of ``d_query``, ``d_key``, ``d_value`` in the vjp: each input's float dtype, else ``dtype``.
-    grad_dtypes: tuple[np.dtype[Any], np.dtype[Any], np.dtype[Any]]
+    #: The caller's dtypes of query, key, value (the vjp returns float gradients in them).
+    input_dtypes: tuple[np.dtype[Any], np.dtype[Any], np.dtype[Any]]
     unbatched: bool
     self_attention: bool
     value_given: bool
@@ -73,15 +78,21 @@ class _Call:
     def packed(self) -> bool:
         return self.cu_seqlens_q is not None
 
+    def grad_dtype(self, i: int) -> np.dtype[Any]:
+        """dtype of the gradient of input ``i`` (0 query, 1 key, 2 value): its float dtype, else ``dtype``."""
+        dt = self.input_dtypes[i]
+        return dt if dt.kind == "f" else self.dtype
+
 
 def _split_heads(x: Array, heads: int) -> Array:
     """``(..., L, heads*hd)`` -> ``(..., heads, L, hd)`` (a view): ``(B, H, N, hd)`` batched, ``(H, T, hd)`` packed."""
-    return np.moveaxis(x.reshape(*x.shape[:-1], heads, x.shape[-1] // heads), -2, -3)
+    # swapaxes, not moveaxis: the layers run at sizes where moveaxis' Python-level checks show up.
+    return x.reshape(*x.shape[:-1], heads, x.shape[-1] // heads).swapaxes(-2, -3)
 
 
 def _merge_heads(x: Array) -> Array:
     """Inverse of :func:`_split_heads`: ``(..., H, L, hd)`` -> ``(..., L, H*hd)``."""
-    y = np.moveaxis(x, -3, -2)
+    y = x.swapaxes(-3, -2)
     return y.reshape(*y.shape[:-2], y.shape[-2] * y.shape[-1])
 
 
@@ -253,14 +264,13 @@ class MultiHeadAttention(Module):
         if cu_seqlens_k is not None and not packed:
             raise ValueError("cu_seqlens_k was given without cu_seqlens; pass both for packed cross-attention")
         ndims = (2,) if packed else (2, 3)
-        layout = "(total, {}) (packed; cu_seqlens is set)" if packed else "(B, L, {}) or (L, {})"
-        xq = as_activation("query", query, self.embed_dim, ndims=ndims, layout=layout.format(*[self.embed_dim] * 2))
+        layout = "(total, {0}) (packed; cu_seqlens is set)" if packed else "(B, L, {0}) or (L, {0})"
+        xq = as_activation("query", query, self.embed_dim, ndims=ndims, layout=layout)
         if key is None and value is not None:
             raise ValueError("value was given without key; pass key too (or neither for self-attention)")
         if key is None and self.kdim != self.embed_dim:
             raise ValueError(f"self-attention needs kdim == embed_dim; this layer has kdim={self.kdim}, pass key")
-        xk = xq if key is None else as_activation("key", key, self.kdim, ndims=ndims,
-                                                  layout=layout.format(*[self.kdim] * 2))
+        xk = xq if key is None else as_activation("key", key, self.kdim, ndims=ndims, layout=layout)
         if value is None:
             if key is not None and self.vdim != self.kdim:
                 raise ValueError("value is required when vdim != kdim")
@@ -268,7 +278,7 @@ class MultiHeadAttention(Module):
                 raise ValueError("value is required when vdim != embed_dim")
             xv = xk
         else:
-            xv = as_activation("value", value, self.vdim, ndims=ndims, layout=layout.format(*[self.vdim] * 2))
+            xv = as_activation("value", value, self.vdim, ndims=ndims, layout=layout)
         if not (xk.ndim == xq.ndim == xv.ndim):
             raise ValueError(f"query, key and value must all be batched (3-D) or all unbatched (2-D), "
                              f"got shapes {xq.shape}, {xk.shape}, {xv.shape}")
@@ -294,7 +304,6 @@ class MultiHeadAttention(Module):
             full_mask = self._combine_masks(mask, key_mask, b, n, xk.shape[-2], unbatched)
         # Validated: now cast once (self-attention keeps key = value = query: one array, one cast).
         dt = compute_dtype((xq, None if key is None else xk, None if value is None else xv), self.dtype)
-        grad_dtypes = tuple(a.dtype if a.dtype.kind == "f" else dt for a in (xq, xk, xv))
         cq = xq.astype(dt, copy=False)
         ck = cq if key is None else xk.astype(dt, copy=False)
         cv = ck if value is None else xv.astype(dt, copy=False)
@@ -303,7 +312,7 @@ class MultiHeadAttention(Module):
         drop = self.dropout_p if training else 0.0
         if drop > 0.0 and dropout_seed is None:
             dropout_seed = int(np.random.default_rng().integers(0, 2 ** 63))
-        return _Call(query=cq, key=ck, value=cv, dtype=dt, grad_dtypes=grad_dtypes,  # type: ignore[arg-type]
+        return _Call(query=cq, key=ck, value=cv, dtype=dt, input_dtypes=(xq.dtype, xk.dtype, xv.dtype),
                      unbatched=unbatched, self_attention=key is None, value_given=value is not None,
                      mask=full_mask, causal=causal, dropout_p=drop, dropout_seed=dropout_seed,
                      cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
@@ -460,11 +469,10 @@ class MultiHeadAttention(Module):
         return out, (weights[0] if call.unbatched else weights)
 
     def _attend_packed(self, call: _Call, backend: str | None) -> Array:
-        from .. import scaled_dot_product_attention_varlen
-
         q, k, v = self._project(call)
-        out: Array = scaled_dot_product_attention_varlen(q, k, v, call.cu_seqlens_q, call.cu_seqlens_k,
-                                                         backend=backend, **self._attention_options(call))
+        out = scaled_dot_product_attention_varlen(q, k, v, call.cu_seqlens_q, call.cu_seqlens_k, backend=backend,
+                                                  **self._attention_options(call))
+        assert not isinstance(out, tuple)  # return_lse is False
         return out
 
     def vjp(self, query: ArrayLike, key: ArrayLike | None = None, value: ArrayLike | None = None, *,
@@ -497,8 +505,6 @@ class MultiHeadAttention(Module):
                               dropout_seed=dropout_seed, cu_seqlens=cu_seqlens, cu_seqlens_k=cu_seqlens_k)
         q, k, v = self._project(call)
         if call.packed:
-            from .. import scaled_dot_product_attention_varlen_vjp
-
             attn, attn_back = scaled_dot_product_attention_varlen_vjp(
                 q, k, v, call.cu_seqlens_q, call.cu_seqlens_k, backend=backend, **self._attention_options(call))
         else:
@@ -552,7 +558,6 @@ class MultiHeadAttention(Module):
         def finish(grad: Array, dtype: np.dtype[Any]) -> Array:
             return (grad[0] if call.unbatched else grad).astype(dtype, copy=False)
 
-        dt_q, dt_k, dt_v = call.grad_dtypes
         d_params = {name: grads[name].astype(params[name].dtype, copy=False) for name in params}
-        return (finish(dxq, dt_q), None if dxk is None else finish(dxk, dt_k),
-                None if dxv is None else finish(dxv, dt_v), d_params)
+        return (finish(dxq, call.grad_dtype(0)), None if dxk is None else finish(dxk, call.grad_dtype(1)),
+                None if dxv is None else finish(dxv, call.grad_dtype(2)), d_params)

@@ -59,7 +59,7 @@ class FeedForward(Module):
     def __call__(self, x: ArrayLike, *, training: bool = False,
                  rng: np.random.Generator | None = None) -> NDArray[np.floating[Any]]:
         """Apply to ``x`` ``(..., embed_dim)``; ``rng`` (a numpy Generator) drives dropout when ``training``."""
-        arr = as_activation("x", x, self.embed_dim, ndims=range(1, 64), layout=f"(..., {self.embed_dim})")
+        arr = as_activation("x", x, self.embed_dim, ndims=range(1, 64))
         training = bool_arg("training", training)
         dt = compute_dtype((arr,), self.dtype)
         p = self._own

@@ -29,10 +29,12 @@ def linear(x: NDArray[Any], weight: NDArray[Any], bias: NDArray[Any] | None = No
     """
     out = np.dtype(dtype) if dtype is not None else np.result_type(x, weight, *(() if bias is None else (bias,)))
     acc = accumulation_dtype(out)
-    y: NDArray[Any] = x.astype(acc, copy=False) @ weight.astype(acc, copy=False).T
+    # Casts only where needed: layers call this at sizes where each no-op call still costs.
+    w = weight if weight.dtype == acc else weight.astype(acc)
+    y: NDArray[Any] = (x if x.dtype == acc else x.astype(acc)) @ w.T
     if bias is not None:
-        y += bias.astype(acc, copy=False)
-    return y.astype(out, copy=False)
+        y += bias if bias.dtype == acc else bias.astype(acc)
+    return y if y.dtype == out else y.astype(out)
 
 
 def dropout(x: NDArray[Any], p: float, rng: np.random.Generator) -> NDArray[Any]:

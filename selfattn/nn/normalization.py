@@ -46,7 +46,7 @@ class LayerNorm(Module):
 
     def __call__(self, x: ArrayLike) -> NDArray[np.floating[Any]]:
         """Normalise ``x`` ``(..., dim)``; returns the same shape in ``x``'s float dtype."""
-        arr = as_activation("x", x, self.dim, ndims=range(1, 64), layout=f"(..., {self.dim})")
+        arr = as_activation("x", x, self.dim, ndims=range(1, 64))
         out_dtype = compute_dtype((arr,), self.dtype)
         xf = arr.astype(np.float64)
         mu = xf.mean(axis=-1, keepdims=True)

@@ -108,7 +108,7 @@ def apply_rotary(x: NDArray[np.floating[Any]], positions: ArrayLike, *, base: fl
         x1, x2 = xf[..., :half], xf[..., half:]
     r1 = x1 * cos - x2 * sin
     r2 = x2 * cos + x1 * sin
-    out = np.empty(np.broadcast_shapes(r1.shape[:-1] + (d,), x.shape), dtype=np.float64)
+    out = np.empty(np.broadcast_shapes((*r1.shape[:-1], d), x.shape), dtype=np.float64)
     if interleaved:
         out[..., 0::2], out[..., 1::2] = r1, r2
     else:

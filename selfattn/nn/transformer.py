@@ -128,7 +128,7 @@ class TransformerEncoderLayer(Module):
         """
         if unexpected:
             refuse_keywords("TransformerEncoderLayer.__call__", unexpected, _CALL_KEYWORDS)
-        arr = as_activation("x", x, self.embed_dim, layout=f"(B, N, {self.embed_dim}) or (N, {self.embed_dim})")
+        arr = as_activation("x", x, self.embed_dim, layout="(B, N, {0}) or (N, {0})")
         training = bool_arg("training", training)
         h = arr.astype(compute_dtype((arr,), self.dtype), copy=False)
         drop = self.dropout_p if training else 0.0
@@ -176,7 +176,7 @@ class TransformerEncoder(Module):
                  layer_norm_eps: float = 1e-5, kv_heads: int | None = None, dtype: DTypeLike = np.float32,
                  seed: int | None = None, **unexpected: Any) -> None:
         if unexpected:
-            refuse_keywords("TransformerEncoder", unexpected, _LAYER_INIT_KEYWORDS + ("final_norm",))
+            refuse_keywords("TransformerEncoder", unexpected, (*_LAYER_INIT_KEYWORDS, "final_norm"))
         super().__init__()
         num_layers = int_arg("num_layers", num_layers, minimum=0)
         self.embed_dim = int_arg("embed_dim", embed_dim)
@@ -239,7 +239,7 @@ class TransformerEncoder(Module):
         """
         if unexpected:
             refuse_keywords("TransformerEncoder.__call__", unexpected, _CALL_KEYWORDS)
-        arr = as_activation("x", x, self.embed_dim, layout=f"(B, N, {self.embed_dim}) or (N, {self.embed_dim})")
+        arr = as_activation("x", x, self.embed_dim, layout="(B, N, {0}) or (N, {0})")
         # Layers return new arrays; an empty stack copies so that the result never aliases the input.
         h = arr.astype(compute_dtype((arr,), self.dtype), copy=not self.layers and self.norm is None)
         for layer in self.layers:

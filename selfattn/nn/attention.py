@@ -87,13 +87,15 @@ class _Call:
 def _split_heads(x: Array, heads: int) -> Array:
     """``(..., L, heads*hd)`` -> ``(..., heads, L, hd)`` (a view): ``(B, H, N, hd)`` batched, ``(H, T, hd)`` packed."""
     # swapaxes, not moveaxis: the layers run at sizes where moveaxis' Python-level checks show up.
-    return x.reshape(*x.shape[:-1], heads, x.shape[-1] // heads).swapaxes(-2, -3)
+    split: Array = x.reshape(*x.shape[:-1], heads, x.shape[-1] // heads).swapaxes(-2, -3)
+    return split
 
 
 def _merge_heads(x: Array) -> Array:
     """Inverse of :func:`_split_heads`: ``(..., H, L, hd)`` -> ``(..., L, H*hd)``."""
     y = x.swapaxes(-3, -2)
-    return y.reshape(*y.shape[:-2], y.shape[-2] * y.shape[-1])
+    merged: Array = y.reshape(*y.shape[:-2], y.shape[-2] * y.shape[-1])
+    return merged
 
 
 def _rows(x: Array) -> Array:
@@ -470,9 +472,10 @@ class MultiHeadAttention(Module):
 
     def _attend_packed(self, call: _Call, backend: str | None) -> Array:
         q, k, v = self._project(call)
-        out = scaled_dot_product_attention_varlen(q, k, v, call.cu_seqlens_q, call.cu_seqlens_k, backend=backend,
+        res = scaled_dot_product_attention_varlen(q, k, v, call.cu_seqlens_q, call.cu_seqlens_k, backend=backend,
                                                   **self._attention_options(call))
-        assert not isinstance(out, tuple)  # return_lse is False
+        assert not isinstance(res, tuple)  # return_lse is False
+        out: Array = res
         return out
 
     def vjp(self, query: ArrayLike, key: ArrayLike | None = None, value: ArrayLike | None = None, *,

@@ -1,24 +1,28 @@
-"""Position encodings: fixed sinusoids and rotary embeddings (RoPE)."""
+"""Position encodings: fixed sinusoids, rotary embeddings (RoPE) and ALiBi slopes."""
 
 from __future__ import annotations
 
+import math
 import numbers
+from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike, DTypeLike, NDArray
 
-__all__ = ["sinusoidal_positions", "apply_rotary"]
+__all__ = ["alibi_slopes", "apply_rotary", "sinusoidal_positions"]
 
 
-def _positive_int(name, value, *, allow_zero=False):
+def _positive_int(name: str, value: Any, *, allow_zero: bool = False) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    value = int(value)
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
-    return value
+    result = int(value)
+    if result < 0 or (result == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {result}")
+    return result
 
 
-def sinusoidal_positions(length, dim, *, base=10000.0, dtype=np.float32):
+def sinusoidal_positions(length: int, dim: int, *, base: float = 10000.0,
+                         dtype: DTypeLike = np.float32) -> NDArray[np.floating[Any]]:
     """The fixed sinusoidal position table of "Attention Is All You Need".
 
     Returns an array ``(length, dim)`` of ``dtype`` (default float32) with
@@ -44,7 +48,8 @@ def sinusoidal_positions(length, dim, *, base=10000.0, dtype=np.float32):
     return table.astype(dtype, copy=False)
 
 
-def apply_rotary(x, positions, *, base=10000.0, interleaved=False):
+def apply_rotary(x: NDArray[np.floating[Any]], positions: ArrayLike, *, base: float = 10000.0,
+                 interleaved: bool = False) -> NDArray[np.floating[Any]]:
     """Rotary position embedding (RoPE) of queries or keys.
 
     Parameters
@@ -103,9 +108,42 @@ def apply_rotary(x, positions, *, base=10000.0, interleaved=False):
         x1, x2 = xf[..., :half], xf[..., half:]
     r1 = x1 * cos - x2 * sin
     r2 = x2 * cos + x1 * sin
-    out = np.empty(np.broadcast_shapes(r1.shape[:-1] + (d,), x.shape), dtype=np.float64)
+    out = np.empty(np.broadcast_shapes((*r1.shape[:-1], d), x.shape), dtype=np.float64)
     if interleaved:
         out[..., 0::2], out[..., 1::2] = r1, r2
     else:
         out[..., :half], out[..., half:] = r1, r2
     return out.astype(x.dtype, copy=False)
+
+
+def _alibi_power_of_two(n: int) -> list[float]:
+    # 2**(-8 i / n) for i = 1..n, each computed directly (exact for n dividing 8, correctly rounded otherwise).
+    return [2.0 ** (-8.0 * i / n) for i in range(1, n + 1)]
+
+
+def alibi_slopes(num_heads: int, *, dtype: DTypeLike = np.float64) -> NDArray[np.floating[Any]]:
+    """The standard ALiBi slopes for ``num_heads`` heads (Press et al., "Train Short, Test Long").
+
+    For ``n`` a power of two the slopes are the geometric sequence
+    ``2**(-8 i / n)`` for ``i = 1..n`` (8 heads: 1/2, 1/4, ..., 1/256).
+    Otherwise, with ``p`` the largest power of two below ``n``, they are the
+    ``p`` slopes of ``p`` heads followed by the first ``n - p`` of every other
+    slope of ``2p`` heads (``2**(-8 i / (2p))`` for ``i = 1, 3, 5, ...``),
+    exactly as the reference ``get_slopes`` of the ALiBi repository,
+    Hugging Face's ``build_alibi_tensor`` and FlashAttention's tests compute
+    them. 12 heads: ``2**-1 ... 2**-8`` then ``2**-0.5, 2**-1.5, 2**-2.5, 2**-3.5``.
+
+    Returns a ``(num_heads,)`` array of ``dtype`` (float32 or float64, what
+    :func:`selfattn.scaled_dot_product_attention`'s ``alibi_slopes`` takes),
+    computed in float64. Raises TypeError for a non-integer ``num_heads`` or
+    another dtype, ValueError for ``num_heads < 1``.
+    """
+    n = _positive_int("num_heads", num_heads)
+    dt = np.dtype(dtype)
+    if dt not in (np.float32, np.float64):
+        raise TypeError(f"dtype must be float32 or float64 (the dtypes alibi_slopes accepts), got {dt}")
+    p = 2 ** math.floor(math.log2(n))
+    slopes = _alibi_power_of_two(p)
+    if p != n:
+        slopes += _alibi_power_of_two(2 * p)[0::2][: n - p]
+    return np.array(slopes, dtype=np.float64).astype(dt)

@@ -389,6 +389,7 @@ def test_need_weights_memory_check_uses_the_device_limit(monkeypatch):
     layer = nn.MultiHeadAttention(8, 2, seed=0)
     x = np.ones((2, 30, 8), np.float32)
     monkeypatch.setattr("selfattn._memory.available_bytes", lambda array_type, like=None: 10_000)
+    monkeypatch.setattr("selfattn._memory.CHECK_FROM_BYTES", 0)  # check even this small result
     with pytest.raises(MemoryError, match=r"\(2, 2, 30, 30\).*more than this machine can allocate"):
         layer(x, need_weights=True)
     assert layer(x).shape == x.shape  # without the weights the call is small: no check, no error

@@ -1,9 +1,9 @@
 """The NumPy backend against the two matrix products alone.
 
-``python -m selfattn._bench.baseline`` times, side by side in one process, the
-NumPy backend's forward pass and the bare ``Q @ K.T`` plus ``P @ V`` products
-it cannot avoid (per head, on the same arrays, materialized), and prints the
-ratio. The core issue's target is a ratio of at most 2 on a long sequence.
+``python tools/numpy_baseline.py`` (from a checkout, with selfattn installed)
+times, side by side in one process, the NumPy backend's forward pass and the
+bare ``Q @ K.T`` plus ``P @ V`` products it cannot avoid (per head, on the same
+arrays, materialized), and prints the ratio. The core issue's target is a ratio of at most 2 on a long sequence.
 """
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ import argparse
 import numpy as np
 
 import selfattn
-
-from .timing import interleaved_medians
+from selfattn._bench.timing import interleaved_medians
 
 
 def measure(batch=1, heads=8, n=4096, d=64, dtype="float32", causal=False, repeat=5):
@@ -38,15 +37,15 @@ def measure(batch=1, heads=8, n=4096, d=64, dtype="float32", causal=False, repea
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python tools/numpy_baseline.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=4096)
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--d", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args(argv)
     t_be, t_mm = measure(heads=args.heads, n=args.n, d=args.d, repeat=args.repeat)
-    print(f"shape (1,{args.heads},{args.n},{args.d}) float32: numpy backend {t_be * 1e3:.1f} ms, "
-          f"QK^T + PV alone {t_mm * 1e3:.1f} ms, ratio {t_be / t_mm:.2f} (target <= 2)")
+    print(f"shape (1,{args.heads},{args.n},{args.d}) float32: numpy backend {t_be * 1e3:.4g} ms, "
+          f"QK^T + PV alone {t_mm * 1e3:.4g} ms, ratio {t_be / t_mm:.2f} (target <= 2)")
     return 0
 
 

@@ -1,6 +1,7 @@
 """The Numba backend's performance targets, measured in one run.
 
-``python -m selfattn._bench.targets [--quick] [--threads N]`` prints one table
+``python tools/numba_targets.py [--quick] [--threads N]`` (from a checkout, with
+selfattn installed: ``pip install -e '.[numba]'``) prints one table
 (target, measured, ratio, pass/fail) plus this machine's ``numpy.matmul``
 GFLOP/s and the compile/warm-cache/steady-state times. Ratios are formed from
 numbers measured side by side in this process, since machines are shared.
@@ -18,7 +19,7 @@ import tempfile
 
 import numpy as np
 
-from .timing import attention_flops, interleaved_medians, matmul_call, peak_rss_delta
+from selfattn._bench.timing import attention_flops, interleaved_medians, matmul_call, peak_rss_delta
 
 __all__ = ["main"]
 
@@ -56,7 +57,7 @@ def _inputs(rng, b, h, n, m, d, dtype=np.float32, hkv=None):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m selfattn._bench.targets", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python tools/numba_targets.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats and smaller shapes (smoke test)")
     parser.add_argument("--threads", type=int, default=None, help="numba thread count (default: numba's)")
     parser.add_argument("--no-compile", action="store_true", help="skip the cold/warm compile probes")
@@ -102,10 +103,12 @@ def main(argv=None) -> int:
         q, k, v = _inputs(rng, b, h, n, n, d)
         f = fwd(q, k, v)
         pbn = normalize(q, k, v)
-        mm, (t, tn) = with_matmul(f, lambda: npk.forward(pbn))
+        mm, (t, tn) = with_matmul(f, lambda pbn=pbn: npk.forward(pbn))
         gf = attention_flops(b, h, n, n, d) / t / 1e9
-        add(f"fwd f32 {b}x{h}x{n}x{d} GFLOP/s vs matmul", f"{gf:.1f} / {mm:.1f} GF/s ({t * 1e3:.1f} ms)", gf / mm, 0.75, True)
-        add(f"fwd f32 {b}x{h}x{n}x{d} speed-up vs numpy backend", f"{tn * 1e3:.1f} / {t * 1e3:.1f} ms", tn / t, 3.0, True)
+        add(f"fwd f32 {b}x{h}x{n}x{d} GFLOP/s vs matmul", f"{gf:.1f} / {mm:.1f} GF/s ({t * 1e3:.1f} ms)", gf / mm,
+            0.75, True)
+        add(f"fwd f32 {b}x{h}x{n}x{d} speed-up vs numpy backend", f"{tn * 1e3:.1f} / {t * 1e3:.1f} ms", tn / t,
+            3.0, True)
 
     # -- causal vs non-causal ------------------------------------------------
     n = 1024 if args.quick else 4096
@@ -160,7 +163,8 @@ def main(argv=None) -> int:
                 compile_lines = [
                     f"cold compile (fresh NUMBA_CACHE_DIR, first call, new process): {cold:.2f} s",
                     f"warm cache first call (new process):                            {warm:.3f} s",
-                    f"steady-state call (same tiny problem, 1x2x64x32):               {min(cold_again, warm_again) * 1e3:.3f} ms",
+                    "steady-state call (same tiny problem, 1x2x64x32):               "
+                    f"{min(cold_again, warm_again) * 1e3:.3f} ms",
                 ]
             except Exception as exc:  # pragma: no cover - reporting only
                 compile_lines = [f"compile probe failed: {exc}"]
@@ -168,7 +172,8 @@ def main(argv=None) -> int:
     mm = float(np.median(mm_rates))
     print(f"selfattn {selfattn.__version__} numba {numba.__version__}, threads={numba.get_num_threads()}, "
           f"cpus={os.cpu_count()}")
-    print(f"numpy.matmul {'1024' if args.quick else '2048'}² float32: {mm:.1f} GFLOP/s (median over the run; each ratio uses the matmul timed in its own rounds)")
+    print(f"numpy.matmul {'1024' if args.quick else '2048'}² float32: {mm:.1f} GFLOP/s "
+          "(median over the run; each ratio uses the matmul timed in its own rounds)")
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows)
     print(f"{'target':<{w0}}  {'measured':<{w1}}  {'ratio':>7}  {'limit':>6}  result")

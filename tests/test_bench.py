@@ -48,56 +48,209 @@ def test_get_and_names_unique():
     with pytest.raises(KeyError, match="known"):
         shapes.get("nope")
     seen = {}
-    for s in (*shapes.ASV_SHAPES, *shapes.BENCH_QUICK, *shapes.BENCH_STANDARD, *shapes.SEQLEN_SWEEP):
+    for s in (*shapes.ASV_SHAPES, *shapes.BENCH_QUICK, *shapes.BENCH_STANDARD, *shapes.BENCH_TINY, *shapes.PIPELINE,
+              *shapes.PIPELINE_TINY):
         assert seen.setdefault(s.name, s) == s, f"two different shapes named {s.name}"
     assert len({s.name for s in shapes.ASV_SHAPES}) == len(shapes.ASV_SHAPES)
     assert "N512" in str(shapes.PREFILL)
 
 
-def test_sweep_is_prefill_increasing():
-    ns = [s.n for s in shapes.SEQLEN_SWEEP]
-    assert ns == sorted(ns) and all(s.n == s.m for s in shapes.SEQLEN_SWEEP)
+def test_pipeline_steps_and_flops():
+    by_layer = {p.layer for p in shapes.PIPELINE}
+    assert by_layer == {"mha", "encoder", "attention"}
+    sizes = {(p.batch, p.n, p.embed) for p in shapes.PIPELINE if p.layer != "attention"}
+    assert {(4, 32, 128), (8, 128, 256)} <= sizes  # the tutorial sizes of issue 12
+    toy = shapes.get("toy")
+    assert toy.input_shape == (2, 8, 10, 8)
+    assert toy.flops() == 4.0 * 2 * 8 * 10 * 10 * 8
+    mha = shapes.get("mha-small")
+    b, n, e = 4, 32, 128
+    # four E x E projections (2 FLOPs per multiply-add) + QK^T and PV over all heads
+    assert mha.flops() == 4 * 2 * b * n * e * e + 2 * 2 * b * n * n * e
+    enc = shapes.get("encoder-small")
+    assert enc.flops() == mha.flops() + 2 * 2 * b * n * e * enc.ff
+    assert mha.flops(causal=True) == mha.flops() - 2 * b * n * n * e
+    with pytest.raises(ValueError, match="divisible"):
+        shapes.Pipeline("x", "mha", 1, 4, 10, 3)
+    with pytest.raises(ValueError, match="ff"):
+        shapes.Pipeline("x", "encoder", 1, 4, 8, 2)
+    with pytest.raises(ValueError, match="layer"):
+        shapes.Pipeline("x", "conv", 1, 4, 8, 2)
+
+
+# --- timing -----------------------------------------------------------------
+
+def test_interleaved_samples_pause_and_wake(monkeypatch):
+    from selfattn._bench import timing
+
+    events = []
+    monkeypatch.setattr(timing.time, "sleep", lambda s: events.append(("sleep", s)))
+    fns = [lambda: events.append("a"), lambda: events.append("b")]
+    rounds = []
+    samples = timing.interleaved_samples(fns, rounds=2, warmup=1, pause=0.15, wake=True, after_round=rounds.append)
+    per_round = [("sleep", 0.15), "a", "a", ("sleep", 0.15), "b", "b"]  # pause, wake-up call, timed call
+    assert events == ["a", "b"] + per_round * 2
+    assert rounds == [0, 1] and [len(t) for t in samples] == [2, 2]
+    events.clear()
+    timing.interleaved_samples(fns, rounds=2, warmup=0, pause=0.0)
+    assert events == ["a", "b", "a", "b"]  # back to back: no sleep, no wake-up call
+
+
+def test_spread_quartiles():
+    from selfattn._bench.timing import spread
+
+    st = spread([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert st == {"median": 3.0, "p25": 2.0, "p75": 4.0, "min": 1.0, "max": 5.0}
+    assert spread([0.5])["p25"] == spread([0.5])["p75"] == 0.5
+    with pytest.raises(ValueError):
+        spread([])
 
 
 # --- runner -----------------------------------------------------------------
 
-def test_runner_tiny_json(tmp_path, capsys):
-    out = tmp_path / "bench.json"
-    rc = runner.main(["--tiny", "--repeat", "1", "--no-progress", "--json", str(out)])
-    assert rc == 0
-    text = capsys.readouterr().out
-    assert "GFLOP/s" in text and "x matmul" in text and "numpy" in text
-    assert "all backends agree with numpy" in text
-    data = json.loads(out.read_text())
-    assert data["agreement_ok"] is True
-    assert data["machine"]["matmul_gflops"] > 0
+@pytest.fixture(scope="module")
+def tiny_report(tmp_path_factory):
+    """One ``bench --tiny --json`` run shared by the tests that read its report and its text."""
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = runner.main(["--tiny", "--repeat", "2", "--pause", "0.01", "--no-progress", "--json", str(out)])
+    return rc, json.loads(out.read_text()), buf.getvalue()
+
+
+def test_runner_tiny_rows(tiny_report):
+    import selfattn
+
+    rc, data, _ = tiny_report
+    assert rc == 0 and data["agreement_ok"] is True
+    assert data["machine"]["matmul_gflops"] > 0 and data["machine"]["cpu"]
+    assert data["method"] == {"rounds": 2, "pipeline_rounds": 6, "pause_s": 0.01,
+                              "order": data["backends"] + ["auto"]}
     rows = data["results"]
-    assert {r["shape"] for r in rows} == {s.name for s in shapes.BENCH_TINY}
-    for r in rows:
-        assert r["median_s"] > 0 and r["gflops"] > 0 and "ratio_to_matmul" in r
-        if r["backend"] != "numpy":
-            assert r["max_abs_diff"] <= runner.TOLERANCE["float32"]
+    att = [r for r in rows if r["section"] == "attention"]
+    pipe = [r for r in rows if r["section"] == "pipeline"]
+    assert {r["shape"] for r in att} == {s.name for s in shapes.BENCH_TINY}
+    assert {r["shape"] for r in pipe} == {s.name for s in shapes.PIPELINE_TINY}
+    for shape in {r["shape"] for r in rows}:
+        group = [r for r in rows if r["shape"] == shape]
+        # every backend once, then the automatic choice, in the timing order
+        assert [r["backend"] for r in group] == data["backends"] + ["auto"]
+        auto = group[-1]
+        assert auto["picks"] in data["backends"]
+        marked = [r["backend"] for r in group[:-1] if r["auto_choice"]]
+        assert marked == [auto["picks"]]
+        named = [r["median_s"] for r in group[:-1]]
+        assert min(r["vs_best"] for r in group[:-1]) == 1.0
+        assert auto["vs_best"] == pytest.approx(auto["median_s"] / min(named))
+        for r in group:
+            assert r["samples"] == (2 if r["section"] == "attention" else 6)
+            assert 0 < r["p25_s"] <= r["median_s"] <= r["p75_s"]
+            assert r["iqr_rel"] == pytest.approx((r["p75_s"] - r["p25_s"]) / r["median_s"])
+            assert r["gflops"] > 0 and r["first_call_s"] > 0
+            if r["backend"] != "numpy":
+                assert r["max_abs_diff"] <= runner.TOLERANCE["float32"]
+    # the automatic pick is what selfattn.explain names for the same inputs
+    q, k, v = shapes.make_inputs(shapes.get("tiny-gqa"), "float32")
+    gqa_auto = next(r for r in att if r["shape"] == "tiny-gqa" and r["backend"] == "auto")
+    assert gqa_auto["picks"] == selfattn.explain(q, k, v).backend
+
+
+def test_runner_text_explains_itself(tiny_report):
+    _, data, text = tiny_report
+    assert "[attention]" in text and "[pipeline]" in text
+    header = next(line for line in text.splitlines() if line.startswith("backend"))
+    for col in ("median", "IQR", "GFLOP/s", "x matmul", "vs best", "1st call", "peak extra", "max|diff|", "auto"):
+        assert col in header, col
+    assert "1st call = the first call of that row in this process, including any JIT compile" in text
+    assert "0.01 s pause before each timed call" in text and "OpenBLAS" in text
+    assert "back to back, no pause" in text
+    assert "-> " + data["results"][-1]["picks"] in text
+    assert "all backends agree with numpy" in text
+    assert "MultiHeadAttention(2, 8, 16)" in text and "TransformerEncoderLayer(2, 8, 16)" in text
+    # plain layout: no box drawing, no colour codes, no trailing padding
+    assert not any(ch in text for ch in "─│┃━\x1b")
+    assert all(line == line.rstrip() for line in text.splitlines())
+
+
+def test_runner_fancy_render_uses_rich_tables(tiny_report):
+    import io
+
+    _, data, _ = tiny_report
+    buf = io.StringIO()
+    runner.render(data, buf, fancy=True)
+    text = buf.getvalue()
+    assert "─" in text and "attention" in text and "pipeline" in text  # rich's boxed tables with titles
+
+
+def test_runner_pauses_attention_not_pipeline(monkeypatch):
+    """Attention rows pause (and wake the backend) before each timed call; pipeline rows run back to back."""
+    seen = []
+    real = runner.interleaved_samples
+
+    def spy(fns, **kw):
+        seen.append((len(fns), kw["pause"], kw["wake"]))
+        return real(fns, **{**kw, "pause": 0.0})
+
+    monkeypatch.setattr(runner, "interleaved_samples", spy)
+    assert runner.main(["--tiny", "--repeat", "1", "--no-progress", "--backends", "numpy",
+                        "--shapes", "tiny-decode,toy"]) == 0
+    assert seen == [(2, runner.PAUSE_S, True), (2, 0.0, False)]  # numpy + auto in each group
+
+
+def test_runner_marks_forced_choice(capsys):
+    """With use_backend('numpy') in force, the automatic row runs numpy and the numpy row carries the mark."""
+    import selfattn
+
+    with selfattn.use_backend("numpy"):
+        rc = runner.main(["--tiny", "--repeat", "1", "--pause", "0", "--no-progress", "--shapes", "tiny-prefill"])
+    assert rc == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if "tiny-prefill(" in line]
+    assert rows[0][0] == "numpy" and rows[0][-1] == "*"
+    assert rows[-1][0] == "auto" and rows[-1][-2:] == ["->", "numpy"]
+    assert all(r[-1] != "*" for r in rows[1:-1])
 
 
 def test_runner_backend_filter_and_causal(capsys):
-    rc = runner.main(["--tiny", "--repeat", "1", "--no-progress", "--backends", "numpy", "--causal",
+    rc = runner.main(["--tiny", "--repeat", "1", "--pause", "0", "--no-progress", "--backends", "numpy", "--causal",
                       "--dtype", "float64", "--shapes", "tiny-decode"])
     assert rc == 0
     out = capsys.readouterr().out
     assert "causal=True" in out and "tiny-decode" in out
-    assert "numba " not in out.split("skipped")[0].split("\n", 3)[-1]
+    table = [line.split()[0] for line in out.splitlines() if "tiny-decode(" in line]
+    assert table == ["numpy", "auto"]
+    assert "[pipeline]" not in out
 
 
-def test_runner_unknown_backend_is_usage_error(capsys):
-    assert runner.main(["--tiny", "--backends", "nosuch", "--no-progress"]) == 2
-    assert "unknown backend" in capsys.readouterr().err
+@pytest.mark.parametrize("argv, message", [
+    (["--backends", "nosuch"], "unknown backend"),
+    (["--shapes", "nosuch"], "unknown shape"),
+    (["--repeat", "0"], "--repeat"),
+    (["--pause", "-1"], "--pause"),
+])
+def test_runner_usage_errors(capsys, argv, message):
+    assert runner.main(["--tiny", "--no-progress", *argv]) == 2
+    assert message in capsys.readouterr().err
 
 
-def test_runner_plot(tmp_path, capsys):
+def test_runner_plot_draws_every_family(tmp_path, tiny_report):
+    pytest.importorskip("matplotlib")
+    _, data, _ = tiny_report
+    png = tmp_path / "p.png"
+    families = runner.plot(data, str(png))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert set(families) == {r["kind"] for r in data["results"]} == {"prefill", "decode", "gqa", "pipeline"}
+
+
+def test_runner_plot_option_writes_png(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     png = tmp_path / "p.png"
-    assert runner.main(["--tiny", "--repeat", "1", "--no-progress", "--backends", "numpy", "--plot", str(png)]) == 0
+    assert runner.main(["--tiny", "--repeat", "1", "--pause", "0", "--no-progress", "--backends", "numpy",
+                        "--no-pipeline", "--plot", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"wrote {png}" in capsys.readouterr().out
 
 
 def test_runner_plot_without_matplotlib(monkeypatch, tmp_path, capsys):
@@ -106,12 +259,20 @@ def test_runner_plot_without_matplotlib(monkeypatch, tmp_path, capsys):
     assert "matplotlib" in capsys.readouterr().err
 
 
-def test_progress_bar_writes_stderr(capsys):
-    bar = runner._progress(True)
-    bar(1, 2, "x")
-    bar(2, 2, "done", done=True)
-    err = capsys.readouterr().err
-    assert "[" in err and "2/2" in err
+def test_runner_without_rich(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "rich", None)
+    assert runner.main(["--tiny"]) == 2
+    assert "pip install 'selfattn[bench]'" in capsys.readouterr().err
+
+
+def test_progress_bar_draws_on_request(capsys):
+    with runner._progress(True, 3) as advance:
+        advance(0, "step")
+        advance(3)
+    assert "3/3" in capsys.readouterr().err
+    with runner._progress(False, 3) as advance:
+        advance(3)
+    assert capsys.readouterr().err == ""
 
 
 # --- asv suite ----------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Benchmark support shared by ``python -m selfattn bench``, the asv suite and the target tables.
+"""Benchmark support shared by ``python -m selfattn bench``, ``python -m selfattn dashboard``, the asv suite
+and the measurement scripts in the checkout's ``tools/`` folder.
 
 Nothing here is imported by ``import selfattn``.
 """

@@ -1,55 +1,100 @@
-"""``python -m selfattn bench``: a short side-by-side comparison of every available backend.
+"""``python -m selfattn bench``: every available backend side by side, plus the automatic choice.
 
-For each available backend and each standard shape (:mod:`selfattn._bench.shapes`)
-it checks that the backend agrees with the NumPy backend (max abs difference
-within a dtype tolerance), then times the forward pass (median after a warm-up
-call, so JIT compilation is excluded and reported separately as "1st call"),
-and prints time, achieved GFLOP/s, the ratio to this machine's measured
-``numpy.matmul`` GFLOP/s and the peak extra resident memory of one call.
+Two sections:
+
+* **attention** -- :func:`selfattn.scaled_dot_product_attention` on the
+  standard shapes (:mod:`selfattn._bench.shapes`: prefill, decode, GQA, ...),
+  once per backend with ``backend=NAME`` and once with no ``backend=`` (the
+  row ``auto``). Each round calls every backend once, in order, after a short
+  pause (``--pause``, 0.15 s) so that OpenBLAS's worker threads, which keep
+  spinning for about 0.1 s after a call, do not tax the backend timed next.
+* **pipeline** -- :class:`selfattn.nn.MultiHeadAttention` and
+  :class:`selfattn.nn.TransformerEncoderLayer` forwards at tutorial sizes and a
+  toy attention call, timed back to back with no pause, as a user's loop runs
+  them (the layer's own NumPy matrix products, then attention).
+
+Every row reports the median and the interquartile range of its timed calls,
+GFLOP/s and the ratio to this machine's ``numpy.matmul`` (measured at the
+start), the ratio to the fastest backend for the same problem, the first call
+in this process (including any JIT compile or compiled-cache load), the peak
+extra resident memory of one call and the largest difference to the NumPy
+backend's result. ``*`` marks the backend that :func:`selfattn.explain` names
+for the call (for layers: for the layer's attention call).
+
+Tables and the progress bar use ``rich`` (``pip install 'selfattn[bench]'``);
+output that is not a terminal, and any run with ``--json``, gets a plain
+layout (no box, no colour) that is easy to read in a log or to grep.
 
 Exit status: 0 on success, 1 if some backend disagrees with NumPy beyond the
-tolerance, 2 on a usage error (e.g. ``--plot`` without matplotlib).
+tolerance, 2 on a usage error (an unknown backend, ``--plot`` without
+matplotlib, ``rich`` missing).
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TextIO
 
 import numpy as np
 
 from . import shapes as _shapes
-from .timing import matmul_gflops, median_time, peak_rss_delta
+from .timing import interleaved_samples, matmul_gflops, peak_rss_delta, spread
 
-__all__ = ["main", "run", "TOLERANCE"]
+__all__ = ["main", "run", "render", "plot", "TOLERANCE", "PAUSE_S"]
 
 #: Max abs difference to the NumPy backend accepted per dtype (outputs are O(1)).
 TOLERANCE = {"float16": 2e-2, "float32": 2e-4, "float64": 1e-10}
 
+#: Seconds of sleep before each timed attention call (longer than OpenBLAS's ~0.1 s spin after a call).
+PAUSE_S = 0.15
 
-def _progress(enabled):
-    """Return ``update(i, total, text)`` drawing a one-line bar on stderr (no dependency)."""
-    if not enabled:
-        return lambda *a, **k: None
-    width = 28
+#: A row whose automatic choice is at most this factor slower than the fastest backend counts as "matched".
+AUTO_SLACK = 1.05
 
-    def update(i, total, text="", done=False):
-        frac = i / total if total else 1.0
-        fill = int(round(width * frac))
-        line = f"\r[{'#' * fill}{'.' * (width - fill)}] {i}/{total} {text}"
-        sys.stderr.write(line[:110].ljust(110))
-        if done:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-
-    return update
+_AUTO = "auto"
 
 
-def _release_heap():
+# --------------------------------------------------------------------------------------------- environment facts
+
+def _cpu_model() -> str:
+    """The processor's marketing name (Linux ``/proc/cpuinfo``), else what :mod:`platform` knows."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _commit() -> str | None:
+    """Short hash of the git checkout selfattn is imported from (``+dirty`` with local edits), or None."""
+    import selfattn
+
+    src = os.path.dirname(os.path.abspath(selfattn.__file__))
+    try:
+        head = subprocess.run(["git", "-C", src, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", src, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def _release_heap() -> None:
     """Give freed heap back to the OS so a later peak-RSS reading sees a call's real footprint.
 
     glibc keeps freed blocks (its mmap threshold grows after large frees), so
@@ -66,7 +111,7 @@ def _release_heap():
         pass
 
 
-def _backend_io(record):
+def _backend_io(record) -> tuple[Callable, Callable, Callable[[], None]]:
     """``(to_backend, to_numpy, sync)`` for a backend's array library."""
     array_type = getattr(record.capabilities, "array_type", "numpy")
     if array_type == "numpy":
@@ -74,35 +119,165 @@ def _backend_io(record):
     if array_type == "cupy":
         import cupy
 
-        def sync():
+        def sync() -> None:
             cupy.cuda.Device().synchronize()
 
         return cupy.asarray, cupy.asnumpy, sync
     raise NotImplementedError(f"unknown array type {array_type!r}")
 
 
-def _select_shapes(args):
+# --------------------------------------------------------------------------------------------------- the plan
+
+def _select(args) -> tuple[list, list]:
+    """``(attention shapes, pipeline steps)`` to run for parsed ``args``."""
     if args.shapes:
-        chosen = [_shapes.get(n.strip()) for n in args.shapes.split(",") if n.strip()]
-    elif args.tiny:
-        chosen = list(_shapes.BENCH_TINY)
+        names = [n.strip() for n in args.shapes.split(",") if n.strip()]
+        unknown = [n for n in names if n not in _shapes.BY_NAME]
+        if unknown:
+            raise SystemExit(f"unknown shape(s) {unknown}; known: {sorted(_shapes.BY_NAME)}")
+        chosen = [_shapes.BY_NAME[n] for n in names]
+        return ([s for s in chosen if isinstance(s, _shapes.Shape)],
+                [s for s in chosen if isinstance(s, _shapes.Pipeline)])
+    if args.tiny:
+        attention, pipeline = list(_shapes.BENCH_TINY), list(_shapes.PIPELINE_TINY)
     elif args.quick:
-        chosen = list(_shapes.BENCH_QUICK)
+        attention, pipeline = list(_shapes.BENCH_QUICK), list(_shapes.PIPELINE)
     else:
-        chosen = list(_shapes.BENCH_STANDARD)
-    sweep = []
-    if args.plot:
-        if args.tiny:
-            sweep = [_shapes.Shape(f"prefill-{n}", "prefill", 1, 2, n, n, 8) for n in (8, 16, 32)]
-        elif args.quick:
-            sweep = list(_shapes.SEQLEN_SWEEP[:3])
+        attention, pipeline = list(_shapes.BENCH_STANDARD), list(_shapes.PIPELINE)
+    return attention, ([] if args.no_pipeline else pipeline)
+
+
+@dataclass
+class _Candidate:
+    """One row of a group: a backend (or the automatic choice) and its zero-argument call."""
+
+    label: str
+    call: Callable[[], Any]
+    to_numpy: Callable[[Any], np.ndarray]
+    numpy_arrays: bool
+
+
+def _attention_group(shape, backends, args):
+    """Inputs, candidates and the automatic pick for one attention shape."""
+    import selfattn
+
+    q, k, v = _shapes.make_inputs(shape, args.dtype)
+    cands = []
+    for rec in backends:
+        to_b, to_np, sync = _backend_io(rec)
+        qb, kb, vb = to_b(q), to_b(k), to_b(v)
+
+        def call(qb=qb, kb=kb, vb=vb, name=rec.name, sync=sync):
+            res = selfattn.scaled_dot_product_attention(qb, kb, vb, causal=args.causal, backend=name)
+            sync()
+            return res
+
+        cands.append(_Candidate(rec.name, call, to_np, getattr(rec.capabilities, "array_type", "numpy") == "numpy"))
+    cands.append(_Candidate(_AUTO, lambda: selfattn.scaled_dot_product_attention(q, k, v, causal=args.causal),
+                            np.asarray, True))
+    return cands, selfattn.explain(q, k, v, causal=args.causal)
+
+
+def _layer_attention_inputs(mha, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ``(q, k, v)`` a :class:`~selfattn.nn.MultiHeadAttention` self-attention call passes to attention.
+
+    Follows the computation its docstring documents (``x @ W.T + b``, split
+    into heads as a transposed view), so :func:`selfattn.explain` sees the
+    same shapes, dtype and strides as the layer's own call.
+    """
+    p = mha.params
+    b, n, _ = x.shape
+
+    def proj(name: str, heads: int) -> np.ndarray:
+        y = x @ p[f"{name}_weight"].T
+        if f"{name}_bias" in p:
+            y = y + p[f"{name}_bias"]
+        return y.reshape(b, n, heads, mha.head_dim).transpose(0, 2, 1, 3)
+
+    return proj("q", mha.num_heads), proj("k", mha.kv_heads), proj("v", mha.kv_heads)
+
+
+def _pipeline_group(step, backends, args):
+    """Candidates and the automatic pick for one pipeline step (NumPy-array backends only)."""
+    import selfattn
+    from selfattn.nn import MultiHeadAttention, TransformerEncoderLayer
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(step.input_shape, dtype=np.float32).astype(args.dtype)
+    causal = args.causal
+    if step.layer == "attention":
+        def make(name):
+            return lambda: selfattn.scaled_dot_product_attention(x, x, x, causal=causal, backend=name)
+
+        explanation = selfattn.explain(x, x, x, causal=causal)
+    else:
+        if step.layer == "mha":
+            layer = MultiHeadAttention(step.embed, step.heads, dtype=args.dtype, seed=0)
+            mha = layer
         else:
-            sweep = list(_shapes.SEQLEN_SWEEP)
-    names = {s.name for s in chosen}
-    return chosen + [s for s in sweep if s.name not in names]
+            layer = TransformerEncoderLayer(step.embed, step.heads, step.ff, dtype=args.dtype, seed=0)
+            mha = layer.self_attn  # post-norm (the default): attention sees x itself
+
+        def make(name):
+            return lambda: layer(x, causal=causal, backend=name)
+
+        explanation = selfattn.explain(*_layer_attention_inputs(mha, x), causal=causal)
+    cands = [_Candidate(rec.name, make(rec.name), np.asarray, True) for rec in backends]
+    cands.append(_Candidate(_AUTO, make(None), np.asarray, True))
+    return cands, explanation
 
 
-def run(args, out=sys.stdout):
+def _measure_group(cands, explanation, base_row, flops, rounds, pause, ceiling, tol, tick):
+    """First calls, agreement with numpy, interleaved timing and peak memory of one group; returns its rows."""
+    pick = explanation.backend
+    rows, ok, ref = [], [], None
+    for cand in cands:
+        row = dict(base_row, backend=cand.label, auto_choice=(cand.label == pick) if cand.label != _AUTO else None,
+                   picks=pick if cand.label == _AUTO else None)
+        if cand.label == _AUTO and pick is None:
+            row["picks_error"] = explanation.error
+        try:
+            t0 = time.perf_counter()
+            result = np.asarray(cand.to_numpy(cand.call()))
+            row["first_call_s"] = time.perf_counter() - t0  # includes any JIT compile or cache load
+        except Exception as exc:  # keep going; the row reports the failure
+            row["error"] = f"{type(exc).__name__}: {exc}"
+            row["agrees"] = False
+            rows.append(row)
+            tick(rounds + 1)
+            continue
+        if cand.label == "numpy":
+            ref = result
+        if ref is None or cand.label == "numpy":
+            row["max_abs_diff"], row["agrees"] = None, None
+        else:
+            diff = float(np.max(np.abs(result.astype(np.float64) - ref.astype(np.float64)))) if ref.size else 0.0
+            row["max_abs_diff"], row["agrees"] = diff, bool(diff <= tol)
+        rows.append(row)
+        ok.append((cand, row))
+        tick(1)
+    if ok:
+        samples = interleaved_samples([c.call for c, _ in ok], rounds=rounds, warmup=1, pause=pause, wake=pause > 0,
+                                      after_round=lambda _: tick(len(ok)))
+        for (cand, row), ts in zip(ok, samples, strict=True):
+            st = spread(ts)
+            row.update(median_s=st["median"], p25_s=st["p25"], p75_s=st["p75"], samples=len(ts),
+                       iqr_rel=(st["p75"] - st["p25"]) / st["median"] if st["median"] > 0 else 0.0)
+            row["gflops"] = flops / st["median"] / 1e9 if st["median"] > 0 else float("inf")
+            row["ratio_to_matmul"] = row["gflops"] / ceiling
+            if cand.numpy_arrays:
+                _release_heap()
+                row["peak_extra_bytes"] = peak_rss_delta(cand.call)
+            else:
+                row["peak_extra_bytes"] = None
+        named = [r["median_s"] for c, r in ok if c.label != _AUTO]
+        best = min(named) if named else None
+        for _, row in ok:
+            row["vs_best"] = row["median_s"] / best if best else None
+    return rows
+
+
+def run(args, out: TextIO | None = None) -> dict:
     """Run the comparison described by parsed ``args``; return the JSON-able report dict."""
     import selfattn
 
@@ -126,145 +301,320 @@ def run(args, out=sys.stdout):
             backends.append(r)
     # numpy first: it is the reference every other backend is compared with
     backends.sort(key=lambda r: (r.name != "numpy", r.priority))
+    layer_backends = [r for r in backends if getattr(r.capabilities, "array_type", "numpy") == "numpy"]
 
-    shape_list = _select_shapes(args)
+    attention, pipeline = _select(args)
+    if pipeline:
+        for r in backends:
+            if r not in layer_backends:
+                skipped.append({"backend": r.name, "reason": "pipeline section skipped: the layers take NumPy "
+                                f"arrays and {r.name} consumes {r.capabilities.array_type} arrays"})
     n_mm = 256 if args.tiny else (1024 if args.quick else 2048)
-    ceiling = matmul_gflops(n=n_mm, dtype=np.dtype(args.dtype) if args.dtype != "float16" else np.float32,
-                            repeat=3 if (args.tiny or args.quick) else 7)
-
-    total = len(backends) * len(shape_list)
-    bar = _progress(args.progress if args.progress is not None else sys.stderr.isatty())
-    refs, rows, step = {}, [], 0
+    mm_dtype = np.dtype(args.dtype) if args.dtype != "float16" else np.dtype(np.float32)
+    ceiling = matmul_gflops(n=n_mm, dtype=mm_dtype, repeat=3 if (args.tiny or args.quick) else 7)
+    pipe_rounds = 3 * args.repeat  # back-to-back calls are short: more of them for the same spread
+    total = (len(attention) * (len(backends) + 1) * (args.repeat + 1)
+             + len(pipeline) * (len(layer_backends) + 1) * (pipe_rounds + 1))
     tol = TOLERANCE[args.dtype]
-    for shape in shape_list:
-        q, k, v = _shapes.make_inputs(shape, args.dtype)
-        for rec in backends:
-            bar(step, total, f"{rec.name} {shape.name}")
-            row = {"backend": rec.name, "shape": shape.name, "kind": shape.kind, "dims": shape.label,
-                   "batch": shape.batch, "heads": shape.heads, "kv_heads": shape.hkv, "n": shape.n,
-                   "m": shape.m, "d": shape.d, "dtype": args.dtype, "causal": args.causal}
-            try:
-                to_b, to_np, sync = _backend_io(rec)
-                qb, kb, vb = to_b(q), to_b(k), to_b(v)
 
-                def call():
-                    res = selfattn.scaled_dot_product_attention(qb, kb, vb, causal=args.causal, backend=rec.name)
-                    sync()
-                    return res
+    rows = []
+    with _progress(args.progress, total) as advance:
+        for shape in attention:
+            cands, expl = _attention_group(shape, backends, args)
+            base = {"section": "attention", "shape": shape.name, "kind": shape.kind, "dims": shape.label,
+                    "batch": shape.batch, "heads": shape.heads, "kv_heads": shape.hkv, "n": shape.n, "m": shape.m,
+                    "d": shape.d, "dtype": args.dtype, "causal": args.causal}
+            advance(0, f"attention {shape.name}")
+            rows += _measure_group(cands, expl, base, shape.flops(args.causal), args.repeat, args.pause, ceiling,
+                                   tol, advance)
+        for step in pipeline:
+            cands, expl = _pipeline_group(step, layer_backends, args)
+            base = {"section": "pipeline", "shape": step.name, "kind": "pipeline", "dims": step.label,
+                    "layer": step.layer, "batch": step.batch, "n": step.n, "embed": step.embed, "heads": step.heads,
+                    "ff": step.ff, "dtype": args.dtype, "causal": args.causal}
+            advance(0, f"pipeline {step.name}")
+            rows += _measure_group(cands, expl, base, step.flops(args.causal), pipe_rounds, 0.0, ceiling, tol,
+                                   advance)
 
-                t0 = time.perf_counter()
-                result = to_np(call())
-                row["first_call_s"] = time.perf_counter() - t0  # includes JIT compilation
-                if rec.name == "numpy":
-                    refs[shape.name] = result
-                ref = refs.get(shape.name)
-                if ref is not None:
-                    diff = float(np.max(np.abs(result.astype(np.float64) - ref.astype(np.float64)))) if ref.size else 0.0
-                    row["max_abs_diff"] = diff
-                    row["agrees"] = bool(diff <= tol)
-                else:
-                    row["max_abs_diff"] = None
-                    row["agrees"] = None
-                t = median_time(call, repeat=args.repeat, warmup=1)
-                row["median_s"] = t
-                row["gflops"] = shape.flops(args.causal) / t / 1e9
-                row["ratio_to_matmul"] = row["gflops"] / ceiling
-                _release_heap()
-                extra = peak_rss_delta(call) if getattr(rec.capabilities, "array_type", "numpy") == "numpy" else None
-                row["peak_extra_bytes"] = extra
-            except Exception as exc:  # keep going; report the failure in the table
-                row["error"] = f"{type(exc).__name__}: {exc}"
-                row["agrees"] = False
-            rows.append(row)
-            step += 1
-    bar(total, total, "done", done=True)
-
-    report = {
+    timed = [r for r in rows if r["backend"] == _AUTO and r.get("vs_best") is not None]
+    return {
         "machine": {
-            "platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
-            "numpy": np.__version__, "matmul_gflops": ceiling, "matmul_n": n_mm,
+            "platform": platform.platform(), "cpu": _cpu_model(), "python": platform.python_version(),
+            "cpus": os.cpu_count(), "numpy": np.__version__, "matmul_gflops": ceiling, "matmul_n": n_mm,
+            "matmul_dtype": str(mm_dtype),
         },
         "selfattn": getattr(selfattn, "__version__", "?"),
+        "commit": _commit(),
         "dtype": args.dtype, "causal": args.causal, "tolerance": tol,
+        "method": {"rounds": args.repeat, "pipeline_rounds": pipe_rounds, "pause_s": args.pause,
+                   "order": [r.name for r in backends] + [_AUTO]},
         "backends": [r.name for r in backends], "skipped": skipped,
         "results": rows,
         "agreement_ok": all(r.get("agrees") is not False for r in rows),
+        "auto_within_slack": sum(r["vs_best"] <= AUTO_SLACK for r in timed), "auto_rows": len(timed),
     }
-    return report
 
 
-def _fmt_bytes(b):
-    if b is None:
+# ------------------------------------------------------------------------------------------------- progress bar
+
+class _progress:
+    """Context manager yielding ``advance(steps, description=None)``: a rich bar on stderr, or nothing.
+
+    ``enabled=None`` draws it when stderr is a terminal; ``True`` always draws it
+    (``--progress``: also into a pipe or a log), ``False`` never.
+    """
+
+    def __init__(self, enabled: bool | None, total: int):
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.force = enabled is True
+        self.total = total
+        self._bar = None
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda steps=1, description=None: None
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self._bar = Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
+                             TimeElapsedColumn(), console=Console(stderr=True, force_terminal=self.force or None),
+                             transient=True)
+        self._bar.start()
+        task = self._bar.add_task("bench", total=self.total)
+
+        def advance(steps: int = 1, description: str | None = None) -> None:
+            kw = {"description": description} if description else {}
+            self._bar.update(task, advance=steps, **kw)
+
+        return advance
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+# ------------------------------------------------------------------------------------------------------ output
+
+def _fmt_s(s: float | None) -> str:
+    """Seconds with three significant digits in the unit that suits them."""
+    if s is None:
         return "n/a"
-    return f"{b / 2**20:.1f} MiB"
+    if s < 1e-3:
+        return f"{s * 1e6:.3g} µs"
+    if s < 1.0:
+        return f"{s * 1e3:.3g} ms"
+    return f"{s:.3g} s"
 
 
-def format_table(report) -> str:
-    head = ("backend", "shape", "median", "GFLOP/s", "x matmul", "peak extra", "1st call", "max|diff|")
-    lines = []
-    rows = []
-    for r in report["results"]:
-        if "error" in r:
-            rows.append((r["backend"], r["dims"], "ERROR", "", "", "", "", r["error"][:60]))
-            continue
-        diff = "ref" if r["backend"] == "numpy" else (
-            "n/a" if r["max_abs_diff"] is None else f"{r['max_abs_diff']:.1e}" + ("" if r["agrees"] else " FAIL"))
-        rows.append((r["backend"], r["dims"], f"{r['median_s'] * 1e3:.3f} ms", f"{r['gflops']:.2f}",
-                     f"{r['ratio_to_matmul']:.3f}", _fmt_bytes(r["peak_extra_bytes"]),
-                     f"{r['first_call_s'] * 1e3:.1f} ms", diff))
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
-    m = report["machine"]
-    lines.append(f"selfattn {report['selfattn']} bench: dtype={report['dtype']} causal={report['causal']}; "
-                 f"numpy.matmul ({m['matmul_n']}^2) = {m['matmul_gflops']:.1f} GFLOP/s on {m['cpus']} CPU(s)")
-    lines.append("  ".join(h.ljust(w) for h, w in zip(head, widths)))
-    lines.append("  ".join("-" * w for w in widths))
-    for row in rows:
-        lines.append("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip())
-    for s in report["skipped"]:
-        lines.append(f"skipped {s['backend']}: {s['reason']}")
+def _fmt_bytes(b: float | None) -> str:
+    return "n/a" if b is None else f"{b / 2**20:.1f} MiB"
+
+
+_COLUMNS = ("backend", "shape", "median", "IQR", "GFLOP/s", "x matmul", "vs best", "1st call", "peak extra",
+            "max|diff|", "auto")
+
+
+def _cells(r: dict) -> tuple[str, ...]:
+    auto = ("-> " + (r["picks"] or "error")) if r["backend"] == _AUTO else ("*" if r.get("auto_choice") else "")
+    if "error" in r:
+        return (r["backend"], r["dims"], "ERROR", "", "", "", "", "", "", r["error"][:70], auto)
+    if r["backend"] == "numpy":
+        diff = "ref"
+    elif r["max_abs_diff"] is None:
+        diff = "n/a"
+    else:
+        diff = f"{r['max_abs_diff']:.1e}" + ("" if r["agrees"] else " FAIL")
+    vs = "" if r.get("vs_best") is None else f"{r['vs_best']:.2f}"
+    return (r["backend"], r["dims"], _fmt_s(r["median_s"]), f"{100 * r['iqr_rel']:.0f}%", f"{r['gflops']:.3g}",
+            f"{r['ratio_to_matmul']:.3f}", vs, _fmt_s(r["first_call_s"]), _fmt_bytes(r["peak_extra_bytes"]), diff,
+            auto)
+
+
+def _legend(report: dict) -> list[str]:
+    m = report["method"]
+    order = ", ".join(m["order"])
+    return [
+        "Columns: median = median wall time of the timed calls; IQR = interquartile range (p75 - p25) of those "
+        "calls as a share of the median;",
+        "  GFLOP/s = forward FLOPs / median; x matmul = that over numpy.matmul's GFLOP/s above; vs best = median / "
+        "the fastest backend's median on the same row group;",
+        "  1st call = the first call of that row in this process, including any JIT compile or compiled-cache load "
+        "it triggers (later rows reuse compiled kernels);",
+        "  peak extra = resident memory one call adds; max|diff| = largest difference to the numpy backend's result;",
+        "  auto: the row 'auto' is the call with no backend= argument ('-> NAME' = what it runs); '*' marks the "
+        "backend selfattn.explain() names for the call (layers: for their attention call).",
+        f"Method: each round calls every backend once, in order ({order}). Attention rows: {m['rounds']} round(s), "
+        + (f"a {m['pause_s']:g} s pause before each timed call" if m["pause_s"] > 0 else "NO pause (--pause 0)"),
+        ("  so OpenBLAS's spinning worker threads (about 0.1 s after each call) do not tax the next backend, then one "
+         "untimed call of the same backend so its own threads are awake, as in a loop." if m["pause_s"] > 0 else
+         "  so a backend may run while the previous one's threads still spin (OpenBLAS: about 0.1 s after a call)."),
+        f"  Pipeline rows: {m['pipeline_rounds']} round(s) back to back, no pause, as a user's loop runs them (the "
+        "layer's own NumPy matrix products, then attention).",
+    ]
+
+
+def _summary(report: dict) -> list[str]:
+    lines = [f"skipped {s['backend']}: {s['reason']}" for s in report["skipped"]]
+    if report["auto_rows"]:
+        slow = [f"{r['shape']} ({r['vs_best']:.2f}x)" for r in report["results"]
+                if r["backend"] == _AUTO and r.get("vs_best") is not None and r["vs_best"] > AUTO_SLACK]
+        lines.append(f"automatic choice within {AUTO_SLACK:.2f}x of the fastest backend on "
+                     f"{report['auto_within_slack']} of {report['auto_rows']} row groups"
+                     + (f"; slower on {', '.join(slow)}" if slow else ""))
     verdict = "all backends agree with numpy" if report["agreement_ok"] else "DISAGREEMENT with numpy"
     lines.append(f"{verdict} (tolerance max|diff| <= {report['tolerance']:g} for {report['dtype']})")
-    return "\n".join(lines)
+    return lines
 
 
-def plot(report, path):
-    """GFLOP/s vs sequence length (prefill rows, N = M) per backend."""
+def _header(report: dict) -> str:
+    m = report["machine"]
+    commit = f" @ {report['commit']}" if report.get("commit") else ""
+    return (f"selfattn {report['selfattn']}{commit} bench: dtype={report['dtype']} causal={report['causal']}; "
+            f"{m['cpu']}, {m['cpus']} CPU(s); numpy.matmul ({m['matmul_n']}^2 {m['matmul_dtype']}) = "
+            f"{m['matmul_gflops']:.1f} GFLOP/s")
+
+
+def render(report: dict, out: TextIO | None = None, fancy: bool | None = None) -> None:
+    """Print the report's tables, legend and verdict to ``out`` (default: stdout).
+
+    ``fancy`` (default: ``out`` is a terminal) draws boxed, coloured rich tables;
+    otherwise the layout is plain: aligned columns, no box characters, no colour.
+    """
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    out = sys.stdout if out is None else out
+    fancy = out.isatty() if fancy is None else fancy
+    buf = None if fancy else io.StringIO()
+    console = Console(file=out if fancy else buf, highlight=False, soft_wrap=False,
+                      **({} if fancy else {"width": 400, "no_color": True, "force_terminal": False, "emoji": False}))
+    console.print(_header(report), markup=False)
+    for section in ("attention", "pipeline"):
+        rows = [r for r in report["results"] if r["section"] == section]
+        if not rows:
+            continue
+        table = Table(title=f"{section}" if fancy else None, box=box.SIMPLE_HEAD if fancy else None,
+                      show_edge=fancy, pad_edge=False, header_style="bold" if fancy else "")
+        for i, col in enumerate(_COLUMNS):
+            table.add_column(col, justify="left" if i < 2 or col == "auto" else "right", no_wrap=True)
+        prev = None
+        for r in rows:
+            if fancy and prev is not None and r["shape"] != prev:
+                table.add_section()
+            prev = r["shape"]
+            style = "bold" if fancy and (r["backend"] == _AUTO) else None
+            table.add_row(*_cells(r), style=style)
+        if not fancy:
+            console.print(f"\n[{section}]", markup=False)
+        console.print(table)
+    for line in _legend(report) + _summary(report):
+        console.print(line, markup=False)
+    if buf is not None:  # plain: no trailing padding on any line
+        out.write("\n".join(line.rstrip() for line in buf.getvalue().splitlines()) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------------- plot
+
+_FAMILY_TITLES = {"dispatch": "dispatch", "prefill": "prefill (N = M)", "decode": "decode (N = 1)",
+                  "gqa": "GQA (grouped K/V heads)", "long": "long sequences", "pipeline": "pipeline (layers, toy)"}
+
+
+def plot(report: dict, path: str) -> list[str]:
+    """One panel per shape family that ran: GFLOP/s (median bar, IQR whiskers) per backend and the auto row.
+
+    Every timed row of the report appears; the figure is titled with the
+    machine, the commit and the ``numpy.matmul`` reference (the dashed line in
+    every panel). Each row group's label says which backend the automatic
+    choice ran. Returns the families drawn, one per panel, top to bottom.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    by_backend = {}
-    for r in report["results"]:
-        if r.get("kind") == "prefill" and "gflops" in r and r["batch"] == 1:
-            by_backend.setdefault(r["backend"], {})[r["n"]] = r["gflops"]
-    for name, pts in sorted(by_backend.items()):
-        xs = sorted(pts)
-        ax.plot(xs, [pts[x] for x in xs], marker="o", label=name)
-    ax.axhline(report["machine"]["matmul_gflops"], color="gray", ls="--", lw=1, label="numpy.matmul")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("sequence length N = M (prefill)")
-    ax.set_ylabel("GFLOP/s (forward)")
-    ax.set_title(f"selfattn forward, {report['dtype']}, causal={report['causal']}")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
+    timed = [r for r in report["results"] if "median_s" in r]
+    families = [k for k in _FAMILY_TITLES if any(r["kind"] == k for r in timed)]
+    families += sorted({r["kind"] for r in timed} - set(families))
+    if not families:
+        raise ValueError("nothing was timed: no panel to draw")
+    labels = report["backends"] + [_AUTO]
+    colors = {name: f"C{i}" for i, name in enumerate(labels)}
+    groups_of = {fam: list(dict.fromkeys(r["shape"] for r in timed if r["kind"] == fam)) for fam in families}
+    heights = [0.6 + 0.5 * len(labels) * len(groups_of[fam]) / 2 for fam in families]
+    fig, axes = plt.subplots(len(families), 1, figsize=(10, 1.6 + sum(heights)), squeeze=False,
+                             gridspec_kw={"height_ratios": heights}, layout="constrained")
+    mm = report["machine"]["matmul_gflops"]
+    bar_h = 0.8 / len(labels)
+    for ax, fam in zip(axes[:, 0], families, strict=True):
+        rows = [r for r in timed if r["kind"] == fam]
+        groups = groups_of[fam]
+        for j, name in enumerate(labels):
+            ys, xs, lo, hi = [], [], [], []
+            for g, shape in enumerate(groups):
+                row = next((r for r in rows if r["shape"] == shape and r["backend"] == name), None)
+                if row is None:
+                    continue
+                gflop = row["gflops"] * row["median_s"]
+                ys.append(g + (j - (len(labels) - 1) / 2) * bar_h)
+                xs.append(row["gflops"])
+                # the slower quartile gives the lower rate; max() absorbs rounding when a quartile is the median
+                lo.append(max(0.0, row["gflops"] - gflop / row["p75_s"]))
+                hi.append(max(0.0, gflop / row["p25_s"] - row["gflops"]))
+            if ys:
+                ax.barh(ys, xs, bar_h, xerr=[lo, hi], capsize=2, color=colors[name], label=name,
+                        hatch="//" if name == _AUTO else None, edgecolor="black" if name == _AUTO else None)
+        ticks = []
+        for shape in groups:
+            first = next(r for r in rows if r["shape"] == shape)
+            auto = next((r for r in rows if r["shape"] == shape and r["backend"] == _AUTO), None)
+            pick = f"\n(auto -> {auto['picks']})" if auto is not None and auto.get("picks") else ""
+            ticks.append(first["dims"].replace(": ", ":\n", 1) + pick)
+        ax.set_yticks(range(len(groups)))
+        ax.set_yticklabels(ticks, fontsize=7)
+        ax.invert_yaxis()
+        ax.axvline(mm, color="gray", ls="--", lw=1, label="numpy.matmul")
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("GFLOP/s (forward; bar = median, whiskers = IQR)", fontsize=8)
+        ax.set_title(_FAMILY_TITLES.get(fam, fam), fontsize=10, loc="left")
+        ax.grid(True, axis="x", alpha=0.3)
+    handles, names = axes[0, 0].get_legend_handles_labels()
+    for ax in axes[1:, 0]:  # a family may lack a backend the first one had
+        for h, n in zip(*ax.get_legend_handles_labels(), strict=True):
+            if n not in names:
+                handles.append(h)
+                names.append(n)
+    m = report["machine"]
+    fig.suptitle(f"selfattn {report['selfattn']} @ {report.get('commit') or 'unknown commit'}: forward, "
+                 f"{report['dtype']}, causal={report['causal']}; {m['cpu']}, {m['cpus']} CPU(s)\n"
+                 f"reference (dashed): numpy.matmul {m['matmul_n']}² {m['matmul_dtype']} = {mm:.1f} GFLOP/s",
+                 fontsize=9)
+    fig.legend(handles, names, loc="outside lower center", ncol=len(names), fontsize=8)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return families
 
 
-def build_parser():
+# ----------------------------------------------------------------------------------------------------- command
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m selfattn bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="small shapes, few repeats (< 1 minute)")
-    p.add_argument("--tiny", action="store_true", help="tiny shapes for tests (a second or two)")
+    p.add_argument("--quick", action="store_true", help="small shapes, fewer rounds (under a minute)")
+    p.add_argument("--tiny", action="store_true", help="tiny shapes for tests (a few seconds)")
     p.add_argument("--backends", help="comma-separated backend names (default: all available)")
-    p.add_argument("--shapes", help="comma-separated standard shape names (see selfattn._bench.shapes)")
+    p.add_argument("--shapes", help="comma-separated shape or pipeline-step names (see selfattn._bench.shapes)")
+    p.add_argument("--no-pipeline", action="store_true", help="skip the pipeline section")
     p.add_argument("--dtype", default="float32", choices=sorted(TOLERANCE))
     p.add_argument("--causal", action="store_true", help="causal attention")
-    p.add_argument("--repeat", type=int, default=None, help="timed calls per measurement (median)")
-    p.add_argument("--json", metavar="FILE", help="write machine-readable results here")
-    p.add_argument("--plot", metavar="FILE.png", help="GFLOP/s vs sequence length per backend (needs matplotlib)")
+    p.add_argument("--repeat", type=int, default=None,
+                   help="rounds (timed calls per backend) for attention rows; pipeline rows get 3x as many")
+    p.add_argument("--pause", type=float, default=PAUSE_S,
+                   help=f"seconds to sleep before each timed attention call (default {PAUSE_S})")
+    p.add_argument("--json", metavar="FILE", help="write machine-readable results here (the table stays plain)")
+    p.add_argument("--plot", metavar="FILE.png", help="one panel per shape family that ran (needs matplotlib)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--progress", dest="progress", action="store_true", default=None, help="always draw the bar")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="never draw the bar")
@@ -274,7 +624,19 @@ def build_parser():
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.repeat is None:
-        args.repeat = 3 if (args.quick or args.tiny) else 7
+        args.repeat = 3 if args.tiny else (9 if args.quick else 15)
+    if args.repeat < 1:
+        print(f"error: --repeat must be at least 1, got {args.repeat}", file=sys.stderr)
+        return 2
+    if args.pause < 0:
+        print(f"error: --pause must be >= 0 seconds, got {args.pause}", file=sys.stderr)
+        return 2
+    try:
+        import rich  # noqa: F401
+    except ImportError:
+        print("error: the bench command draws its tables with rich; install it with: pip install 'selfattn[bench]' "
+              "(or pip install rich)", file=sys.stderr)
+        return 2
     if args.plot:
         try:
             import matplotlib  # noqa: F401
@@ -285,9 +647,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = run(args)
     except SystemExit as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
         return 2
-    print(format_table(report))
+    render(report, sys.stdout, fancy=sys.stdout.isatty() and not args.json)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(report, fh, indent=2)

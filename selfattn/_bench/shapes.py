@@ -14,8 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = [
-    "Shape", "TINY", "PREFILL", "DECODE", "GQA", "LONG", "ASV_SHAPES", "BENCH_QUICK", "BENCH_STANDARD",
-    "BENCH_TINY", "SEQLEN_SWEEP", "BY_NAME", "get", "make_inputs",
+    "Shape", "Pipeline", "TINY", "PREFILL", "DECODE", "GQA", "LONG", "ASV_SHAPES", "BENCH_QUICK", "BENCH_STANDARD",
+    "BENCH_TINY", "PIPELINE", "PIPELINE_TINY", "BY_NAME", "get", "make_inputs",
 ]
 
 
@@ -80,6 +80,70 @@ def make_inputs(shape: Shape, dtype="float32", seed: int = 0):
     return q, k, v
 
 
+@dataclass(frozen=True)
+class Pipeline:
+    """One step of a user's pipeline, timed as a whole: a layer forward or a bare attention call.
+
+    ``layer`` is ``"mha"`` (:class:`selfattn.nn.MultiHeadAttention` self-attention
+    on ``(batch, n, embed)``), ``"encoder"`` (:class:`selfattn.nn.TransformerEncoderLayer`
+    with feed-forward width ``ff``) or ``"attention"`` (a bare
+    :func:`selfattn.scaled_dot_product_attention` call on ``(batch, heads, n, embed)``
+    queries, keys and values: ``embed`` is then the head dimension).
+    """
+
+    name: str
+    layer: str
+    batch: int
+    n: int
+    embed: int
+    heads: int
+    ff: int | None = None
+
+    kind = "pipeline"
+
+    def __post_init__(self) -> None:
+        if self.layer not in ("mha", "encoder", "attention"):
+            raise ValueError(f"layer must be 'mha', 'encoder' or 'attention', got {self.layer!r}")
+        if self.layer != "attention" and self.embed % self.heads:
+            raise ValueError(f"embed ({self.embed}) must be divisible by heads ({self.heads})")
+        if (self.layer == "encoder") != (self.ff is not None):
+            raise ValueError("ff (the feed-forward width) is required for 'encoder' and only for it")
+
+    @property
+    def input_shape(self) -> tuple:
+        """The input array's shape: ``(B, N, E)`` for layers, ``(B, H, N, D)`` for a bare attention call."""
+        if self.layer == "attention":
+            return (self.batch, self.heads, self.n, self.embed)
+        return (self.batch, self.n, self.embed)
+
+    def flops(self, causal: bool = False) -> float:
+        """Forward FLOPs: projections ``8·B·N·E²`` + attention ``4·B·N²·E`` (+ feed-forward ``4·B·N·E·ff``).
+
+        Causal halves only the attention term. Layer norms, biases and the
+        softmax are left out (they are O(B·N·E), negligible next to the products).
+        """
+        b, n, e = self.batch, self.n, self.embed
+        heads = self.heads if self.layer == "attention" else 1  # layers: E = heads * head_dim already
+        attn = 4.0 * b * heads * n * n * e / (2.0 if causal else 1.0)
+        if self.layer == "attention":
+            return attn
+        total = 8.0 * b * n * e * e + attn
+        if self.layer == "encoder":
+            total += 4.0 * b * n * e * self.ff
+        return total
+
+    @property
+    def label(self) -> str:
+        if self.layer == "attention":
+            return f"{self.name}: attention{self.input_shape}"
+        cls = "MultiHeadAttention" if self.layer == "mha" else "TransformerEncoderLayer"
+        extra = f",ff{self.ff}" if self.ff else ""
+        return f"{self.name}: {cls}{self.input_shape} h{self.heads}{extra}"
+
+    def __str__(self) -> str:
+        return self.label
+
+
 #: Dispatch-overhead probe: the work is negligible, so the time is the API's cost.
 TINY = Shape("tiny", "dispatch", 1, 1, 4, 4, 8)
 
@@ -99,7 +163,7 @@ BENCH_QUICK = (
 )
 
 #: ``bench`` default.
-BENCH_STANDARD = (PREFILL, DECODE, GQA, LONG, Shape("prefill-b4", "prefill", 4, 8, 1024, 1024, 64))
+BENCH_STANDARD = (BENCH_QUICK[0], PREFILL, Shape("prefill-b4", "prefill", 4, 8, 1024, 1024, 64), DECODE, GQA, LONG)
 
 #: ``bench --tiny`` (tests: milliseconds per call).
 BENCH_TINY = (
@@ -108,14 +172,29 @@ BENCH_TINY = (
     Shape("tiny-gqa", "gqa", 1, 4, 16, 16, 8, kv_heads=2),
 )
 
-#: Sequence-length sweep (prefill, N = M) for the GFLOP/s-vs-length plot.
-SEQLEN_SWEEP = tuple(Shape(f"prefill-{n}", "prefill", 1, 4, n, n, 64) for n in (128, 256, 512, 1024, 2048))
+#: The "pipeline" section of ``bench`` (every mode but ``--tiny``): layers at tutorial sizes, as users call them
+#: (the layer's own NumPy matrix products, then attention), and a toy attention call.
+PIPELINE = (
+    Pipeline("mha-small", "mha", 4, 32, 128, 8),
+    Pipeline("mha-large", "mha", 8, 128, 256, 8),
+    Pipeline("encoder-small", "encoder", 4, 32, 128, 8, ff=512),
+    Pipeline("encoder-large", "encoder", 8, 128, 256, 8, ff=1024),
+    Pipeline("toy", "attention", 2, 10, 8, 8),
+)
 
-BY_NAME = {s.name: s for s in (TINY, *ASV_SHAPES, *BENCH_QUICK, *BENCH_STANDARD, *BENCH_TINY, *SEQLEN_SWEEP)}
+#: ``bench --tiny`` pipeline (tests).
+PIPELINE_TINY = (
+    Pipeline("tiny-mha", "mha", 2, 8, 16, 2),
+    Pipeline("tiny-encoder", "encoder", 2, 8, 16, 2, ff=32),
+    Pipeline("toy", "attention", 2, 10, 8, 8),
+)
+
+BY_NAME = {s.name: s
+           for s in (TINY, *ASV_SHAPES, *BENCH_QUICK, *BENCH_STANDARD, *BENCH_TINY, *PIPELINE, *PIPELINE_TINY)}
 
 
-def get(name: str) -> Shape:
-    """Look a standard shape up by name (``KeyError`` lists the known names)."""
+def get(name: str) -> Shape | Pipeline:
+    """Look a standard shape or pipeline step up by name (``KeyError`` lists the known names)."""
     try:
         return BY_NAME[name]
     except KeyError:

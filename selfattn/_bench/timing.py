@@ -11,10 +11,12 @@ from __future__ import annotations
 import os
 import statistics
 import time
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
-__all__ = ["median_time", "interleaved_medians", "matmul_call", "matmul_gflops", "attention_flops", "peak_rss_delta"]
+__all__ = ["median_time", "interleaved_samples", "interleaved_medians", "spread", "matmul_call", "matmul_gflops",
+           "attention_flops", "peak_rss_delta"]
 
 
 def median_time(fn, *, repeat: int = 5, min_time: float = 0.0, warmup: int = 1) -> float:
@@ -34,8 +36,10 @@ def median_time(fn, *, repeat: int = 5, min_time: float = 0.0, warmup: int = 1) 
     return statistics.median(times)
 
 
-def interleaved_medians(fns, *, rounds: int = 5, warmup: int = 1, pause: float = 0.2) -> list[float]:
-    """Median wall time in seconds of each callable in ``fns``, timed in alternation.
+def interleaved_samples(fns: Sequence[Callable[[], object]], *, rounds: int = 5, warmup: int = 1,
+                        pause: float = 0.2, wake: bool = False,
+                        after_round: Callable[[int], object] | None = None) -> list[list[float]]:
+    """Wall times in seconds of each callable in ``fns``, timed in alternation: one list per callable.
 
     Each round calls every function once, in order, so a slow spell on a
     shared machine hits all of them alike and ratios of the medians stay
@@ -43,20 +47,51 @@ def interleaved_medians(fns, *, rounds: int = 5, warmup: int = 1, pause: float =
     each timed call: OpenBLAS's worker threads keep spinning for a while after
     a call (about 0.1 s by default), and without the pause they would steal
     cores from whatever is timed next (a Numba kernel right after
-    ``numpy.matmul`` ran up to 2x slower in a test).
+    ``numpy.matmul`` ran up to 2x slower in a test). ``pause=0`` times the
+    calls back to back, as a user's loop runs them. ``warmup`` untimed calls
+    of each function come first (JIT compilation, first-touch page faults).
+    ``wake=True`` makes one untimed call of the same function between the
+    pause and the timed call: after a pause a backend's own thread pool is
+    parked and the core may have been given away, which on a 2-core machine
+    made a tiny call 3-6x slower than in a loop (87 us back to back, 574 us
+    right after a 0.15 s sleep, 170 us with a wake-up call first); the wake-up
+    call measures the steady state of a loop without the previous function's
+    threads in the way. ``after_round(i)``, if given, runs (untimed) after round ``i`` (a progress bar).
     """
     for fn in fns:
         for _ in range(warmup):
             fn()
-    times = [[] for _ in fns]
-    for _ in range(rounds):
-        for fn, ts in zip(fns, times):
+    times: list[list[float]] = [[] for _ in fns]
+    for r in range(rounds):
+        for fn, ts in zip(fns, times, strict=True):
             if pause > 0:
                 time.sleep(pause)
+            if wake:
+                fn()
             t0 = time.perf_counter()
             fn()
             ts.append(time.perf_counter() - t0)
-    return [statistics.median(ts) for ts in times]
+        if after_round is not None:
+            after_round(r)
+    return times
+
+
+def interleaved_medians(fns: Sequence[Callable[[], object]], *, rounds: int = 5, warmup: int = 1,
+                        pause: float = 0.2) -> list[float]:
+    """Median wall time in seconds of each callable in ``fns``, timed as :func:`interleaved_samples` does."""
+    return [statistics.median(ts) for ts in interleaved_samples(fns, rounds=rounds, warmup=warmup, pause=pause)]
+
+
+def spread(samples: Sequence[float]) -> dict[str, float]:
+    """``{"median", "p25", "p75", "min", "max"}`` of timing samples (linear-interpolated quartiles).
+
+    With one sample every statistic is that sample; an empty sequence raises ValueError.
+    """
+    if not samples:
+        raise ValueError("spread() needs at least one sample")
+    xs = np.sort(np.asarray(samples, dtype=np.float64))
+    p25, med, p75 = np.percentile(xs, [25, 50, 75])
+    return {"median": float(med), "p25": float(p25), "p75": float(p75), "min": float(xs[0]), "max": float(xs[-1])}
 
 
 def matmul_call(n: int = 2048, dtype=np.float32):
@@ -73,7 +108,8 @@ def matmul_gflops(n: int = 2048, dtype=np.float32, repeat: int = 7) -> float:
     return flops / median_time(call, repeat=repeat) / 1e9
 
 
-def attention_flops(batch: int, heads: int, n: int, m: int, d: int, dv: int | None = None, causal: bool = False) -> float:
+def attention_flops(batch: int, heads: int, n: int, m: int, d: int, dv: int | None = None,
+                    causal: bool = False) -> float:
     """Forward FLOPs of attention: ``2·B·H·N·M·(D + Dv)`` (= 4·B·H·N·M·D), halved for causal."""
     dv = d if dv is None else dv
     flops = 2.0 * batch * heads * n * m * (d + dv)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import math
 import os
 import statistics
 import sys
@@ -98,6 +99,17 @@ def peak_rss_delta(fn):
     if timing is not None and hasattr(timing, "peak_rss_delta"):
         return timing.peak_rss_delta(fn)
     return None  # pragma: no cover
+
+
+def sig(x: float, digits: int = 3) -> float:
+    """``x`` rounded to ``digits`` significant digits: what a tracked value can honestly claim.
+
+    asv stores and shows a ``track_*`` value as returned, so an unrounded
+    GFLOP/s appeared as a 17-digit float in the dashboard and ``asv compare``.
+    """
+    if x == 0 or x != x or x in (float("inf"), float("-inf")):
+        return x
+    return round(x, digits - 1 - int(math.floor(math.log10(abs(x)))))
 
 
 def selfattn_or_skip():

@@ -13,11 +13,14 @@ Design notes (asv 0.6 / asv_runner 0.3):
   commit that predates the numba backend).
 * Backends are always selected strictly (``backend=`` explicit), so a missing
   backend can never silently fall back to numpy and pollute the numbers.
+* Every backend is a value of the ``backend`` parameter, so one dashboard
+  graph compares them; every ``track_*`` benchmark declares its ``unit`` and
+  returns its value rounded to 3 significant digits (``sig``).
 """
 
 from __future__ import annotations
 
-from ._compat import backend_names, median_time, peak_rss_delta, require_backend, shapes
+from ._compat import backend_names, median_time, peak_rss_delta, require_backend, shapes, sig
 
 _SHAPES = {s.name: s for s in shapes.ASV_SHAPES}
 _INPUTS: dict = {}
@@ -82,7 +85,7 @@ class AttentionForward:
 
     def track_gflops(self, backend, shape, dtype, causal):
         t = median_time(lambda: self._call(backend, causal), repeat=5, warmup=0)
-        return _SHAPES[shape].flops(causal) / t / 1e9
+        return sig(_SHAPES[shape].flops(causal) / t / 1e9)
 
     track_gflops.unit = "GFLOP/s"
 
@@ -91,7 +94,7 @@ class AttentionForward:
         extra = peak_rss_delta(lambda: self._call(backend, causal))
         if extra is None:
             raise NotImplementedError("peak RSS not measurable on this platform")
-        return extra / 2**20
+        return sig(extra / 2**20)
 
     track_peak_extra_mib.unit = "MiB"
 
@@ -127,6 +130,6 @@ class AttentionBackward:
     def track_backward_gflops(self, backend, shape, dtype, causal):
         # backward ~ 2.5x the forward FLOPs (recompute P, dV, dP, dS->dQ, dK)
         t = median_time(lambda: self.bwd(self.grad), repeat=3, warmup=0)
-        return 2.5 * _SHAPES[shape].flops(causal) / t / 1e9
+        return sig(2.5 * _SHAPES[shape].flops(causal) / t / 1e9)
 
     track_backward_gflops.unit = "GFLOP/s"

@@ -1,4 +1,4 @@
-"""Command line: ``python -m selfattn {info,check,compile,bench}``.
+"""Command line: ``python -m selfattn {info,check,compile,bench,dashboard}``.
 
 * ``info``: backends, availability or the reason not, versions, threads,
   devices; ``--table`` prints the capability support table (Markdown) that the
@@ -10,6 +10,8 @@
   about a second instead of compiling on their first call.
 * ``bench``: a short benchmark over every available backend (see
   ``python -m selfattn bench --help``).
+* ``dashboard``: the asv dashboard over recent commits, viewable offline (see
+  ``python -m selfattn dashboard --help``; needs a checkout).
 """
 
 from __future__ import annotations
@@ -156,12 +158,18 @@ def main(argv=None) -> int:
     p_compile.add_argument("--dtype", action="append", choices=["float32", "float64"],
                            help="only this compute dtype (repeatable; float16 runs the float32 kernels)")
     sub.add_parser("bench", help="benchmark every available backend (see 'bench --help')", add_help=False)
+    sub.add_parser("dashboard", help="asv dashboard over recent commits, offline (see 'dashboard --help')",
+                   add_help=False)
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "bench":
         # The bench command owns its own options; keep its (matplotlib, timing) code out of the others.
         from selfattn._bench.runner import main as bench_main
 
         return bench_main(argv[1:])
+    if argv and argv[0] == "dashboard":
+        from selfattn._bench.dashboard import main as dashboard_main
+
+        return dashboard_main(argv[1:])
     args = parser.parse_args(argv)
     return {"info": _info, "check": _check, "compile": _compile}[args.command](args)
 

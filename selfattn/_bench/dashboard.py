@@ -32,6 +32,7 @@ import http.server
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -95,7 +96,7 @@ def _load_config(config: str):
 def _asv(config: str, *argv: str) -> int:
     """Run ``python -m asv ARGV --config CONFIG`` (its output goes straight to ours); return its exit status."""
     cmd = [sys.executable, "-m", "asv", *argv, "--config", config]
-    print("$ " + " ".join(cmd[1:]), flush=True)
+    print("$ python " + shlex.join(cmd[1:]), flush=True)  # what to type to do the step by hand
     return subprocess.run(cmd, cwd=os.path.dirname(config), check=False).returncode
 
 

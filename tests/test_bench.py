@@ -96,6 +96,13 @@ def test_interleaved_samples_pause_and_wake(monkeypatch):
     assert events == ["a", "b", "a", "b"]  # back to back: no sleep, no wake-up call
 
 
+def test_rounds_fit_the_budget():
+    assert runner._rounds_for(None, 0.5, (3, 9)) == 9
+    assert runner._rounds_for(1.5, 0.01, (3, 9)) == 9  # cheap calls: the most rounds
+    assert runner._rounds_for(1.5, 0.3, (3, 9)) == 5
+    assert runner._rounds_for(1.5, 2.0, (3, 9)) == 3  # a slow layer still gets the fewest
+
+
 def test_spread_quartiles():
     from selfattn._bench.timing import spread
 
@@ -127,7 +134,7 @@ def test_runner_tiny_rows(tiny_report):
     rc, data, _ = tiny_report
     assert rc == 0 and data["agreement_ok"] is True
     assert data["machine"]["matmul_gflops"] > 0 and data["machine"]["cpu"]
-    assert data["method"] == {"rounds": 2, "pipeline_rounds": 6, "pause_s": 0.01,
+    assert data["method"] == {"rounds": 2, "pipeline_rounds": [2, 6], "pipeline_budget_s": 1.5, "pause_s": 0.01,
                               "order": data["backends"] + ["auto"]}
     rows = data["results"]
     att = [r for r in rows if r["section"] == "attention"]
@@ -146,7 +153,10 @@ def test_runner_tiny_rows(tiny_report):
         assert min(r["vs_best"] for r in group[:-1]) == 1.0
         assert auto["vs_best"] == pytest.approx(auto["median_s"] / min(named))
         for r in group:
-            assert r["samples"] == (2 if r["section"] == "attention" else 6)
+            if r["section"] == "attention":
+                assert r["samples"] == 2
+            else:  # as many rounds as fit in the budget, within [repeat, 3 x repeat], the same for the whole group
+                assert 2 <= r["samples"] == group[0]["samples"] <= 6
             assert 0 < r["p25_s"] <= r["median_s"] <= r["p75_s"]
             assert r["iqr_rel"] == pytest.approx((r["p75_s"] - r["p25_s"]) / r["median_s"])
             assert r["gflops"] > 0 and r["first_call_s"] > 0
@@ -166,7 +176,7 @@ def test_runner_text_explains_itself(tiny_report):
         assert col in header, col
     assert "1st call = the first call of that row in this process, including any JIT compile" in text
     assert "0.01 s pause before each timed call" in text and "OpenBLAS" in text
-    assert "back to back, no pause" in text
+    assert "2-6 rounds (as many as fit in about 1.5 s per row group), back to back, no pause" in text
     assert "-> " + data["results"][-1]["picks"] in text
     assert "all backends agree with numpy" in text
     assert "MultiHeadAttention(2, 8, 16)" in text and "TransformerEncoderLayer(2, 8, 16)" in text

@@ -200,7 +200,7 @@ def make_offline(html_dir: str, vendor_dir: str) -> dict[str, str]:
         attrs = _attrs(tag)
         key = "src" if m.group(1).lower() == "script" else "href"
         url = attrs.get(key)
-        if url not in mapping:
+        if url is None or url not in mapping:
             return tag
         replaced[url] = mapping[url]
         out = tag.replace(url, mapping[url], 1)

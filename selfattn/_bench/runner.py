@@ -211,12 +211,12 @@ def _pipeline_group(step, backends, args):
 
         explanation = selfattn.explain(x, x, x, causal=causal)
     else:
+        layer: MultiHeadAttention | TransformerEncoderLayer
         if step.layer == "mha":
-            layer = MultiHeadAttention(step.embed, step.heads, dtype=args.dtype, seed=0)
-            mha = layer
+            mha = layer = MultiHeadAttention(step.embed, step.heads, dtype=args.dtype, seed=0)
         else:
-            layer = TransformerEncoderLayer(step.embed, step.heads, step.ff, dtype=args.dtype, seed=0)
-            mha = layer.self_attn  # post-norm (the default): attention sees x itself
+            enc = layer = TransformerEncoderLayer(step.embed, step.heads, step.ff, dtype=args.dtype, seed=0)
+            mha = enc.self_attn  # post-norm (the default): attention sees x itself
 
         def make(name):
             return lambda: layer(x, causal=causal, backend=name)
@@ -227,8 +227,22 @@ def _pipeline_group(step, backends, args):
     return cands, explanation
 
 
-def _measure_group(cands, explanation, base_row, flops, rounds, pause, ceiling, tol, tick):
-    """First calls, agreement with numpy, interleaved timing and peak memory of one group; returns its rows."""
+def _rounds_for(budget: float | None, round_s: float, rounds: tuple[int, int]) -> int:
+    """How many rounds fit in ``budget`` seconds when one round takes ``round_s`` (within ``rounds = (lo, hi)``)."""
+    lo, hi = rounds
+    if budget is None or round_s <= 0:
+        return hi
+    return max(lo, min(hi, int(budget / round_s)))
+
+
+def _measure_group(cands, explanation, base_row, flops, rounds, pause, ceiling, tol, tick, budget=None):
+    """First calls, agreement with numpy, interleaved timing and peak memory of one group; returns its rows.
+
+    ``rounds`` is ``(fewest, most)``; with ``budget`` (seconds) the group gets as
+    many rounds as fit in it, judged from one warm-up call of each candidate,
+    else the most. ``tick(n)`` advances the progress bar (``most + 1`` per candidate).
+    """
+    most = rounds[1]
     pick = explanation.backend
     rows, ok, ref = [], [], None
     for cand in cands:
@@ -244,7 +258,7 @@ def _measure_group(cands, explanation, base_row, flops, rounds, pause, ceiling, 
             row["error"] = f"{type(exc).__name__}: {exc}"
             row["agrees"] = False
             rows.append(row)
-            tick(rounds + 1)
+            tick(most + 1)
             continue
         if cand.label == "numpy":
             ref = result
@@ -257,8 +271,16 @@ def _measure_group(cands, explanation, base_row, flops, rounds, pause, ceiling, 
         ok.append((cand, row))
         tick(1)
     if ok:
-        samples = interleaved_samples([c.call for c, _ in ok], rounds=rounds, warmup=1, pause=pause, wake=pause > 0,
-                                      after_round=lambda _: tick(len(ok)))
+        round_s = 0.0
+        for cand, _ in ok:  # the warm-up call, timed to size the rounds
+            t0 = time.perf_counter()
+            cand.call()
+            dt = time.perf_counter() - t0
+            round_s += pause + 2 * dt if pause > 0 else dt  # with a pause: the pause, a wake-up and the timed call
+        n_rounds = _rounds_for(budget, round_s, rounds)
+        tick((most - n_rounds) * len(ok))
+        samples = interleaved_samples([c.call for c, _ in ok], rounds=n_rounds, warmup=0, pause=pause,
+                                      wake=pause > 0, after_round=lambda _: tick(len(ok)))
         for (cand, row), ts in zip(ok, samples, strict=True):
             st = spread(ts)
             row.update(median_s=st["median"], p25_s=st["p25"], p75_s=st["p75"], samples=len(ts),
@@ -295,6 +317,8 @@ def run(args, out: TextIO | None = None) -> dict:
             continue
         if not r.available:
             skipped.append({"backend": r.name, "reason": r.reason})
+        elif r.capabilities is None:
+            skipped.append({"backend": r.name, "reason": "declares no capabilities"})
         elif args.dtype not in r.capabilities.dtypes:
             skipped.append({"backend": r.name, "reason": f"no {args.dtype} support"})
         else:
@@ -307,14 +331,18 @@ def run(args, out: TextIO | None = None) -> dict:
     if pipeline:
         for r in backends:
             if r not in layer_backends:
+                array_type = getattr(r.capabilities, "array_type", "?")
                 skipped.append({"backend": r.name, "reason": "pipeline section skipped: the layers take NumPy "
-                                f"arrays and {r.name} consumes {r.capabilities.array_type} arrays"})
+                                f"arrays and {r.name} consumes {array_type} arrays"})
     n_mm = 256 if args.tiny else (1024 if args.quick else 2048)
     mm_dtype = np.dtype(args.dtype) if args.dtype != "float16" else np.dtype(np.float32)
     ceiling = matmul_gflops(n=n_mm, dtype=mm_dtype, repeat=3 if (args.tiny or args.quick) else 7)
-    pipe_rounds = 3 * args.repeat  # back-to-back calls are short: more of them for the same spread
+    # back-to-back calls are short: up to 3x the rounds, as many as fit in the budget (a large layer on a busy
+    # machine would otherwise take minutes)
+    pipe_rounds = (args.repeat, 3 * args.repeat)
+    pipe_budget = 1.5 if (args.quick or args.tiny) else 4.0
     total = (len(attention) * (len(backends) + 1) * (args.repeat + 1)
-             + len(pipeline) * (len(layer_backends) + 1) * (pipe_rounds + 1))
+             + len(pipeline) * (len(layer_backends) + 1) * (pipe_rounds[1] + 1))
     tol = TOLERANCE[args.dtype]
 
     rows = []
@@ -325,8 +353,8 @@ def run(args, out: TextIO | None = None) -> dict:
                     "batch": shape.batch, "heads": shape.heads, "kv_heads": shape.hkv, "n": shape.n, "m": shape.m,
                     "d": shape.d, "dtype": args.dtype, "causal": args.causal}
             advance(0, f"attention {shape.name}")
-            rows += _measure_group(cands, expl, base, shape.flops(args.causal), args.repeat, args.pause, ceiling,
-                                   tol, advance)
+            rows += _measure_group(cands, expl, base, shape.flops(args.causal), (args.repeat, args.repeat),
+                                   args.pause, ceiling, tol, advance)
         for step in pipeline:
             cands, expl = _pipeline_group(step, layer_backends, args)
             base = {"section": "pipeline", "shape": step.name, "kind": "pipeline", "dims": step.label,
@@ -334,7 +362,7 @@ def run(args, out: TextIO | None = None) -> dict:
                     "ff": step.ff, "dtype": args.dtype, "causal": args.causal}
             advance(0, f"pipeline {step.name}")
             rows += _measure_group(cands, expl, base, step.flops(args.causal), pipe_rounds, 0.0, ceiling, tol,
-                                   advance)
+                                   advance, budget=pipe_budget)
 
     timed = [r for r in rows if r["backend"] == _AUTO and r.get("vs_best") is not None]
     return {
@@ -346,7 +374,8 @@ def run(args, out: TextIO | None = None) -> dict:
         "selfattn": getattr(selfattn, "__version__", "?"),
         "commit": _commit(),
         "dtype": args.dtype, "causal": args.causal, "tolerance": tol,
-        "method": {"rounds": args.repeat, "pipeline_rounds": pipe_rounds, "pause_s": args.pause,
+        "method": {"rounds": args.repeat, "pipeline_rounds": list(pipe_rounds), "pipeline_budget_s": pipe_budget,
+                   "pause_s": args.pause,
                    "order": [r.name for r in backends] + [_AUTO]},
         "backends": [r.name for r in backends], "skipped": skipped,
         "results": rows,
@@ -368,7 +397,7 @@ class _progress:
         self.enabled = sys.stderr.isatty() if enabled is None else enabled
         self.force = enabled is True
         self.total = total
-        self._bar = None
+        self._bar: Any = None  # a rich.progress.Progress while drawing
 
     def __enter__(self):
         if not self.enabled:
@@ -448,7 +477,8 @@ def _legend(report: dict) -> list[str]:
         ("  so OpenBLAS's spinning worker threads (about 0.1 s after each call) do not tax the next backend, then one "
          "untimed call of the same backend so its own threads are awake, as in a loop." if m["pause_s"] > 0 else
          "  so a backend may run while the previous one's threads still spin (OpenBLAS: about 0.1 s after a call)."),
-        f"  Pipeline rows: {m['pipeline_rounds']} round(s) back to back, no pause, as a user's loop runs them (the "
+        f"  Pipeline rows: {m['pipeline_rounds'][0]}-{m['pipeline_rounds'][1]} rounds (as many as fit in about "
+        f"{m['pipeline_budget_s']:g} s per row group), back to back, no pause, as a user's loop runs them (the "
         "layer's own NumPy matrix products, then attention).",
     ]
 
@@ -487,8 +517,11 @@ def render(report: dict, out: TextIO | None = None, fancy: bool | None = None) -
     out = sys.stdout if out is None else out
     fancy = out.isatty() if fancy is None else fancy
     buf = None if fancy else io.StringIO()
-    console = Console(file=out if fancy else buf, highlight=False, soft_wrap=False,
-                      **({} if fancy else {"width": 400, "no_color": True, "force_terminal": False, "emoji": False}))
+    if fancy:
+        console = Console(file=out, highlight=False, soft_wrap=False)
+    else:  # wide enough that no cell wraps; rendered into buf, trailing padding stripped below
+        console = Console(file=buf, highlight=False, soft_wrap=False, width=400, no_color=True, force_terminal=False,
+                          emoji=False)
     console.print(_header(report), markup=False)
     for section in ("attention", "pipeline"):
         rows = [r for r in report["results"] if r["section"] == section]

@@ -128,7 +128,7 @@ class Pipeline:
         if self.layer == "attention":
             return attn
         total = 8.0 * b * n * e * e + attn
-        if self.layer == "encoder":
+        if self.ff is not None:  # the encoder's feed-forward block
             total += 4.0 * b * n * e * self.ff
         return total
 

@@ -27,7 +27,7 @@ def median_time(fn, *, repeat: int = 5, min_time: float = 0.0, warmup: int = 1) 
     """
     for _ in range(warmup):
         fn()
-    times = []
+    times: list[float] = []
     start = time.perf_counter()
     while len(times) < repeat or (time.perf_counter() - start) < min_time:
         t0 = time.perf_counter()
@@ -149,5 +149,5 @@ def peak_rss_delta(fn) -> float | None:
     return max(0, peak - base) * 1024.0
 
 
-if os.name != "posix":  # pragma: no cover - documented limitation
+if os.name != "posix" and peak_rss_delta.__doc__:  # pragma: no cover - documented limitation
     peak_rss_delta.__doc__ += "\n\n(Not available on this platform.)"

@@ -275,8 +275,11 @@ def _run_benchmarks(args, config: str, conf) -> int:
         rc = _asv(config, "machine", "--yes", *(["--machine", args.machine] if args.machine else []))
         if rc:
             return rc
-    common = ["--skip-existing-commits", "--show-stderr", *(["--quick"] if args.quick else []),
-              *(["--machine", args.machine] if args.machine else [])]
+    common = ["--show-stderr"]
+    if args.quick:
+        common.append("--quick")
+    if args.machine:
+        common += ["--machine", args.machine]
     for regex in args.bench or ():
         common += ["-b", regex]
     if args.python is not None:
@@ -288,7 +291,9 @@ def _run_benchmarks(args, config: str, conf) -> int:
             raise DashboardError("--python same records the installed code as HEAD, but the checkout has "
                                  "uncommitted changes: commit or stash them first")
         head = _git(conf.repo, "rev-parse", "HEAD")
+        # always runs: asv's --skip-existing-commits would look at the branch head, not at the hash recorded
         return _asv(config, "run", "--python=same", "--set-commit-hash", head, *common)
+    common.insert(0, "--skip-existing-commits")
     if args.commits:
         return _asv(config, "run", *common, args.commits)
     commits, missing = default_commits(conf, machine, args.last)

@@ -177,16 +177,21 @@ def _chromium() -> tuple[str, str]:
     return browser, driver
 
 
-@pytest.fixture
-def built_dashboard(tmp_path):
-    """Build the dashboard with the real command from the recorded two-commit results; return its folder."""
+def _fixture_config(tmp_path) -> str:
+    """The throw-away history with the recorded results beside it; returns its asv.conf.json."""
     pytest.importorskip("asv", reason="asv is not installed (pip install -e '.[bench]')")
     repo = tmp_path / "history"
     assert history.make_history(str(repo)) == history.expected_hashes()
     results = tmp_path / "results"
     shutil.copytree(os.path.join(history.FIXTURE, "results"), results)
+    return history.write_config(str(repo), str(results), str(tmp_path / "unused-html"))
+
+
+@pytest.fixture
+def built_dashboard(tmp_path):
+    """Build the dashboard with the real command from the recorded two-commit results; return its folder."""
+    config = _fixture_config(tmp_path)
     html = tmp_path / "html"
-    config = history.write_config(str(repo), str(results), str(tmp_path / "unused-html"))
     res = subprocess.run([sys.executable, "-m", "selfattn", "dashboard", "--config", config, "--no-run",
                           "--out", str(html)], capture_output=True, text=True, cwd=str(tmp_path), check=False,
                          env=dict(os.environ, HOME=str(tmp_path)))
@@ -201,6 +206,35 @@ def test_built_index_loads_nothing_remote(built_dashboard):
     assert not re.search(r"<(script|link)\b[^>]*\b(src|href)\s*=\s*[\"']?https?://", html, re.IGNORECASE)
     assert 'src="vendor/jquery-3.3.1/jquery.min.js"' in html
     assert (built_dashboard / "graphs").is_dir() and (built_dashboard / "index.json").is_file()
+
+
+def test_serve_prints_the_url_and_serves(tmp_path):
+    """``--serve`` prints a 127.0.0.1 URL and serves the self-contained page and its vendored assets there."""
+    import urllib.request
+
+    config = _fixture_config(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "selfattn", "dashboard", "--config", config, "--no-run",
+                             "--out", str(tmp_path / "html"), "--serve", "--port", "0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=str(tmp_path),
+                            env=dict(os.environ, HOME=str(tmp_path), PYTHONUNBUFFERED="1"))
+    try:
+        url, seen = None, []
+        for line in proc.stdout:  # the URL comes after asv publish's output
+            seen.append(line)
+            m = re.search(r"serving .* at (http://127\.0\.0\.1:\d+/)", line)
+            if m:
+                url = m.group(1)
+                break
+        assert url, "".join(seen)
+        with urllib.request.urlopen(url + "index.html", timeout=30) as resp:
+            page = resp.read().decode()
+        assert dashboard.remote_assets(page) == [] and "vendor/jquery-3.3.1/jquery.min.js" in page
+        with urllib.request.urlopen(url + "vendor/jquery-3.3.1/jquery.min.js", timeout=30) as resp:
+            assert resp.status == 200 and b"jQuery" in resp.read(200)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        proc.stdout.close()
 
 
 @pytest.fixture

@@ -260,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-b", "--bench", metavar="REGEX", action="append", help="only benchmarks matching (repeatable)")
     p.add_argument("--python", metavar="same",
                    help="'same': time the selfattn installed in this Python instead of building one per commit; "
-                        "records HEAD (needs a clean checkout whose code is what is installed)")
+                        "records HEAD (needs a clean checkout whose code is what is installed; the dashboard shows "
+                        "commits of main only)")
     p.add_argument("--machine", help="asv machine name (default: this host's name)")
     p.add_argument("--no-run", action="store_true", help="publish the results that exist; run nothing")
     p.add_argument("--config", help="asv.conf.json to use (default: found from here upwards)")

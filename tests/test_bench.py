@@ -293,10 +293,36 @@ def bench_path(monkeypatch):
     return ROOT
 
 
-@pytest.mark.parametrize("mod", ["benchmarks.bench_attention", "benchmarks.bench_overhead"])
+_SUITE = sorted(f"benchmarks.{f[:-3]}" for f in os.listdir(os.path.join(ROOT, "benchmarks"))
+                if f.startswith("bench_") and f.endswith(".py"))
+
+
+@pytest.mark.parametrize("mod", _SUITE)
 def test_benchmark_modules_import(bench_path, mod):
     m = importlib.import_module(mod)
     assert m is not None
+
+
+@pytest.mark.parametrize("mod", _SUITE)
+def test_every_tracked_benchmark_has_a_unit(bench_path, mod):
+    """The dashboard labels a track_* value with its ``unit``; time_/timeraw_ (seconds) and peakmem_ (bytes)
+    get theirs from asv. A benchmark taking a backend has it as its first parameter, so one graph compares them."""
+    m = importlib.import_module(mod)
+    for cls in [v for v in vars(m).values() if isinstance(v, type) and v.__module__ == m.__name__]:
+        for name in dir(cls):
+            if name.startswith("track_"):
+                assert getattr(getattr(cls, name), "unit", None), f"{cls.__name__}.{name} has no unit"
+        names = getattr(cls, "param_names", [])
+        if "backend" in names:
+            assert names[0] == "backend", f"{cls.__name__}: backend should be the first parameter"
+
+
+def test_sig_rounds_to_significant_digits(bench_path):
+    from benchmarks._compat import sig
+
+    assert sig(16.41234567) == 16.4 and sig(0.000123456) == 0.000123 and sig(98765.4) == 98800.0
+    assert sig(0.0) == 0.0 and sig(-2.34567) == -2.35
+    assert sig(float("inf")) == float("inf") and sig(float("nan")) != sig(float("nan"))
 
 
 def test_asv_conf_is_valid_json5ish():

@@ -134,7 +134,7 @@ def test_runner_tiny_rows(tiny_report):
     rc, data, _ = tiny_report
     assert rc == 0 and data["agreement_ok"] is True
     assert data["machine"]["matmul_gflops"] > 0 and data["machine"]["cpu"]
-    assert data["method"] == {"rounds": 2, "pipeline_rounds": [2, 6], "pipeline_budget_s": 1.5, "pause_s": 0.01,
+    assert data["method"] == {"rounds": 2, "pipeline_rounds": [3, 6], "pipeline_budget_s": 1.5, "pause_s": 0.01,
                               "order": data["backends"] + ["auto"]}
     rows = data["results"]
     att = [r for r in rows if r["section"] == "attention"]
@@ -155,8 +155,8 @@ def test_runner_tiny_rows(tiny_report):
         for r in group:
             if r["section"] == "attention":
                 assert r["samples"] == 2
-            else:  # as many rounds as fit in the budget, within [repeat, 3 x repeat], the same for the whole group
-                assert 2 <= r["samples"] == group[0]["samples"] <= 6
+            else:  # as many rounds as fit in the budget, within [max(3, repeat/3), 3 x repeat], alike in a group
+                assert 3 <= r["samples"] == group[0]["samples"] <= 6
             assert 0 < r["p25_s"] <= r["median_s"] <= r["p75_s"]
             assert r["iqr_rel"] == pytest.approx((r["p75_s"] - r["p25_s"]) / r["median_s"])
             assert r["gflops"] > 0 and r["first_call_s"] > 0
@@ -176,7 +176,7 @@ def test_runner_text_explains_itself(tiny_report):
         assert col in header, col
     assert "1st call = the first call of that row in this process, including any JIT compile" in text
     assert "0.01 s pause before each timed call" in text and "OpenBLAS" in text
-    assert "2-6 rounds (as many as fit in about 1.5 s per row group), back to back, no pause" in text
+    assert "3-6 rounds (as many as fit in about 1.5 s per row group), back to back, no pause" in text
     assert "-> " + data["results"][-1]["picks"] in text
     assert "all backends agree with numpy" in text
     assert "MultiHeadAttention(2, 8, 16)" in text and "TransformerEncoderLayer(2, 8, 16)" in text

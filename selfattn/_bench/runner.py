@@ -272,26 +272,26 @@ def _measure_group(cands, explanation, base_row, flops, rounds, pause, ceiling, 
         tick(1)
     if ok:
         round_s = 0.0
-        for cand, _ in ok:  # the warm-up call, timed to size the rounds
+        for cand, row in ok:  # the warm-up call: also measures peak memory, and is timed to size the rounds
+            _release_heap()
             t0 = time.perf_counter()
-            cand.call()
+            if cand.numpy_arrays:
+                row["peak_extra_bytes"] = peak_rss_delta(cand.call)
+            else:  # device memory is not resident memory: not measured
+                cand.call()
+                row["peak_extra_bytes"] = None
             dt = time.perf_counter() - t0
             round_s += pause + 2 * dt if pause > 0 else dt  # with a pause: the pause, a wake-up and the timed call
         n_rounds = _rounds_for(budget, round_s, rounds)
         tick((most - n_rounds) * len(ok))
         samples = interleaved_samples([c.call for c, _ in ok], rounds=n_rounds, warmup=0, pause=pause,
                                       wake=pause > 0, after_round=lambda _: tick(len(ok)))
-        for (cand, row), ts in zip(ok, samples, strict=True):
+        for (_, row), ts in zip(ok, samples, strict=True):
             st = spread(ts)
             row.update(median_s=st["median"], p25_s=st["p25"], p75_s=st["p75"], samples=len(ts),
                        iqr_rel=(st["p75"] - st["p25"]) / st["median"] if st["median"] > 0 else 0.0)
             row["gflops"] = flops / st["median"] / 1e9 if st["median"] > 0 else float("inf")
             row["ratio_to_matmul"] = row["gflops"] / ceiling
-            if cand.numpy_arrays:
-                _release_heap()
-                row["peak_extra_bytes"] = peak_rss_delta(cand.call)
-            else:
-                row["peak_extra_bytes"] = None
         named = [r["median_s"] for c, r in ok if c.label != _AUTO]
         best = min(named) if named else None
         for _, row in ok:
@@ -339,7 +339,7 @@ def run(args, out: TextIO | None = None) -> dict:
     ceiling = matmul_gflops(n=n_mm, dtype=mm_dtype, repeat=3 if (args.tiny or args.quick) else 7)
     # back-to-back calls are short: up to 3x the rounds, as many as fit in the budget (a large layer on a busy
     # machine would otherwise take minutes)
-    pipe_rounds = (args.repeat, 3 * args.repeat)
+    pipe_rounds = (max(3, args.repeat // 3), 3 * args.repeat)
     pipe_budget = 1.5 if (args.quick or args.tiny) else 4.0
     total = (len(attention) * (len(backends) + 1) * (args.repeat + 1)
              + len(pipeline) * (len(layer_backends) + 1) * (pipe_rounds[1] + 1))

@@ -74,15 +74,26 @@ def check_case(backend: str, case) -> None:
 def run_check(backends=None, verbose=False, out=None) -> int:
     """Check every available backend (or those named); print the table to ``out`` (default stdout).
 
-    Returns the number of failed cases.
+    Returns the number of failed cases; a backend named in ``backends`` that is
+    not registered or not available here counts as one failure (an automatic
+    run, ``backends=None``, lists unavailable backends as skipped with the reason).
     """
     out = sys.stdout if out is None else out
     records = [r for r in selfattn.list_backends() if backends is None or r.name in backends]
     cases = generate_cases()
     failures = 0
+    for name in sorted(set(backends or ()) - {r.name for r in records}):
+        # Asked for by name but not registered: a failure, never a silent omission.
+        print(f"{name}: FAIL (not a registered backend; registered: "
+              f"{', '.join(r.name for r in selfattn.list_backends())})", file=out)
+        failures += 1
     for rec in records:
         if not rec.available:
-            print(f"{rec.name}: skipped ({rec.reason})", file=out)
+            if backends is not None:  # asked for explicitly: an unusable backend fails the check
+                print(f"{rec.name}: FAIL (unavailable: {rec.reason})", file=out)
+                failures += 1
+            else:
+                print(f"{rec.name}: skipped ({rec.reason})", file=out)
             continue
         table: defaultdict[str, list[int]] = defaultdict(lambda: [0, 0])
         failed: list[tuple[str, Exception]] = []

@@ -179,6 +179,64 @@ def test_dropout_pattern_is_the_documented_hash(selfattn_backend, p):
     assert np.array_equal(np_out != 0, out != 0)
 
 
+#: Known answers for the dropout hash documented in :mod:`selfattn._dropout`:
+#: ``(seed, bh, i, j, u, p, kept)`` with ``u`` the uint32 hash of weight
+#: ``(bh, i, j)`` and ``kept = u >= min(floor(p * 2**32), 2**32 - 1)``. Written
+#: out by a 20-line C program implementing the documented steps independently
+#: of this package (tests/test_dropout_vectors.py re-derives them in pure
+#: Python), so a changed constant or step in the shared hash -- which the
+#: oracle and every backend call alike -- fails here. The last three rows
+#: exercise wrapping uint32 products (counters past any test shape); the
+#: others lie inside the ``(B, H, N, M) = (2, 3, 40, 70)`` call below.
+DROPOUT_VECTORS = [
+    (0x0000000000000000, 0, 0, 0, 0x00000000, 0.50, False),
+    (0x0000000000000000, 0, 0, 1, 0x9B518C6D, 0.50, True),
+    (0x0000000000000000, 1, 2, 3, 0xC6A86B55, 0.50, True),
+    (0x0000000000000000, 5, 39, 69, 0x13C39261, 0.50, False),
+    (0x0000000000000001, 0, 0, 0, 0x5716F995, 0.25, True),
+    (0x0000000000000001, 2, 7, 11, 0x6EA94265, 0.25, True),
+    (0x0000000000000001, 4, 20, 33, 0x4A371426, 0.25, True),
+    (0x0000000000000001, 3, 38, 64, 0xB0E688D7, 0.25, True),
+    (0x0000000100000000, 0, 1, 2, 0x4034E341, 0.50, False),
+    (0x0000000100000000, 3, 10, 50, 0x63EFBAE1, 0.50, False),
+    (0x0000000100000000, 5, 0, 68, 0x434EA605, 0.50, False),
+    (0x0000000100000000, 1, 31, 5, 0x073D08FA, 0.50, False),
+    (0x0123456789ABCDEF, 0, 5, 9, 0x77BB4BC9, 0.75, False),
+    (0x0123456789ABCDEF, 2, 12, 40, 0xB6BA4393, 0.75, False),
+    (0x0123456789ABCDEF, 4, 33, 1, 0xACAA9BA3, 0.75, False),
+    (0x0123456789ABCDEF, 5, 39, 17, 0xD72BCE65, 0.75, True),
+    (0xFFFFFFFFFFFFFFFF, 0, 0, 0, 0x4983D8CE, 0.10, True),
+    (0xFFFFFFFFFFFFFFFF, 1, 16, 60, 0x611C6EB5, 0.10, True),
+    (0xFFFFFFFFFFFFFFFF, 3, 27, 29, 0x9A176FE0, 0.10, True),
+    (0xFFFFFFFFFFFFFFFF, 5, 8, 45, 0x45AE0A30, 0.10, True),
+    (0x0000000000003039, 2147483646, 2147483645, 2147483644, 0x51E0CC56, 0.50, False),
+    (0xDEADBEEFCAFEF00D, 123456789, 1000000, 2147483647, 0x4DD611C0, 0.50, False),
+    (0x0000000000000007, 4294967295, 0, 4294967295, 0x2D2B6295, 0.50, False),
+]
+
+
+def test_dropout_known_answer_vectors(selfattn_backend):
+    """The backend's dropout pattern at the known-answer positions (V = I: out[.., i, j] != 0 iff kept)."""
+    B, H, N, M = 2, 3, 40, 70
+    caps = _caps(selfattn_backend)
+    dtype = next((d for d in ("float64", "float32") if not caps.missing(caps.array_type, d, {"dropout"})), None)
+    if dtype is None:
+        pytest.skip("backend does not declare dropout")
+    rng = np.random.default_rng(11)
+    q = rng.standard_normal((B, H, N, 8)).astype(dtype)
+    k = rng.standard_normal((B, H, M, 8)).astype(dtype)
+    v = np.broadcast_to(np.eye(M, dtype=dtype), (B, H, M, M)).copy()
+    rows = [r for r in DROPOUT_VECTORS if r[1] < B * H and r[2] < N and r[3] < M]
+    assert len(rows) == 20
+    for seed, p in sorted({(r[0], r[5]) for r in rows}):
+        out = _host(selfattn.scaled_dot_product_attention(*_to_backend(selfattn_backend, q, k, v), dropout_p=p,
+                                                          dropout_seed=seed, backend=selfattn_backend))
+        for _, bh, i, j, u, _, kept in (r for r in rows if r[:1] == (seed,) and r[5] == p):
+            got = out[bh // H, bh % H, i, j] != 0
+            assert got == kept, (f"seed {seed:#x}, p {p}: weight (bh={bh}, i={i}, j={j}) with hash {u:#010x} "
+                                 f"must be {'kept' if kept else 'dropped'}")
+
+
 def test_fully_masked_rows_are_exact_zeros(selfattn_backend):
     caps = _caps(selfattn_backend)
     q = np.random.default_rng(0).standard_normal((1, 2, 6, 4)).astype(np.float32)

@@ -72,3 +72,13 @@ def test_check_fails_for_a_named_unavailable_or_unknown_backend():
     text = buf.getvalue()
     assert f"{rec.name}: FAIL (unavailable: {rec.reason})" in text
     assert "no-such-backend: FAIL (not a registered backend" in text
+
+
+def test_error_table_tool_prints_the_tables():
+    """tools/conformance_errors.py (the numbers behind cases.TOLERANCES) runs and reports every output."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, os.path.join(root, "tools", "conformance_errors.py"), "--backend", "numpy",
+                           "--per-case"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for row in ("| float16 | out |", "| float32 (float16 in) | lse |", "| float64 | dk |", "| odd-sizes-float32 |"):
+        assert row in proc.stdout, row

@@ -32,8 +32,8 @@ def skip_unless_supported(backend, dtype=None, *features):
 TOL = {np.float16: 2e-2, np.float32: 2e-5, np.float64: 1e-10}
 
 
-def _ref_mha(layer, xq, xk=None, xv=None, mask=None, causal=False):
-    """MultiHeadAttention recomputed in float64 with the reference attention."""
+def _ref_mha(layer, xq, xk=None, xv=None, mask=None, causal=False, **attention):
+    """MultiHeadAttention recomputed in float64 with the reference attention (``attention``: dropout options)."""
     p = {k: v.astype(np.float64) for k, v in layer.params.items()}
     xk = xq if xk is None else xk
     xv = xk if xv is None else xv
@@ -47,7 +47,7 @@ def _ref_mha(layer, xq, xk=None, xv=None, mask=None, causal=False):
     q = lin(xq, "q_weight", "q_bias").reshape(b, n, h, hd).transpose(0, 2, 1, 3)
     k = lin(xk, "k_weight", "k_bias").reshape(b, m, hkv, hd).transpose(0, 2, 1, 3)
     v = lin(xv, "v_weight", "v_bias").reshape(b, m, hkv, hd).transpose(0, 2, 1, 3)
-    o, _, w = reference.forward(q, k, v, mask=mask, causal=causal)
+    o, _, w = reference.forward(q, k, v, mask=mask, causal=causal, **attention)
     o = o.transpose(0, 2, 1, 3).reshape(b, n, -1)
     return lin(o, "out_weight", "out_bias"), w
 

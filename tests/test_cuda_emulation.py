@@ -67,10 +67,15 @@ def test_emulated_backend_is_registered_for_the_conformance_suite():
     assert isinstance(be, cupy_backend_mod.CupyBackend) and be.capabilities.array_type == "numpy"
     assert be.capabilities.features == cupy_backend_mod.backend.capabilities.features
     assert be.capabilities.dtypes == cupy_backend_mod.backend.capabilities.dtypes
-    q = np.ones((2, 3, 8), np.float16)
-    assert selfattn.explain(q, q, q).backend != "cupy-emulated"  # never chosen automatically
-    out = selfattn.scaled_dot_product_attention(q, q, q, backend="cupy-emulated")
-    np.testing.assert_allclose(out, 1.0)
+    from selfattn.testing import reference
+    from selfattn.testing.compare import assert_close
+
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((2, 3, 8)).astype(np.float16) for _ in range(3))
+    assert selfattn.explain(q, k, v).backend != "cupy-emulated"  # never chosen automatically
+    out = selfattn.scaled_dot_product_attention(q, k, v, backend="cupy-emulated")
+    assert_close(out, reference.forward(q, k, v)[0], "float16", "out", score_max=reference.score_max(q, k),
+                 bound=reference.rounding_bounds(q, k, v)["out"])
 
 
 def _inputs(shape, dtype, case=None, layout="contiguous", seed=0):
@@ -261,8 +266,16 @@ def test_tensor_core_forward_nan_and_fully_masked_rows():
 def test_cuda_core_forward_matches_numpy(shape, dtype, case, cc, kernel):
     """The CUDA-core kernels too (float32/64; float16 below sm_80 or with D not a multiple of 8)."""
     q, k, v, kw = _inputs(shape, dtype, case, "strided")
-    tol = F16 if dtype == np.float16 else dict(rtol=2e-5, atol=2e-6)
-    _check(EmulatedCupy(cc=cc), q, k, v, kw, kernel, tol)
+    tol = {np.float16: F16, np.float32: dict(rtol=2e-5, atol=2e-6), np.float64: dict(rtol=1e-12, atol=1e-13)}[dtype]
+    out, lse = _check(EmulatedCupy(cc=cc), q, k, v, kw, kernel, tol)
+    # ... and against the float64 oracle at each output's own dtype tolerance (cases.TOLERANCES).
+    from selfattn.testing import reference
+    from selfattn.testing.compare import assert_close
+
+    ref_out, ref_lse, _ = reference.forward(q, k, v, **kw)
+    smax = reference.score_max(q, k, mask=kw.get("mask"))
+    assert_close(out, ref_out, dtype, "out", score_max=smax, bound=reference.rounding_bounds(q, k, v, **kw)["out"])
+    assert_close(lse, ref_lse, dtype, "lse", score_max=smax)
 
 
 def test_tensor_cores_can_be_switched_off():

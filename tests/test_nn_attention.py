@@ -86,10 +86,14 @@ def test_mha_dropout_only_in_training_and_seeded():
     layer = nn.MultiHeadAttention(8, 2, dropout_p=0.5, dtype=np.float64, seed=0)
     x = np.random.default_rng(0).normal(size=(2, 6, 8))
     np.testing.assert_array_equal(layer(x), layer(x))
+    np.testing.assert_allclose(layer(x), _ref_mha(layer, x)[0], rtol=1e-10, atol=1e-12)  # eval: no dropout
     a = layer(x, training=True, dropout_seed=3)
     b = layer(x, training=True, dropout_seed=3)
     np.testing.assert_array_equal(a, b)
-    assert not np.allclose(a, layer(x))
+    # Training drops attention weights with the documented pattern of dropout_seed and rescales by 1/(1-p).
+    np.testing.assert_allclose(a, _ref_mha(layer, x, dropout_p=0.5, dropout_seed=3)[0], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(layer(x, training=True, dropout_seed=4),
+                               _ref_mha(layer, x, dropout_p=0.5, dropout_seed=4)[0], rtol=1e-10, atol=1e-12)
 
 
 def test_mha_state_dict_roundtrip(tmp_path):

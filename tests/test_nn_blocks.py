@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from _nn_support import BACKENDS, _sd, _torch, perturb
+from _nn_support import BACKENDS, _ref_mha, _sd, _torch, perturb, skip_unless_supported
 
 from selfattn import nn
 
@@ -40,8 +40,36 @@ def test_encoder_runs_and_saves(tmp_path, backend):
     other = nn.TransformerEncoder(2, 8, 2, 16, norm_first=True, final_norm=True, seed=1)
     other.load_state_dict(np.load(tmp_path / "enc.npz"))
     np.testing.assert_allclose(other(x, key_mask=key_mask), y, rtol=1e-5, atol=1e-6)  # BLAS alignment may differ
-    y_train = enc(x, training=True, rng=np.random.default_rng(0))  # dropout_p=0: same as eval
-    np.testing.assert_allclose(y_train, enc(x), rtol=1e-6)
+    y_train = enc(x, training=True, rng=np.random.default_rng(0))  # dropout_p=0: training changes nothing
+    np.testing.assert_array_equal(y_train, enc(x))
+
+
+def test_encoder_training_applies_dropout_where_documented(backend):
+    """dropout_p > 0: training = attention dropout, then dropout on the attention and feed-forward outputs.
+
+    Recomputed from the layer's own parts with a generator seeded alike, drawing in the documented order
+    (attention seed, attention-output mask, feed-forward hidden mask, feed-forward-output mask).
+    """
+    skip_unless_supported(backend, None, "dropout")
+    p = 0.25
+    enc = nn.TransformerEncoder(1, 8, 2, 16, dropout_p=p, dtype=np.float64, seed=0)
+    layer = enc.layers[0]
+    x = np.random.default_rng(0).normal(size=(2, 5, 8))
+    y = enc(x, training=True, rng=np.random.default_rng(5), backend=backend)
+    rng = np.random.default_rng(5)
+
+    def drop(t):
+        return np.where(rng.random(t.shape) >= p, t / (1 - p), 0)
+
+    seed = int(rng.integers(0, 2 ** 63))
+    attn = layer.self_attn(x, training=True, dropout_seed=seed, backend=backend)
+    np.testing.assert_allclose(attn, _ref_mha(layer.self_attn, x, dropout_p=p, dropout_seed=seed)[0],
+                               rtol=1e-10, atol=1e-12)
+    h = layer.norm1(x + drop(attn))
+    expect = layer.norm2(h + drop(layer.ff(h, training=True, rng=rng)))
+    np.testing.assert_allclose(y, expect, rtol=1e-12, atol=1e-12)
+    assert np.abs(y - enc(x)).max() > 0.1  # and it is not the eval output
+    np.testing.assert_array_equal(enc(x, rng=np.random.default_rng(5)), enc(x))  # eval ignores rng
 
 
 # ----------------------------------------------------------------------------- PyTorch equality

@@ -129,8 +129,20 @@ def test_backward_validates_grad_out():
 
 def test_valid_edge_values_are_accepted():
     # These look odd but are valid: numpy scalars for options, huge windows, p = 0 with a seed, int scale.
-    _call(causal=np.bool_(True), window=(np.int64(2), 10**15), scale=np.float32(0.5), dropout_p=0.0, dropout_seed=3)
-    _call(scale=2, dropout_p=np.float64(0.2), dropout_seed=np.uint64(2**64 - 1))
+    # Each gives exactly the result of the plain spelling, and that matches the oracle.
+    from selfattn.testing import reference
+    from selfattn.testing.compare import assert_close
+
+    for odd, plain in (
+        (dict(causal=np.bool_(True), window=(np.int64(2), 10**15), scale=np.float32(0.5), dropout_p=0.0,
+              dropout_seed=3), dict(causal=True, window=(2, 10**15), scale=0.5)),
+        (dict(scale=2, dropout_p=np.float64(0.2), dropout_seed=np.uint64(2**64 - 1)),
+         dict(scale=2.0, dropout_p=0.2, dropout_seed=2**64 - 1)),
+    ):
+        out = _call(**odd)
+        np.testing.assert_array_equal(out, _call(**plain))
+        expected = reference.forward(Q, K, V, **plain)[0]
+        assert_close(out, expected, "float32", "out", score_max=reference.score_max(Q, K, scale=plain["scale"]))
 
 
 def test_oversized_extent_is_rejected_before_any_kernel(monkeypatch):

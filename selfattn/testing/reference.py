@@ -17,7 +17,7 @@ import numpy as np
 
 from .._dropout import keep_mask
 
-__all__ = ["allowed", "dropout_scale", "forward", "vjp"]
+__all__ = ["allowed", "dropout_scale", "forward", "vjp", "score_max", "rounding_bounds"]
 
 
 def allowed(n, m, causal=False, window=None):
@@ -70,7 +70,8 @@ def _probabilities(q, k, mask, causal, window, scale):
 def forward(query, key, value, *, mask=None, causal=False, window=None, scale=None, dropout_p=0.0, dropout_seed=None):
     """Return ``(out, lse, weights)`` in float64 for the given call."""
     two_d = query.ndim == 2
-    q, k, v, mask, _ = _as4(*(np.asarray(x, np.float64) for x in (query, key, value)), mask)
+    q, k, v = (np.asarray(x, np.float64) for x in (query, key, value))
+    q, k, v, mask, _ = _as4(q, k, v, mask)
     group = q.shape[-3] // k.shape[-3]
     k, v = np.repeat(k, group, axis=-3), np.repeat(v, group, axis=-3)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
@@ -86,8 +87,8 @@ def vjp(query, key, value, grad_out, *, mask=None, causal=False, window=None, sc
         dropout_seed=None):
     """Return float64 ``(dq, dk, dv)``: gradients of ``sum(out * grad_out)``."""
     two_d = query.ndim == 2
-    q, k, v, mask, do = _as4(*(np.asarray(x, np.float64) for x in (query, key, value)), mask,
-                             np.asarray(grad_out, np.float64))
+    q, k, v = (np.asarray(x, np.float64) for x in (query, key, value))
+    q, k, v, mask, do = _as4(q, k, v, mask, np.asarray(grad_out, np.float64))
     hkv, group = k.shape[-3], q.shape[-3] // k.shape[-3]
     kr, vr = np.repeat(k, group, axis=-3), np.repeat(v, group, axis=-3)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
@@ -106,3 +107,71 @@ def vjp(query, key, value, grad_out, *, mask=None, causal=False, window=None, sc
     if two_d:
         return dq[0], dk[0], dv[0]
     return dq, dk, dv
+
+
+def rounding_bounds(query, key, value, grad_out=None, *, mask=None, causal=False, window=None, scale=None,
+                    dropout_p=0.0, dropout_seed=None) -> dict:
+    """Per-element float64 error allowances for two roundings that standard attention algorithms make.
+
+    Returns ``{"out": ...}``, plus ``"dq"`` and ``"dk"`` when ``grad_out`` is
+    given, each shaped like that output. With ``eps`` one unit in the last
+    place of the input dtype:
+
+    * ``out``: ``eps * sum_j P~_ij |V_jd|`` (``P~`` the dropped, rescaled
+      weights). Tensor-core kernels (FlashAttention's, the CuPy backend's
+      float16 forward) round the weights to the input dtype before the
+      ``P @ V`` product, each by up to half an ulp.
+    * ``dq``, ``dk``: a FlashAttention-style backward forms
+      ``delta_i = sum_d dO_id * O_id`` from the output as returned (rounded to
+      the input dtype). With ``dS_ij = P_ij (dP_ij - delta_i)``, an error
+      ``e_i <= eps * sum_d |dO_id| |O_id|`` in ``delta_i`` moves ``dq_i`` by
+      ``scale * e_i * sum_j P_ij k_j`` and ``dk_j`` by ``scale * sum_i P_ij e_i q_i``;
+      the bounds are those sums in absolute values.
+
+    ``eps`` is twice the half-ulp of one rounding, which also covers a
+    backend's own rounding before ours. Both terms are negligible for float32
+    and float64; for float16 they are the dominant, unavoidable errors.
+    """
+    eps = float(np.finfo(np.asarray(query).dtype).eps)
+    two_d = query.ndim == 2
+    q, k, v = (np.asarray(x, np.float64) for x in (query, key, value))
+    q, k, v, mask, do = _as4(q, k, v, mask, None if grad_out is None else np.asarray(grad_out, np.float64))
+    hkv, group = k.shape[-3], q.shape[-3] // k.shape[-3]
+    kr, vr = np.repeat(k, group, axis=-3), np.repeat(v, group, axis=-3)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    p, _ = _probabilities(q, kr, mask, causal, window, scale)
+    z = dropout_scale(q.shape[:-2], q.shape[-2], kr.shape[-2], dropout_p, dropout_seed)
+    bounds = {"out": eps * ((p * z) @ np.abs(vr))}
+    if do is not None:
+        out = (p * z) @ vr
+        e = eps * np.sum(np.abs(do) * np.abs(out), axis=-1, keepdims=True)  # (..., Hq, N, 1)
+        pe = p * e
+        bounds["dq"] = pe @ np.abs(kr) * scale
+        bk = np.swapaxes(pe, -1, -2) @ np.abs(q) * scale
+        bounds["dk"] = bk.reshape(bk.shape[:-3] + (hkv, group) + bk.shape[-2:]).sum(axis=-3)
+    if two_d:
+        bounds = {name: b[0] for name, b in bounds.items()}
+    return bounds
+
+
+def score_max(query, key, *, mask=None, scale=None) -> float:
+    """The largest logit magnitude ``max |scale * q_i . k_j (+ mask_ij)|`` over every pair (0.0 when empty).
+
+    A float ``mask`` is added first (a bool mask changes nothing here): the
+    number measures how large the logits of a call are, which is what
+    rounding errors in a backend's softmax grow with (see
+    :func:`selfattn.testing.cases.logit_headroom`). Non-finite entries are ignored.
+    """
+    q, k = np.asarray(query, np.float64), np.asarray(key, np.float64)
+    if q.ndim == 2:
+        q, k = q[None], k[None]
+    if q.size == 0 or k.size == 0:
+        return 0.0
+    group = q.shape[-3] // k.shape[-3]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    with np.errstate(invalid="ignore", over="ignore"):
+        s = q @ np.swapaxes(np.repeat(k, group, axis=-3), -1, -2) * scale
+        if mask is not None and np.asarray(mask).dtype != bool:
+            s = s + np.asarray(mask, np.float64)  # broadcasts like the scores (2-D inputs too)
+    s = np.abs(s[np.isfinite(s)])
+    return float(s.max()) if s.size else 0.0

@@ -163,3 +163,130 @@ def test_inputs_are_not_modified_and_readonly_is_fine():
     backward(np.ones_like(out))
     for a, b in ((q, Q), (k, K), (v, V)):
         assert np.array_equal(a, b)
+
+
+# -- packed varlen, merge_attention, new options ---------------------------------------------------------------
+_VQ = rng.standard_normal((4, 12, 8)).astype(np.float32)
+_VK = rng.standard_normal((2, 15, 8)).astype(np.float32)
+_CQ = np.array([0, 5, 12], np.int32)
+_CK = np.array([0, 9, 15], np.int32)
+
+VARLEN_BAD = [
+    ("cu-list", dict(cu_seqlens_q=[0, 5, 12]), TypeError, r"cu_seqlens_q must be a numpy .*integer array"),
+    ("cu-float", dict(cu_seqlens_q=_CQ.astype(np.float32)), TypeError, r"cu_seqlens_q has dtype float32.*integer"),
+    ("cu-bool", dict(cu_seqlens_k=np.array([False, True, True])), TypeError, r"cu_seqlens_k has dtype bool"),
+    ("cu-decreasing", dict(cu_seqlens_q=np.array([0, 7, 5, 12])), ValueError, r"non-decreasing.*\[2\] = 5 < .*\[1\] = 7"),
+    ("cu-start", dict(cu_seqlens_k=np.array([1, 9, 15])), ValueError, r"cu_seqlens_k must start at 0"),
+    ("cu-end", dict(cu_seqlens_q=np.array([0, 5, 11])), ValueError, r"must end at total_q .* = 12, got cu_seqlens_q\[-1\] = 11"),
+    ("cu-length-mismatch", dict(cu_seqlens_k=np.array([0, 15])), ValueError, r"same length \(B \+ 1\), got 3 and 2"),
+    ("cu-2d", dict(cu_seqlens_q=_CQ[None]), ValueError, r"cu_seqlens_q must be 1-D"),
+    ("query-4d", dict(query=_VQ[None]), ValueError, r"query must be 3-D \(heads, total tokens, head size\)"),
+    ("alibi-shape", dict(alibi_slopes=np.ones((3, 4), np.float32)), ValueError, r"alibi_slopes with shape \(3, 4\)"),
+    ("softcap-zero", dict(softcap=0.0), ValueError, r"softcap must be finite and positive"),
+    ("mask-keyword", dict(mask=np.ones(3, bool)), TypeError, r"unexpected keyword argument 'mask'"),
+]
+
+
+@pytest.mark.parametrize("name, over, exc, pattern", VARLEN_BAD, ids=[r[0] for r in VARLEN_BAD])
+def test_malformed_varlen_call_raises_clear_error(name, over, exc, pattern):
+    args = dict(query=_VQ, key=_VK, value=_VK, cu_seqlens_q=_CQ, cu_seqlens_k=_CK)
+    args.update(over)
+    with pytest.raises(exc, match=pattern):
+        selfattn.scaled_dot_product_attention_varlen(args.pop("query"), args.pop("key"), args.pop("value"),
+                                                     args.pop("cu_seqlens_q"), args.pop("cu_seqlens_k"), **args)
+
+
+OPTION_BAD = [
+    ("softcap-str", dict(softcap="5"), TypeError, r"softcap must be None or a positive float, got '5'"),
+    ("softcap-neg", dict(softcap=-1.0), ValueError, r"softcap must be finite and positive"),
+    ("softcap-inf", dict(softcap=float("inf")), ValueError, r"softcap must be finite"),
+    ("alibi-list", dict(alibi_slopes=[0.5] * 4), TypeError, r"alibi_slopes must be a numpy.ndarray"),
+    ("alibi-int", dict(alibi_slopes=np.ones(4, np.int32)), TypeError, r"alibi_slopes has dtype int32"),
+    ("alibi-f16", dict(alibi_slopes=np.ones(4, np.float16)), TypeError, r"float32 or float64"),
+    ("alibi-heads", dict(alibi_slopes=np.ones(3, np.float32)), ValueError, r"alibi_slopes with shape \(3,\)"),
+    ("alibi-batch", dict(alibi_slopes=np.ones((3, 4), np.float32)), ValueError, r"broadcastable to \(2,\)"),
+]
+
+
+@pytest.mark.parametrize("name, over, exc, pattern", OPTION_BAD, ids=[r[0] for r in OPTION_BAD])
+def test_malformed_softcap_and_alibi(name, over, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        _call(**over)
+
+
+TORCH_KEYWORDS = [
+    ("is_causal", True, r"causal=True.*bottom-right.*top-left.*tril"),
+    ("attn_mask", np.ones((5, 7), bool), r"mask=.*True = may attend.*opposite of nn.MultiheadAttention"),
+    ("enable_gqa", True, r"grouped-query attention needs no flag"),
+    ("softmax_scale", 0.1, r"use scale="),
+    ("window_size", (2, 2), r"window=\(left, right\)"),
+    ("need_weights", True, r"return_weights=True"),
+    ("key_padding_mask", np.zeros((2, 7), bool), r"~key_padding_mask"),
+]
+
+
+@pytest.mark.parametrize("name, value, pattern", TORCH_KEYWORDS, ids=[r[0] for r in TORCH_KEYWORDS])
+def test_pytorch_and_flash_attention_keywords_name_the_equivalent(name, value, pattern):
+    for fn in (selfattn.scaled_dot_product_attention, selfattn.scaled_dot_product_attention_vjp):
+        with pytest.raises(TypeError, match=rf"unexpected keyword argument '{name}': .*{pattern}"):
+            fn(Q, K, V, **{name: value})
+
+
+def test_misspelled_keyword_suggests_the_right_one():
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'causl'; did you mean 'causal'\?"):
+        _call(causl=True)
+
+
+def test_impossible_result_fails_before_any_work(monkeypatch):
+    """The weights of N = M = 100 000 (37 GiB here) are refused at once, with the size and the way out."""
+    import time
+
+    q = np.zeros((1, 1, 100_000, 64), np.float32)
+    for backend in [r.name for r in selfattn.list_backends() if r.available and r.capabilities.array_type == "numpy"]:
+        monkeypatch.setattr("selfattn._memory.available_bytes", lambda array_type, like=None: 8 * 2**30)
+        t0 = time.perf_counter()
+        with pytest.raises(MemoryError, match=r"return_weights=True: the attention weights \(1, 1, 100000, 100000\) "
+                                              r"\(37\.3 GiB of float32\).*drop return_weights=True.*return_lse=True"):
+            selfattn.scaled_dot_product_attention(q, q, q, return_weights=True, backend=backend)
+        assert time.perf_counter() - t0 < 5.0  # refused, not computed (a generous bound for a loaded machine)
+    with pytest.raises(MemoryError, match=r"the output \(1, 1, 100000, 64\).*split the call"):
+        monkeypatch.setattr("selfattn._memory.available_bytes", lambda array_type, like=None: 1)
+        monkeypatch.setattr("selfattn._memory.CHECK_FROM_BYTES", 0)
+        selfattn.scaled_dot_product_attention(q, q, q)
+
+
+MERGE_BAD = [
+    ("empty", dict(outputs=[], lses=[]), ValueError, r"outputs is empty"),
+    ("length", dict(lses=[np.zeros(3, np.float32)]), ValueError, r"same length, got 2 and 1"),
+    ("not-sequence", dict(outputs=np.zeros((2, 3, 4), np.float32)), TypeError, r"outputs must be a list or tuple"),
+    ("list-item", dict(outputs=[[0.0], [0.0]]), TypeError, r"outputs\[0\] must be a numpy.ndarray"),
+    ("dtype", dict(outputs=[np.zeros((3, 4), np.float32), np.zeros((3, 4))]), TypeError,
+     r"outputs\[1\] has dtype float64 but outputs\[0\] has float32"),
+    ("shape", dict(outputs=[np.zeros((3, 4), np.float32), np.zeros((3, 5), np.float32)]), ValueError,
+     r"outputs\[1\] has shape \(3, 5\)"),
+    ("lse-dtype", dict(lses=[np.zeros(3), np.zeros(3)]), TypeError, r"lses\[0\] has dtype float64; for float32"),
+    ("lse-shape", dict(lses=[np.zeros(4, np.float32)] * 2), ValueError, r"lses\[0\] has shape \(4,\), expected \(3,\)"),
+]
+
+
+@pytest.mark.parametrize("name, over, exc, pattern", MERGE_BAD, ids=[r[0] for r in MERGE_BAD])
+def test_merge_attention_validates(name, over, exc, pattern):
+    args = dict(outputs=[np.zeros((3, 4), np.float32)] * 2, lses=[np.zeros(3, np.float32)] * 2)
+    args.update(over)
+    with pytest.raises(exc, match=pattern):
+        selfattn.merge_attention(args["outputs"], args["lses"])
+
+
+@pytest.mark.parametrize("view", ["query", "all"])
+def test_bnhd_layout_as_swapaxes_views(view):
+    """Data laid out (B, N, H, D) is passed as a swapaxes view, no copy, and gives the same result."""
+    x = rng.standard_normal((2, 5, 4, 8)).astype(np.float32)  # (B, N, H, D)
+    y = rng.standard_normal((2, 7, 2, 8)).astype(np.float32)
+    q = x.swapaxes(1, 2)
+    k = y.swapaxes(1, 2) if view == "all" else np.ascontiguousarray(y.swapaxes(1, 2))
+    assert np.shares_memory(q, x)
+    expect = selfattn.scaled_dot_product_attention(np.ascontiguousarray(q), np.ascontiguousarray(k),
+                                                   np.ascontiguousarray(k), causal=True, backend="numpy")
+    for backend in [r.name for r in selfattn.list_backends() if r.available and r.capabilities.array_type == "numpy"]:
+        got = selfattn.scaled_dot_product_attention(q, k, k, causal=True, backend=backend)
+        np.testing.assert_allclose(got, expect, rtol=2e-5, atol=2e-6)

@@ -136,7 +136,7 @@ class Case:
     ``q_shape``/``k_shape``/``v_shape`` are the caller-facing shapes;
     ``mask`` is None, or ``(kind, shape)`` with kind ``"bool"``/``"float"``;
     ``options`` are keyword arguments of the public API (causal, window,
-    scale, dropout_p, dropout_seed); ``layout`` is ``"contiguous"``,
+    scale, softcap, alibi_slopes (a NumPy array), dropout_p, dropout_seed); ``layout`` is ``"contiguous"``,
     ``"noncontiguous"`` or ``"readonly"``; ``logit_scale`` multiplies the
     query (large values stress the softmax); ``mask_rows_off`` lists query rows
     whose boolean mask is all False (fully masked).
@@ -200,7 +200,9 @@ class Case:
         from .reference import score_max
 
         q, k, _, mask = self.arrays()
-        return score_max(q, k, mask=mask, scale=self.options.get("scale"))
+        o = self.options
+        return score_max(q, k, mask=mask, scale=o.get("scale"), softcap=o.get("softcap"),
+                         alibi_slopes=o.get("alibi_slopes"))
 
     def features(self) -> frozenset:
         """The capability features this case needs (the forward, without lse/weights/vjp)."""
@@ -209,6 +211,17 @@ class Case:
 
         q, k, v, mask = self.arrays()
         return required_features(normalize(q, k, v, mask=mask, **self.options))
+
+
+def alibi_slopes(shape, dtype) -> np.ndarray:
+    """Deterministic ALiBi slopes of ``shape`` (last axis = query heads): 2**-1, 2**-2, ... varied per batch entry.
+
+    float64 for float64 inputs, else float32 (the API takes float32 or float64 slopes).
+    """
+    heads = shape[-1]
+    base = 2.0 ** -np.arange(1, heads + 1)
+    scale = 1.0 + 0.25 * np.arange(int(np.prod(shape[:-1], dtype=np.int64))).reshape(shape[:-1] + (1,))
+    return (base * scale).astype(np.float64 if np.dtype(dtype) == np.float64 else np.float32)
 
 
 def _qkv(batch, hq, hkv, n, m, d, dv=None):
@@ -268,16 +281,30 @@ def generate_cases(dtypes=("float32", "float64"), float16=True) -> list[Case]:
     add("readonly", odd, layout="readonly", mask=("float", (2, 4, 37, 53)))
     add("long-m", _qkv((1,), 2, 2, 3, 700, 32))
     add("block-edges", _qkv((1,), 2, 2, 129, 257, 64), causal=True)
+    # Soft-capping and ALiBi (FlashAttention 2's definitions), alone and with everything else.
+    add("softcap", odd, softcap=2.0, logit_scale=3.0)
+    add("softcap-large-logits", odd, softcap=30.0, logit_scale=60.0)
+    add("alibi", odd, alibi=(4,))
+    add("alibi-causal-n<m", _qkv((2,), 2, 2, 13, 40, 16), alibi=(2,), causal=True)
+    add("alibi-window-n>m", _qkv((1,), 2, 2, 40, 13, 16), alibi=(2,), window=(5, 3))
+    add("alibi-batch-slopes", _qkv((2, 3), 2, 1, 9, 13, 8), alibi=(2, 1, 2))
+    add("softcap-alibi-mask-dropout", odd, softcap=5.0, alibi=(2, 4), mask=("float", (2, 1, 1, 53)), causal=True,
+        dropout_p=0.2, dropout_seed=7)
 
     f16_names = {"odd-sizes", "gqa-4", "causal-n<m", "mask-float-keys", "mask-bool-full", "dropout", "large-logits",
-                 "window-causal", "fully-masked-rows", "n0", "m0", "block-edges"}
+                 "window-causal", "fully-masked-rows", "n0", "m0", "block-edges", "softcap", "alibi-causal-n<m",
+                 "softcap-alibi-mask-dropout"}
     cases = []
     for i, (name, (qs, ks, vs), kw) in enumerate(base):
         mask = kw.pop("mask", None)
         layout = kw.pop("layout", "contiguous")
         logit = kw.pop("logit_scale", 1.0)
         rows_off = kw.pop("mask_rows", ())
+        alibi = kw.pop("alibi", None)
         want = list(dtypes) + (["float16"] if float16 and name in f16_names else [])
         for dt in want:
-            cases.append(Case(name, qs, ks, vs, dt, mask, dict(kw), layout, logit, rows_off, seed=1000 + i))
+            opts = dict(kw)
+            if alibi is not None:
+                opts["alibi_slopes"] = alibi_slopes(alibi, dt)
+            cases.append(Case(name, qs, ks, vs, dt, mask, opts, layout, logit, rows_off, seed=1000 + i))
     return cases

@@ -20,7 +20,7 @@ import selfattn
 
 from . import reference
 from .cases import generate_cases
-from .compare import assert_close, case_group, to_backend
+from .compare import assert_close, case_group, backend_options, to_backend
 
 __all__ = ["case_outputs", "check_case", "run_check"]
 
@@ -38,21 +38,22 @@ def case_outputs(backend: str, case) -> list[tuple] | None:
     caps = selfattn.get_backend(backend).capabilities
     q, k, v, mask = case.arrays()
     bq, bk, bv, bm = to_backend(caps.array_type, q, k, v, mask)
+    opts = backend_options(caps.array_type, case.options)
     need = set(case.features()) | {"lse", "weights"}
     if caps.missing(caps.array_type, case.dtype, need):
         try:
             selfattn.scaled_dot_product_attention(bq, bk, bv, mask=bm, return_lse=True, return_weights=True,
-                                                  backend=backend, **case.options)
+                                                  backend=backend, **opts)
         except selfattn.UnsupportedFeatureError:
             return None
         raise AssertionError("expected UnsupportedFeatureError outside the declared capabilities")
     got = selfattn.scaled_dot_product_attention(bq, bk, bv, mask=bm, return_lse=True, return_weights=True,
-                                                backend=backend, **case.options)
+                                                backend=backend, **opts)
     bounds = reference.rounding_bounds(q, k, v, mask=mask, **case.options)
     results = [(what, a, e, bounds.get(what)) for what, a, e in
                zip(("out", "lse", "weights"), got, reference.forward(q, k, v, mask=mask, **case.options), strict=True)]
     if "vjp" in caps.features:
-        o, backward = selfattn.scaled_dot_product_attention_vjp(bq, bk, bv, mask=bm, backend=backend, **case.options)
+        o, backward = selfattn.scaled_dot_product_attention_vjp(bq, bk, bv, mask=bm, backend=backend, **opts)
         g = np.random.default_rng(case.seed + 1).standard_normal(o.shape).astype(q.dtype)
         grads = backward(to_backend(caps.array_type, g)[0])
         bounds = reference.rounding_bounds(q, k, v, g, mask=mask, **case.options)

@@ -9,7 +9,7 @@ import numpy as np
 
 from .cases import logit_headroom, output_dtype, tolerance
 
-__all__ = ["assert_close", "error_ratio", "to_backend", "host", "case_group"]
+__all__ = ["assert_close", "error_ratio", "to_backend", "backend_options", "host", "case_group"]
 
 
 def host(x):
@@ -97,3 +97,9 @@ def assert_close(actual, expected, dtype, what: str = "out", *, score_max: float
 def case_group(case) -> str:
     """The feature group a case belongs to, for summary tables (``mask``, ``causal``, ``gqa``...)."""
     return case.name.split("-")[0]
+
+
+def backend_options(array_type: str, options: dict) -> dict:
+    """A case's keyword options for a backend call: array-valued options (``alibi_slopes``) converted with
+    :func:`to_backend`, the rest unchanged (the oracle takes the NumPy originals)."""
+    return {k: (to_backend(array_type, v)[0] if isinstance(v, np.ndarray) else v) for k, v in options.items()}

@@ -23,7 +23,7 @@ from selfattn import UnsupportedFeatureError
 from selfattn._dropout import keep_mask
 from selfattn.testing import reference
 from selfattn.testing.cases import generate_cases
-from selfattn.testing.compare import assert_close, to_backend
+from selfattn.testing.compare import assert_close, backend_options, to_backend
 from selfattn.testing.compare import host as _host
 
 CASES = generate_cases()
@@ -41,6 +41,11 @@ def _caps(name):
 
 def _to_backend(name, *arrays):
     return to_backend(_caps(name).array_type, *arrays)
+
+
+def _opts(name, case):
+    """The case's options for a call on backend ``name`` (array options converted to its array library)."""
+    return backend_options(_caps(name).array_type, case.options)
 
 
 def _missing(name, case, extra=()):
@@ -69,9 +74,9 @@ def test_forward_matches_oracle(selfattn_backend, case):
     bq, bk, bv, bm = _to_backend(selfattn_backend, q, k, v, mask)
     if _missing(selfattn_backend, case):
         with pytest.raises(UnsupportedFeatureError):
-            selfattn.scaled_dot_product_attention(bq, bk, bv, mask=bm, backend=selfattn_backend, **case.options)
+            selfattn.scaled_dot_product_attention(bq, bk, bv, mask=bm, backend=selfattn_backend, **_opts(selfattn_backend, case))
         return
-    out = selfattn.scaled_dot_product_attention(bq, bk, bv, mask=bm, backend=selfattn_backend, **case.options)
+    out = selfattn.scaled_dot_product_attention(bq, bk, bv, mask=bm, backend=selfattn_backend, **_opts(selfattn_backend, case))
     assert type(out) is type(bq), "the output must use the inputs' array library"
     assert out.dtype == q.dtype
     ref_out, _, _ = reference.forward(q, k, v, mask=mask, **case.options)
@@ -84,7 +89,7 @@ def test_forward_matches_oracle(selfattn_backend, case):
 def test_lse_and_weights_match_oracle(selfattn_backend, case):
     q, k, v, mask = case.arrays()
     bq, bk, bv, bm = _to_backend(selfattn_backend, q, k, v, mask)
-    call = dict(mask=bm, backend=selfattn_backend, return_lse=True, return_weights=True, **case.options)
+    call = dict(mask=bm, backend=selfattn_backend, return_lse=True, return_weights=True, **_opts(selfattn_backend, case))
     if _missing(selfattn_backend, case, ("lse", "weights")):
         with pytest.raises(UnsupportedFeatureError):
             selfattn.scaled_dot_product_attention(bq, bk, bv, **call)
@@ -106,10 +111,10 @@ def test_vjp_matches_oracle(selfattn_backend, case):
     bq, bk, bv, bm = _to_backend(selfattn_backend, q, k, v, mask)
     if _missing(selfattn_backend, case, ("vjp",)):
         with pytest.raises(UnsupportedFeatureError):
-            selfattn.scaled_dot_product_attention_vjp(bq, bk, bv, mask=bm, backend=selfattn_backend, **case.options)
+            selfattn.scaled_dot_product_attention_vjp(bq, bk, bv, mask=bm, backend=selfattn_backend, **_opts(selfattn_backend, case))
         return
     out, backward = selfattn.scaled_dot_product_attention_vjp(bq, bk, bv, mask=bm, backend=selfattn_backend,
-                                                              **case.options)
+                                                              **_opts(selfattn_backend, case))
     g = np.random.default_rng(case.seed + 1).standard_normal(out.shape).astype(q.dtype)
     snap = _snapshot(q, k, v, mask, g)
     (bg,) = _to_backend(selfattn_backend, g)
@@ -136,12 +141,12 @@ def test_gradients_match_finite_differences(selfattn_backend, case):
     def f(qq, kk, vv):
         o = selfattn.scaled_dot_product_attention(*_to_backend(selfattn_backend, qq, kk, vv, mask)[:3],
                                                   mask=_to_backend(selfattn_backend, mask)[0],
-                                                  backend=selfattn_backend, **case.options)
+                                                  backend=selfattn_backend, **_opts(selfattn_backend, case))
         return float(np.sum(_host(o) * g))
 
     bq, bk, bv, bm = _to_backend(selfattn_backend, q, k, v, mask)
     out, backward = selfattn.scaled_dot_product_attention_vjp(bq, bk, bv, mask=bm, backend=selfattn_backend,
-                                                              **case.options)
+                                                              **_opts(selfattn_backend, case))
     g = rng.standard_normal(out.shape)
     grads = [_host(x) for x in backward(_to_backend(selfattn_backend, g)[0])]
     eps = 1e-6
@@ -324,6 +329,9 @@ if st is not None:
         if draw(st.booleans()):
             opts["dropout_p"] = draw(st.sampled_from([0.1, 0.5]))
             opts["dropout_seed"] = draw(st.integers(0, 2**64 - 1))
+        if draw(st.integers(0, 3)) == 0:
+            opts["softcap"] = draw(st.sampled_from([1.0, 5.0, 30.0]))
+        alibi = draw(st.sampled_from([None, None, None, "heads", "batch"]))
         mask_kind = draw(st.sampled_from([None, "bool", "float", "float-inf", "key-padding"]))
         if mask_kind == "key-padding":
             mask_shape = batch + (1, 1, m)
@@ -332,6 +340,10 @@ if st is not None:
         mask_dtype = draw(st.sampled_from(["float32", dtype]))  # float16 inputs take float16 or float32 masks
         outputs = draw(st.sampled_from(["forward", "weights", "vjp"]))
         seed = draw(st.integers(0, 2**32 - 1))
+        if alibi is not None:
+            shape = (hq,) if alibi == "heads" or not batch else batch + (hq,)
+            opts["alibi_slopes"] = (np.random.default_rng(seed).random(shape) * 0.5).astype(
+                "float64" if dtype == "float64" else "float32")
         return dict(hkv=hkv, hq=hq, n=n, m=m, d=d, dv=dv, batch=batch, dtype=dtype, logit_scale=logit_scale,
                     opts=opts, mask_kind=mask_kind, mask_shape=mask_shape, mask_dtype=mask_dtype, outputs=outputs,
                     seed=seed)
@@ -371,11 +383,12 @@ if st is not None:
         need = required_features(normalize(q, k, v, mask=mask, **opts)) | {"lse"} | extra
         caps = _caps(backend)
         bq, bk, bv, bm = _to_backend(backend, q, k, v, mask)
-        call = dict(mask=bm, return_lse=True, return_weights=outputs == "weights", backend=backend, **opts)
+        bopts = backend_options(caps.array_type, opts)
+        call = dict(mask=bm, return_lse=True, return_weights=outputs == "weights", backend=backend, **bopts)
         if caps.missing(caps.array_type, dtype, need):
             with pytest.raises(UnsupportedFeatureError):
                 if outputs == "vjp":
-                    selfattn.scaled_dot_product_attention_vjp(bq, bk, bv, mask=bm, backend=backend, **opts)
+                    selfattn.scaled_dot_product_attention_vjp(bq, bk, bv, mask=bm, backend=backend, **bopts)
                 else:
                     selfattn.scaled_dot_product_attention(bq, bk, bv, **call)
             return None
@@ -386,13 +399,14 @@ if st is not None:
         if outputs == "weights":
             results.append(("weights", got[2], ref_w, None))
         if outputs == "vjp":
-            out, backward = selfattn.scaled_dot_product_attention_vjp(bq, bk, bv, mask=bm, backend=backend, **opts)
+            out, backward = selfattn.scaled_dot_product_attention_vjp(bq, bk, bv, mask=bm, backend=backend, **bopts)
             g = np.random.default_rng(problem["seed"] + 1).standard_normal(out.shape).astype(dtype)
             grads = backward(_to_backend(backend, g)[0])
             bounds = reference.rounding_bounds(q, k, v, g, mask=mask, **opts)
             results += [(what, a, e, bounds.get(what)) for what, a, e in
                         zip(("dq", "dk", "dv"), grads, reference.vjp(q, k, v, g, mask=mask, **opts), strict=True)]
-        return results, reference.score_max(q, k, mask=mask)
+        return results, reference.score_max(q, k, mask=mask, softcap=opts.get("softcap"),
+                                            alibi_slopes=opts.get("alibi_slopes"))
 
     @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
     @given(_problems())

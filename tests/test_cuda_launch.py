@@ -213,3 +213,25 @@ def test_row_block_budget():
     assert row_block(8, 2, 16, 16, 4, 2**20, False) == (8, 16)
     assert row_block(1, 1, 10**6, 10**6, 8, 1, False) == (1, 1)
     assert row_block(1, 1, 4096, 16, 4, 2**30, True)[1] == BANDED_ROWS
+
+
+# -- the dropout hash's constants: defined once, in selfattn._dropout ---------------------------
+
+def test_hash_constants_are_generated_from_the_core(monkeypatch):
+    from selfattn import _dropout
+
+    defines = launch.hash_defines()
+    for macro, attr in (("SA_MUL_BH", "MUL_BH"), ("SA_MUL_ROW", "MUL_ROW"), ("SA_MUL_COL", "MUL_COL"),
+                        ("SA_FMIX_1", "FMIX_1"), ("SA_FMIX_2", "FMIX_2")):
+        assert re.search(rf"^#define {macro} 0x0*{getattr(_dropout, attr):X}u$", defines, re.M), macro
+    # No CUDA source repeats them: they reach the kernels only through the generated lines.
+    for fname in ("common.cuh", "attn.cu"):
+        text = (launch._HERE / fname).read_text().upper()
+        for attr in ("MUL_BH", "MUL_ROW", "MUL_COL", "FMIX_1", "FMIX_2"):
+            assert f"{getattr(_dropout, attr):X}" not in text, (fname, attr)
+    assert launch.kernel_source("attn.cu", only="-").startswith(defines)
+    monkeypatch.setattr(_dropout, "MUL_COL", 0x12345679)
+    assert "#define SA_MUL_COL 0x12345679u" in launch.kernel_source("attn.cu", only="-")
+    monkeypatch.setattr(_dropout, "MUL_COL", 2**32)
+    with pytest.raises(ValueError, match="not a uint32"):
+        launch.hash_defines()

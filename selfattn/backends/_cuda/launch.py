@@ -14,13 +14,14 @@ import numpy as np
 
 from ... import _dropout
 from ..._dropout import split_seed, threshold
+from ..._problem import Coordinates
 
 __all__ = [
     "KERNEL_SOURCES", "BM", "DMAX_CHOICES", "GRID_MAX", "INT32_MAX",
     "hash_defines", "kernel_source", "kernel_names", "pick_dmax", "fwd_kernel_name", "dropout_kernel_name",
-    "fwd_launch", "elementwise_launch", "element_strides", "mask_kind", "mask_strides",
-    "band_args", "dropout_args", "FWD_SIGNATURE", "DROPOUT_SIGNATURE", "pack_fwd_args",
-    "pack_dropout_args", "fused_ok", "forward_path", "DECODE_MAX_ROWS", "DECODE_MIN_KEYS",
+    "fwd_launch", "varlen_launch", "varlen_tiles", "elementwise_launch", "element_strides", "mask_kind",
+    "mask_strides", "band_args", "dropout_args", "coords_args", "FWD_SIGNATURE", "DROPOUT_SIGNATURE",
+    "pack_fwd_args", "pack_dropout_args", "fused_ok", "forward_path", "DECODE_MAX_ROWS", "DECODE_MIN_KEYS",
     "TC_DMAX_CHOICES", "TC_THREADS", "TC_MIN_CC",
     "tc_kernel_name", "pick_tc_dmax", "tc_ok", "tc_layout_ok", "kernel_signature",
 ]
@@ -208,6 +209,40 @@ def tc_layout_ok(shape, byte_strides, itemsize: int, address: int) -> bool:
     return True
 
 
+def varlen_tiles(cu_q, cu_k, lower, upper, rows: int = BM) -> tuple:
+    """The tile table of a packed varlen forward: ``(tile_seq, tile_row)``, host int64 arrays.
+
+    One entry per query tile of ``rows`` rows of each sequence (sequences with
+    no queries have none; a sequence with queries but no keys keeps its tiles,
+    whose rows get output 0 and lse -inf). ``tile_seq`` is the tile's sequence,
+    ``tile_row`` its first row, local to the sequence. Tiles are ordered by the
+    number of keys their band lets them reach, most first (stable): a block's
+    time grows with its keys, and starting the longest first shortens the
+    launch's tail -- the varlen form of the ordinary launch's last-first rows.
+    """
+    cq = np.asarray(cu_q, dtype=np.int64)
+    ck = np.asarray(cu_k, dtype=np.int64)
+    nq, nk = np.diff(cq), np.diff(ck)
+    counts = -(-nq // rows)
+    seq = np.repeat(np.arange(len(nq), dtype=np.int64), counts)
+    starts = np.cumsum(counts) - counts
+    first = (np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(starts, counts)) * rows
+    last = np.minimum(nq[seq], first + rows) - 1
+    off = nk[seq] - nq[seq]
+    j0 = np.zeros_like(first) if lower is None else np.maximum(0, first + off - int(lower))
+    j1 = nk[seq] if upper is None else np.minimum(nk[seq], last + off + int(upper) + 1)
+    order = np.argsort(-np.maximum(j1 - j0, 0), kind="stable")
+    return seq[order], first[order]
+
+
+def varlen_launch(q_heads: int, n_tiles: int, threads: int = BM):
+    """``(grid, block, total_blocks)`` of a packed varlen forward (one block per query head x tile)."""
+    total = int(q_heads) * int(n_tiles)
+    if total == 0:
+        return None, (int(threads),), 0
+    return (min(total, GRID_MAX),), (int(threads),), total
+
+
 def fwd_launch(batch: int, q_heads: int, n: int, threads: int = BM):
     """``(grid, block, n_row_blocks, total_blocks)`` for a forward kernel; grid is None when there is no work.
 
@@ -271,6 +306,17 @@ def band_args(lower, upper) -> tuple:
     return (np.int32(lower is not None), np.int32(lo), np.int32(upper is not None), np.int32(up))
 
 
+def coords_args(coords: Coordinates, q_heads: int) -> tuple:
+    """``(head_start, total_heads, row_start, col_start)`` of a problem's dropout counters (int64s).
+
+    ``coords`` is the problem's :class:`~selfattn.backends.Coordinates`. The
+    batch entries' counters come from ``batch_index`` (a device copy of
+    ``coords.batch_index``) when it has one, else batch entry ``b`` is ``b``.
+    """
+    total = q_heads if coords.total_heads is None else coords.total_heads
+    return (np.int64(coords.head_start), np.int64(total), np.int64(coords.row_start), np.int64(coords.col_start))
+
+
 def dropout_args(p: float, seed) -> tuple:
     """``(threshold, seed_lo, seed_hi, drop_scale, use_dropout)`` for the kernels (uint32s, float64, int32)."""
     if not p:
@@ -280,16 +326,21 @@ def dropout_args(p: float, seed) -> tuple:
             np.float64(1.0 / (1.0 - p)), np.int32(1))
 
 
-#: Parameter (name, C type) list of the fused forward, in order (SA_FWD_ARGS in attn.cu).
+#: Parameter (name, C type) list of the fused forwards, in order (SA_FWD_ARGS in attn.cu).
 FWD_SIGNATURE = (
     [("q", "ptr"), ("k", "ptr"), ("v", "ptr"), ("out", "ptr"), ("lse", "ptr"),
      ("mask", "ptr"), ("mask_index", "ptr"), ("mask_kind", "int")]
     + [(f"{a}s{i}", "long long") for a in "qkvm" for i in range(4)]
     + [(n, "int") for n in ("Hq", "G", "N", "M", "D", "Dv")]
     + [("n_row_blocks", "long long"), ("total_blocks", "long long"), ("scale", "double"),
-       ("has_lower", "int"), ("lower", "int"), ("has_upper", "int"), ("upper", "int"),
+       ("offset", "long long"), ("has_lower", "int"), ("lower", "int"), ("has_upper", "int"), ("upper", "int"),
+       ("softcap", "double"), ("alibi", "ptr"), ("use_alibi", "int"),
        ("threshold", "sa_u32"), ("seed_lo", "sa_u32"), ("seed_hi", "sa_u32"),
-       ("drop_scale", "double"), ("use_dropout", "int"), ("write_lse", "int")]
+       ("drop_scale", "double"), ("use_dropout", "int"),
+       ("batch_index", "ptr"), ("use_batch_index", "int"), ("head_start", "long long"),
+       ("total_heads", "long long"), ("row_start", "long long"), ("col_start", "long long"),
+       ("varlen", "int"), ("cu_q", "ptr"), ("cu_k", "ptr"), ("tile_seq", "ptr"), ("tile_row", "ptr"),
+       ("write_lse", "int")]
 )
 
 #: Parameter list of dropout_tile_* (SA_DROP_ARGS in attn.cu).
@@ -324,15 +375,39 @@ def _pack(signature, values: dict) -> tuple:
     return tuple(out)
 
 
-def pack_fwd_args(*, q, k, v, out, lse, mask, mask_index, mask_dtype, shapes_strides, sizes,
-                  scale, lower, upper, dropout_p, dropout_seed, write_lse) -> tuple:
-    """The argument tuple of ``attn_fwd_*``.
+def pack_fwd_args(*, q, k, v, out, lse, shapes_strides, sizes, scale, lower, upper, dropout_p, dropout_seed,
+                  write_lse, mask=None, mask_index=None, mask_dtype=None, offset=None, softcap=None, alibi=None,
+                  coords: Coordinates | None = None, batch_index=None, varlen=None, placeholder=None) -> tuple:
+    """The argument tuple of ``attn_fwd_*`` (both the CUDA-core and the tensor-core forwards).
 
     ``shapes_strides`` maps ``"q"``, ``"k"``, ``"v"`` and (when a mask is given)
     ``"m"`` to ``(shape, byte_strides, itemsize)``; ``sizes`` holds ``B, Hq, Hkv,
-    N, M, D, Dv``. Pointers (``q`` ... ``mask_index``) are passed through as given.
+    N, M, D, Dv`` (for varlen: ``B = 1``, ``N``/``M`` the packed totals).
+    ``offset`` is the band's diagonal (None: ``M - N``). ``softcap`` None or > 0.
+    ``alibi`` is the ``(B or S, Hq)`` slopes array, contiguous, in the
+    accumulation dtype (or None). ``coords`` is the problem's
+    :class:`~selfattn.backends.Coordinates` (None: a whole call); when it has a
+    ``batch_index`` and dropout is on, ``batch_index`` is a device int64 copy of
+    it. ``varlen`` is None or a dict of the device int64 arrays ``cu_q``,
+    ``cu_k``, ``tile_seq``, ``tile_row`` (:func:`varlen_tiles`) and
+    ``n_tiles``. Pointers are passed through as given; every absent one
+    (mask, mask_index, alibi, batch_index, the varlen tables) is
+    ``placeholder``, an array the kernels never read.
     """
-    vals = {"q": q, "k": k, "v": v, "out": out, "lse": lse, "mask": mask, "mask_index": mask_index,
+    def ptr(x, what):
+        if x is not None:
+            return x
+        if placeholder is None:
+            raise ValueError(f"pack_fwd_args: {what} is absent and no placeholder array was given")
+        return placeholder
+
+    if mask_dtype is not None and (mask is None or mask_index is None):
+        raise ValueError("pack_fwd_args: a mask needs both mask and mask_index")
+    coords = Coordinates() if coords is None else coords
+    use_dropout = bool(dropout_p)
+    vals = {"q": q, "k": k, "v": v, "out": out, "lse": lse,
+            "mask": ptr(mask if mask_dtype is not None else None, "mask"),
+            "mask_index": ptr(mask_index if mask_dtype is not None else None, "mask_index"),
             "mask_kind": mask_kind(mask_dtype)}
     for a in "qkvm":
         if a == "m" and mask_dtype is None:
@@ -345,12 +420,30 @@ def pack_fwd_args(*, q, k, v, out, lse, mask, mask_index, mask_dtype, shapes_str
         for i in range(4):
             vals[f"{a}s{i}"] = st[i]
     B, Hq, Hkv, N, M, D, Dv = (sizes[x] for x in ("B", "Hq", "Hkv", "N", "M", "D", "Dv"))
-    _, _, n_row_blocks, total = fwd_launch(B, Hq, N)
+    if varlen is None:
+        _, _, n_row_blocks, total = fwd_launch(B, Hq, N)
+        tables = dict.fromkeys(("cu_q", "cu_k", "tile_seq", "tile_row"))
+    else:
+        if B != 1:
+            raise ValueError(f"pack_fwd_args: a packed varlen call has batch 1, got B = {B}")
+        n_row_blocks, total = 0, varlen_launch(Hq, varlen["n_tiles"])[2]
+        tables = {n: varlen[n] for n in ("cu_q", "cu_k", "tile_seq", "tile_row")}
+    if softcap is not None and not float(softcap) > 0:
+        raise ValueError(f"pack_fwd_args: softcap must be None or > 0, got {softcap!r}")
+    use_bidx = use_dropout and coords.batch_index is not None
+    if use_bidx and batch_index is None:
+        raise ValueError("pack_fwd_args: coords has a batch_index but no device copy of it was given")
     vals.update(Hq=Hq, G=Hq // Hkv, N=N, M=M, D=D, Dv=Dv, n_row_blocks=n_row_blocks,
-                total_blocks=total, scale=scale, write_lse=int(bool(write_lse)))
+                total_blocks=total, scale=scale, offset=M - N if offset is None else offset,
+                softcap=0.0 if softcap is None else softcap, alibi=ptr(alibi, "alibi"),
+                use_alibi=int(alibi is not None), batch_index=ptr(batch_index if use_bidx else None, "batch_index"),
+                varlen=int(varlen is not None), write_lse=int(bool(write_lse)))
+    vals.update({n: ptr(x, n) for n, x in tables.items()})
     vals.update(zip(("has_lower", "lower", "has_upper", "upper"), band_args(lower, upper), strict=True))
     vals.update(zip(("threshold", "seed_lo", "seed_hi", "drop_scale", "use_dropout"),
                     dropout_args(dropout_p, dropout_seed), strict=True))
+    vals["use_batch_index"] = int(use_bidx)
+    vals.update(zip(("head_start", "total_heads", "row_start", "col_start"), coords_args(coords, Hq), strict=True))
     return _pack(FWD_SIGNATURE, vals)
 
 

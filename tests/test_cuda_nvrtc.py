@@ -126,3 +126,14 @@ int main(int argc, char** argv) {
                              capture_output=True, text=True).stdout
         want = keep_mask(seed, np.array([0, 7, 2147483646]), np.arange(5) * 1000003, np.arange(9) * 999983, p)
         assert got == "".join("1" if x else "0" for x in want.reshape(-1))
+
+
+def test_tool_compiles_one_kernel_alone(capsys):
+    """``--kernel`` compiles just that instantiation (what a developer runs while editing a kernel)."""
+    nc = _nvrtc()
+    name = launch.tc_kernel_name(32)
+    assert nc.main(["--arch", "sm_80", "--kernel", name]) == 0
+    out = capsys.readouterr().out
+    assert f"ok  {name}" in out and "no spills" in out.split(name)[-1].splitlines()[0]
+    assert nc.main(["--arch", "sm_80", "--kernel", "attn_fwd_float16_48"]) == 1
+    assert "not a forward kernel" in capsys.readouterr().err

@@ -6,7 +6,7 @@ import numpy as np
 
 from selfattn.backends._cuda import launch
 
-__all__ = ["EMU_CASES", "BLOCK_CASES", "GPU_CASES", "case_id", "make_inputs", "pack_for"]
+__all__ = ["EMU_CASES", "FEATURE_CASES", "BLOCK_CASES", "GPU_CASES", "case_id", "make_inputs", "pack_for"]
 
 
 def case_id(case: dict) -> str:
@@ -14,8 +14,8 @@ def case_id(case: dict) -> str:
     return "-".join(f"{k}" for k in case) or "plain"
 
 
-def pack_for(pb, out="OUT", lse="LSE"):
-    """``launch.pack_fwd_args`` for a normalized problem, with placeholders for the outputs."""
+def pack_for(pb, out="OUT", lse="LSE", placeholder="NONE"):
+    """``launch.pack_fwd_args`` for a normalized (non-varlen) problem; strings stand for the device arrays."""
     ss = {a: (x.shape, x.strides, x.itemsize) for a, x in (("q", pb.query), ("k", pb.key), ("v", pb.value))}
     mdt = None
     if pb.mask is not None:
@@ -26,7 +26,9 @@ def pack_for(pb, out="OUT", lse="LSE"):
         mask_dtype=mdt, shapes_strides=ss,
         sizes=dict(B=pb.batch, Hq=pb.q_heads, Hkv=pb.kv_heads, N=pb.n, M=pb.m, D=pb.d, Dv=pb.dv),
         scale=pb.scale, lower=pb.lower, upper=pb.upper, dropout_p=pb.dropout_p,
-        dropout_seed=pb.dropout_seed, write_lse=pb.want_lse)
+        dropout_seed=pb.dropout_seed, write_lse=pb.want_lse, offset=pb.offset, softcap=pb.softcap,
+        alibi=None if pb.alibi is None else pb.alibi.astype(pb.compute_dtype), coords=pb.coords,
+        batch_index=pb.coords.batch_index, placeholder=placeholder)
 
 
 
@@ -51,6 +53,11 @@ def make_inputs(case, dtype=np.float32, shape=(2, 4, 2, 70, 40, 6, 5), contiguou
         q = np.asfortranarray(q)
         k = rng.standard_normal((B, Hkv, D, M)).astype(dtype).swapaxes(-1, -2)
     kw = dict(case)
+    al = kw.pop("alibi", None)
+    if al == "per_head":
+        kw["alibi_slopes"] = rng.uniform(0.05, 0.6, Hq).astype(np.float32)
+    elif al == "per_batch":
+        kw["alibi_slopes"] = rng.uniform(0.05, 0.6, (B, Hq))
     mk = kw.pop("mask", None)
     if mk == "bool_row":
         kw["mask"] = rng.random((1, 1, M)) > 0.2
@@ -61,5 +68,14 @@ def make_inputs(case, dtype=np.float32, shape=(2, 4, 2, 70, 40, 6, 5), contiguou
     return q, k, v, kw
 
 
+#: Soft-capping and ALiBi (``alibi``: per-head float32 slopes, or per-batch float64 ones), with the other options.
+FEATURE_CASES = [
+    dict(softcap=2.5),
+    dict(alibi="per_head", causal=True),
+    dict(alibi="per_batch", window=(5, 2), softcap=1.5, mask="bool_row"),
+    dict(softcap=3.0, alibi="per_head", mask="float_full", dropout_p=0.3, dropout_seed=77),
+]
+
 BLOCK_CASES = EMU_CASES + [dict(window=(0, 0), mask="float_full", dropout_p=0.5, dropout_seed=2**63 + 11)]
-GPU_CASES = BLOCK_CASES + [dict(causal=True, mask="bool_row", dropout_p=0.2, dropout_seed=9)]
+GPU_CASES = BLOCK_CASES + [dict(causal=True, mask="bool_row", dropout_p=0.2, dropout_seed=9),
+                           dict(causal=True, softcap=3.0, alibi="per_batch", dropout_p=0.2, dropout_seed=17)]

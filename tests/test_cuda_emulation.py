@@ -171,8 +171,7 @@ def test_misaligned_contiguous_view_is_copied_for_the_tensor_cores():
     # The same arrays passed to the kernel as they are: the fault the copy avoids.
     out, lse = np.empty((1, 1, 70, 64), np.float16), np.empty((1, 1, 70), np.float32)
     args = launch.pack_fwd_args(
-        q=pb.query, k=pb.key, v=pb.value, out=out, lse=lse, mask=np.empty(1, np.uint8),
-        mask_index=np.zeros(1, np.int64), mask_dtype=None,
+        q=pb.query, k=pb.key, v=pb.value, out=out, lse=lse, placeholder=np.zeros(1, np.int64),
         shapes_strides={a: (x.shape, x.strides, x.itemsize)
                         for a, x in (("q", pb.query), ("k", pb.key), ("v", pb.value))},
         sizes=dict(B=1, Hq=1, Hkv=1, N=70, M=90, D=64, Dv=64), scale=pb.scale, lower=None, upper=None,
@@ -203,8 +202,8 @@ def test_tensor_core_dropout_close_to_one():
     kw = dict(dropout_p=p, dropout_seed=seed)
     out, _ = _check(EmulatedCupy(), q, k, v, kw, TC(32), F16)
     assert np.isfinite(out).all() and np.abs(out).max() > 1.0  # kept weights reach the output, scaled
-    before = [("if (!sa_keep(rowh[r], (sa_u32)j, threshold)) p = 0.0f;",
-               "p = sa_keep(rowh[r], (sa_u32)j, threshold) ? p * out_scale : 0.0f;"),
+    before = [("if (!sa_keep(rowh[r], (sa_u32)j + col0, threshold)) p = 0.0f;",
+               "p = sa_keep(rowh[r], (sa_u32)j + col0, threshold) ? p * out_scale : 0.0f;"),
               ("inv = out_scale / l;", "inv = 1.0f / l;")]
     pb = normalize(q, k, v, return_lse=True, **kw)
     with np.errstate(all="ignore"):
@@ -215,7 +214,8 @@ def test_tensor_core_dropout_close_to_one():
 ROW_BLOCK_PROBE = r'''
 extern "C" __global__ void probe_row_block(long long* out, long long blk, long long n_row_blocks, int N, int M,
                                            int has_upper, int upper) {
-    const SaRowBlock rb = sa_row_block<SA_BM>(blk, n_row_blocks, 1, 1, N, M, 0, 0, has_upper, upper);
+    const SaRowBlock rb = sa_row_block<SA_BM>(blk, n_row_blocks, 1, 1, N, M, (long long)M - N, 0, 0, has_upper,
+                                              upper, 0, nullptr, nullptr, nullptr, nullptr);
     if (threadIdx.x == 0) { out[0] = rb.i0; out[1] = rb.i1; out[2] = rb.j0; out[3] = rb.j1; }
 }
 '''

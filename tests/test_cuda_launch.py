@@ -16,7 +16,7 @@ import pytest
 from _cuda_cases import pack_for
 
 from selfattn._dropout import split_seed, threshold
-from selfattn._problem import normalize
+from selfattn._problem import normalize, normalize_varlen
 from selfattn.backends._cuda import launch
 
 # -- host-side launch logic ---------------------------------------------------
@@ -213,3 +213,133 @@ def test_row_block_budget():
     assert row_block(8, 2, 16, 16, 4, 2**20, False) == (8, 16)
     assert row_block(1, 1, 10**6, 10**6, 8, 1, False) == (1, 1)
     assert row_block(1, 1, 4096, 16, 4, 2**30, True)[1] == BANDED_ROWS
+
+
+# -- the dropout hash's constants: defined once, in selfattn._dropout ---------------------------
+
+def test_hash_constants_are_generated_from_the_core(monkeypatch):
+    from selfattn import _dropout
+
+    defines = launch.hash_defines()
+    for macro, attr in (("SA_MUL_BH", "MUL_BH"), ("SA_MUL_ROW", "MUL_ROW"), ("SA_MUL_COL", "MUL_COL"),
+                        ("SA_FMIX_1", "FMIX_1"), ("SA_FMIX_2", "FMIX_2")):
+        assert re.search(rf"^#define {macro} 0x0*{getattr(_dropout, attr):X}u$", defines, re.M), macro
+    # No CUDA source repeats them: they reach the kernels only through the generated lines.
+    for fname in ("common.cuh", "attn.cu"):
+        text = (launch._HERE / fname).read_text().upper()
+        for attr in ("MUL_BH", "MUL_ROW", "MUL_COL", "FMIX_1", "FMIX_2"):
+            assert f"{getattr(_dropout, attr):X}" not in text, (fname, attr)
+    assert launch.kernel_source("attn.cu", only="-").startswith(defines)
+    monkeypatch.setattr(_dropout, "MUL_COL", 0x12345679)
+    assert "#define SA_MUL_COL 0x12345679u" in launch.kernel_source("attn.cu", only="-")
+    monkeypatch.setattr(_dropout, "MUL_COL", 2**32)
+    with pytest.raises(ValueError, match="not a uint32"):
+        launch.hash_defines()
+
+
+# -- softcap, ALiBi, chunk coordinates and varlen in the packed arguments ------------------------
+
+def _named(args):
+    return dict(zip((n for n, _ in launch.FWD_SIGNATURE), args, strict=True))
+
+
+def test_pack_fwd_args_plain_call_turns_every_feature_off():
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((2, 4, 5, 8)).astype(np.float32)
+    k = rng.standard_normal((2, 2, 7, 8)).astype(np.float32)
+    d = _named(pack_for(normalize(q, k, k, causal=True)))
+    assert d["offset"] == 2 and d["softcap"] == 0.0 and d["use_alibi"] == 0 and d["varlen"] == 0
+    assert d["use_dropout"] == 0 and d["use_batch_index"] == 0
+    assert (d["head_start"], d["total_heads"], d["row_start"], d["col_start"]) == (0, 4, 0, 0)
+    for name in ("mask", "mask_index", "alibi", "batch_index", "cu_q", "cu_k", "tile_seq", "tile_row"):
+        assert d[name] == "NONE", name  # absent arrays: the placeholder
+
+
+def test_pack_fwd_args_chunk_softcap_alibi():
+    rng = np.random.default_rng(1)
+    q = rng.standard_normal((3, 4, 50, 8)).astype(np.float32)
+    k = rng.standard_normal((3, 2, 60, 8)).astype(np.float32)
+    slopes = rng.uniform(0.1, 0.5, 4)
+    full = normalize(q, k, k, causal=True, softcap=7.5, alibi_slopes=slopes, dropout_p=0.2, dropout_seed=3)
+    pb = full.chunk(batches=(1, 3), heads=(2, 4), rows=(10, 30), keys=(5, 40))
+    d = _named(pack_for(pb))
+    assert d["offset"] == 10 + 10 - 5 and d["M"] == 35 and d["N"] == 20   # (60 - 50) + i0 - j0
+    assert d["softcap"] == 7.5 and d["use_alibi"] == 1
+    np.testing.assert_array_equal(d["alibi"], np.broadcast_to(slopes, (3, 4))[1:3, 2:4].astype(np.float32))
+    assert d["use_batch_index"] == 1 and list(d["batch_index"]) == [1, 2]
+    assert (d["head_start"], d["total_heads"], d["row_start"], d["col_start"]) == (2, 4, 10, 5)
+    assert all(isinstance(d[n], np.int64) for n in ("offset", "head_start", "total_heads", "row_start"))
+    # Without dropout the counters are not needed, and no batch index is read.
+    nodrop = normalize(q, k, k, causal=True).chunk(batches=(1, 3))
+    assert _named(pack_for(nodrop))["use_batch_index"] == 0
+
+
+def test_pack_fwd_args_rejects_missing_pieces():
+    q = np.zeros((1, 1, 4, 8), np.float32)
+    base = dict(q=q, k=q, v=q, out=q, lse=q, shapes_strides={a: (q.shape, q.strides, 4) for a in "qkv"},
+                sizes=dict(B=1, Hq=1, Hkv=1, N=4, M=4, D=8, Dv=8), scale=1.0, lower=None, upper=None,
+                dropout_p=0.0, dropout_seed=None, write_lse=True)
+    with pytest.raises(ValueError, match="no placeholder"):
+        launch.pack_fwd_args(**base)
+    ph = np.zeros(1, np.int64)
+    with pytest.raises(ValueError, match="softcap"):
+        launch.pack_fwd_args(**base, softcap=0.0, placeholder=ph)
+    from selfattn.backends import Coordinates
+
+    chunk = Coordinates(batch_index=np.array([3]), total_heads=2)
+    with pytest.raises(ValueError, match="batch_index"):
+        launch.pack_fwd_args(**dict(base, dropout_p=0.5, dropout_seed=1), coords=chunk, placeholder=ph)
+    tables = dict(cu_q=ph, cu_k=ph, tile_seq=ph, tile_row=ph, n_tiles=1)
+    with pytest.raises(ValueError, match="batch 1"):
+        launch.pack_fwd_args(**dict(base, sizes=dict(base["sizes"], B=2)), varlen=tables, placeholder=ph)
+    d = _named(launch.pack_fwd_args(**base, varlen=dict(tables, n_tiles=5), placeholder=ph))
+    assert d["varlen"] == 1 and d["total_blocks"] == 5 and d["n_row_blocks"] == 0
+
+
+def test_varlen_tiles():
+    cu_q = np.array([0, 130, 130, 135, 199])   # 130 rows, none, 5, 64
+    cu_k = np.array([0, 10, 17, 17, 217])      # 10 keys, 7, none, 200
+    seq, row = launch.varlen_tiles(cu_q, cu_k, None, None)
+    # Sequence 1 has no queries (no tile); sequence 2 has no keys but keeps its tile (rows -> 0, -inf).
+    assert sorted(zip(seq.tolist(), row.tolist(), strict=True)) == [(0, 0), (0, 64), (0, 128), (2, 0), (3, 0)]
+    assert seq.dtype == row.dtype == np.int64
+    # The most keys first, ties in table order: 200 keys, then the three 10-key tiles, then none.
+    assert list(zip(seq.tolist(), row.tolist(), strict=True)) == [(3, 0), (0, 0), (0, 64), (0, 128), (2, 0)]
+    # Causal, bottom-right per sequence (M - N = -120 for sequence 0): its tiles reach 0, 8 and 10 keys.
+    seq, row = launch.varlen_tiles(cu_q, cu_k, None, 0)
+    assert list(zip(seq.tolist(), row.tolist(), strict=True)) == [(3, 0), (0, 128), (0, 64), (0, 0), (2, 0)]
+    assert [len(x) for x in launch.varlen_tiles(np.array([0, 0]), np.array([0, 5]), None, None)] == [0, 0]
+    assert launch.varlen_launch(4, 0) == (None, (64,), 0)
+    assert launch.varlen_launch(4, 5, launch.TC_THREADS) == ((20,), (128,), 20)
+
+
+# -- which forward runs ---------------------------------------------------------------------
+
+def _route(pb, cc=90, **settings):
+    from selfattn.backends.cupy_ import CupyBackend
+
+    return CupyBackend(**settings)._route(pb, cc)
+
+
+def test_every_contract_option_runs_fused():
+    rng = np.random.default_rng(2)
+    q = rng.standard_normal((2, 4, 80, 64)).astype(np.float16)
+    k = rng.standard_normal((2, 2, 90, 64)).astype(np.float16)
+    tc, cc16 = ("fused", launch.tc_kernel_name(64)), ("fused", launch.fwd_kernel_name("float16", 64))
+    slopes = np.full(4, 0.1, np.float32)
+    for kw in (dict(softcap=5.0), dict(alibi_slopes=slopes, causal=True), dict(dropout_p=0.1, window=3)):
+        assert _route(normalize(q, k, k, **kw)) == tc, kw
+        assert _route(normalize(q, k, k, **kw), cc=75) == cc16, kw
+        assert _route(normalize(q, k, k, **kw), tensor_cores=False) == cc16, kw
+    chunk = normalize(q, k, k, causal=True, dropout_p=0.3).chunk(batches=(1, 2), rows=(16, 80), keys=(10, 60))
+    assert chunk.is_chunk and _route(chunk) == tc
+    assert _route(normalize(q, k, k, return_weights=True, softcap=2.0)) == ("blockwise", None)
+    long = rng.standard_normal((2, 2, 300, 64)).astype(np.float16)
+    assert _route(normalize(q, long, long).chunk(rows=(0, 1))) == ("blockwise", None)  # decode-like chunk
+    cu_q, cu_k = np.array([0, 30, 80]), np.array([0, 1, 90])
+    assert _route(normalize_varlen(q[0], k[0], k[0], cu_q, cu_k, alibi_slopes=slopes)) == tc
+    # Varlen stays fused even with one query row per sequence (decode-like): the alternative is a Python loop.
+    one = np.array([0, 1, 2])
+    assert _route(normalize_varlen(q[0, :, :2], k[0], k[0], one, np.array([0, 40, 90]))) == tc
+    big = rng.standard_normal((2, 10, 300)).astype(np.float32)
+    assert _route(normalize_varlen(big, big, big, np.array([0, 10]), np.array([0, 10]))) == ("blockwise", None)

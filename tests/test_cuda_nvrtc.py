@@ -78,11 +78,27 @@ def test_broken_attn_source_fails():
 
 # -- the kernel's dropout hash, compiled on the host -------------------------
 
-def test_dropout_hash_host_compiled_matches_core(tmp_path):
+def _cxx():
     cxx = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     if cxx is None:
         pytest.skip("no host C++ compiler to build common.cuh")
-    hdr = (launch._HERE / "common.cuh").read_text()
+    return cxx
+
+
+def test_common_header_needs_the_generated_constants(tmp_path):
+    """common.cuh does not repeat the hash constants: without launch.hash_defines() it refuses to compile."""
+    cxx = _cxx()
+    src = tmp_path / "bare.cpp"
+    src.write_text((launch._HERE / "common.cuh").read_text())
+    res = subprocess.run([cxx, "-fsyntax-only", "-x", "c++", str(src)], capture_output=True, text=True)
+    assert res.returncode != 0 and "dropout hash constants are missing" in res.stderr
+    src.write_text(launch.hash_defines() + (launch._HERE / "common.cuh").read_text())
+    subprocess.run([cxx, "-fsyntax-only", "-x", "c++", str(src)], check=True)
+
+
+def test_dropout_hash_host_compiled_matches_core(tmp_path):
+    cxx = _cxx()
+    hdr = launch.hash_defines() + (launch._HERE / "common.cuh").read_text()
     prog = hdr + r'''
 #include <cstdio>
 #include <cstdlib>
@@ -110,3 +126,14 @@ int main(int argc, char** argv) {
                              capture_output=True, text=True).stdout
         want = keep_mask(seed, np.array([0, 7, 2147483646]), np.arange(5) * 1000003, np.arange(9) * 999983, p)
         assert got == "".join("1" if x else "0" for x in want.reshape(-1))
+
+
+def test_tool_compiles_one_kernel_alone(capsys):
+    """``--kernel`` compiles just that instantiation (what a developer runs while editing a kernel)."""
+    nc = _nvrtc()
+    name = launch.tc_kernel_name(32)
+    assert nc.main(["--arch", "sm_80", "--kernel", name]) == 0
+    out = capsys.readouterr().out
+    assert f"ok  {name}" in out and "no spills" in out.split(name)[-1].splitlines()[0]
+    assert nc.main(["--arch", "sm_80", "--kernel", "attn_fwd_float16_48"]) == 1
+    assert "not a forward kernel" in capsys.readouterr().err

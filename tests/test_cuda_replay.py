@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from _cuda_cases import BLOCK_CASES, EMU_CASES, case_id, make_inputs, pack_for
+from _cuda_cases import BLOCK_CASES, EMU_CASES, FEATURE_CASES, case_id, make_inputs, pack_for
 
 from selfattn._dropout import keep_mask
 from selfattn._problem import normalize
@@ -41,7 +41,11 @@ def emulate_fused(pb):
     B = pb.batch
     out = np.zeros((B, Hq, N, Dv), A)
     lse = np.zeros((B, Hq, N), A)
-    off = M - N
+    off = int(args["offset"])
+    cap = float(args["softcap"])
+    slopes = args["alibi"] if args["use_alibi"] else None
+    bidx = args["batch_index"] if args["use_batch_index"] else np.arange(B)
+    h0, htot, r0, c0 = (int(args[x]) for x in ("head_start", "total_heads", "row_start", "col_start"))
     seed = (int(args["seed_hi"]) << 32) | int(args["seed_lo"])
     mflat = None if pb.mask is None else _memory(pb.mask)
     has_lower, lower = args["has_lower"], int(args["lower"])
@@ -74,9 +78,13 @@ def emulate_fused(pb):
                     s = []
                     for j in js:
                         x = A(np.dot(qr, row("k", b, hk, j, D)))
+                        if cap > 0:
+                            x = A(A(cap) * np.tanh(x * A(1.0 / cap)))
+                        rel = j - (i + off)
+                        if slopes is not None:
+                            x = A(x - slopes[b, h] * A(abs(rel)))
                         if args["mask_kind"]:
                             x = x + mask_term(b, h, i, j)
-                        rel = j - (i + off)
                         if (has_lower and rel < -lower) or (has_upper and rel > upper):
                             x = A(-np.inf)
                         nan |= bool(np.isnan(x))
@@ -93,7 +101,9 @@ def emulate_fused(pb):
                             p = np.exp(A(x - m_new))
                             l_run += p
                             if args["use_dropout"]:
-                                keep = keep_mask(seed, np.array([bh]), np.array([i]), np.array([j]), pb.dropout_p)
+                                ctr = int(bidx[b]) * htot + h0 + h
+                                keep = keep_mask(seed, np.array([ctr]), np.array([r0 + i]), np.array([c0 + j]),
+                                                 pb.dropout_p)
                                 p = p * A(args["drop_scale"]) if keep[0, 0, 0] else A(0)
                             acc += p * row("v", b, hk, j, Dv)
                     m_run = m_new
@@ -106,10 +116,24 @@ def emulate_fused(pb):
     return out.astype(pb.dtype), lse
 
 
-@pytest.mark.parametrize("case", EMU_CASES, ids=case_id)
+@pytest.mark.parametrize("case", EMU_CASES + FEATURE_CASES, ids=case_id)
 def test_fused_kernel_emulation_matches_numpy(case):
     q, k, v, kw = make_inputs(case, contiguous=len(case) % 2 == 0)
     pb = normalize(q, k, v, return_lse=True, **kw)
+    out, lse, _ = numpy_.backend.forward(pb)
+    eo, el = emulate_fused(pb)
+    np.testing.assert_allclose(eo, out, rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(el, lse, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("case", [dict(causal=True, dropout_p=0.4, dropout_seed=3, alibi="per_batch"),
+                                  dict(window=(4, 6), softcap=5.0, mask="float_full")], ids=case_id)
+def test_fused_kernel_emulation_of_a_chunk(case):
+    """A chunk (rows, keys, heads, batches of a larger call) replayed from its packed arguments: band
+    offset and dropout counters are the whole call's, so it equals the NumPy backend on the same chunk."""
+    q, k, v, kw = make_inputs(case, shape=(3, 4, 2, 50, 45, 6, 5))
+    pb = normalize(q, k, v, return_lse=True, **kw).chunk(batches=(1, 3), heads=(2, 4), rows=(7, 40), keys=(9, 30))
+    assert pb.is_chunk and pb.offset != pb.m - pb.n
     out, lse, _ = numpy_.backend.forward(pb)
     eo, el = emulate_fused(pb)
     np.testing.assert_allclose(eo, out, rtol=2e-5, atol=2e-6)

@@ -205,12 +205,22 @@ def test_arrays_on_another_device_are_rejected_before_any_launch(standin_cupy, m
     with cp.cuda.Device(1):
         other = cp.asarray(host)
         mask = cp.asarray(np.ones((8, 8), bool))
+        slopes = cp.asarray(np.full(2, 0.25, np.float32))
     assert (q.device.id, other.device.id) == (0, 1)
     for name, args, kw in (("key", (q, other, q), {}), ("value", (q, q, other), {}),
                            ("mask", (q, q, q), dict(mask=mask))):
         want = rf"{name} is on CUDA device 1 but query is on device 0.*copy {name} there"
         with pytest.raises(ValueError, match=want):
             selfattn.scaled_dot_product_attention(*args, backend="cupy", **kw)
+    # ALiBi slopes reach the backend as the problem's (B, Hq) array: on another device, refused too.
+    from dataclasses import replace
+
+    from selfattn._problem import normalize
+
+    pb = replace(normalize(q, q, q, alibi_slopes=cp.asarray(np.full(2, 0.25, np.float32))), alibi=slopes[None])
+    assert pb.alibi.device.id == 1
+    with pytest.raises(ValueError, match="alibi_slopes is on CUDA device 1 but query is on device 0"):
+        cupy_backend_mod.backend.forward(pb)
 
 
 def test_grad_out_on_another_device_is_rejected(standin_cupy, monkeypatch):
@@ -243,3 +253,41 @@ def test_misaligned_contiguous_view_through_the_public_api(standin_cupy):
     out = selfattn.scaled_dot_product_attention(*views, causal=True, backend="cupy")
     ref = selfattn.scaled_dot_product_attention(*host, causal=True, backend="numpy")
     np.testing.assert_allclose(out.get().astype(np.float64), ref.astype(np.float64), rtol=5e-3, atol=5e-3)
+
+
+def test_varlen_softcap_alibi_through_the_public_api(standin_cupy):
+    """A packed varlen call on CuPy arrays (cu_seqlens too): one fused launch, the NumPy backend's numbers."""
+    cp = standin_cupy
+    rng = np.random.default_rng(2)
+    lens_q, lens_k = [3, 0, 70, 9], [5, 4, 66, 0]
+    host = [rng.standard_normal((2, sum(lens_q), 32)).astype(np.float16)]
+    host += [rng.standard_normal((1, sum(lens_k), 32)).astype(np.float16) for _ in range(2)]
+    cu_q, cu_k = (np.concatenate([[0], np.cumsum(x)]).astype(np.int32) for x in (lens_q, lens_k))
+    slopes = rng.uniform(0.05, 0.5, (4, 2)).astype(np.float32)
+    kw = dict(causal=True, softcap=3.0, dropout_p=0.2, dropout_seed=21, return_lse=True)
+    args = [cp.asarray(x) for x in host] + [cp.asarray(cu_q), cp.asarray(cu_k)]
+    launched = []
+    be = cupy_backend_mod.backend
+    kernel = be._kernel
+    be._kernel = lambda xp, name: launched.append(name) or kernel(xp, name)
+    try:
+        out, lse = selfattn.scaled_dot_product_attention_varlen(*args, alibi_slopes=cp.asarray(slopes),
+                                                                backend="cupy", **kw)
+    finally:
+        del be._kernel
+    assert launched == [launch.tc_kernel_name(32)]
+    ref_out, ref_lse = selfattn.scaled_dot_product_attention_varlen(*host, cu_q, cu_k, alibi_slopes=slopes,
+                                                                    backend="numpy", **kw)
+    assert out.device.id == 0 and out.shape == ref_out.shape
+    np.testing.assert_allclose(out.get().astype(np.float64), ref_out.astype(np.float64), rtol=5e-3, atol=5e-3)
+    np.testing.assert_allclose(lse.get(), ref_lse, rtol=5e-3, atol=5e-3)
+
+
+def test_explain_names_the_forward_kernel(standin_cupy):
+    cp = standin_cupy
+    q = cp.asarray(np.zeros((1, 2, 70, 64), np.float16))
+    slopes = cp.asarray(np.full(2, 0.1, np.float32))
+    ex = selfattn.explain(q, q, q, softcap=5.0, alibi_slopes=slopes, backend="cupy")
+    assert f"cupy plan: fused forward kernel {launch.tc_kernel_name(64)}" in str(ex)
+    ex = selfattn.explain(q, q, q, return_weights=True, backend="cupy")
+    assert "cupy plan: blockwise cuBLAS forward (weights requested)" in str(ex)

@@ -2,13 +2,16 @@
 
 Usage, from a checkout::
 
-    python tools/nvrtc_check.py [--arch sm_80 --arch sm_90]
+    python tools/nvrtc_check.py [--arch sm_80 --arch sm_90] [--kernel attn_fwd_tc_float16_64 ...]
 
 Needs the ``cuda-python`` bindings and an NVRTC library
 (``pip install -r .ci/requirements-nvrtc.txt``). Prints each kernel's registers,
 shared memory and spills (ptxas); exits 1 (printing the NVRTC log) if a source
-fails to compile, 2 if NVRTC is not installed. CI runs the same compile through
-``tests/test_cuda_nvrtc.py``. Not part of the package: a developer/CI tool.
+fails to compile, 2 if NVRTC is not installed. ``--kernel`` compiles only the
+named forward kernels, each alone, as the backend does at run time (seconds
+instead of minutes: for checking one kernel's registers while editing it).
+CI runs the same compile through ``tests/test_cuda_nvrtc.py``. Not part of
+the package: a developer/CI tool.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ if _ROOT not in sys.path:
 
 from selfattn.backends._cuda.launch import KERNEL_SOURCES, kernel_names, kernel_source  # noqa: E402
 
-__all__ = ["NvrtcUnavailable", "load_nvrtc", "compile_source", "compile_all", "resource_usage", "main"]
+__all__ = ["NvrtcUnavailable", "load_nvrtc", "compile_source", "compile_all", "compile_kernels", "resource_usage",
+           "main"]
 
 DEFAULT_ARCHES = ("sm_80", "sm_90")
 
@@ -147,13 +151,39 @@ def compile_all(arches=DEFAULT_ARCHES, reports=None) -> dict:
     return results
 
 
+def compile_kernels(names, arches=DEFAULT_ARCHES, reports=None) -> dict:
+    """Compile each forward kernel of ``names`` alone (``kernel_source(..., only=name)``) for each arch.
+
+    Returns ``{(name, arch): cubin_bytes}``; ``reports[(name, arch)]`` receives ptxas's resource usage.
+    """
+    nvrtc = load_nvrtc()
+    results = {}
+    for name in names:
+        fname = next((f for f in KERNEL_SOURCES if name in kernel_names(f)), None)
+        if fname is None or not name.startswith("attn_fwd_"):
+            raise CompileError(f"{name!r} is not a forward kernel of {', '.join(KERNEL_SOURCES)}")
+        for arch in arches:
+            rep = {} if reports is not None else None
+            results[(name, arch)] = compile_source(kernel_source(fname, only=name), arch, name=name,
+                                                   name_expressions=(name,), nvrtc=nvrtc, report=rep)
+            if rep is not None:
+                reports[(name, arch)] = rep
+    return results
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", action="append", help="target, e.g. sm_80 (repeatable; default sm_80 and sm_90)")
+    ap.add_argument("--kernel", action="append",
+                    help="compile only this forward kernel, e.g. attn_fwd_tc_float16_64 (repeatable)")
     args = ap.parse_args(argv)
     reports = {}
     try:
-        results = compile_all(tuple(args.arch or DEFAULT_ARCHES), reports)
+        arches = tuple(args.arch or DEFAULT_ARCHES)
+        if args.kernel:
+            results = compile_kernels(args.kernel, arches, reports)
+        else:
+            results = compile_all(arches, reports)
     except NvrtcUnavailable as exc:
         print(f"skipped: {exc}", file=sys.stderr)
         return 2
@@ -161,7 +191,8 @@ def main(argv=None) -> int:
         print(exc, file=sys.stderr)
         return 1
     for (fname, arch), cubin in results.items():
-        print(f"ok  {fname:12s} {arch}  {len(kernel_names(fname))} kernels, {len(cubin)} bytes of CUBIN")
+        count = len(kernel_names(fname)) if fname in KERNEL_SOURCES else 1
+        print(f"ok  {fname:12s} {arch}  {count} kernel{'s' * (count > 1)}, {len(cubin)} bytes of CUBIN")
         for kname, r in sorted(reports.get((fname, arch), {}).items()):
             spilled = r["spill_stores"] or r["spill_loads"]
             spill = f"spills {r['spill_stores']}/{r['spill_loads']} B" if spilled else "no spills"

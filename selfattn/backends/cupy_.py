@@ -8,13 +8,18 @@ Forward (no weights requested, max(D, Dv) <= 256): one fused RawModule kernel
 (``_cuda/attn.cu``): online softmax over K/V tiles staged in shared memory,
 float32 accumulation for float16/float32 (float64 for float64), O(N) memory,
 causal/window block skipping, masks read through broadcast strides, GQA by
-head index arithmetic, dropout with the core's counter hash. float16 on an
+head index arithmetic, soft-capping and ALiBi inside the loop (no N x M bias
+array), dropout with the core's counter hash at the problem's coordinates
+(so chunks of a larger call, e.g. Dask blocks, run fused too). A packed
+variable-length batch is one launch over every (query head, query tile of
+one sequence), from a tile table built on the host. float16 on an
 sm_80+ GPU with D and Dv multiples of 8, at most 128, runs the tensor-core
 variant (``attn_fwd_tc_float16_*``: mma.sync m16n8k16 with float32
 accumulation, FlashAttention-2 tiling); other float16 calls use CUDA cores.
 
 Forward with ``return_weights`` (or larger heads, or decode-like calls with
-fewer than 16 query rows against 256+ keys: ``launch.forward_path``) and the backward pass:
+fewer than 16 query rows against 256+ keys: ``launch.forward_path``; varlen
+calls stay fused whatever their lengths) and the backward pass:
 blockwise over query rows with ``cupy.matmul`` (cuBLAS) in the compute dtype,
 recomputing the probabilities from the log-sum-exp (FlashAttention-2 style);
 temporaries stay within ``block_bytes`` per score tile except the weights the
@@ -234,28 +239,73 @@ class CupyBackend(Backend):
         with cupy.cuda.Device(pb.query.device.id):
             return self._forward(cupy, pb)
 
+    def _route(self, pb: Problem, compute_capability: int) -> tuple[str, str | None]:
+        """``(path, kernel)``: ``"fused"`` with the forward kernel's name, or ``("blockwise", None)``.
+
+        Every option of the contract (masks, band and its offset, soft-capping,
+        ALiBi, chunk coordinates, dropout, packed varlen) runs in the fused
+        kernels; weights, heads over 256 and decode-like calls
+        (:func:`launch.forward_path`) take the blockwise cuBLAS path. A packed
+        varlen batch stays fused whatever its lengths: the alternative is a
+        Python loop over its sequences.
+        """
+        if pb.is_varlen:
+            fused = launch.fused_ok(pb.d, pb.dv, False)
+        else:
+            fused = launch.forward_path(pb.d, pb.dv, pb.n, pb.m, pb.return_weights,
+                                        decode_max_rows=self.decode_max_rows,
+                                        decode_min_keys=self.decode_min_keys) == "fused"
+        if not fused:
+            return "blockwise", None
+        if self.tensor_cores and launch.tc_ok(pb.dtype, pb.d, pb.dv, pb.return_weights, compute_capability):
+            return "fused", launch.tc_kernel_name(launch.pick_tc_dmax(pb.d, pb.dv))
+        return "fused", launch.fwd_kernel_name(pb.dtype, launch.pick_dmax(pb.d, pb.dv))
+
+    def plan(self, pb: Problem) -> str:
+        """One line for ``explain``: the forward kernel (or the blockwise path) and, for varlen, the tile count."""
+        if pb.array_type == "cupy":
+            import cupy
+
+            with cupy.cuda.Device(pb.query.device.id):
+                _, name = self._route(pb, self._compute_capability(cupy))
+        else:  # the CPU emulation of the tests: NumPy stands in for CuPy
+            _, name = self._route(pb, self._compute_capability(np))
+        if name is None:
+            what = "weights requested" if pb.return_weights else "decode-like or head size over 256"
+            return f"blockwise cuBLAS forward ({what}); blockwise cuBLAS backward"
+        extra = ""
+        if pb.is_varlen:
+            seq, _ = launch.varlen_tiles(pb.cu_seqlens_q, pb.cu_seqlens_k, pb.lower, pb.upper)
+            extra = (f", one launch over {pb.num_sequences} packed sequences "
+                     f"({len(seq)} query tiles x {pb.q_heads} heads)")
+        return f"fused forward kernel {name}{extra}; blockwise cuBLAS backward"
+
     def _forward(self, cupy, pb):
-        if pb.is_varlen:  # one sequence at a time on the blockwise path, until the fused kernel takes them
+        path, name = self._route(pb, self._compute_capability(cupy))
+        if path == "fused":
+            return self._forward_fused(cupy, pb, name)
+        if pb.is_varlen:  # heads over 256: one sequence at a time on the blockwise path
             return _blockwise.forward_varlen(pb, cupy, block_bytes=self.block_bytes,
                                              dropout=partial(self._dropout_z, cupy))
-        # Soft-capping, ALiBi and chunk offsets run on the blockwise path until the fused kernels take them.
-        in_kernel = pb.softcap is None and pb.alibi is None and not pb.is_chunk
-        path = launch.forward_path(pb.d, pb.dv, pb.n, pb.m, pb.return_weights,
-                                   decode_max_rows=self.decode_max_rows, decode_min_keys=self.decode_min_keys)
-        if in_kernel and path == "fused":
-            return self._forward_fused(cupy, pb)
         return self._forward_blockwise(cupy, pb)
 
-    def _forward_fused(self, cupy, pb):
+    def _forward_fused(self, cupy, pb, name=None):
+        """The fused forward kernel ``name`` (default: the one :meth:`_route` picks) on ``pb``: ``(out, lse, None)``."""
+        if name is None:
+            name = self._route(pb, self._compute_capability(cupy))[1]
+            if name is None:
+                raise ValueError("the fused forward kernels cannot run this problem (weights or heads over 256)")
         B, Hq, Hkv, N, M, D, Dv = pb.batch, pb.q_heads, pb.kv_heads, pb.n, pb.m, pb.d, pb.dv
+        tc = name.startswith("attn_fwd_tc_")
+        threads = launch.TC_THREADS if tc else launch.BM
         out = cupy.empty((B, Hq, N, Dv), dtype=pb.dtype)
         lse = cupy.empty((B, Hq, N), dtype=pb.lse_dtype) if pb.want_lse else cupy.empty((1,), dtype=pb.lse_dtype)
-        tc = self.tensor_cores and launch.tc_ok(pb.dtype, D, Dv, pb.return_weights, self._compute_capability(cupy))
-        if tc:
-            name, threads = launch.tc_kernel_name(launch.pick_tc_dmax(D, Dv)), launch.TC_THREADS
+        tiles = None
+        if pb.is_varlen:
+            tiles = launch.varlen_tiles(pb.cu_seqlens_q, pb.cu_seqlens_k, pb.lower, pb.upper)
+            grid, block, _ = launch.varlen_launch(Hq, len(tiles[0]), threads)
         else:
-            name, threads = launch.fwd_kernel_name(pb.dtype, launch.pick_dmax(D, Dv)), launch.BM
-        grid, block, _, _ = launch.fwd_launch(B, Hq, N, threads)
+            grid, block, _, _ = launch.fwd_launch(B, Hq, N, threads)
         if grid is None:
             return out, (lse if pb.want_lse else None), None
         if M == 0:
@@ -263,16 +313,30 @@ class CupyBackend(Backend):
             if pb.want_lse:
                 lse.fill(-np.inf)
             return out, (lse if pb.want_lse else None), None
+        # Every absent pointer argument gets this; the kernels never read it.
+        placeholder = cupy.empty((1,), dtype=cupy.int64)
+        mask = mask_index = mdt = mss = None
         if pb.mask is not None:
             mask = pb.mask
             if mask.dtype == np.bool_:
                 mask = mask.view(cupy.uint8)
             mask_index = cupy.asarray(pb.mask_index, dtype=cupy.int64)
             mdt, mss = pb.mask.dtype, (pb.mask.shape, pb.mask.strides, pb.mask.itemsize)
-        else:
-            mask = cupy.empty((1,), dtype=cupy.uint8)
-            mask_index = cupy.zeros((1,), dtype=cupy.int64)
-            mdt, mss = None, None
+        # Slopes in the accumulation dtype, (B or S, Hq) contiguous: a copy of B*Hq numbers at most.
+        alibi = None if pb.alibi is None else cupy.ascontiguousarray(pb.alibi, dtype=pb.compute_dtype)
+        batch_index = None
+        if pb.dropout_p and pb.coords.batch_index is not None:
+            batch_index = cupy.asarray(pb.coords.batch_index, dtype=cupy.int64)
+        varlen = None
+        if tiles is not None:
+            # One host-to-device copy for the four tables.
+            assert pb.cu_seqlens_q is not None and pb.cu_seqlens_k is not None
+            parts = (pb.cu_seqlens_q, pb.cu_seqlens_k, tiles[0], tiles[1])
+            table = cupy.asarray(np.concatenate(parts).astype(np.int64, copy=False))
+            ends = np.cumsum([len(x) for x in parts])
+            varlen = {n: table[e - len(x):e] for n, x, e in zip(("cu_q", "cu_k", "tile_seq", "tile_row"), parts, ends,
+                                                                   strict=True)}
+            varlen["n_tiles"] = len(tiles[0])
         q, k, v = pb.query, pb.key, pb.value
         if tc:
             # The tensor-core kernel copies 16-byte row chunks (cp.async): give it
@@ -289,7 +353,9 @@ class CupyBackend(Backend):
             q=q, k=k, v=v, out=out, lse=lse, mask=mask, mask_index=mask_index, mask_dtype=mdt,
             shapes_strides=ss, sizes=dict(B=B, Hq=Hq, Hkv=Hkv, N=N, M=M, D=D, Dv=Dv),
             scale=pb.scale, lower=pb.lower, upper=pb.upper, dropout_p=pb.dropout_p,
-            dropout_seed=pb.dropout_seed, write_lse=pb.want_lse)
+            dropout_seed=pb.dropout_seed, write_lse=pb.want_lse, offset=None if pb.is_varlen else pb.offset,
+            softcap=pb.softcap, alibi=alibi, coords=pb.coords, batch_index=batch_index, varlen=varlen,
+            placeholder=placeholder)
         self._kernel(cupy, name)(grid, block, args)
         return out, (lse if pb.want_lse else None), None
 

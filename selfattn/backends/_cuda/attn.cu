@@ -1,8 +1,10 @@
 // selfattn fused attention kernels (CuPy RawModule source).
 //
-// launch.kernel_source("attn.cu") prepends common.cuh; no other header is
-// needed (float16 is handled as raw bits with cvt PTX), so the source compiles
-// with NVRTC alone -- tests/test_cupy_backend.py checks sm_80 and sm_90.
+// launch.kernel_source("attn.cu") prepends the dropout hash constants
+// (launch.hash_defines(), from selfattn/_dropout.py) and common.cuh; no other
+// header is needed (float16 is handled as raw bits with cvt PTX), so the
+// source compiles with NVRTC alone -- tests/test_cuda_nvrtc.py checks sm_80
+// and sm_90.
 //
 // attn_fwd_<dtype>_<DMAX>: online-softmax forward (FlashAttention-style) with
 // float32 accumulation for float16/float32 and float64 for float64. One CUDA
@@ -13,6 +15,28 @@
 // are never loaded (block skipping). Masks are read through element strides
 // (0 for broadcast axes) plus a per-batch mask index: never expanded. GQA maps
 // query head h to key/value head h / G without copying K/V.
+//
+// Every forward (CUDA cores and tensor cores) shares one parameter list
+// (SA_FWD_ARGS) and these semantics, in the API's order of operations:
+//   s = (q . k) * scale; soft-capping s = softcap * tanh(s / softcap) when
+//   softcap > 0 (tanh in the accumulation type); ALiBi s -= slope[s_b, h] *
+//   |j - (i + offset)| when use_alibi (slopes in the accumulation type,
+//   (B or S, Hq) contiguous); + mask; the causal/window band
+//   offset - lower <= j - i <= offset + upper; softmax; dropout.
+// `offset` is the band's diagonal (M - N for a whole call, another value for a
+// chunk of a larger call). Neither softcap nor ALiBi can make a key outside
+// the band attendable, so block skipping is unchanged by them; with both off
+// they cost one uniform branch each.
+// Dropout counters: weight (b, h, i, j) uses (batch_index[b] or b) *
+// total_heads + head_start + h, row_start + i and col_start + j
+// (Problem.coords), so a chunk draws its piece of the whole call's pattern.
+// Packed variable-length batches (varlen = 1): q/k/v are (1, H, total, D),
+// block `blk` takes query tile blk / Hq (of the host-built tile table:
+// tile_seq = its sequence s, tile_row = its first local row) and head
+// blk % Hq; the sequence's rows are [cu_q[s], cu_q[s+1]) and keys
+// [cu_k[s], cu_k[s+1]); positions (band, ALiBi, dropout row/column) are local
+// to the sequence, its band offset is M_s - N_s, and s is its ALiBi row and
+// dropout batch entry. out/lse keep the packed layout (H, total_q, .).
 
 #define SA_BM 64
 
@@ -41,6 +65,9 @@ __device__ __forceinline__ float sa_exp(float x) { return expf(x); }
 __device__ __forceinline__ double sa_exp(double x) { return exp(x); }
 __device__ __forceinline__ float sa_log(float x) { return logf(x); }
 __device__ __forceinline__ double sa_log(double x) { return log(x); }
+// Soft-capping's tanh in the accumulation type: float32 for float16/float32, float64 for float64.
+__device__ __forceinline__ float sa_tanh(float x) { return tanhf(x); }
+__device__ __forceinline__ double sa_tanh(double x) { return tanh(x); }
 
 template <typename A> __device__ __forceinline__ A sa_ninf();
 template <> __device__ __forceinline__ float sa_ninf<float>() { return __int_as_float(0xff800000); }
@@ -62,34 +89,103 @@ __device__ __forceinline__ A sa_mask_term(const void* mask, int kind, long long 
     }
 }
 
-// Row block `blk` of a forward launch: BM query rows [i0, i1) of one (batch b,
-// query head h) pair bh, its key/value head hk = h / G, and the key range
-// [j0, j1) any of its rows may attend under the causal/window band
-// (Problem.key_range: keys outside it are never loaded). Within a head the row
-// blocks go last-first: under a causal mask the last rows see the most keys,
-// and starting the longest blocks first shortens the tail of the launch
-// (FlashAttention-2 does the same). Row indices are 64-bit: with N close to
-// 2^31, i0 + BM (and a thread's row) no longer fits in an int.
-struct SaRowBlock { long long bh, i0, i1, j0, j1; int b, h, hk; };
+// |j - (i + offset)|, ALiBi's distance, as the accumulation type.
+template <typename A>
+__device__ __forceinline__ A sa_abs_dist(long long rel) { return (A)(rel < 0 ? -rel : rel); }
 
+// Row block of a forward launch: query rows [i0, i1) (local to the sequence
+// for varlen) of one (batch b, query head h), its key/value head hk = h / G,
+// the key range [j0, j1) any of its rows may attend under the causal/window
+// band (Problem.key_range: keys outside it are never loaded), where the
+// sequence starts in q/out (q0) and in k/v (k0), its band offset and the
+// batch entry s of its ALiBi slopes and dropout counters. Row indices are
+// 64-bit: with N close to 2^31, i0 + BM (and a thread's row) no longer fits
+// in an int.
+struct SaRowBlock {
+    long long obase;     // first element row of the sequence in out/lse: (b * Hq + h) * N + q0
+    long long i0, i1;    // local query rows [i0, i1)
+    long long j0, j1;    // local keys [j0, j1) that any row may attend
+    long long q0, k0;    // first row of the sequence in q and in k/v (0 unless varlen)
+    long long off;       // key j is at band distance j - (i + off) from query i
+    int b, h, hk, s;     // q/k/v/mask batch, query head, key/value head, ALiBi/dropout batch entry
+};
+
+// Block `blk` of a launch. Ordinary launches: within a head the row blocks go
+// last-first (under a causal mask the last rows see the most keys, and
+// starting the longest blocks first shortens the tail of the launch, as
+// FlashAttention-2 does). Packed varlen launches (varlen = 1): tile blk / Hq
+// of the host's table (ordered longest first), head blk % Hq (the heads of
+// one tile are neighbours, so they share K/V in L2).
 template <int BM>
 __device__ __forceinline__ SaRowBlock sa_row_block(long long blk, long long n_row_blocks, int Hq, int G, int N, int M,
-                                                   int has_lower, int lower, int has_upper, int upper) {
+                                                   long long offset, int has_lower, int lower, int has_upper, int upper,
+                                                   int varlen, const long long* cu_q, const long long* cu_k,
+                                                   const long long* tile_seq, const long long* tile_row) {
     SaRowBlock rb;
-    const long long off = (long long)M - (long long)N;
-    rb.bh = blk / n_row_blocks;
-    rb.i0 = (n_row_blocks - 1 - (blk - rb.bh * n_row_blocks)) * BM;
-    rb.i1 = min((long long)N, rb.i0 + BM);
-    rb.b = (int)(rb.bh / Hq);
-    rb.h = (int)(rb.bh - (long long)rb.b * Hq);
+    long long nq = N, nk = M;
+    if (varlen) {
+        const long long t = blk / Hq;
+        rb.h = (int)(blk - t * Hq);
+        rb.b = 0;
+        rb.s = (int)tile_seq[t];
+        rb.q0 = cu_q[rb.s];
+        rb.k0 = cu_k[rb.s];
+        nq = cu_q[rb.s + 1] - rb.q0;
+        nk = cu_k[rb.s + 1] - rb.k0;
+        rb.i0 = tile_row[t];
+        rb.off = nk - nq;
+        rb.obase = (long long)rb.h * N + rb.q0;
+    } else {
+        const long long bh = blk / n_row_blocks;
+        rb.i0 = (n_row_blocks - 1 - (blk - bh * n_row_blocks)) * BM;
+        rb.b = (int)(bh / Hq);
+        rb.h = (int)(bh - (long long)rb.b * Hq);
+        rb.s = rb.b;
+        rb.q0 = 0;
+        rb.k0 = 0;
+        rb.off = offset;
+        rb.obase = bh * N;
+    }
     rb.hk = rb.h / G;
+    rb.i1 = min(nq, rb.i0 + BM);
     rb.j0 = 0;
-    rb.j1 = M;
-    if (has_lower) rb.j0 = max(0LL, rb.i0 + off - lower);
-    if (has_upper) rb.j1 = min((long long)M, rb.i1 - 1 + off + upper + 1);
+    rb.j1 = nk;
+    if (has_lower) rb.j0 = max(0LL, rb.i0 + rb.off - (long long)lower);
+    if (has_upper) rb.j1 = min(nk, rb.i1 - 1 + rb.off + (long long)upper + 1);
     if (rb.j1 < rb.j0) rb.j1 = rb.j0;
     return rb;
 }
+
+// The dropout pattern's batch·head counter of batch entry s, query head h (Problem.coords).
+__device__ __forceinline__ sa_u32 sa_drop_bh(int s, int h, const long long* batch_index, int use_batch_index,
+                                             long long head_start, long long total_heads) {
+    const long long bi = use_batch_index ? batch_index[s] : (long long)s;
+    return (sa_u32)(bi * total_heads + head_start + h);
+}
+
+// The parameter list of every forward kernel (launch.FWD_SIGNATURE mirrors it).
+#define SA_FWD_ARGS(T, A) \
+    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ out, \
+    A* __restrict__ lse, const void* __restrict__ mask, const long long* __restrict__ mask_index, int mask_kind, \
+    long long qs0, long long qs1, long long qs2, long long qs3, \
+    long long ks0, long long ks1, long long ks2, long long ks3, \
+    long long vs0, long long vs1, long long vs2, long long vs3, \
+    long long ms0, long long ms1, long long ms2, long long ms3, \
+    int Hq, int G, int N, int M, int D, int Dv, long long n_row_blocks, long long total_blocks, \
+    double scale, long long offset, int has_lower, int lower, int has_upper, int upper, \
+    double softcap, const A* __restrict__ alibi, int use_alibi, \
+    sa_u32 threshold, sa_u32 seed_lo, sa_u32 seed_hi, double drop_scale, int use_dropout, \
+    const long long* __restrict__ batch_index, int use_batch_index, long long head_start, long long total_heads, \
+    long long row_start, long long col_start, \
+    int varlen, const long long* __restrict__ cu_q, const long long* __restrict__ cu_k, \
+    const long long* __restrict__ tile_seq, const long long* __restrict__ tile_row, int write_lse
+
+#define SA_FWD_PASS \
+    q, k, v, out, lse, mask, mask_index, mask_kind, qs0, qs1, qs2, qs3, ks0, ks1, ks2, ks3, \
+    vs0, vs1, vs2, vs3, ms0, ms1, ms2, ms3, Hq, G, N, M, D, Dv, n_row_blocks, total_blocks, \
+    scale, offset, has_lower, lower, has_upper, upper, softcap, alibi, use_alibi, \
+    threshold, seed_lo, seed_hi, drop_scale, use_dropout, batch_index, use_batch_index, head_start, total_heads, \
+    row_start, col_start, varlen, cu_q, cu_k, tile_seq, tile_row, write_lse
 
 // Key tile size: keep the K and V tiles within 32 KiB of static shared memory.
 template <typename A, int DMAX>
@@ -99,46 +195,45 @@ struct SaTile {
 };
 
 template <typename T, typename A, int DMAX>
-__device__ void sa_attn_fwd(
-    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-    T* __restrict__ out, A* __restrict__ lse,
-    const void* __restrict__ mask, const long long* __restrict__ mask_index, int mask_kind,
-    long long qs0, long long qs1, long long qs2, long long qs3,
-    long long ks0, long long ks1, long long ks2, long long ks3,
-    long long vs0, long long vs1, long long vs2, long long vs3,
-    long long ms0, long long ms1, long long ms2, long long ms3,
-    int Hq, int G, int N, int M, int D, int Dv, long long n_row_blocks, long long total_blocks,
-    double scale_d, int has_lower, int lower, int has_upper, int upper,
-    sa_u32 threshold, sa_u32 seed_lo, sa_u32 seed_hi, double drop_scale_d, int use_dropout, int write_lse)
+__device__ void sa_attn_fwd(SA_FWD_ARGS(T, A))
 {
     const int BN = SaTile<A, DMAX>::BN;
     __shared__ A Ks[BN][DMAX];
     __shared__ A Vs[BN][DMAX];
     __shared__ A Ss[BN][SA_BM];
-    const A scale = (A)scale_d;
-    const A drop_scale = (A)drop_scale_d;
+    const A sc = (A)scale;
+    const A dscale = (A)drop_scale;
+    const bool capped = softcap > 0.0;
+    const A cap = (A)softcap;
+    const A inv_cap = capped ? (A)(1.0 / softcap) : (A)0;   // as the blockwise path: tanh(s * (1/cap))
     const A NINF = sa_ninf<A>();
     const int tid = threadIdx.x;
-    const long long off = (long long)M - (long long)N;
+    const sa_u32 col0 = (sa_u32)col_start;   // dropout counters wrap mod 2^32, like the hash's
 
     for (long long blk = blockIdx.x; blk < total_blocks; blk += gridDim.x) {
-        const SaRowBlock rb = sa_row_block<SA_BM>(blk, n_row_blocks, Hq, G, N, M, has_lower, lower, has_upper, upper);
-        const long long bh = rb.bh, j0 = rb.j0, j1 = rb.j1;
+        const SaRowBlock rb = sa_row_block<SA_BM>(blk, n_row_blocks, Hq, G, N, M, offset, has_lower, lower, has_upper,
+                                                  upper, varlen, cu_q, cu_k, tile_seq, tile_row);
+        const long long j0 = rb.j0, j1 = rb.j1, off = rb.off;
         const int b = rb.b, h = rb.h, hk = rb.hk;
         const long long i = rb.i0 + tid;
-        const bool row_ok = i < N;
+        const bool row_ok = i < rb.i1;
+        const long long qrow = b * qs0 + h * qs1 + (rb.q0 + i) * qs2;
 
         A qr[DMAX];
         A acc[DMAX];
 #pragma unroll
         for (int c = 0; c < DMAX; ++c) {
-            qr[c] = (row_ok && c < D) ? sa_load<A>(q, b * qs0 + h * qs1 + i * qs2 + c * qs3) * scale : (A)0;
+            qr[c] = (row_ok && c < D) ? sa_load<A>(q, qrow + c * qs3) * sc : (A)0;
             acc[c] = (A)0;
         }
         A m_run = NINF, l_run = (A)0;
         bool saw_nan = false;
         sa_u32 rowh = 0;
-        if (use_dropout) rowh = sa_row_hash(sa_head_hash(seed_lo, seed_hi, (sa_u32)bh), (sa_u32)i);
+        if (use_dropout)
+            rowh = sa_row_hash(sa_head_hash(seed_lo, seed_hi,
+                                            sa_drop_bh(rb.s, h, batch_index, use_batch_index, head_start, total_heads)),
+                               (sa_u32)(row_start + i));
+        const A slope = use_alibi ? alibi[(long long)rb.s * Hq + h] : (A)0;
         long long mrow = 0;
         if (mask_kind) mrow = mask_index[b] * ms0 + h * ms1 + i * ms2;
 
@@ -148,8 +243,8 @@ __device__ void sa_attn_fwd(
                 const int r = e / DMAX, c = e - (e / DMAX) * DMAX;
                 const long long j = jt + r;
                 const bool ok = j < j1;
-                Ks[r][c] = (ok && c < D) ? sa_load<A>(k, b * ks0 + hk * ks1 + j * ks2 + c * ks3) : (A)0;
-                Vs[r][c] = (ok && c < Dv) ? sa_load<A>(v, b * vs0 + hk * vs1 + j * vs2 + c * vs3) : (A)0;
+                Ks[r][c] = (ok && c < D) ? sa_load<A>(k, b * ks0 + hk * ks1 + (rb.k0 + j) * ks2 + c * ks3) : (A)0;
+                Vs[r][c] = (ok && c < Dv) ? sa_load<A>(v, b * vs0 + hk * vs1 + (rb.k0 + j) * vs2 + c * vs3) : (A)0;
             }
             __syncthreads();
             if (!row_ok) continue;
@@ -165,8 +260,10 @@ __device__ void sa_attn_fwd(
 #pragma unroll
                     for (int c = 0; c < DMAX; ++c) dot += qr[c] * Ks[r][c];
                     x = dot;
-                    if (mask_kind) x += sa_mask_term<A>(mask, mask_kind, mrow + j * ms3);
+                    if (capped) x = cap * sa_tanh(x * inv_cap);
                     const long long rel = j - (i + off);
+                    if (use_alibi) x -= slope * sa_abs_dist<A>(rel);
+                    if (mask_kind) x += sa_mask_term<A>(mask, mask_kind, mrow + j * ms3);
                     if ((has_lower && rel < -(long long)lower) || (has_upper && rel > (long long)upper)) x = NINF;
                 }
                 if (x != x) saw_nan = true;
@@ -182,41 +279,25 @@ __device__ void sa_attn_fwd(
             for (int r = 0; r < BN; ++r) {
                 A p = sa_exp(Ss[r][tid] - m_new);
                 l_run += p;
-                if (use_dropout) p = sa_keep(rowh, (sa_u32)(jt + r), threshold) ? p * drop_scale : (A)0;
+                if (use_dropout) p = sa_keep(rowh, (sa_u32)(jt + r) + col0, threshold) ? p * dscale : (A)0;
 #pragma unroll
                 for (int c = 0; c < DMAX; ++c) acc[c] += p * Vs[r][c];
             }
             m_run = m_new;
         }
         if (row_ok) {
-            const long long orow = (bh * N + i) * (long long)Dv;
+            const long long orow = rb.obase + i;
             A inv = (A)0, lv = NINF;
             if (saw_nan) { inv = sa_nan<A>(); lv = sa_nan<A>(); }
             else if (l_run > (A)0) { inv = (A)1 / l_run; lv = m_run + sa_log(l_run); }
             else if (l_run != l_run) { inv = sa_nan<A>(); lv = sa_nan<A>(); }
 #pragma unroll
             for (int c = 0; c < DMAX; ++c)
-                if (c < Dv) sa_store(out, orow + c, saw_nan ? sa_nan<A>() : acc[c] * inv);
-            if (write_lse) lse[bh * N + i] = lv;
+                if (c < Dv) sa_store(out, orow * Dv + c, saw_nan ? sa_nan<A>() : acc[c] * inv);
+            if (write_lse) lse[orow] = lv;
         }
     }
 }
-
-#define SA_FWD_ARGS(T, A) \
-    const T* q, const T* k, const T* v, T* out, A* lse, \
-    const void* mask, const long long* mask_index, int mask_kind, \
-    long long qs0, long long qs1, long long qs2, long long qs3, \
-    long long ks0, long long ks1, long long ks2, long long ks3, \
-    long long vs0, long long vs1, long long vs2, long long vs3, \
-    long long ms0, long long ms1, long long ms2, long long ms3, \
-    int Hq, int G, int N, int M, int D, int Dv, long long n_row_blocks, long long total_blocks, \
-    double scale, int has_lower, int lower, int has_upper, int upper, \
-    sa_u32 threshold, sa_u32 seed_lo, sa_u32 seed_hi, double drop_scale, int use_dropout, int write_lse
-
-#define SA_FWD_PASS \
-    q, k, v, out, lse, mask, mask_index, mask_kind, qs0, qs1, qs2, qs3, ks0, ks1, ks2, ks3, \
-    vs0, vs1, vs2, vs3, ms0, ms1, ms2, ms3, Hq, G, N, M, D, Dv, n_row_blocks, total_blocks, \
-    scale, has_lower, lower, has_upper, upper, threshold, seed_lo, seed_hi, drop_scale, use_dropout, write_lse
 
 #define SA_DEFINE_FWD(NAME, T, A, DMAX) \
     extern "C" __global__ void __launch_bounds__(SA_BM) NAME(SA_FWD_ARGS(T, A)) { \
@@ -240,7 +321,8 @@ SA_DEFINE_FWD(attn_fwd_float64_256, double, double, 256)
 // attn_fwd_tc_float16_<DMAX>: the float16 forward on tensor cores (sm_80+).
 //
 // Same contract as attn_fwd_float16_<DMAX> (same parameter list, out and lse
-// layout, masks, band, GQA, dropout pattern, NaN and fully-masked rules), with
+// layout, masks, band and its offset, soft-capping, ALiBi, GQA, dropout pattern
+// and its chunk counters, packed varlen, NaN and fully-masked rules), with
 // two extra preconditions the host checks (launch.tc_layout_ok): D and Dv are
 // multiples of 8, and Q/K/V have unit last-axis stride, 16-byte aligned rows
 // and base pointers, so a row chunk of 8 halves is one 16-byte cp.async.
@@ -258,7 +340,9 @@ SA_DEFINE_FWD(attn_fwd_float64_256, double, double, 256)
 // of an ldmatrix hit distinct banks); the next K tile loads while the softmax
 // and P V of the current one run, the next V tile while the next S does.
 // Memory is O(N) (out and lse only); key tiles outside the row block's band
-// are never loaded.
+// are never loaded. Soft-capping and ALiBi are applied to the S fragments in
+// float32 (tanhf), before the mask; tiles with neither (and no mask, inside
+// the band) keep the one-multiply fast path.
 #define SA_TC_BM 64
 #define SA_TC_BN 64
 #define SA_TC_THREADS 128
@@ -323,16 +407,7 @@ __device__ __forceinline__ void sa_tc_stage(unsigned short* smem, const unsigned
 }
 
 template <int DMAX>
-__device__ void sa_attn_fwd_tc(
-    const unsigned short* __restrict__ q, const unsigned short* __restrict__ k, const unsigned short* __restrict__ v,
-    unsigned short* __restrict__ out, float* __restrict__ lse,
-    const void* __restrict__ mask, const long long* __restrict__ mask_index, int mask_kind,
-    long long qs0, long long qs1, long long qs2, long long ks0, long long ks1, long long ks2,
-    long long vs0, long long vs1, long long vs2,
-    long long ms0, long long ms1, long long ms2, long long ms3,
-    int Hq, int G, int N, int M, int D, int Dv, long long n_row_blocks, long long total_blocks,
-    double scale_d, int has_lower, int lower, int has_upper, int upper,
-    sa_u32 threshold, sa_u32 seed_lo, sa_u32 seed_hi, double drop_scale_d, int use_dropout, int write_lse)
+__device__ void sa_attn_fwd_tc(SA_FWD_ARGS(unsigned short, float))
 {
     const int LD = DMAX + 8;
     const int KS = DMAX / 16;        // k-steps of S = Q Kᵀ
@@ -341,26 +416,33 @@ __device__ void sa_attn_fwd_tc(
     // Ks also stages the Q tile (SA_TC_BM == SA_TC_BN) before the key loop.
     __shared__ __attribute__((aligned(16))) unsigned short Ks[SA_TC_BN * LD];
     __shared__ __attribute__((aligned(16))) unsigned short Vs[SA_TC_BN * LD];
-    const float out_scale = use_dropout ? (float)drop_scale_d : 1.0f;   // kept weights' 1/(1-p)
+    (void)qs3; (void)ks3; (void)vs3;  // unit last-axis strides: checked by the host (launch.tc_layout_ok)
+    const float out_scale = use_dropout ? (float)drop_scale : 1.0f;   // kept weights' 1/(1-p)
     const float NINF = sa_ninf<float>();
     const float LOG2E = 1.4426950408889634f;
-    const float scale_log2 = (float)(scale_d * 1.4426950408889634);
+    const float scale_log2 = (float)(scale * 1.4426950408889634);
+    // Soft-capping in base-2 units: softcap * tanh(s * scale / softcap) * log2(e).
+    const bool capped = softcap > 0.0;
+    const float cap_in = capped ? (float)(scale / softcap) : 0.0f;
+    const float cap_log2 = (float)(softcap * 1.4426950408889634);
+    const bool plain_logits = !capped && !use_alibi;
+    const sa_u32 col0 = (sa_u32)col_start;   // dropout counters wrap mod 2^32, like the hash's
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;   // fragment row group and column pair
-    const long long off = (long long)M - (long long)N;
     const int ks_used = (D + 15) / 16, vs_used = (Dv + 15) / 16;   // skip all-zero padding
 
     for (long long blk = blockIdx.x; blk < total_blocks; blk += gridDim.x) {
-        const SaRowBlock rb = sa_row_block<SA_TC_BM>(blk, n_row_blocks, Hq, G, N, M, has_lower, lower, has_upper, upper);
-        const long long bh = rb.bh, j0 = rb.j0, j1 = rb.j1;
-        const long long i0 = rb.i0;
+        const SaRowBlock rb = sa_row_block<SA_TC_BM>(blk, n_row_blocks, Hq, G, N, M, offset, has_lower, lower,
+                                                     has_upper, upper, varlen, cu_q, cu_k, tile_seq, tile_row);
+        const long long j0 = rb.j0, j1 = rb.j1, off = rb.off;
+        const long long i0 = rb.i0, i1 = rb.i1;
         const int b = rb.b, h = rb.h, hk = rb.hk;
-        const int ntiles = (int)((j1 - j0 + SA_TC_BN - 1) / SA_TC_BN);
-        const unsigned short* kb = k + b * ks0 + hk * ks1;
-        const unsigned short* vb = v + b * vs0 + hk * vs1;
+        const unsigned short* kb = k + b * ks0 + hk * ks1 + rb.k0 * ks2;
+        const unsigned short* vb = v + b * vs0 + hk * vs1 + rb.k0 * vs2;
+        const float slope_log2 = use_alibi ? alibi[(long long)rb.s * Hq + h] * LOG2E : 0.0f;
 
         // Q fragments of this warp's 16 rows, for every 16-column k-step.
-        sa_tc_stage<DMAX, LD>(Ks, q + b * qs0 + h * qs1, qs2, i0, N, D);
+        sa_tc_stage<DMAX, LD>(Ks, q + b * qs0 + h * qs1 + rb.q0 * qs2, qs2, i0, i1, D);
         sa_cp_async_commit();
         sa_cp_async_wait<0>();
         __syncthreads();
@@ -370,23 +452,35 @@ __device__ void sa_attn_fwd_tc(
             sa_ldsm_x4(qf[kk], Ks + (warp * 16 + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8);
         __syncthreads();   // Ks is refilled with keys next
 
-        if (ntiles > 0) {
+        if (j0 < j1) {
             sa_tc_stage<DMAX, LD>(Ks, kb, ks2, j0, j1, D);
             sa_cp_async_commit();
             sa_tc_stage<DMAX, LD>(Vs, vb, vs2, j0, j1, Dv);
             sa_cp_async_commit();
         }
 
-        // This lane's two rows: r = 0 -> row g of the warp's 16, r = 1 -> row g + 8.
-        long long row[2];
-        long long mrow[2] = {0, 0};
+        // This lane's two rows: r = 0 -> row g of the warp's 16 (wrow), r = 1 -> row g + 8.
+        // The key loop keeps only what it needs of them, for row 0 (row 1's are 8 rows on;
+        // registers are tight: ptxas aims at 128 for D = 32): whether each row exists,
+        // the diagonal wrow + off (key j is at band distance j - diag0 - 8r) and the mask
+        // offset of the row; the output row is rebuilt from orow0.
+        const long long wrow = i0 + warp * 16 + g;
+        const long long orow0 = rb.obase + wrow;
+        const long long diag0 = wrow + off;
+        const bool warp_full = i0 + warp * 16 + 16 <= i1;   // all 16 rows of the warp exist
+        bool live[2];
+        long long mrow0 = 0;
+        if (mask_kind && wrow < i1) mrow0 = mask_index[b] * ms0 + h * ms1 + wrow * ms2;
         sa_u32 rowh[2] = {0u, 0u};
         float m_run[2], l_run[2];   // running max (base-2 logits) and this lane's share of the sum
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-            row[r] = i0 + warp * 16 + g + 8 * r;
-            if (mask_kind && row[r] < N) mrow[r] = mask_index[b] * ms0 + h * ms1 + row[r] * ms2;
-            if (use_dropout) rowh[r] = sa_row_hash(sa_head_hash(seed_lo, seed_hi, (sa_u32)bh), (sa_u32)row[r]);
+            const long long row = wrow + 8 * r;
+            live[r] = row < i1;
+            if (use_dropout)
+                rowh[r] = sa_row_hash(sa_head_hash(seed_lo, seed_hi, sa_drop_bh(rb.s, h, batch_index, use_batch_index,
+                                                                                head_start, total_heads)),
+                                      (sa_u32)(row_start + row));
             m_run[r] = NINF; l_run[r] = 0.0f;
         }
         float o[OB][4];
@@ -395,8 +489,7 @@ __device__ void sa_attn_fwd_tc(
 #pragma unroll
             for (int e = 0; e < 4; ++e) o[nb][e] = 0.0f;
 
-        for (int tile = 0; tile < ntiles; ++tile) {
-            const long long jt = j0 + (long long)tile * SA_TC_BN;
+        for (long long jt = j0; jt < j1; jt += SA_TC_BN) {
             sa_cp_async_wait<1>();   // K(tile) has landed (V(tile) may still be in flight)
             __syncthreads();
             float s[NB][4];
@@ -416,18 +509,18 @@ __device__ void sa_attn_fwd_tc(
                 }
             }
             __syncthreads();   // every warp is done with Ks: prefetch the next K tile
-            if (tile + 1 < ntiles) sa_tc_stage<DMAX, LD>(Ks, kb, ks2, jt + SA_TC_BN, j1, D);
+            if (jt + SA_TC_BN < j1) sa_tc_stage<DMAX, LD>(Ks, kb, ks2, jt + SA_TC_BN, j1, D);
             sa_cp_async_commit();   // possibly empty: keeps the group count uniform
 
             // Scores -> masked logits in base-2 units (x * log2(e): exp2 is one
             // instruction, and the scale folds into one multiply); row max per tile.
             // A NaN score makes its p, hence the row sum, NaN: that marks the row.
             float tmax[2] = {NINF, NINF};
-            const long long wr0 = i0 + warp * 16;   // this warp's first row
-            const bool interior = !mask_kind && jt + SA_TC_BN <= j1 && wr0 + 16 <= N
-                && (!has_lower || jt - (wr0 + 15 + off) >= -(long long)lower)
-                && (!has_upper || jt + SA_TC_BN - 1 - (wr0 + off) <= (long long)upper);
-            if (interior) {   // no mask, every key of the tile is in every row's band
+            const long long wdiag = diag0 - g;   // the diagonal of this warp's first row
+            const bool interior = plain_logits && !mask_kind && jt + SA_TC_BN <= j1 && warp_full
+                && (!has_lower || jt - (wdiag + 15) >= -(long long)lower)
+                && (!has_upper || jt + SA_TC_BN - 1 - wdiag <= (long long)upper);
+            if (interior) {   // no mask, soft-capping or ALiBi; every key of the tile is in every row's band
 #pragma unroll
                 for (int nb = 0; nb < NB; ++nb)
 #pragma unroll
@@ -443,10 +536,12 @@ __device__ void sa_attn_fwd_tc(
                         const int r = e >> 1;
                         const long long j = jt + nb * 8 + 2 * t + (e & 1);
                         float x = NINF;
-                        if (j < j1 && row[r] < N) {
-                            x = s[nb][e] * scale_log2;
-                            if (mask_kind) x += sa_mask_term<float>(mask, mask_kind, mrow[r] + j * ms3) * LOG2E;
-                            const long long rel = j - (row[r] + off);
+                        if (j < j1 && live[r]) {
+                            const long long rel = j - (diag0 + 8 * r);
+                            x = capped ? cap_log2 * tanhf(s[nb][e] * cap_in) : s[nb][e] * scale_log2;
+                            if (use_alibi) x -= slope_log2 * sa_abs_dist<float>(rel);
+                            if (mask_kind)
+                                x += sa_mask_term<float>(mask, mask_kind, mrow0 + 8 * r * ms2 + j * ms3) * LOG2E;
                             if ((has_lower && rel < -(long long)lower) || (has_upper && rel > (long long)upper)) x = NINF;
                         }
                         s[nb][e] = x;
@@ -479,7 +574,7 @@ __device__ void sa_attn_fwd_tc(
                     // for the P V product would be inf once dropout_p > 1 - 1/65504.
                     if (use_dropout) {
                         const long long j = jt + nb * 8 + 2 * t + (e & 1);
-                        if (!sa_keep(rowh[r], (sa_u32)j, threshold)) p = 0.0f;
+                        if (!sa_keep(rowh[r], (sa_u32)j + col0, threshold)) p = 0.0f;
                     }
                     s[nb][e] = p;
                 }
@@ -503,7 +598,7 @@ __device__ void sa_attn_fwd_tc(
                 }
             }
             __syncthreads();   // every warp is done with Vs: prefetch the next V tile
-            if (tile + 1 < ntiles) sa_tc_stage<DMAX, LD>(Vs, vb, vs2, jt + SA_TC_BN, j1, Dv);
+            if (jt + SA_TC_BN < j1) sa_tc_stage<DMAX, LD>(Vs, vb, vs2, jt + SA_TC_BN, j1, Dv);
             sa_cp_async_commit();
         }
         sa_cp_async_wait<0>();
@@ -514,32 +609,28 @@ __device__ void sa_attn_fwd_tc(
             float l = l_run[r];
             l += __shfl_xor_sync(0xffffffffu, l, 1);
             l += __shfl_xor_sync(0xffffffffu, l, 2);
-            if (row[r] >= N) continue;
+            if (!live[r]) continue;
             float inv = 0.0f, lv = NINF;
             const bool nan_row = l != l;   // a NaN score reached the sum
             if (nan_row) { inv = sa_nan<float>(); lv = sa_nan<float>(); }
             else if (l > 0.0f) { inv = out_scale / l; lv = (m_run[r] + log2f(l)) * 0.6931471805599453f; }
-            const long long orow = (bh * N + row[r]) * (long long)Dv;
+            const long long orow = orow0 + 8 * r;
 #pragma unroll
             for (int nb = 0; nb < OB; ++nb) {
                 const int c = nb * 8 + 2 * t;
                 if (c < Dv) {
-                    out[orow + c] = sa_f2h(nan_row ? sa_nan<float>() : o[nb][2 * r] * inv);
-                    out[orow + c + 1] = sa_f2h(nan_row ? sa_nan<float>() : o[nb][2 * r + 1] * inv);
+                    out[orow * Dv + c] = sa_f2h(nan_row ? sa_nan<float>() : o[nb][2 * r] * inv);
+                    out[orow * Dv + c + 1] = sa_f2h(nan_row ? sa_nan<float>() : o[nb][2 * r + 1] * inv);
                 }
             }
-            if (write_lse && t == 0) lse[bh * N + row[r]] = lv;
+            if (write_lse && t == 0) lse[orow] = lv;
         }
     }
 }
 
 #define SA_DEFINE_FWD_TC(NAME, DMAX) \
     extern "C" __global__ void __launch_bounds__(SA_TC_THREADS) NAME(SA_FWD_ARGS(unsigned short, float)) { \
-        (void)qs3; (void)ks3; (void)vs3;  /* unit last-axis strides: checked by the host */ \
-        sa_attn_fwd_tc<DMAX>(q, k, v, out, lse, mask, mask_index, mask_kind, qs0, qs1, qs2, ks0, ks1, ks2, \
-                             vs0, vs1, vs2, ms0, ms1, ms2, ms3, Hq, G, N, M, D, Dv, n_row_blocks, total_blocks, \
-                             scale, has_lower, lower, has_upper, upper, threshold, seed_lo, seed_hi, drop_scale, \
-                             use_dropout, write_lse); \
+        sa_attn_fwd_tc<DMAX>(SA_FWD_PASS); \
     }
 
 SA_DEFINE_FWD_TC(attn_fwd_tc_float16_32, 32)

@@ -168,13 +168,13 @@ def test_same_numbers_on_every_local_scheduler():
     opts = dict(causal=True, dropout_p=0.25, dropout_seed=11)
     out, lse = selfattn.scaled_dot_product_attention(dq, dk, dv, return_lse=True, **opts)
     results = [dask.compute(out, lse, scheduler=s) for s in ("synchronous", "threads")]
-    for a, b in zip(*results):
+    for a, b in zip(*results, strict=True):
         assert np.array_equal(a, b, equal_nan=True)
     _, backward = selfattn.scaled_dot_product_attention_vjp(dq, dk, dv, **opts)
     grads = backward(da.from_array(_rand(out.shape, np.float32), chunks=(2, 2, 11, 4)))
     g1 = dask.compute(*grads, scheduler="synchronous")
     g2 = dask.compute(*grads, scheduler="threads")
-    assert all(np.array_equal(a, b) for a, b in zip(g1, g2))
+    assert all(np.array_equal(a, b) for a, b in zip(g1, g2, strict=True))
 
 
 def test_backward_reuses_the_forward():
@@ -192,7 +192,7 @@ def test_backward_reuses_the_forward():
     assert len(forward_pairs) == len(set(forward_pairs)) == 2 * 10  # each forward pair ran once
     assert len(backward_pairs) == 2 * 10  # the same pair set
     ref = reference.vjp(q, k, v, _rand(out.shape, seed=4), causal=True)
-    for got, exp in zip((gq, gk, gv), ref):
+    for got, exp in zip((gq, gk, gv), ref, strict=True):
         assert_close(got, exp, "float64", kind="grad")
 
 
@@ -250,14 +250,14 @@ def test_everything_together_matches_the_single_call():
     # The oracle has no softcap/ALiBi: the single call on the NumPy backend is the reference (conformance-tested).
     single = selfattn.scaled_dot_product_attention(q, k, v, return_lse=True, return_weights=True, backend="numpy",
                                                    **opts)
-    for what, got, exp in zip(("output", "lse", "weights"), dask.compute(out, lse, w, **SYNC), single):
+    for what, got, exp in zip(("output", "lse", "weights"), dask.compute(out, lse, w, **SYNC), single, strict=True):
         assert_close(got, exp, "float64", what=what)
     assert w.chunks[-2:] == ((6, 6, 6, 3), (9, 9, 8))  # weights blockwise on the pair grid
     o2, backward = selfattn.scaled_dot_product_attention_vjp(dq, dk, dv, **dopts)
     g = rng.standard_normal(o2.shape)
     grads = dask.compute(*backward(da.from_array(g, chunks=7)), **SYNC)
     _, single_backward = selfattn.scaled_dot_product_attention_vjp(q, k, v, backend="numpy", **opts)
-    for name, got, exp in zip(("dq", "dk", "dv"), grads, single_backward(g)):
+    for name, got, exp in zip(("dq", "dk", "dv"), grads, single_backward(g), strict=True):
         assert_close(got, exp, "float64", kind="grad", what=name)
 
 
@@ -452,7 +452,7 @@ def test_cupy_chunks_run_on_the_cupy_array_type(monkeypatch):
     ref_out, ref_lse, _ = reference.forward(q, k, v, mask=mask, **opts)
     assert_close(np.asarray(o), ref_out, "float64")
     assert_close(np.asarray(lse_), ref_lse, "float64", what="lse")
-    for got, exp in zip(dask.compute(*grads, **SYNC), reference.vjp(q, k, v, g, mask=mask, **opts)):
+    for got, exp in zip(dask.compute(*grads, **SYNC), reference.vjp(q, k, v, g, mask=mask, **opts), strict=True):
         assert_close(np.asarray(got), exp, "float64", kind="grad")
 
 

@@ -167,9 +167,9 @@ def pair_weights(pair: Pair, query: Array, key: Array, value: Array, mask: Array
         _, lse_pair, w = impl.forward(pb)
     xp = _module(pb.array_type)
     cdt = pb.compute_dtype
-    lse = _to_library(lse, pb.array_type).astype(cdt, copy=False)
+    row_lse = xp.asarray(_to_library(lse, pb.array_type), dtype=cdt)
     with np.errstate(invalid="ignore", over="ignore"):
-        factor = xp.where(lse_pair == -np.inf, cdt.type(0), xp.exp(lse_pair - lse))
+        factor = xp.where(lse_pair == -np.inf, cdt.type(0), xp.exp(lse_pair - row_lse))
     return (w * factor[..., None]).astype(dtype, copy=False)
 
 

@@ -129,7 +129,7 @@ def _starts(sizes: tuple[int, ...]) -> list[int]:
 def _whole_groups(chunks: tuple[int, ...], group: int) -> tuple[int, ...]:
     """Head chunks with every boundary rounded up to a multiple of ``group`` (GQA groups stay whole)."""
     ends = sorted({-(-e // group) * group for e in _starts(chunks)[1:]})
-    return tuple(b - a for a, b in zip([0] + ends[:-1], ends))
+    return tuple(b - a for a, b in zip([0] + ends[:-1], ends, strict=True))
 
 
 def _split(total: int, per_row: int, chunk_bytes: int) -> tuple[int, ...]:
@@ -216,7 +216,7 @@ class _Inputs:
         if self.mask is not None:
             full = (pb.batch, pb.q_heads, pb.n, pb.m)
             # A broadcast (size-1) mask axis has one block; a full one is chunked like the pair grid.
-            index = (i if s == f else 0 for i, s, f in zip((bi, hi, ii, jj), self.mask.shape, full))
+            index = (i if s == f else 0 for i, s, f in zip((bi, hi, ii, jj), self.mask.shape, full, strict=True))
             mk = (self.mask.name,) + tuple(index)
         ak = None if self.alibi is None else (self.alibi.name, bi, hi)
         return ((self.query.name, bi, hi, ii, 0), (self.key.name, bi, hi, jj, 0), (self.value.name, bi, hi, jj, 0),
@@ -251,7 +251,7 @@ def _inputs(pb: Problem, lay: Layout) -> _Inputs:
             mk = mk[pb.mask_index]
         full = (pb.batch, pb.q_heads, pb.n, pb.m)
         grid = (lay.batch, lay.heads, lay.rows, lay.keys)
-        mk = mk.rechunk(tuple(c if s == f else (s,) for s, f, c in zip(mk.shape, full, grid)))
+        mk = mk.rechunk(tuple(c if s == f else (s,) for s, f, c in zip(mk.shape, full, grid, strict=True)))
     alibi = None if pb.alibi is None else pb.alibi.rechunk((lay.batch, lay.heads))
     return _Inputs(q, k, v, mk, alibi, _chunk_library(pb))
 
@@ -275,8 +275,8 @@ def _pair(pb: Problem, opts: tasks.Options, lay: Layout, bi: int, hi: int, ii: i
     return tasks.Pair(opts, int(pb.offset) + i0 - j0, coords)  # type: ignore[arg-type]
 
 
-def _stub_problem(pb: Problem, lay: Layout, opts: tasks.Options, lib: str, ins: _Inputs, bi: int, hi: int, ii: int,
-                  jj: int, **flags: bool) -> Problem:
+def _stub_problem(pb: Problem, lay: Layout, opts: tasks.Options, ins: _Inputs, bi: int, hi: int, ii: int, jj: int,
+                  weights: bool, vjp: bool) -> Problem:
     """A pair's problem with zero-stride NumPy stand-ins of the right shapes: for backend choice, no data."""
     cdt = pb.compute_dtype
 
@@ -287,27 +287,27 @@ def _stub_problem(pb: Problem, lay: Layout, opts: tasks.Options, lib: str, ins: 
     mask = mask_index = None
     if ins.mask is not None:
         full = (pb.batch, pb.q_heads, pb.n, pb.m)
-        mask = stub(tuple(n if s == f else 1 for n, s, f in zip((bb, hh, rows, cols), ins.mask.shape, full)),
-                    ins.mask.dtype)
+        sizes = zip((bb, hh, rows, cols), ins.mask.shape, full, strict=True)
+        mask = stub(tuple(n if s == f else 1 for n, s, f in sizes), ins.mask.dtype)
         mask_index = np.zeros(bb, dtype=np.int64)
     pair = _pair(pb, opts, lay, bi, hi, ii, jj)
     hkv = hh // lay.group
-    return Problem(array_type=lib, query=stub((bb, hh, rows, pb.d), cdt),
+    return Problem(array_type=ins.library, query=stub((bb, hh, rows, pb.d), cdt),
                    key=stub((bb, hkv, cols, pb.d), cdt), value=stub((bb, hkv, cols, pb.dv), cdt),
                    batch_shape=(bb,), mask=mask, mask_index=mask_index, causal=pb.causal, window=pb.window,
                    scale=pb.scale, softcap=pb.softcap,
                    alibi=None if pb.alibi is None else stub((bb, hh), pb.alibi.dtype), dropout_p=pb.dropout_p,
-                   dropout_seed=pb.dropout_seed, return_lse=True, offset=pair.offset, coords=pair.coords, **flags)
+                   dropout_seed=pb.dropout_seed, return_lse=True, return_weights=weights, needs_vjp=vjp,
+                   offset=pair.offset, coords=pair.coords)
 
 
 def _inner_choice(pb: Problem, lay: Layout, opts: tasks.Options, ins: _Inputs, bands: list[tuple[int, int]],
-                  **flags: bool) -> list[str]:
+                  weights: bool, vjp: bool) -> list[str]:
     """Names of the inner backends the pairs will use (first and last pair; raises what a pair would raise)."""
     names: list[str] = []
     nb, nh = len(lay.batch), len(lay.heads)
     for bi, hi, (ii, jj) in [(0, 0, bands[0]), (nb - 1, nh - 1, bands[-1])] if bands else []:
-        name = tasks.inner_backend(_stub_problem(pb, lay, opts, ins.library, ins, bi, hi, ii, jj, **flags),
-                                   opts.inner).name
+        name = tasks.inner_backend(_stub_problem(pb, lay, opts, ins, bi, hi, ii, jj, weights, vjp), opts.inner).name
         if name not in names:
             names.append(name)
     return names
@@ -418,7 +418,7 @@ class DaskBackend(Backend):
         if pb.lower is not None or pb.upper is not None:
             kind = "causal" if pb.causal and pb.window is None else "window" if not pb.causal else "causal window"
             band = f" ({len(bands)} of {grid} chunk pairs in the {kind} band)"
-        names = _inner_choice(pb, lay, opts, ins, bands, return_weights=pb.return_weights, needs_vjp=pb.needs_vjp)
+        names = _inner_choice(pb, lay, opts, ins, bands, pb.return_weights, pb.needs_vjp)
         threads = "no thread limit" if st.threads is None else f"{st.threads} thread{'s' * (st.threads > 1)} per task"
         text = (f"{nbh} batch·head chunks x {len(lay.rows)} query chunks x {len(lay.keys)} key chunks: "
                 f"{npairs} pair tasks{band}, merge fan-in {st.split_every}, "
@@ -430,14 +430,14 @@ class DaskBackend(Backend):
             text += f"; backward: {npairs} pair tasks, dq/dk/dv by tree sums"
         return text
 
-    def _setup(self, pb: Problem, **flags: bool) -> tuple[Settings, Layout, _Inputs, tasks.Options,
-                                                           list[tuple[int, int]]]:
+    def _setup(self, pb: Problem, weights: bool, vjp: bool) -> tuple[Settings, Layout, _Inputs, tasks.Options,
+                                                                     list[tuple[int, int]]]:
         st = settings()
         lay = layout(pb, st)
         ins = _inputs(pb, lay)
         opts = _options(pb, st, ins)
         bands = lay.bands(pb)
-        _inner_choice(pb, lay, opts, ins, bands, **flags)  # typed errors now, not at compute time
+        _inner_choice(pb, lay, opts, ins, bands, weights, vjp)  # typed errors now, not at compute time
         return st, lay, ins, opts, bands
 
     # -- forward -----------------------------------------------------------------------------------------------------
@@ -445,7 +445,7 @@ class DaskBackend(Backend):
         pb = problem
         if pb.batch * pb.q_heads == 0:
             return self._empty_forward(pb)
-        st, lay, ins, opts, bands = self._setup(pb, needs_vjp=False, return_weights=pb.return_weights)
+        st, lay, ins, opts, bands = self._setup(pb, weights=pb.return_weights, vjp=False)
         dtype, lse_dtype, lib = pb.dtype.name, pb.lse_dtype.name, ins.library
         tok = _token("forward", [x.name for x in ins.arrays()], opts, lay, st.split_every, pb.offset, pb.coords)
         pname, mname, oname, lname = (f"selfattn-{s}-{tok}" for s in ("pairs", "merge", "out", "lse"))
@@ -518,7 +518,7 @@ class DaskBackend(Backend):
         if pb.batch * pb.q_heads == 0:
             return (da.zeros(pb.query.shape, dtype=pb.dtype), da.zeros(pb.key.shape, dtype=pb.dtype),
                     da.zeros(pb.value.shape, dtype=pb.dtype))
-        st, lay, ins, opts, bands = self._setup(pb, needs_vjp=True)
+        st, lay, ins, opts, bands = self._setup(pb, weights=False, vjp=True)
         row_chunks = (lay.batch, lay.heads, lay.rows)
         out = da.asarray(out).rechunk(row_chunks + (-1,))
         lse = da.asarray(lse).rechunk(row_chunks)

@@ -50,7 +50,7 @@ def _arrays(shape, mask_spec, options, dtype, seed=0):
 def _cuts(total, parts):
     """``parts`` uneven, non-empty ``[start, stop)`` ranges covering ``range(total)`` (fewer if total is small)."""
     edges = sorted({0, total} | {max(1, min(total - 1, round(total * f))) for f in (0.3, 0.55, 0.8)[:parts - 1]})
-    return list(zip(edges[:-1], edges[1:]))
+    return list(zip(edges[:-1], edges[1:], strict=True))
 
 
 @pytest.mark.parametrize("case", CHUNK_CASES, ids=[c[0] for c in CHUNK_CASES])

@@ -80,8 +80,19 @@ def _to_library(x: Array | None, lib: str) -> Array | None:
     return cupy.asarray(x)
 
 
-def _widen(x: Array) -> Array:
-    return x.astype(np.float32) if x.dtype == np.float16 else x
+def _block(x: Array) -> Array:
+    """``x`` C-contiguous and aligned, float16 widened to float32 (copies only when needed).
+
+    Blocks arrive as strided views (local schedulers) or as unpickled buffers
+    that need not even be itemsize-aligned (``distributed``); NumPy's matmul
+    takes a different, differently-rounded loop for such memory. The same
+    layout everywhere gives the same numbers, bit for bit, on every scheduler.
+    """
+    if x.dtype == np.float16:
+        return x.astype(np.float32)
+    if isinstance(x, np.ndarray):
+        return np.require(x, requirements=("C", "A"))
+    return _module("cupy").ascontiguousarray(x)
 
 
 def problem(pair: Pair, query: Array, key: Array, value: Array, mask: Array | None, alibi: Array | None, *,
@@ -97,7 +108,7 @@ def problem(pair: Pair, query: Array, key: Array, value: Array, mask: Array | No
         mask = _to_library(mask, lib)
         mask_index = np.arange(bb, dtype=np.int64) if o.mask_batched else np.zeros(bb, dtype=np.int64)
     return Problem(
-        array_type=lib, query=_widen(query), key=_widen(key), value=_widen(value), batch_shape=(bb,),
+        array_type=lib, query=_block(query), key=_block(key), value=_block(value), batch_shape=(bb,),
         mask=mask, mask_index=mask_index, causal=o.causal, window=o.window, scale=o.scale, softcap=o.softcap,
         alibi=_to_library(alibi, lib), dropout_p=o.dropout_p, dropout_seed=o.dropout_seed, return_lse=True,
         return_weights=weights, needs_vjp=vjp, offset=pair.offset, coords=pair.coords,
@@ -186,7 +197,7 @@ def pair_backward(pair: Pair, query: Array, key: Array, value: Array, mask: Arra
     pb = problem(pair, query, key, value, mask, alibi, vjp=True)
     impl = inner_backend(pb, pair.options.inner)
     with _budget(pair):
-        return impl.backward(pb, _widen(out), lse, _widen(grad_out))
+        return impl.backward(pb, _block(out), _block(lse), _block(grad_out))
 
 
 def merge(parts: list[tuple[Array, Array]]) -> tuple[Array, Array]:

@@ -119,6 +119,18 @@ def warm(client, causal=False):
         _WARM.add((id(client), causal))
 
 
+def _cpu_seconds():
+    return time.process_time()
+
+
+def run_with_cores(client, qkv, causal=False):
+    """``run_on``, plus the cores the workers actually got: their CPU seconds over the run / wall seconds."""
+    before = client.run(_cpu_seconds)
+    t = run_on(client, qkv, causal)
+    after = client.run(_cpu_seconds)
+    return t, sum(after[w] - before[w] for w in after) / t
+
+
 def _alternate(calls, rounds, pause=1.0):
     """Every sample of each call, timed in alternation (a slow spell on a shared machine hits all alike)."""
     samples = [[] for _ in calls]
@@ -282,9 +294,11 @@ def main(argv=None) -> int:
         q1, q2 = inputs(SCALING_SHAPE, SCALING_CHUNK, one), inputs(SCALING_SHAPE, SCALING_CHUNK, two)
         warm(one)
         warm(two)
-        t1, t2 = _alternate([lambda: run_on(one, q1), lambda: run_on(two, q2)], rounds=rounds)
-        print(f"   1 worker : {_spread(t1)}  {[round(t, 2) for t in t1]}")
-        print(f"   2 workers: {_spread(t2)}  {[round(t, 2) for t in t2]}")
+        r1, r2 = _alternate([lambda: run_with_cores(one, q1), lambda: run_with_cores(two, q2)], rounds=rounds)
+        t1, t2 = [t for t, _ in r1], [t for t, _ in r2]
+        for label, runs, ts in (("1 worker ", r1, t1), ("2 workers", r2, t2)):
+            print(f"   {label}: {_spread(ts)}  {[round(t, 2) for t in ts]}; cores obtained "
+                  f"{[round(c, 2) for _, c in runs]}, worker CPU-s {[round(t * c, 1) for t, c in runs]}")
         ratios = [a / b for a, b in zip(t1, t2, strict=True)]
         print(f"   speed-up (ratio of medians): {statistics.median(t1) / statistics.median(t2):.2f}x; "
               f"per round {[round(r, 2) for r in ratios]}  (target >= 1.6)", flush=True)

@@ -4,12 +4,13 @@ asv benchmarks (``n/a`` where dask/distributed or the Dask backend is missing):
 
 * ``DaskWorkers.time_forward``: (1, 8, 16384, 64) float32, non-causal, chunks of
   4096, on a ``LocalCluster`` of 1 or 2 single-threaded worker processes;
-  ``DaskWorkers.track_speedup_2_workers`` times both clusters in alternation
-  (one run, side by side) and returns t(1 worker) / t(2 workers). Target >= 1.6.
+  ``DaskWorkerScaling.track_speedup_2_workers`` times both clusters in
+  alternation (one run, side by side) and returns t(1 worker) / t(2 workers).
+  Target >= 1.6.
 * ``DaskThreads.time_forward``: (1, 8, 8192, 64) float32 on the threaded
   scheduler against the same inner backend (Numba) called directly on the
-  NumPy arrays; ``track_overhead_ratio`` alternates them and returns
-  t(dask) / t(direct). Target <= 1.3.
+  NumPy arrays; ``DaskThreadsRatio.track_overhead_ratio`` alternates them and
+  returns t(dask) / t(direct). Target <= 1.3.
 * ``DaskMemory.track_peak_worker_mib``: (1, 8, 65536, 64) float32 causal in
   chunks of 8192 on a ``LocalCluster`` of 2 single-threaded workers; the
   largest peak resident memory of a worker process (Linux ``VmHWM``, reset
@@ -64,6 +65,11 @@ def cluster(workers: int, key: str = "shared"):
     import distributed
 
     if (workers, key) not in _CLUSTERS:
+        import cloudpickle
+
+        # The workers cannot import this file (asv loads it as benchmarks.bench_dask): ship its functions by value.
+        cloudpickle.register_pickle_by_value(sys.modules[__name__])
+        logging.getLogger("distributed").setLevel(logging.ERROR)  # the scheduler runs in this process
         lc = distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                       dashboard_address=":0", silence_logs=logging.ERROR)
         _CLUSTERS[(workers, key)] = (lc, distributed.Client(lc, set_as_default=False))
@@ -167,13 +173,26 @@ class DaskWorkers:
     def time_forward(self, workers):
         run_on(self.client, self.qkv)
 
-    def track_speedup_2_workers(self, workers):
-        if workers != 2:
-            raise NotImplementedError("reported once, on the workers=2 row")
-        one, two = cluster(1)[1], cluster(2)[1]
-        warm(one)
-        qkv1, qkv2 = inputs(SCALING_SHAPE, SCALING_CHUNK, one), inputs(SCALING_SHAPE, SCALING_CHUNK, two)
-        t1, t2 = _alternate([lambda: run_on(one, qkv1), lambda: run_on(two, qkv2)], rounds=3)
+
+
+class DaskWorkerScaling:
+    """Speed-up of 2 single-threaded workers over 1, timed in alternation on two live clusters."""
+
+    number = 1
+    repeat = 1
+    rounds = 1
+    timeout = 3600
+
+    def setup(self):
+        _require()
+        self.one, self.two = cluster(1)[1], cluster(2)[1]
+        warm(self.one)
+        warm(self.two)
+        self.qkv1 = inputs(SCALING_SHAPE, SCALING_CHUNK, self.one)
+        self.qkv2 = inputs(SCALING_SHAPE, SCALING_CHUNK, self.two)
+
+    def track_speedup_2_workers(self):
+        t1, t2 = _alternate([lambda: run_on(self.one, self.qkv1), lambda: run_on(self.two, self.qkv2)], rounds=3)
         return statistics.median(t1) / statistics.median(t2)
 
     track_speedup_2_workers.unit = "x"
@@ -201,6 +220,18 @@ def _threads_calls():
     return on_dask, direct
 
 
+def _threads_ready():
+    """The two warmed calls of the threads comparison (cached), or NotImplementedError without Numba."""
+    selfattn = _require()
+    if not any(r.name == "numba" and r.available for r in selfattn.list_backends()):
+        raise NotImplementedError("numba backend unavailable")
+    if "threads" not in _ARRAYS:
+        _ARRAYS["threads"] = _threads_calls()
+        for call in _ARRAYS["threads"]:
+            call()  # compile / warm
+    return _ARRAYS["threads"]
+
+
 class DaskThreads:
     params = ["dask-threads", "numba-direct"]
     param_names = ["mode"]
@@ -210,22 +241,26 @@ class DaskThreads:
     timeout = 900
 
     def setup(self, mode):
-        _require()
-        if not any(r.name == "numba" and r.available for r in __import__("selfattn").list_backends()):
-            raise NotImplementedError("numba backend unavailable")
-        if "threads" not in _ARRAYS:
-            _ARRAYS["threads"] = _threads_calls()
-            for call in _ARRAYS["threads"]:
-                call()  # compile / warm
-        self.calls = dict(zip(self.params, _ARRAYS["threads"], strict=True))
+        self.calls = dict(zip(self.params, _threads_ready(), strict=True))
 
     def time_forward(self, mode):
         self.calls[mode]()
 
-    def track_overhead_ratio(self, mode):
-        if mode != "dask-threads":
-            raise NotImplementedError("reported once, on the dask-threads row")
-        t_dask, t_direct = _alternate([_timed(c) for c in _ARRAYS["threads"]], rounds=5)
+
+
+class DaskThreadsRatio:
+    """t(Dask backend, threaded scheduler) / t(Numba directly), timed in alternation."""
+
+    number = 1
+    repeat = 1
+    rounds = 1
+    timeout = 900
+
+    def setup(self):
+        self.calls = _threads_ready()
+
+    def track_overhead_ratio(self):
+        t_dask, t_direct = _alternate([_timed(c) for c in self.calls], rounds=5)
         return statistics.median(t_dask) / statistics.median(t_direct)
 
     track_overhead_ratio.unit = "x"

@@ -470,3 +470,12 @@ def test_pair_tasks_pick_the_backend_by_the_pairs_own_size():
 
 def test_settings_defaults():
     assert dask_.settings() == dask_.Settings(chunk_bytes=16 * 2**20, split_every=4, inner=None, threads=1)
+
+
+def test_benchmark_module_imports(monkeypatch):
+    import importlib
+    import pathlib
+
+    monkeypatch.syspath_prepend(str(pathlib.Path(__file__).resolve().parents[1]))
+    bench = importlib.import_module("benchmarks.bench_dask")
+    assert {"DaskWorkers", "DaskWorkerScaling", "DaskThreads", "DaskThreadsRatio", "DaskMemory"} <= set(vars(bench))

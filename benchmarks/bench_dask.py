@@ -157,7 +157,7 @@ def _timed(fn):
 
 # -- scaling over workers -------------------------------------------------------------------------------------------
 class DaskWorkers:
-    params = [1, 2]
+    params = [[1, 2]]
     param_names = ["workers"]
     number = 1
     repeat = (1, 3, 600.0)
@@ -233,7 +233,7 @@ def _threads_ready():
 
 
 class DaskThreads:
-    params = ["dask-threads", "numba-direct"]
+    params = [["dask-threads", "numba-direct"]]
     param_names = ["mode"]
     number = 1
     repeat = (1, 5, 300.0)
@@ -241,7 +241,7 @@ class DaskThreads:
     timeout = 900
 
     def setup(self, mode):
-        self.calls = dict(zip(self.params, _threads_ready(), strict=True))
+        self.calls = dict(zip(self.params[0], _threads_ready(), strict=True))
 
     def time_forward(self, mode):
         self.calls[mode]()

@@ -192,8 +192,8 @@ def test_backward_reuses_the_forward():
     assert len(forward_pairs) == len(set(forward_pairs)) == 2 * 10  # each forward pair ran once
     assert len(backward_pairs) == 2 * 10  # the same pair set
     ref = reference.vjp(q, k, v, _rand(out.shape, seed=4), causal=True)
-    for got, exp in zip((gq, gk, gv), ref, strict=True):
-        assert_close(got, exp, "float64", kind="grad")
+    for name, got, exp in zip(("dq", "dk", "dv"), (gq, gk, gv), ref, strict=True):
+        assert_close(got, exp, "float64", what=name)
 
 
 # -- exactness ----------------------------------------------------------------------------------------------------
@@ -250,7 +250,7 @@ def test_everything_together_matches_the_single_call():
     # The oracle has no softcap/ALiBi: the single call on the NumPy backend is the reference (conformance-tested).
     single = selfattn.scaled_dot_product_attention(q, k, v, return_lse=True, return_weights=True, backend="numpy",
                                                    **opts)
-    for what, got, exp in zip(("output", "lse", "weights"), dask.compute(out, lse, w, **SYNC), single, strict=True):
+    for what, got, exp in zip(("out", "lse", "weights"), dask.compute(out, lse, w, **SYNC), single, strict=True):
         assert_close(got, exp, "float64", what=what)
     assert w.chunks[-2:] == ((6, 6, 6, 3), (9, 9, 8))  # weights blockwise on the pair grid
     o2, backward = selfattn.scaled_dot_product_attention_vjp(dq, dk, dv, **dopts)
@@ -258,7 +258,7 @@ def test_everything_together_matches_the_single_call():
     grads = dask.compute(*backward(da.from_array(g, chunks=7)), **SYNC)
     _, single_backward = selfattn.scaled_dot_product_attention_vjp(q, k, v, backend="numpy", **opts)
     for name, got, exp in zip(("dq", "dk", "dv"), grads, single_backward(g), strict=True):
-        assert_close(got, exp, "float64", kind="grad", what=name)
+        assert_close(got, exp, "float64", what=name)
 
 
 def test_numpy_mask_and_slopes_join_a_dask_call_but_not_the_reverse():
@@ -452,8 +452,9 @@ def test_cupy_chunks_run_on_the_cupy_array_type(monkeypatch):
     ref_out, ref_lse, _ = reference.forward(q, k, v, mask=mask, **opts)
     assert_close(np.asarray(o), ref_out, "float64")
     assert_close(np.asarray(lse_), ref_lse, "float64", what="lse")
-    for got, exp in zip(dask.compute(*grads, **SYNC), reference.vjp(q, k, v, g, mask=mask, **opts), strict=True):
-        assert_close(np.asarray(got), exp, "float64", kind="grad")
+    grads = dask.compute(*grads, **SYNC)
+    for name, got, exp in zip(("dq", "dk", "dv"), grads, reference.vjp(q, k, v, g, mask=mask, **opts), strict=True):
+        assert_close(np.asarray(got), exp, "float64", what=name)
 
 
 def test_pair_tasks_pick_the_backend_by_the_pairs_own_size():

@@ -19,9 +19,10 @@ for rec in selfattn.list_backends():
     if not rec.available:
         print(f"{rec.name:6s}: unavailable ({rec.reason})")
         continue
-    if rec.capabilities.array_type != "numpy":  # e.g. cupy wants cupy arrays
+    if rec.capabilities.array_type != "numpy":  # e.g. cupy wants cupy arrays, dask dask arrays
         import importlib
-        xp = importlib.import_module(rec.capabilities.array_type)
+        xp = importlib.import_module({"dask": "dask.array"}.get(rec.capabilities.array_type,
+                                                                rec.capabilities.array_type))
         args = [xp.asarray(a) for a in (q, k, v)]
     else:
         args = [q, k, v]

@@ -45,6 +45,8 @@ def _host_bytes() -> int | None:
 
 def available_bytes(array_type: str, like: Any = None) -> int | None:
     """Bytes the inputs' device can still allocate (None when it cannot be told)."""
+    if array_type == "dask":
+        return None  # lazy results, held in pieces by the workers: no one machine must hold them
     if array_type == "cupy":
         cupy = sys.modules.get("cupy")
         if cupy is None:

@@ -27,7 +27,8 @@ def merge_attention(outputs: Sequence[Array], lses: Sequence[Array]) -> tuple[Ar
     Parameters
     ----------
     outputs : sequence of arrays ``(..., N, Dv)``
-        One dtype (float16/32/64) and one array library (NumPy or CuPy), one shape.
+        One dtype (float16/32/64) and one array library (NumPy, CuPy or Dask), one shape.
+        Dask arrays give a lazy result, merged block by block.
     lses : sequence of arrays ``(..., N)``
         The matching log-sum-exps: float32 for float16 outputs, else the
         outputs' dtype (as :func:`scaled_dot_product_attention` returns them).
@@ -58,13 +59,12 @@ def merge_attention(outputs: Sequence[Array], lses: Sequence[Array]) -> tuple[Ar
         for i, x in enumerate(seq):
             lib = array_library(x)
             if lib is None:
-                raise TypeError(f"{name}[{i}] must be a numpy.ndarray or cupy.ndarray, got {type(x).__name__}; "
-                                "convert it first, e.g. with numpy.asarray")
+                raise TypeError(f"{name}[{i}] must be a numpy.ndarray, cupy.ndarray or dask.array.Array, got "
+                                f"{type(x).__name__}; convert it first, e.g. with numpy.asarray")
             libs.add(lib)
     if len(libs) > 1:
         raise TypeError(f"outputs and lses must come from one array library, got {sorted(libs)}")
     lib = libs.pop()
-    xp: Any = np if lib == "numpy" else sys.modules["cupy"]
     o0 = outputs[0]
     if o0.dtype not in (np.float16, np.float32, np.float64):
         raise TypeError(f"outputs[0] has dtype {o0.dtype}; attention outputs are float16, float32 or float64")
@@ -82,6 +82,9 @@ def merge_attention(outputs: Sequence[Array], lses: Sequence[Array]) -> tuple[Ar
         if tuple(lse.shape) != tuple(o0.shape[:-1]):
             raise ValueError(f"lses[{i}] has shape {tuple(lse.shape)}, expected {tuple(o0.shape[:-1])} "
                              "(the outputs' shape without the last axis)")
+    if lib == "dask":
+        return _merge_dask(outputs, lses, lse_dtype)
+    xp: Any = np if lib == "numpy" else sys.modules["cupy"]
     cdt = lse_dtype
     ls = xp.stack([xp.asarray(x, dtype=cdt) for x in lses])
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
@@ -95,3 +98,19 @@ def merge_attention(outputs: Sequence[Array], lses: Sequence[Array]) -> tuple[Ar
         for wi, oi in zip(w, outputs):
             out += (wi * inv)[..., None] * oi.astype(cdt, copy=False)
     return out.astype(o0.dtype, copy=False), lse
+
+
+def _merge_blocks(count: int, *blocks: Array) -> tuple[Array, Array]:
+    return merge_attention(list(blocks[:count]), list(blocks[count:]))
+
+
+def _merge_dask(outputs: Sequence[Array], lses: Sequence[Array], lse_dtype: np.dtype) -> tuple[Array, Array]:
+    """:func:`merge_attention` of (validated) Dask arrays: lazy, each block merged on its own chunks."""
+    import functools
+
+    da = sys.modules["dask.array"]
+    k = len(outputs)
+    signature = ",".join(["(v)"] * k + ["()"] * k) + "->(v),()"
+    out, lse = da.apply_gufunc(functools.partial(_merge_blocks, k), signature, *outputs, *lses,
+                               output_dtypes=(outputs[0].dtype, lse_dtype), allow_rechunk=True)
+    return out, lse

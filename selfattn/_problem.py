@@ -30,17 +30,31 @@ _FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64
 
 
 def array_library(x: Any) -> str | None:
-    """Name of the array library that owns ``x`` (``"numpy"``/``"cupy"``), or None.
+    """Name of the array library that owns ``x`` (``"numpy"``/``"cupy"``/``"dask"``), or None.
 
-    CuPy is looked up in ``sys.modules`` and never imported: if CuPy has not been
-    imported, ``x`` cannot be a CuPy array.
+    CuPy and Dask are looked up in ``sys.modules`` and never imported: if a
+    library has not been imported, ``x`` cannot be one of its arrays.
     """
     if type(x) is np.ndarray:
         return "numpy"
     cupy = sys.modules.get("cupy")
     if cupy is not None and isinstance(x, cupy.ndarray):
         return "cupy"
+    dask_array = sys.modules.get("dask.array.core")
+    if dask_array is not None and isinstance(x, dask_array.Array):
+        return "dask"
     return None
+
+
+def _unknown(shape: tuple[Any, ...]) -> bool:
+    """True when a Dask shape has a length Dask does not know yet (NaN)."""
+    return any(isinstance(s, float) and math.isnan(s) for s in shape)
+
+
+def _as_dask(x: Any) -> Array:
+    """``x`` (a NumPy, CuPy or Dask array) as a Dask array; a lazy wrapper, nothing is computed."""
+    da = sys.modules["dask.array"]
+    return x if array_library(x) == "dask" else da.from_array(x, chunks=-1)
 
 
 def _describe(x: Any) -> str:
@@ -63,9 +77,12 @@ def _check_array(name: str, x: Any) -> str:
         elif mod in ("jax", "jaxlib"):
             hint = f"numpy.asarray({name})"
         raise TypeError(
-            f"{name} must be a numpy.ndarray or cupy.ndarray, got {_describe(x)}; "
+            f"{name} must be a numpy.ndarray, cupy.ndarray or dask.array.Array, got {_describe(x)}; "
             f"convert it first, e.g. with {hint}"
         )
+    if lib == "dask" and _unknown(x.shape):
+        raise ValueError(f"{name} is a Dask array of unknown shape {tuple(x.shape)}; attention needs known "
+                         f"chunk sizes: call {name}.compute_chunk_sizes() (or pass lengths to from_delayed) first")
     dt = x.dtype
     if dt not in _FLOAT_DTYPES:
         if dt.kind == "b":
@@ -476,10 +493,16 @@ def _normalize_mask(mask: Any, lib: str, full_shape: tuple[int, ...],
     mlib = array_library(mask)
     if mlib is None:
         raise TypeError(
-            f"mask must be a numpy.ndarray or cupy.ndarray of bool or float values, got {_describe(mask)}; "
-            "convert it first, e.g. with numpy.asarray(mask)"
+            f"mask must be a numpy.ndarray, cupy.ndarray or dask.array.Array of bool or float values, got "
+            f"{_describe(mask)}; convert it first, e.g. with numpy.asarray(mask)"
         )
-    if mlib != lib:
+    if mlib == "dask" and _unknown(mask.shape):
+        raise ValueError(f"mask is a Dask array of unknown shape {tuple(mask.shape)}; call "
+                         "mask.compute_chunk_sizes() first")
+    if lib == "dask":
+        # Dask inputs take a mask of any array library the chunks can use; it joins the graph lazily.
+        mask = _as_dask(mask)
+    elif mlib != lib:
         raise TypeError(f"mask is a {mlib} array but query is a {lib} array; pass all arrays from one library")
     if mask.dtype.kind != "b" and mask.dtype not in _FLOAT_DTYPES:
         raise TypeError(
@@ -639,10 +662,15 @@ def _normalize_alibi(slopes: Any, lib: str, batch_shape: tuple[int, ...], q_head
     """ALiBi slopes ``(Hq,)`` or ``(..., Hq)`` (batch axes broadcastable) as a ``(B, Hq)`` array."""
     slib = array_library(slopes)
     if slib is None:
-        raise TypeError(f"alibi_slopes must be a numpy.ndarray or cupy.ndarray of float32/float64 slopes, got "
-                        f"{_describe(slopes)}; convert it first, e.g. with numpy.asarray(alibi_slopes, "
+        raise TypeError(f"alibi_slopes must be a numpy.ndarray, cupy.ndarray or dask.array.Array of float32/float64 "
+                        f"slopes, got {_describe(slopes)}; convert it first, e.g. with numpy.asarray(alibi_slopes, "
                         "dtype=numpy.float32)")
-    if slib != lib:
+    if slib == "dask" and _unknown(slopes.shape):
+        raise ValueError(f"alibi_slopes is a Dask array of unknown shape {tuple(slopes.shape)}; call "
+                         "alibi_slopes.compute_chunk_sizes() first")
+    if lib == "dask":
+        slopes = _as_dask(slopes)  # Dask inputs take slopes of any array library, lazily
+    elif slib != lib:
         raise TypeError(f"alibi_slopes is a {slib} array but query is a {lib} array; pass all arrays from one library")
     if slopes.dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
         raise TypeError(f"alibi_slopes has dtype {slopes.dtype}; it must be float32 or float64: convert with "
@@ -652,8 +680,10 @@ def _normalize_alibi(slopes: Any, lib: str, batch_shape: tuple[int, ...], q_head
             or any(s not in (1, t) for s, t in zip(slopes.shape[::-1], full[::-1]))):
         raise ValueError(f"alibi_slopes with shape {tuple(slopes.shape)} does not fit the query heads: it must be "
                          f"(Hq,) = ({q_heads},) or (..., Hq) with batch axes broadcastable to {tuple(batch_shape)}")
-    xp = np if lib == "numpy" else sys.modules["cupy"]
     nb = math.prod(batch_shape)
+    if lib == "dask":
+        return sys.modules["dask.array"].broadcast_to(slopes, full).reshape(nb, q_heads)
+    xp = np if lib == "numpy" else sys.modules["cupy"]
     return xp.ascontiguousarray(xp.broadcast_to(slopes, full).reshape(nb, q_heads))
 
 

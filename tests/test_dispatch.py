@@ -50,7 +50,8 @@ def _clean_state(monkeypatch):
 
 
 def test_import_is_light():
-    code = "import sys, selfattn; bad=[m for m in ('numba','cupy','llvmlite') if m in sys.modules]; print(bad); sys.exit(bool(bad))"
+    code = ("import sys, selfattn; bad=[m for m in ('numba','cupy','llvmlite','dask','distributed') if m in sys.modules]; "
+            "print(bad); sys.exit(bool(bad))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
 
@@ -60,7 +61,8 @@ def test_list_backends_without_importing_numba_or_cupy():
     code = ("import sys, selfattn; recs = selfattn.list_backends(); "
             "print([(r.name, r.available) for r in recs]); "
             "gpu = any(r.name == 'cupy' and r.available for r in recs); "
-            "sys.exit(('cupy' in sys.modules and not gpu) or 'numba' in sys.modules)")
+            "sys.exit(('cupy' in sys.modules and not gpu) or any(m in sys.modules for m in ('numba', 'dask', "
+            "'distributed')))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "'numpy', True" in res.stdout
@@ -221,7 +223,7 @@ def test_list_backends_records():
     for r in recs:
         assert isinstance(r.available, bool)
         assert r.available or r.reason
-        assert r.capabilities is None or r.capabilities.as_dict()["array_type"] in ("numpy", "cupy")
+        assert r.capabilities is None or r.capabilities.as_dict()["array_type"] in ("numpy", "cupy", "dask")
     numpy_rec = recs[names.index("numpy")]
     assert numpy_rec.version == np.__version__ and numpy_rec.capabilities.features == frozenset(selfattn.FEATURES)
 

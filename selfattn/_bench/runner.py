@@ -111,18 +111,24 @@ def _release_heap() -> None:
         pass
 
 
-def _backend_io(record) -> tuple[Callable, Callable, Callable[[], None]]:
-    """``(to_backend, to_numpy, sync)`` for a backend's array library."""
+def _backend_io(record) -> tuple[Callable, Callable, Callable[[Any], Any]]:
+    """``(to_backend, to_numpy, finish)`` for a backend's array library; ``finish(result)`` ends a timed call."""
     array_type = getattr(record.capabilities, "array_type", "numpy")
     if array_type == "numpy":
-        return (lambda a: a), (lambda a: a), (lambda: None)
+        return (lambda a: a), (lambda a: a), (lambda r: r)
     if array_type == "cupy":
         import cupy
 
-        def sync() -> None:
+        def sync(result: Any) -> Any:
             cupy.cuda.Device().synchronize()
+            return result
 
         return cupy.asarray, cupy.asnumpy, sync
+    if array_type == "dask":
+        import dask.array as da
+
+        # Dask results are lazy: the timed call computes them (default scheduler), as a CuPy call synchronises.
+        return da.from_array, (lambda a: a), (lambda r: r.compute())
     raise NotImplementedError(f"unknown array type {array_type!r}")
 
 
@@ -164,13 +170,11 @@ def _attention_group(shape, backends, args):
     q, k, v = _shapes.make_inputs(shape, args.dtype)
     cands = []
     for rec in backends:
-        to_b, to_np, sync = _backend_io(rec)
+        to_b, to_np, finish = _backend_io(rec)
         qb, kb, vb = to_b(q), to_b(k), to_b(v)
 
-        def call(qb=qb, kb=kb, vb=vb, name=rec.name, sync=sync):
-            res = selfattn.scaled_dot_product_attention(qb, kb, vb, causal=args.causal, backend=name)
-            sync()
-            return res
+        def call(qb=qb, kb=kb, vb=vb, name=rec.name, finish=finish):
+            return finish(selfattn.scaled_dot_product_attention(qb, kb, vb, causal=args.causal, backend=name))
 
         cands.append(_Candidate(rec.name, call, to_np, getattr(rec.capabilities, "array_type", "numpy") == "numpy"))
     cands.append(_Candidate(_AUTO, lambda: selfattn.scaled_dot_product_attention(q, k, v, causal=args.causal),

@@ -45,6 +45,7 @@ BUILTIN = {
     for spec in (
         BuiltinSpec("cupy", "selfattn.backends.cupy_", ("cupy",), "cuda12", "cupy", 10),
         BuiltinSpec("numba", "selfattn.backends.numba_", ("numba",), "numba", "numpy", 20),
+        BuiltinSpec("dask", "selfattn.backends.dask_", ("dask",), "dask", "dask", 30),
         BuiltinSpec("numpy", "selfattn.backends.numpy_", (), None, "numpy", 100),
     )
 }

@@ -9,11 +9,13 @@ import numpy as np
 
 from .cases import logit_headroom, output_dtype, tolerance
 
-__all__ = ["assert_close", "error_ratio", "to_backend", "backend_options", "host", "case_group"]
+__all__ = ["assert_close", "error_ratio", "to_backend", "backend_options", "host", "case_group", "dask_chunks"]
 
 
 def host(x):
-    """A NumPy view of ``x`` (copies CuPy arrays to the host)."""
+    """A NumPy view of ``x`` (copies CuPy arrays to the host; computes Dask arrays on the synchronous scheduler)."""
+    if x is not None and type(x).__module__.startswith("dask"):
+        x = x.compute(scheduler="synchronous")
     if x is not None and type(x).__module__.startswith("cupy"):
         return x.get()
     return x
@@ -25,7 +27,28 @@ def to_backend(array_type: str, *arrays):
         import cupy
 
         return tuple(None if a is None else cupy.asarray(a) for a in arrays)
+    if array_type == "dask":
+        import dask.array as da
+
+        return tuple(None if a is None else da.from_array(a, chunks=dask_chunks(a.shape)) for a in arrays)
     return arrays
+
+
+def dask_chunks(shape: tuple) -> tuple:
+    """The conformance suite's Dask chunking of an array of ``shape``: one of several, chosen by the shape.
+
+    So that every chunking meets many cases (and query, key and mask of one
+    case usually differ): uneven thirds of the sequence axis; single batch
+    and head chunks (GQA groups to realign), sequence chunks of 7 and a split
+    last axis (to rechunk); or one chunk (the backend's default split).
+    """
+    variant = sum(shape) % 3
+    if variant == 0:
+        return tuple(max(1, -(-n // 3)) if i == len(shape) - 2 else -1 for i, n in enumerate(shape))
+    if variant == 1:
+        last = len(shape) - 1
+        return tuple(max(1, -(-n // 2)) if i == last else 7 if i == last - 1 else 1 for i, n in enumerate(shape))
+    return tuple(-1 for _ in shape)
 
 
 def _positions_match(actual, expected, what: str) -> None:

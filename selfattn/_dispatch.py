@@ -41,9 +41,8 @@ import logging
 import os
 import threading
 import warnings
-from dataclasses import dataclass, field
-
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from ._capabilities import Capabilities, required_features
@@ -305,19 +304,24 @@ def _small(problem: Problem, caps: Capabilities) -> str | None:
             "below it a later backend is faster)")
 
 
-def select(problem: Problem, backend_arg: str | None = None, trail: list[str] | None = None) -> Backend:
-    """Choose the backend object for a normalized problem (see the module docstring)."""
+def select(problem: Problem, backend_arg: str | None = None, trail: list[str] | None = None, *,
+           automatic: bool = False) -> Backend:
+    """Choose the backend object for a normalized problem (see the module docstring).
+
+    ``automatic=True`` applies the automatic rule only, ignoring ``backend_arg``,
+    ``use_backend``, ``set_backend`` and ``SELFATTN_BACKEND`` (the Dask backend
+    picks the backend of its chunks this way: the user's choice named Dask itself).
+    """
     need = required_features(problem)
     array_type = problem.array_type
-    name, source = _requested(backend_arg)
-    if name is None:
-        strict = _strict()
-        # Keyed on the dtype object: np.dtype.name is a slow Python-level property.
-        key = (array_type, problem.dtype, need, strict)
-        if trail is None:
-            hit = registry._cache.get(key)
-            if hit is not None:
-                return _by_size(problem, hit)
+    name, source = (None, None) if automatic else _requested(backend_arg)
+    strict = _strict()
+    # Keyed on the dtype object: np.dtype.name is a slow Python-level property.
+    key = (array_type, problem.dtype, need, strict)
+    if name is None and trail is None:
+        hit = registry._cache.get(key)
+        if hit is not None:
+            return _by_size(problem, hit)
     dtype = problem.dtype.name
     if name is not None:
         backend = get_backend(name)

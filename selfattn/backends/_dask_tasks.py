@@ -26,9 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from .._capabilities import required_features
-from .._dispatch import _by_size, registry, select
-from .._errors import NoBackendError
+from .._dispatch import select
 from .._merge import merge_attention
 from .._problem import Array, Coordinates, Problem, array_library
 from ._base import Backend
@@ -127,25 +125,7 @@ def inner_backend(pb: Problem, name: str | None) -> Backend:
     """
     if name is not None:
         return select(pb, name)
-    need = required_features(pb)
-    able: list[Backend] = []
-    skipped: list[str] = []
-    for entry in registry.entries().values():
-        if entry.array_type is not None and entry.array_type != pb.array_type:
-            continue
-        ok, reason = registry.available(entry)
-        backend = registry.load(entry) if ok else None
-        if backend is not None:
-            missing = backend.capabilities.missing(pb.array_type, pb.dtype.name, need)
-            if not missing:
-                able.append(backend)
-                continue
-            reason = "; ".join(missing)
-        skipped.append(f"{entry.name}: {reason}")
-    if not able:
-        raise NoBackendError(f"no backend can run the Dask backend's {pb.array_type} chunks ({pb.dtype.name}, needs "
-                             f"{sorted(need)}): " + ("; ".join(skipped) or "no backend handles this array type"))
-    return _by_size(pb, able)
+    return select(pb, automatic=True)
 
 
 def _budget(pair: Pair) -> Any:

@@ -318,10 +318,15 @@ def select(problem: Problem, backend_arg: str | None = None, trail: list[str] | 
     strict = _strict()
     # Keyed on the dtype object: np.dtype.name is a slow Python-level property.
     key = (array_type, problem.dtype, need, strict)
-    if name is None and trail is None:
-        hit = registry._cache.get(key)
-        if hit is not None:
-            return _by_size(problem, hit)
+    if trail is None:
+        if name is None:
+            hit = registry._cache.get(key)
+            if hit is not None:
+                return _by_size(problem, hit)
+        else:  # an explicit choice that already passed its checks for this kind of call
+            chosen = registry._cache.get((name,) + key)
+            if chosen is not None:
+                return chosen
     dtype = problem.dtype.name
     if name is not None:
         backend = get_backend(name)
@@ -339,6 +344,7 @@ def select(problem: Problem, backend_arg: str | None = None, trail: list[str] | 
             )
         if trail is not None:
             trail.append(f"{name}: chosen by {source}")
+        registry._cache[(name,) + key] = backend
         return backend
 
     skipped = []

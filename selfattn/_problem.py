@@ -479,12 +479,13 @@ class Problem:
 
     def output_bytes(self) -> int:
         """Bytes of the arrays the forward returns (output, lse, weights) -- allocated before any work."""
-        bh = self.batch * self.q_heads
-        total = bh * self.n * self.dv * self.dtype.itemsize
-        if self.want_lse:
-            total += bh * self.n * self.lse_dtype.itemsize
+        b, hq, n, _ = self.query.shape
+        bhn = b * hq * n
+        total = bhn * self.value.shape[3] * self.query.dtype.itemsize
+        if self.return_lse or self.needs_vjp:
+            total += bhn * (4 if self.query.dtype.itemsize == 2 else self.query.dtype.itemsize)
         if self.return_weights:
-            total += bh * self.n * self.m * self.dtype.itemsize
+            total += bhn * self.key.shape[2] * self.query.dtype.itemsize
         return int(total)
 
 

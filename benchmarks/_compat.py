@@ -117,7 +117,7 @@ def selfattn_or_skip():
     try:
         import selfattn
     except Exception as exc:  # pragma: no cover
-        raise NotImplementedError(f"selfattn not importable: {exc!r}")
+        raise NotImplementedError(f"selfattn not importable: {exc!r}") from exc
     return selfattn
 
 

@@ -22,8 +22,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Shape", "PREFILL", "DECODE", "QUICK_PREFILL", "QUICK_DECODE", "BACKENDS", "DECODE_BACKENDS", "DTYPES",
-           "need_gpu", "need_torch", "flops", "Case", "make_case", "extra_mib"]
+__all__ = [
+    "Shape",
+    "PREFILL",
+    "DECODE",
+    "QUICK_PREFILL",
+    "QUICK_DECODE",
+    "BACKENDS",
+    "DECODE_BACKENDS",
+    "DTYPES",
+    "need_gpu",
+    "need_torch",
+    "flops",
+    "Case",
+    "make_case",
+    "extra_mib",
+]
 
 
 @dataclass(frozen=True)
@@ -39,8 +53,9 @@ class Shape:
 
 
 #: Prefill shapes of issue 15's report (N = M = 4096).
-PREFILL = {s.name: s for s in (Shape("4x16x4096x64", 4, 16, 4096, 4096, 64),
-                               Shape("4x16x4096x128", 4, 16, 4096, 4096, 128))}
+PREFILL = {
+    s.name: s for s in (Shape("4x16x4096x64", 4, 16, 4096, 4096, 64), Shape("4x16x4096x128", 4, 16, 4096, 4096, 128))
+}
 #: Decode: one query row per head against M = 32768 keys.
 DECODE = {s.name: s for s in (Shape("decode-1x32x32768x128", 1, 32, 1, 32768, 128),)}
 #: Tiny stand-ins for dry runs (``tools/gpu_bench.py --quick``): the same code paths.
@@ -106,6 +121,7 @@ def _selfattn_calls(cupy, backend, q, k, v, g, causal):
     import selfattn
 
     if backend == "cupy":
+
         def forward():
             return selfattn.scaled_dot_product_attention(q, k, v, causal=causal, backend="cupy")
 

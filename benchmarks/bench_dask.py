@@ -70,8 +70,9 @@ def cluster(workers: int, key: str = "shared"):
         # The workers cannot import this file (asv loads it as benchmarks.bench_dask): ship its functions by value.
         cloudpickle.register_pickle_by_value(sys.modules[__name__])
         logging.getLogger("distributed").setLevel(logging.ERROR)  # the scheduler runs in this process
-        lc = distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                      dashboard_address=":0", silence_logs=logging.ERROR)
+        lc = distributed.LocalCluster(
+            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=logging.ERROR
+        )
         _CLUSTERS[(workers, key)] = (lc, distributed.Client(lc, set_as_default=False))
     return _CLUSTERS[(workers, key)]
 
@@ -152,6 +153,7 @@ def _timed(fn):
         t0 = time.perf_counter()
         fn()
         return time.perf_counter() - t0
+
     return call
 
 
@@ -172,7 +174,6 @@ class DaskWorkers:
 
     def time_forward(self, workers):
         run_on(self.client, self.qkv)
-
 
 
 class DaskWorkerScaling:
@@ -245,7 +246,6 @@ class DaskThreads:
 
     def time_forward(self, mode):
         self.calls[mode]()
-
 
 
 class DaskThreadsRatio:
@@ -323,8 +323,10 @@ def main(argv=None) -> int:
     print(f"load average before: {os.getloadavg()}  ({os.cpu_count()} cores)", flush=True)
 
     if "--no-scaling" not in args:
-        print(f"\n1. {SCALING_SHAPE} float32 non-causal, chunks of {SCALING_CHUNK}: LocalCluster 1 vs 2 "
-              "single-threaded workers")
+        print(
+            f"\n1. {SCALING_SHAPE} float32 non-causal, chunks of {SCALING_CHUNK}: LocalCluster 1 vs 2 "
+            "single-threaded workers"
+        )
         one, two = cluster(1)[1], cluster(2)[1]
         q1, q2 = inputs(SCALING_SHAPE, SCALING_CHUNK, one), inputs(SCALING_SHAPE, SCALING_CHUNK, two)
         warm(one)
@@ -332,29 +334,37 @@ def main(argv=None) -> int:
         r1, r2 = _alternate([lambda: run_with_cores(one, q1), lambda: run_with_cores(two, q2)], rounds=rounds)
         t1, t2 = [t for t, _ in r1], [t for t, _ in r2]
         for label, runs, ts in (("1 worker ", r1, t1), ("2 workers", r2, t2)):
-            print(f"   {label}: {_spread(ts)}  {[round(t, 2) for t in ts]}; cores obtained "
-                  f"{[round(c, 2) for _, c in runs]}, worker CPU-s {[round(t * c, 1) for t, c in runs]}")
+            print(
+                f"   {label}: {_spread(ts)}  {[round(t, 2) for t in ts]}; cores obtained "
+                f"{[round(c, 2) for _, c in runs]}, worker CPU-s {[round(t * c, 1) for t, c in runs]}"
+            )
         ratios = [a / b for a, b in zip(t1, t2, strict=True)]
-        print(f"   speed-up (ratio of medians): {statistics.median(t1) / statistics.median(t2):.2f}x; "
-              f"per round {[round(r, 2) for r in ratios]}  (target >= 1.6)", flush=True)
+        print(
+            f"   speed-up (ratio of medians): {statistics.median(t1) / statistics.median(t2):.2f}x; "
+            f"per round {[round(r, 2) for r in ratios]}  (target >= 1.6)",
+            flush=True,
+        )
         print(f"   load average: {os.getloadavg()}")
 
     if "--no-threads" not in args:
-        print(f"\n2. {THREADS_SHAPE} float32: Dask backend on the threaded scheduler vs Numba directly on "
-              "NumPy arrays")
+        print(f"\n2. {THREADS_SHAPE} float32: Dask backend on the threaded scheduler vs Numba directly on NumPy arrays")
         calls = _threads_calls()
         for c in calls:
             c()
         td, tn = _alternate([_timed(c) for c in calls], rounds=rounds + 2)
         print(f"   dask threads : {_spread(td)}  {[round(t, 2) for t in td]}")
         print(f"   numba direct : {_spread(tn)}  {[round(t, 2) for t in tn]}")
-        print(f"   ratio: {statistics.median(td) / statistics.median(tn):.2f}x; per round "
-              f"{[round(a / b, 2) for a, b in zip(td, tn, strict=True)]}  (target <= 1.3)", flush=True)
+        print(
+            f"   ratio: {statistics.median(td) / statistics.median(tn):.2f}x; per round "
+            f"{[round(a / b, 2) for a, b in zip(td, tn, strict=True)]}  (target <= 1.3)",
+            flush=True,
+        )
         print(f"   load average: {os.getloadavg()}")
 
     if "--no-memory" not in args:
-        print(f"\n3. {MEMORY_SHAPE} float32 causal, chunks of {MEMORY_CHUNK}: LocalCluster of 2 single-threaded "
-              "workers")
+        print(
+            f"\n3. {MEMORY_SHAPE} float32 causal, chunks of {MEMORY_CHUNK}: LocalCluster of 2 single-threaded workers"
+        )
         _close()  # free the other clusters' memory first
         _ARRAYS.clear()
         c = cluster(2, key="memory")[1]
@@ -363,8 +373,10 @@ def main(argv=None) -> int:
         for w, (base, peak) in sorted(peaks.items()):
             print(f"   worker {w}: baseline {base:7.1f} MiB, peak {peak:7.1f} MiB")
         n = MEMORY_SHAPE[2]
-        print(f"   largest worker peak: {max(p for _, p in peaks.values()):.1f} MiB (target < 1024); "
-              f"time {t:.1f} s; a materialised float32 score matrix: {MEMORY_SHAPE[1] * n * n * 4 / 2**30:.0f} GiB")
+        print(
+            f"   largest worker peak: {max(p for _, p in peaks.values()):.1f} MiB (target < 1024); "
+            f"time {t:.1f} s; a materialised float32 score matrix: {MEMORY_SHAPE[1] * n * n * 4 / 2**30:.0f} GiB"
+        )
     print(f"\nload average after: {os.getloadavg()}")
     return 0
 

@@ -40,7 +40,7 @@ def _varlen_inputs(heads: int = 4, d: int = 64):
         qp, kp, vp = (np.zeros((len(lens), heads, longest, d), np.float32) for _ in range(3))
         for b in range(len(lens)):
             for dst, src in ((qp, q), (kp, k), (vp, v)):
-                dst[b, :, :lens[b]] = src[:, cu[b]:cu[b + 1]]
+                dst[b, :, : lens[b]] = src[:, cu[b] : cu[b + 1]]
         key_mask = (np.arange(longest)[None, :] < lens[:, None])[:, None, None, :]
         _VARLEN["inputs"] = (q, k, v, cu, qp, kp, vp, key_mask)
     return _VARLEN["inputs"]

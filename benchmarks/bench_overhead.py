@@ -80,5 +80,7 @@ class NumbaCompile:
         return "selfattn.scaled_dot_product_attention(q, k, v, backend='numba')", _COMPILE_SETUP
 
     def timeraw_numba_compile_forward_backward(self):
-        return ("out, bwd = selfattn.scaled_dot_product_attention_vjp(q, k, v, backend='numba'); bwd(g)",
-                _COMPILE_SETUP)
+        return (
+            "out, bwd = selfattn.scaled_dot_product_attention_vjp(q, k, v, backend='numba'); bwd(g)",
+            _COMPILE_SETUP,
+        )

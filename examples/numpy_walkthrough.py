@@ -67,11 +67,13 @@ assert np.allclose(A_causal @ V, lib_causal, atol=1e-12)
 # 8. several heads = several independent (W_Q, W_K, W_V) sets, stacked on a head axis
 h = 2
 WQ, WK, WV = (rng.standard_normal((h, d_model, d_k)) / np.sqrt(d_model) for _ in range(3))
-Qh, Kh, Vh = X @ WQ, X @ WK, X @ WV          # (h, N, d_k) each
+Qh, Kh, Vh = X @ WQ, X @ WK, X @ WV  # (h, N, d_k) each
 Sh = Qh @ np.swapaxes(Kh, -1, -2) / np.sqrt(d_k)
 Ah = np.exp(Sh - Sh.max(-1, keepdims=True))
 Ah /= Ah.sum(-1, keepdims=True)
 multi = Ah @ Vh
-print("8. two heads, max |by hand - selfattn|:", np.abs(multi - selfattn.scaled_dot_product_attention(Qh, Kh, Vh)).max())
+print(
+    "8. two heads, max |by hand - selfattn|:", np.abs(multi - selfattn.scaled_dot_product_attention(Qh, Kh, Vh)).max()
+)
 assert np.allclose(multi, selfattn.scaled_dot_product_attention(Qh, Kh, Vh), atol=1e-12)
 print("walkthrough OK: the hand-written attention matches selfattn")

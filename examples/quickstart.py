@@ -21,18 +21,21 @@ for rec in selfattn.list_backends():
         continue
     if rec.capabilities.array_type != "numpy":  # e.g. cupy wants cupy arrays, dask dask arrays
         import importlib
-        xp = importlib.import_module({"dask": "dask.array"}.get(rec.capabilities.array_type,
-                                                                rec.capabilities.array_type))
+
+        xp = importlib.import_module(
+            {"dask": "dask.array"}.get(rec.capabilities.array_type, rec.capabilities.array_type)
+        )
         args = [xp.asarray(a) for a in (q, k, v)]
     else:
         args = [q, k, v]
-    out, weights = selfattn.scaled_dot_product_attention(*args, causal=True, return_weights=True,
-                                                         backend=rec.name)
+    out, weights = selfattn.scaled_dot_product_attention(*args, causal=True, return_weights=True, backend=rec.name)
     out, weights = (np.asarray(a.get() if hasattr(a, "get") else a) for a in (out, weights))
     results[rec.name] = out
-    print(f"{rec.name:6s}: out {out.shape} {out.dtype}, weights {weights.shape}, "
-          f"rows sum to 1: {np.allclose(weights.sum(-1), 1, atol=1e-5)}, "
-          f"first query attends only itself: {bool(np.all(weights[..., 0, 1:] == 0))}")
+    print(
+        f"{rec.name:6s}: out {out.shape} {out.dtype}, weights {weights.shape}, "
+        f"rows sum to 1: {np.allclose(weights.sum(-1), 1, atol=1e-5)}, "
+        f"first query attends only itself: {bool(np.all(weights[..., 0, 1:] == 0))}"
+    )
 
 names = list(results)
 for name in names[1:]:

@@ -25,8 +25,29 @@ import numpy as np
 
 from selfattn.nn import MultiHeadAttention
 
-FILLER = ("the movie was a film it plot acting really quite very story and but i thought "
-          "this that overall ending cast").split()
+FILLER = [
+    "the",
+    "movie",
+    "was",
+    "a",
+    "film",
+    "it",
+    "plot",
+    "acting",
+    "really",
+    "quite",
+    "very",
+    "story",
+    "and",
+    "but",
+    "i",
+    "thought",
+    "this",
+    "that",
+    "overall",
+    "ending",
+    "cast",
+]
 POSITIVE, NEGATIVE = ["good", "great", "fine"], ["bad", "awful", "poor"]
 PAD, NOT = "<pad>", "not"
 VOCAB = [PAD, NOT] + POSITIVE + NEGATIVE + FILLER
@@ -42,15 +63,15 @@ def make_dataset(rng, count, min_len=6, max_len=14):
     for s in range(count):
         n = lengths[s]
         words = list(rng.choice(FILLER, size=n))
-        p = int(rng.integers(1, n))                       # sentiment word position (never first)
+        p = int(rng.integers(1, n))  # sentiment word position (never first)
         positive = rng.random() < 0.5
         words[p] = str(rng.choice(POSITIVE if positive else NEGATIVE))
         flip = False
-        if rng.random() < 0.5:                             # add "not" ...
+        if rng.random() < 0.5:  # add "not" ...
             if rng.random() < 0.5:
-                words[p - 1] = NOT                         # ... right before: flips the meaning
+                words[p - 1] = NOT  # ... right before: flips the meaning
                 flip = True
-            else:                                          # ... anywhere else: no effect
+            else:  # ... anywhere else: no effect
                 choices = [i for i in range(n) if i not in (p - 1, p)]
                 words[int(rng.choice(choices))] = NOT
         labels[s] = int(positive != flip)
@@ -73,7 +94,7 @@ class Adam:
         for k, g in grads.items():
             self.m[k] = b1 * self.m[k] + (1 - b1) * g
             self.v[k] = b2 * self.v[k] + (1 - b2) * g * g
-            upd = self.lr * (self.m[k] / (1 - b1 ** self.t)) / (np.sqrt(self.v[k] / (1 - b2 ** self.t)) + self.eps)
+            upd = self.lr * (self.m[k] / (1 - b1**self.t)) / (np.sqrt(self.v[k] / (1 - b2**self.t)) + self.eps)
             self.params[k] -= upd.astype(self.params[k].dtype)
 
 
@@ -120,17 +141,19 @@ class AttentionClassifier:
         rng = np.random.default_rng(seed)
         self.mha = MultiHeadAttention(dim, heads, seed=seed)
         self.head = MLPHead(rng, dim, hidden)
-        self.params = {"tok": (rng.standard_normal((vocab, dim)) * 0.5).astype(np.float32),
-                       "pos": (rng.standard_normal((max_len, dim)) * 0.5).astype(np.float32)}
+        self.params = {
+            "tok": (rng.standard_normal((vocab, dim)) * 0.5).astype(np.float32),
+            "pos": (rng.standard_normal((max_len, dim)) * 0.5).astype(np.float32),
+        }
         self.all_params = {**self.params, **self.head.params, **{f"mha.{k}": v for k, v in self.mha.params.items()}}
 
     def forward(self, tokens, lengths, backend, with_grad=True):
         b, n = tokens.shape
-        key_mask = np.arange(n)[None, :] < lengths[:, None]          # True = real word
+        key_mask = np.arange(n)[None, :] < lengths[:, None]  # True = real word
         x = self.params["tok"][tokens] + self.params["pos"][None, :n]
         a, attn_back = self.mha.vjp(x, key_mask=key_mask, backend=backend)
-        h = x + a                                                   # residual
-        w = (key_mask / lengths[:, None]).astype(np.float32)        # masked mean pool
+        h = x + a  # residual
+        w = (key_mask / lengths[:, None]).astype(np.float32)  # masked mean pool
         feats = np.einsum("bn,bne->be", w, h)
         logits, head_back = self.head.forward(feats)
 
@@ -158,7 +181,7 @@ class BagOfWords:
     def forward(self, tokens, lengths, backend=None):
         counts = np.zeros((len(tokens), self.vocab), np.float32)
         np.add.at(counts, (np.arange(len(tokens))[:, None], tokens), 1.0)
-        counts[:, 0] = 0                                             # ignore padding
+        counts[:, 0] = 0  # ignore padding
         counts /= lengths[:, None]
         logits, back = self.head.forward(counts)
         return logits, lambda d: back(d)[1]
@@ -173,7 +196,7 @@ def fit(model, data, epochs, batch, lr, seed, backend, name):
         order = rng.permutation(len(labels))
         losses = []
         for i in range(0, len(order), batch):
-            idx = order[i:i + batch]
+            idx = order[i : i + batch]
             logits, backward = model.forward(tokens[idx], lengths[idx], backend)
             loss, dlogits = softmax_xent(logits, labels[idx])
             opt.step(backward(dlogits.astype(np.float32)))
@@ -208,7 +231,7 @@ def main(argv=None):
     tr_tok, tr_len, tr_lab, tr_text = make_dataset(rng, args.train)
     te_tok, te_len, te_lab, _ = make_dataset(np.random.default_rng(args.seed + 1000), args.test)
     print(f"{args.train} training / {args.test} held-out sentences, vocabulary {len(VOCAB)}; examples:")
-    for s, y in list(zip(tr_text, tr_lab))[:4]:
+    for s, y in list(zip(tr_text, tr_lab, strict=True))[:4]:
         print(f"  {'positive' if y else 'negative'}: {s}")
     train, test = (tr_tok, tr_len, tr_lab), (te_tok, te_len, te_lab)
     t0 = time.time()
@@ -222,8 +245,10 @@ def main(argv=None):
     att_acc = accuracy(model, test, args.backend)
 
     print(f"attention train loss: first epoch {first:.4f} -> last epoch {last:.4f}")
-    print(f"held-out accuracy: attention {att_acc:.3f}  vs  bag-of-words baseline {bow_acc:.3f} "
-          f"(bag-of-words ceiling ~0.75)")
+    print(
+        f"held-out accuracy: attention {att_acc:.3f}  vs  bag-of-words baseline {bow_acc:.3f} "
+        f"(bag-of-words ceiling ~0.75)"
+    )
     print(f"total time {time.time() - t0:.1f}s (backend={args.backend or 'auto'})")
     return att_acc, bow_acc
 

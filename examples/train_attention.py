@@ -35,8 +35,8 @@ class Adam:
         for k, g in grads.items():
             self.m[k] = b1 * self.m[k] + (1 - b1) * g
             self.v[k] = b2 * self.v[k] + (1 - b2) * g * g
-            mhat = self.m[k] / (1 - b1 ** self.t)
-            vhat = self.v[k] / (1 - b2 ** self.t)
+            mhat = self.m[k] / (1 - b1**self.t)
+            vhat = self.v[k] / (1 - b2**self.t)
             self.params[k] -= (self.lr * mhat / (np.sqrt(vhat) + self.eps)).astype(self.params[k].dtype)
 
 
@@ -63,9 +63,9 @@ class Reverser:
 
     def loss_and_grads(self, tokens, targets, backend):
         p = self.params
-        x = p["tok"][tokens] + p["pos"][None]                  # (B, N, E)
-        h, back = self.mha.vjp(x, mask=self.mask, backend=backend)             # self-attention
-        logits = h @ p["W"] + p["b"]                           # (B, N, V)
+        x = p["tok"][tokens] + p["pos"][None]  # (B, N, E)
+        h, back = self.mha.vjp(x, mask=self.mask, backend=backend)  # self-attention
+        logits = h @ p["W"] + p["b"]  # (B, N, V)
         z = logits - logits.max(-1, keepdims=True)
         probs = np.exp(z)
         probs /= probs.sum(-1, keepdims=True)

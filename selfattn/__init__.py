@@ -20,7 +20,6 @@ from ._api import (
     scaled_dot_product_attention_varlen_vjp,
     scaled_dot_product_attention_vjp,
 )
-from ._merge import merge_attention
 from ._capabilities import DTYPES, FEATURES, Capabilities
 from ._dispatch import BackendRecord, Explanation, get_backend, list_backends, set_backend, use_backend
 from ._errors import (
@@ -30,6 +29,7 @@ from ._errors import (
     SelfAttnError,
     UnsupportedFeatureError,
 )
+from ._merge import merge_attention
 from .backends._base import Backend
 
 __version__ = "0.1.0"
@@ -43,10 +43,27 @@ def __getattr__(name):
         return importlib.import_module("selfattn.nn")
     raise AttributeError(f"module 'selfattn' has no attribute {name!r}")
 
+
 __all__ = [
-    "scaled_dot_product_attention", "scaled_dot_product_attention_vjp", "scaled_dot_product_attention_varlen",
-    "scaled_dot_product_attention_varlen_vjp", "merge_attention", "explain",
-    "use_backend", "set_backend", "get_backend", "list_backends", "BackendRecord", "Explanation",
-    "Backend", "Capabilities", "FEATURES", "DTYPES",
-    "SelfAttnError", "BackendNotFoundError", "BackendUnavailableError", "UnsupportedFeatureError", "NoBackendError",
+    "scaled_dot_product_attention",
+    "scaled_dot_product_attention_vjp",
+    "scaled_dot_product_attention_varlen",
+    "scaled_dot_product_attention_varlen_vjp",
+    "merge_attention",
+    "explain",
+    "use_backend",
+    "set_backend",
+    "get_backend",
+    "list_backends",
+    "BackendRecord",
+    "Explanation",
+    "Backend",
+    "Capabilities",
+    "FEATURES",
+    "DTYPES",
+    "SelfAttnError",
+    "BackendNotFoundError",
+    "BackendUnavailableError",
+    "UnsupportedFeatureError",
+    "NoBackendError",
 ]

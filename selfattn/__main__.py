@@ -22,6 +22,7 @@ import os
 import platform
 import sys
 import time
+from typing import Any
 
 import numpy as np
 
@@ -34,25 +35,32 @@ def support_table(builtin_only: bool = False) -> str:
 
     ``builtin_only`` leaves out third-party plugins (the README documents the built-ins).
     """
-    recs = [r for r in selfattn.list_backends()
-            if r.capabilities is not None and (r.source == "builtin" or not builtin_only)]
-    head = "| capability | " + " | ".join(r.name for r in recs) + " |"
-    lines = [head, "|" + "---|" * (len(recs) + 1)]
-    lines.append("| arrays | " + " | ".join(r.capabilities.array_type for r in recs) + " |")
+    cols = [
+        (r.name, r.capabilities)
+        for r in selfattn.list_backends()
+        if r.capabilities is not None and (r.source == "builtin" or not builtin_only)
+    ]
+    head = "| capability | " + " | ".join(name for name, _ in cols) + " |"
+    lines = [head, "|" + "---|" * (len(cols) + 1)]
+    lines.append("| arrays | " + " | ".join(c.array_type for _, c in cols) + " |")
     for dt in DTYPES:
-        lines.append(f"| {dt} | " + " | ".join("yes" if dt in r.capabilities.dtypes else "no" for r in recs) + " |")
+        lines.append(f"| {dt} | " + " | ".join("yes" if dt in c.dtypes else "no" for _, c in cols) + " |")
     for feat, desc in FEATURES.items():
-        lines.append(f"| {feat} ({desc}) | " + " | ".join("yes" if feat in r.capabilities.features else "no" for r in recs) + " |")
+        lines.append(
+            f"| {feat} ({desc}) | " + " | ".join("yes" if feat in c.features else "no" for _, c in cols) + " |"
+        )
     return "\n".join(lines)
 
 
 def _info(args) -> int:
     recs = selfattn.list_backends()
     facts = {
-        "selfattn": selfattn.__version__, "python": platform.python_version(), "numpy": np.__version__,
+        "selfattn": selfattn.__version__,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
         "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs",
     }
-    rows = []
+    rows: list[dict[str, Any]] = []
     for r in recs:
         extra = {}
         if r.available:
@@ -60,9 +68,19 @@ def _info(args) -> int:
                 extra = selfattn.get_backend(r.name).info()
             except Exception as exc:  # info is diagnostics; never crash on it
                 extra = {"error": f"{type(exc).__name__}: {exc}"}
-        rows.append({"name": r.name, "available": r.available, "reason": r.reason, "version": r.version,
-                     "priority": r.priority, "source": r.source, "install": r.install,
-                     "capabilities": r.capabilities.as_dict() if r.capabilities else None, "info": extra})
+        rows.append(
+            {
+                "name": r.name,
+                "available": r.available,
+                "reason": r.reason,
+                "version": r.version,
+                "priority": r.priority,
+                "source": r.source,
+                "install": r.install,
+                "capabilities": r.capabilities.as_dict() if r.capabilities else None,
+                "info": extra,
+            }
+        )
     if args.json:
         print(json.dumps({"environment": facts, "backends": rows}, indent=2, default=str))
         return 0
@@ -100,8 +118,13 @@ def _compile(args) -> int:
     try:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-        progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                            TimeElapsedColumn(), disable=not sys.stderr.isatty())
+        progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(),
+            disable=not sys.stderr.isatty(),
+        )
     except ImportError:  # rich is in the numba extra; without it, one line per family
         progress = None
     if progress is not None:
@@ -122,8 +145,10 @@ def _compile(args) -> int:
         else:
             failed += not res.startswith("n/a")
             print(f"  {fam:<15} {dt:<8} {res}")
-    print(f"compiled and cached in {time.perf_counter() - total_start:.1f} s "
-          "(NUMBA_CACHE_DIR or the package's __pycache__)")
+    print(
+        f"compiled and cached in {time.perf_counter() - total_start:.1f} s "
+        "(NUMBA_CACHE_DIR or the package's __pycache__)"
+    )
     return 1 if failed else 0
 
 
@@ -155,11 +180,16 @@ def main(argv=None) -> int:
     p_check.add_argument("--backend", action="append", help="only this backend (repeatable)")
     p_check.add_argument("-v", "--verbose", action="store_true", help="print tracebacks of failures")
     p_compile = sub.add_parser("compile", help="compile and cache every Numba kernel family ahead of time")
-    p_compile.add_argument("--dtype", action="append", choices=["float32", "float64"],
-                           help="only this compute dtype (repeatable; float16 runs the float32 kernels)")
+    p_compile.add_argument(
+        "--dtype",
+        action="append",
+        choices=["float32", "float64"],
+        help="only this compute dtype (repeatable; float16 runs the float32 kernels)",
+    )
     sub.add_parser("bench", help="benchmark every available backend (see 'bench --help')", add_help=False)
-    sub.add_parser("dashboard", help="asv dashboard over recent commits, offline (see 'dashboard --help')",
-                   add_help=False)
+    sub.add_parser(
+        "dashboard", help="asv dashboard over recent commits, offline (see 'dashboard --help')", add_help=False
+    )
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "bench":
         # The bench command owns its own options; keep its (matplotlib, timing) code out of the others.

@@ -10,42 +10,71 @@ from ._dispatch import Explanation, select
 from ._memory import format_bytes, require
 from ._problem import Array, Problem, array_library, normalize, normalize_varlen
 
-__all__ = ["scaled_dot_product_attention", "scaled_dot_product_attention_vjp", "scaled_dot_product_attention_varlen",
-           "scaled_dot_product_attention_varlen_vjp", "explain"]
+__all__ = [
+    "scaled_dot_product_attention",
+    "scaled_dot_product_attention_vjp",
+    "scaled_dot_product_attention_varlen",
+    "scaled_dot_product_attention_varlen_vjp",
+    "explain",
+]
 
 #: Keywords of other libraries' attention functions, with the selfattn way to say them and the
 #: difference that matters. Passing one is a TypeError that says so.
 FOREIGN_KEYWORDS: dict[str, str] = {
     # torch.nn.functional.scaled_dot_product_attention
-    "is_causal": ("use causal=True. Note selfattn's causal mask is bottom-right aligned (query i sees keys "
-                  "j <= i + M - N, as FlashAttention >= 2.1); PyTorch's is_causal is top-left aligned (j <= i). "
-                  "They agree when N == M; for PyTorch's alignment with N != M pass "
-                  "mask=numpy.tril(numpy.ones((N, M), bool)) instead"),
-    "attn_mask": ("use mask=. A boolean mask means True = may attend (as in PyTorch's scaled_dot_product_attention, "
-                  "but the opposite of nn.MultiheadAttention's attn_mask and key_padding_mask, where True = "
-                  "masked out: pass ~mask); a float mask is added to the scaled scores"),
-    "enable_gqa": ("grouped-query attention needs no flag: pass key/value with fewer heads (query heads must be "
-                   "a multiple of key/value heads); K/V are never copied per query head"),
+    "is_causal": (
+        "use causal=True. Note selfattn's causal mask is bottom-right aligned (query i sees keys "
+        "j <= i + M - N, as FlashAttention >= 2.1); PyTorch's is_causal is top-left aligned (j <= i). "
+        "They agree when N == M; for PyTorch's alignment with N != M pass "
+        "mask=numpy.tril(numpy.ones((N, M), bool)) instead"
+    ),
+    "attn_mask": (
+        "use mask=. A boolean mask means True = may attend (as in PyTorch's scaled_dot_product_attention, "
+        "but the opposite of nn.MultiheadAttention's attn_mask and key_padding_mask, where True = "
+        "masked out: pass ~mask); a float mask is added to the scaled scores"
+    ),
+    "enable_gqa": (
+        "grouped-query attention needs no flag: pass key/value with fewer heads (query heads must be "
+        "a multiple of key/value heads); K/V are never copied per query head"
+    ),
     # nn.MultiheadAttention / flash_attn / jax.nn.dot_product_attention
-    "key_padding_mask": ("pass a boolean mask=... of shape (B, 1, 1, M) with True = real token, i.e. "
-                         "mask=~key_padding_mask[:, None, None, :] (PyTorch's True means padding)"),
+    "key_padding_mask": (
+        "pass a boolean mask=... of shape (B, 1, 1, M) with True = real token, i.e. "
+        "mask=~key_padding_mask[:, None, None, :] (PyTorch's True means padding)"
+    ),
     "need_weights": "use return_weights=True (the probabilities before dropout, (..., Hq, N, M))",
     "softmax_scale": "use scale=",
-    "window_size": ("use window=(left, right) with non-negative ints (None for no window); FlashAttention's "
-                    "(-1, -1) means no window"),
+    "window_size": (
+        "use window=(left, right) with non-negative ints (None for no window); FlashAttention's "
+        "(-1, -1) means no window"
+    ),
     "return_attn_probs": "use return_weights=True (probabilities) and/or return_lse=True (log-sum-exp)",
     "deterministic": "selfattn's results are deterministic on every backend; drop the argument",
     "bias": "pass an additive float mask=... (broadcastable to (..., Hq, N, M))",
     "local_window_size": "use window=(left, right)",
-    "query_seq_lengths": ("pass a boolean key/query padding mask=..., or pack the sequences and call "
-                          "scaled_dot_product_attention_varlen"),
-    "key_value_seq_lengths": ("pass a boolean mask=... of shape (B, 1, 1, M) (True = real key), or pack the "
-                              "sequences and call scaled_dot_product_attention_varlen"),
+    "query_seq_lengths": (
+        "pass a boolean key/query padding mask=..., or pack the sequences and call scaled_dot_product_attention_varlen"
+    ),
+    "key_value_seq_lengths": (
+        "pass a boolean mask=... of shape (B, 1, 1, M) (True = real key), or pack the "
+        "sequences and call scaled_dot_product_attention_varlen"
+    ),
     "dropout_rng": "use dropout_seed= (an int; the pattern is a pure function of it)",
 }
 
-_OWN_KEYWORDS = ("mask", "causal", "window", "scale", "softcap", "alibi_slopes", "dropout_p", "dropout_seed",
-                 "return_lse", "return_weights", "backend")
+_OWN_KEYWORDS = (
+    "mask",
+    "causal",
+    "window",
+    "scale",
+    "softcap",
+    "alibi_slopes",
+    "dropout_p",
+    "dropout_seed",
+    "return_lse",
+    "return_weights",
+    "backend",
+)
 
 
 def _refuse_keywords(func: str, unexpected: dict[str, Any], own: tuple[str, ...] = _OWN_KEYWORDS) -> None:
@@ -75,23 +104,37 @@ def _check_result_memory(pb: Problem) -> None:
     shape = pb.out_shape(pb.m)
     if pb.return_weights:
         wbytes = pb.batch * pb.q_heads * pb.n * pb.m * pb.dtype.itemsize
-        what = (f"return_weights=True: the attention weights {shape} ({format_bytes(wbytes)} of {pb.dtype}) "
-                "with the output")
-        hint = ("drop return_weights=True (the output never materialises them); use return_lse=True for the "
-                "per-row log-sum-exp (O(N)), or compute the weights for a slice of the queries at a time")
+        what = (
+            f"return_weights=True: the attention weights {shape} ({format_bytes(wbytes)} of {pb.dtype}) with the output"
+        )
+        hint = (
+            "drop return_weights=True (the output never materialises them); use return_lse=True for the "
+            "per-row log-sum-exp (O(N)), or compute the weights for a slice of the queries at a time"
+        )
     else:
         what = f"the output {pb.out_shape(pb.dv)}"
         hint = "split the call along its batch or query axis (rows are independent)"
     require(nbytes, pb.array_type, what, hint, pb.query)
 
 
-def scaled_dot_product_attention(query: Array, key: Array, value: Array, *, mask: Array | None = None,
-                                 causal: bool = False, window: int | tuple[int, int] | None = None,
-                                 scale: float | None = None, softcap: float | None = None,
-                                 alibi_slopes: Array | None = None, dropout_p: float = 0.0,
-                                 dropout_seed: int | None = None, return_lse: bool = False,
-                                 return_weights: bool = False, backend: str | None = None,
-                                 **unexpected: Any) -> Array | tuple[Array, ...]:
+def scaled_dot_product_attention(
+    query: Array,
+    key: Array,
+    value: Array,
+    *,
+    mask: Array | None = None,
+    causal: bool = False,
+    window: int | tuple[int, int] | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+    alibi_slopes: Array | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int | None = None,
+    return_lse: bool = False,
+    return_weights: bool = False,
+    backend: str | None = None,
+    **unexpected: Any,
+) -> Array | tuple[Array, ...]:
     """Exact attention ``softmax(query @ key.T * scale + mask) @ value``.
 
     Parameters
@@ -179,21 +222,43 @@ def scaled_dot_product_attention(query: Array, key: Array, value: Array, *, mask
     """
     if unexpected:
         _refuse_keywords("scaled_dot_product_attention", unexpected)
-    pb = normalize(query, key, value, mask=mask, causal=causal, window=window, scale=scale, softcap=softcap,
-                   alibi_slopes=alibi_slopes, dropout_p=dropout_p, dropout_seed=dropout_seed,
-                   return_lse=return_lse, return_weights=return_weights)
+    pb = normalize(
+        query,
+        key,
+        value,
+        mask=mask,
+        causal=causal,
+        window=window,
+        scale=scale,
+        softcap=softcap,
+        alibi_slopes=alibi_slopes,
+        dropout_p=dropout_p,
+        dropout_seed=dropout_seed,
+        return_lse=return_lse,
+        return_weights=return_weights,
+    )
     impl = select(pb, backend)
     _check_result_memory(pb)
     out, lse, weights = impl.forward(pb)
     return _package(pb, out, lse, weights)
 
 
-def scaled_dot_product_attention_vjp(query: Array, key: Array, value: Array, *, mask: Array | None = None,
-                                     causal: bool = False, window: int | tuple[int, int] | None = None,
-                                     scale: float | None = None, softcap: float | None = None,
-                                     alibi_slopes: Array | None = None, dropout_p: float = 0.0,
-                                     dropout_seed: int | None = None, backend: str | None = None,
-                                     **unexpected: Any) -> tuple[Array, Callable[[Array], tuple[Array, Array, Array]]]:
+def scaled_dot_product_attention_vjp(
+    query: Array,
+    key: Array,
+    value: Array,
+    *,
+    mask: Array | None = None,
+    causal: bool = False,
+    window: int | tuple[int, int] | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+    alibi_slopes: Array | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int | None = None,
+    backend: str | None = None,
+    **unexpected: Any,
+) -> tuple[Array, Callable[[Array], tuple[Array, Array, Array]]]:
     """Attention forward plus a pullback: ``out, backward = ...; dq, dk, dv = backward(grad_out)``.
 
     Arguments are those of :func:`scaled_dot_product_attention` (without
@@ -212,13 +277,26 @@ def scaled_dot_product_attention_vjp(query: Array, key: Array, value: Array, *, 
     if unexpected:
         own = tuple(k for k in _OWN_KEYWORDS if k not in ("return_lse", "return_weights"))
         _refuse_keywords("scaled_dot_product_attention_vjp", unexpected, own)
-    pb = normalize(query, key, value, mask=mask, causal=causal, window=window, scale=scale, softcap=softcap,
-                   alibi_slopes=alibi_slopes, dropout_p=dropout_p, dropout_seed=dropout_seed, needs_vjp=True)
+    pb = normalize(
+        query,
+        key,
+        value,
+        mask=mask,
+        causal=causal,
+        window=window,
+        scale=scale,
+        softcap=softcap,
+        alibi_slopes=alibi_slopes,
+        dropout_p=dropout_p,
+        dropout_seed=dropout_seed,
+        needs_vjp=True,
+    )
     return _with_backward(pb, select(pb, backend), query.shape, key.shape, value.shape)
 
 
-def _with_backward(pb: Problem, impl: Any, q_shape: tuple[int, ...], k_shape: tuple[int, ...],
-                   v_shape: tuple[int, ...]) -> tuple[Array, Callable[[Array], tuple[Array, Array, Array]]]:
+def _with_backward(
+    pb: Problem, impl: Any, q_shape: tuple[int, ...], k_shape: tuple[int, ...], v_shape: tuple[int, ...]
+) -> tuple[Array, Callable[[Array], tuple[Array, Array, Array]]]:
     """Run the forward of a VJP call and return ``(out, backward)``."""
     _check_result_memory(pb)
     out4, lse4, _ = impl.forward(pb)
@@ -235,19 +313,23 @@ def _with_backward(pb: Problem, impl: Any, q_shape: tuple[int, ...], k_shape: tu
         if lib != pb.array_type:
             raise TypeError(f"grad_out is a {lib} array but the output is a {pb.array_type} array")
         if grad_out.dtype != out.dtype:
-            raise TypeError(f"grad_out has dtype {grad_out.dtype}, expected {out.dtype} (the output's dtype); "
-                            f"cast it with grad_out.astype({out.dtype})")
+            raise TypeError(
+                f"grad_out has dtype {grad_out.dtype}, expected {out.dtype} (the output's dtype); "
+                f"cast it with grad_out.astype({out.dtype})"
+            )
         if tuple(grad_out.shape) != tuple(out.shape):
-            raise ValueError(f"grad_out has shape {tuple(grad_out.shape)}, expected the output's shape "
-                             f"{tuple(out.shape)}")
+            raise ValueError(
+                f"grad_out has shape {tuple(grad_out.shape)}, expected the output's shape {tuple(out.shape)}"
+            )
         dq, dk, dv = impl.backward(pb, out4, lse4, grad_out.reshape(out4.shape))
         return dq.reshape(q_shape), dk.reshape(k_shape), dv.reshape(v_shape)
 
     return out, backward
 
 
-def explain(query: Array, key: Array, value: Array, *, vjp: bool = False, backend: str | None = None,
-            **options: Any) -> Explanation:
+def explain(
+    query: Array, key: Array, value: Array, *, vjp: bool = False, backend: str | None = None, **options: Any
+) -> Explanation:
     """The backend decision for a call, without computing it.
 
     Takes the arguments of :func:`scaled_dot_product_attention` (``vjp=True``
@@ -276,17 +358,37 @@ def explain(query: Array, key: Array, value: Array, *, vjp: bool = False, backen
     return Explanation(impl.name, trail)
 
 
-_VARLEN_KEYWORDS = ("causal", "window", "scale", "softcap", "alibi_slopes", "dropout_p", "dropout_seed",
-                    "return_lse", "backend")
+_VARLEN_KEYWORDS = (
+    "causal",
+    "window",
+    "scale",
+    "softcap",
+    "alibi_slopes",
+    "dropout_p",
+    "dropout_seed",
+    "return_lse",
+    "backend",
+)
 
 
-def scaled_dot_product_attention_varlen(query: Array, key: Array, value: Array, cu_seqlens_q: Array,
-                                        cu_seqlens_k: Array, *, causal: bool = False,
-                                        window: int | tuple[int, int] | None = None, scale: float | None = None,
-                                        softcap: float | None = None, alibi_slopes: Array | None = None,
-                                        dropout_p: float = 0.0, dropout_seed: int | None = None,
-                                        return_lse: bool = False, backend: str | None = None,
-                                        **unexpected: Any) -> Array | tuple[Array, Array]:
+def scaled_dot_product_attention_varlen(
+    query: Array,
+    key: Array,
+    value: Array,
+    cu_seqlens_q: Array,
+    cu_seqlens_k: Array,
+    *,
+    causal: bool = False,
+    window: int | tuple[int, int] | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+    alibi_slopes: Array | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int | None = None,
+    return_lse: bool = False,
+    backend: str | None = None,
+    **unexpected: Any,
+) -> Array | tuple[Array, Array]:
     """Attention over a packed batch of variable-length sequences (FlashAttention's ``varlen`` layout).
 
     Parameters
@@ -328,23 +430,44 @@ def scaled_dot_product_attention_varlen(query: Array, key: Array, value: Array, 
     """
     if unexpected:
         _refuse_keywords("scaled_dot_product_attention_varlen", unexpected, _VARLEN_KEYWORDS)
-    pb = normalize_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, causal=causal, window=window, scale=scale,
-                          softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p, dropout_seed=dropout_seed,
-                          return_lse=return_lse)
+    pb = normalize_varlen(
+        query,
+        key,
+        value,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        causal=causal,
+        window=window,
+        scale=scale,
+        softcap=softcap,
+        alibi_slopes=alibi_slopes,
+        dropout_p=dropout_p,
+        dropout_seed=dropout_seed,
+        return_lse=return_lse,
+    )
     impl = select(pb, backend)
     _check_result_memory(pb)
     out, lse, _ = impl.forward(pb)
     return _package(pb, out, lse, None)
 
 
-def scaled_dot_product_attention_varlen_vjp(query: Array, key: Array, value: Array, cu_seqlens_q: Array,
-                                            cu_seqlens_k: Array, *, causal: bool = False,
-                                            window: int | tuple[int, int] | None = None,
-                                            scale: float | None = None, softcap: float | None = None,
-                                            alibi_slopes: Array | None = None, dropout_p: float = 0.0,
-                                            dropout_seed: int | None = None, backend: str | None = None,
-                                            **unexpected: Any
-                                            ) -> tuple[Array, Callable[[Array], tuple[Array, Array, Array]]]:
+def scaled_dot_product_attention_varlen_vjp(
+    query: Array,
+    key: Array,
+    value: Array,
+    cu_seqlens_q: Array,
+    cu_seqlens_k: Array,
+    *,
+    causal: bool = False,
+    window: int | tuple[int, int] | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+    alibi_slopes: Array | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int | None = None,
+    backend: str | None = None,
+    **unexpected: Any,
+) -> tuple[Array, Callable[[Array], tuple[Array, Array, Array]]]:
     """:func:`scaled_dot_product_attention_varlen` plus a pullback ``backward(grad_out) -> (dq, dk, dv)``.
 
     As :func:`scaled_dot_product_attention_vjp`, for the packed layout:
@@ -352,9 +475,24 @@ def scaled_dot_product_attention_varlen_vjp(query: Array, key: Array, value: Arr
     ``query``, ``key`` and ``value``.
     """
     if unexpected:
-        _refuse_keywords("scaled_dot_product_attention_varlen_vjp", unexpected,
-                         tuple(k for k in _VARLEN_KEYWORDS if k != "return_lse"))
-    pb = normalize_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, causal=causal, window=window, scale=scale,
-                          softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p, dropout_seed=dropout_seed,
-                          needs_vjp=True)
+        _refuse_keywords(
+            "scaled_dot_product_attention_varlen_vjp",
+            unexpected,
+            tuple(k for k in _VARLEN_KEYWORDS if k != "return_lse"),
+        )
+    pb = normalize_varlen(
+        query,
+        key,
+        value,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        causal=causal,
+        window=window,
+        scale=scale,
+        softcap=softcap,
+        alibi_slopes=alibi_slopes,
+        dropout_p=dropout_p,
+        dropout_seed=dropout_seed,
+        needs_vjp=True,
+    )
     return _with_backward(pb, select(pb, backend), query.shape, key.shape, value.shape)

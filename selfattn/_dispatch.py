@@ -51,8 +51,15 @@ from ._problem import Problem
 from .backends import BUILTIN, Backend
 
 __all__ = [
-    "ENTRY_POINT_GROUP", "BackendRecord", "Explanation", "list_backends", "get_backend",
-    "set_backend", "use_backend", "select", "registry",
+    "ENTRY_POINT_GROUP",
+    "BackendRecord",
+    "Explanation",
+    "list_backends",
+    "get_backend",
+    "set_backend",
+    "use_backend",
+    "select",
+    "registry",
 ]
 
 ENTRY_POINT_GROUP = "selfattn.backends"
@@ -132,7 +139,9 @@ class _Registry:
 
     def _discover(self) -> dict[str, _Entry]:
         entries = {
-            spec.name: _Entry(spec.name, "builtin", spec.priority, spec.array_type, spec.extra, spec.requires, spec.module)
+            spec.name: _Entry(
+                spec.name, "builtin", spec.priority, spec.array_type, spec.extra, spec.requires, spec.module
+            )
             for spec in BUILTIN.values()
         }
         for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
@@ -140,7 +149,9 @@ class _Registry:
             if ep.name in entries:
                 warnings.warn(
                     f"selfattn: refusing backend {ep.name!r} from {dist}: the name is already registered "
-                    f"by {entries[ep.name].source}", RuntimeWarning, stacklevel=2,
+                    f"by {entries[ep.name].source}",
+                    RuntimeWarning,
+                    stacklevel=2,
                 )
                 continue
             try:
@@ -150,12 +161,20 @@ class _Registry:
             except Exception as exc:  # a broken plugin must not break selfattn
                 warnings.warn(
                     f"selfattn: skipping backend plugin {ep.name!r} ({ep.value}) from {dist}: "
-                    f"{type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=2,
+                    f"{type(exc).__name__}: {exc}",
+                    RuntimeWarning,
+                    stacklevel=2,
                 )
                 continue
             entries[ep.name] = _Entry(
-                ep.name, f"plugin ({dist})", int(getattr(backend, "priority", 200)),
-                backend.capabilities.array_type, None, (), None, backend,
+                ep.name,
+                f"plugin ({dist})",
+                int(getattr(backend, "priority", 200)),
+                backend.capabilities.array_type,
+                None,
+                (),
+                None,
+                backend,
             )
         return dict(sorted(entries.items(), key=lambda kv: (kv[1].priority, kv[0])))
 
@@ -165,9 +184,7 @@ class _Registry:
             raise TypeError(f"backend must be a backend name (str) or None, got {name!r}")
         entries = self.entries()
         if name not in entries:
-            raise BackendNotFoundError(
-                f"unknown backend {name!r}. Registered: {', '.join(entries)}. {_install_hint()}"
-            )
+            raise BackendNotFoundError(f"unknown backend {name!r}. Registered: {', '.join(entries)}. {_install_hint()}")
         return entries[name]
 
     def load(self, entry: _Entry) -> Any:
@@ -257,8 +274,10 @@ def use_backend(name: str | None = None, *, strict: bool | None = None) -> Itera
     if strict is not None and not isinstance(strict, bool):
         raise TypeError(f"strict must be True, False or None, got {strict!r}")
     outer = _choice.get()
-    new = _Choice(name if name is not None else (outer.name if outer else None),
-                  strict if strict is not None else (outer.strict if outer else None))
+    new = _Choice(
+        name if name is not None else (outer.name if outer else None),
+        strict if strict is not None else (outer.strict if outer else None),
+    )
     token = _choice.set(new)
     try:
         yield new.name
@@ -300,12 +319,15 @@ def _small(problem: Problem, caps: Capabilities) -> str | None:
     """Why ``problem`` is below the work range ``caps`` declares (None when it is inside)."""
     if problem.flops >= caps.min_flops:
         return None
-    return (f"small problem ({problem.flops:.3g} FLOP < {caps.min_flops:.3g}, the work range it declares: "
-            "below it a later backend is faster)")
+    return (
+        f"small problem ({problem.flops:.3g} FLOP < {caps.min_flops:.3g}, the work range it declares: "
+        "below it a later backend is faster)"
+    )
 
 
-def select(problem: Problem, backend_arg: str | None = None, trail: list[str] | None = None, *,
-           automatic: bool = False) -> Backend:
+def select(
+    problem: Problem, backend_arg: str | None = None, trail: list[str] | None = None, *, automatic: bool = False
+) -> Backend:
     """Choose the backend object for a normalized problem (see the module docstring).
 
     ``automatic=True`` applies the automatic rule only, ignoring ``backend_arg``,
@@ -367,26 +389,31 @@ def select(problem: Problem, backend_arg: str | None = None, trail: list[str] | 
                 trail.append(msg)
             if strict:
                 cls = UnsupportedFeatureError if registry.available(entry)[0] else BackendUnavailableError
-                raise cls(f"strict backend selection: {msg} (SELFATTN_STRICT / use_backend(strict=True) forbid "
-                          "skipping; choose a backend explicitly or disable strict mode)")
+                raise cls(
+                    f"strict backend selection: {msg} (SELFATTN_STRICT / use_backend(strict=True) forbid "
+                    "skipping; choose a backend explicitly or disable strict mode)"
+                )
             continue
         eligible.append(registry.load(entry))
     if not eligible:
         raise NoBackendError(
             f"no backend can run this call ({array_type} arrays, {dtype}, needs {sorted(need) or 'no options'}): "
-            + ("; ".join(skipped) or "no backend handles this array type") + f". {_install_hint()}"
+            + ("; ".join(skipped) or "no backend handles this array type")
+            + f". {_install_hint()}"
         )
     registry._cache[key] = tuple(eligible)
     chosen = _by_size(problem, eligible)
     if trail is not None:
         for backend in eligible:
             if backend is chosen:
-                trail.append(f"{backend.name}: chosen automatically (priority {backend.priority}"
-                             + (", the last backend able to run it" if _small(problem, backend.capabilities)
-                                else "") + ")")
+                trail.append(
+                    f"{backend.name}: chosen automatically (priority {backend.priority}"
+                    + (", the last backend able to run it" if _small(problem, backend.capabilities) else "")
+                    + ")"
+                )
                 break
             trail.append(f"{backend.name}: passed over, {_small(problem, backend.capabilities)}")
-        later = [b.name for b in eligible[eligible.index(chosen) + 1:]]
+        later = [b.name for b in eligible[eligible.index(chosen) + 1 :]]
         if later:
             trail.append(f"also able to run it: {', '.join(later)}")
     return chosen
@@ -419,11 +446,21 @@ def list_backends() -> list[BackendRecord]:
         ok, reason = registry.available(entry)
         backend = registry.load(entry)
         version = str(getattr(backend, "version", "") or "") if backend is not None else ""
-        install = f"pip install 'selfattn[{entry.extra}]'" if entry.extra else (
-            "included" if entry.source == "builtin" else entry.source)
-        records.append(BackendRecord(
-            name=entry.name, available=ok, reason=reason, version=version,
-            capabilities=getattr(backend, "capabilities", None), priority=entry.priority,
-            source=entry.source, install=install,
-        ))
+        install = (
+            f"pip install 'selfattn[{entry.extra}]'"
+            if entry.extra
+            else ("included" if entry.source == "builtin" else entry.source)
+        )
+        records.append(
+            BackendRecord(
+                name=entry.name,
+                available=ok,
+                reason=reason,
+                version=version,
+                capabilities=getattr(backend, "capabilities", None),
+                priority=entry.priority,
+                source=entry.source,
+                install=install,
+            )
+        )
     return records

@@ -29,7 +29,19 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["MUL_BH", "MUL_ROW", "MUL_COL", "FMIX_1", "FMIX_2", "threshold", "fmix32", "head_hash", "row_hash", "keep_mask", "split_seed"]
+__all__ = [
+    "MUL_BH",
+    "MUL_ROW",
+    "MUL_COL",
+    "FMIX_1",
+    "FMIX_2",
+    "threshold",
+    "fmix32",
+    "head_hash",
+    "row_hash",
+    "keep_mask",
+    "split_seed",
+]
 
 #: Multipliers of the batch·head, row and column counters.
 MUL_BH = 0x9E3779B1

@@ -78,5 +78,7 @@ def require(nbytes: int, array_type: str, what: str, hint: str, like: Any = None
     avail = available_bytes(array_type, like)
     if avail is not None and nbytes > avail:
         where = "GPU" if array_type == "cupy" else "machine"
-        raise MemoryError(f"{what}: {format_bytes(nbytes)} needed, more than this {where} can allocate now "
-                          f"({format_bytes(avail)} available); {hint}")
+        raise MemoryError(
+            f"{what}: {format_bytes(nbytes)} needed, more than this {where} can allocate now "
+            f"({format_bytes(avail)} available); {hint}"
+        )

@@ -59,8 +59,10 @@ def merge_attention(outputs: Sequence[Array], lses: Sequence[Array]) -> tuple[Ar
         for i, x in enumerate(seq):
             lib = array_library(x)
             if lib is None:
-                raise TypeError(f"{name}[{i}] must be a numpy.ndarray, cupy.ndarray or dask.array.Array, got "
-                                f"{type(x).__name__}; convert it first, e.g. with numpy.asarray")
+                raise TypeError(
+                    f"{name}[{i}] must be a numpy.ndarray, cupy.ndarray or dask.array.Array, got "
+                    f"{type(x).__name__}; convert it first, e.g. with numpy.asarray"
+                )
             libs.add(lib)
     if len(libs) > 1:
         raise TypeError(f"outputs and lses must come from one array library, got {sorted(libs)}")
@@ -71,17 +73,21 @@ def merge_attention(outputs: Sequence[Array], lses: Sequence[Array]) -> tuple[Ar
     lse_dtype = np.dtype(np.float32) if o0.dtype == np.float16 else o0.dtype
     if o0.ndim < 1:
         raise ValueError(f"outputs[0] must have shape (..., N, Dv), got shape {tuple(o0.shape)}")
-    for i, (o, lse) in enumerate(zip(outputs, lses)):
+    for i, (o, lse) in enumerate(zip(outputs, lses, strict=True)):
         if o.dtype != o0.dtype:
             raise TypeError(f"outputs[{i}] has dtype {o.dtype} but outputs[0] has {o0.dtype}; use one dtype")
         if tuple(o.shape) != tuple(o0.shape):
             raise ValueError(f"outputs[{i}] has shape {tuple(o.shape)} but outputs[0] has {tuple(o0.shape)}")
         if lse.dtype != lse_dtype:
-            raise TypeError(f"lses[{i}] has dtype {lse.dtype}; for {o0.dtype} outputs it must be {lse_dtype} "
-                            "(as return_lse=True gives it)")
+            raise TypeError(
+                f"lses[{i}] has dtype {lse.dtype}; for {o0.dtype} outputs it must be {lse_dtype} "
+                "(as return_lse=True gives it)"
+            )
         if tuple(lse.shape) != tuple(o0.shape[:-1]):
-            raise ValueError(f"lses[{i}] has shape {tuple(lse.shape)}, expected {tuple(o0.shape[:-1])} "
-                             "(the outputs' shape without the last axis)")
+            raise ValueError(
+                f"lses[{i}] has shape {tuple(lse.shape)}, expected {tuple(o0.shape[:-1])} "
+                "(the outputs' shape without the last axis)"
+            )
     if lib == "dask":
         return _merge_dask(outputs, lses, lse_dtype)
     xp: Any = np if lib == "numpy" else sys.modules["cupy"]
@@ -95,7 +101,7 @@ def merge_attention(outputs: Sequence[Array], lses: Sequence[Array]) -> tuple[Ar
         lse = (shift + xp.log(total)).astype(lse_dtype, copy=False)
         inv = xp.where(total == 0, cdt.type(0), 1.0 / total).astype(cdt, copy=False)
         out = xp.zeros(o0.shape, dtype=cdt)
-        for wi, oi in zip(w, outputs):
+        for wi, oi in zip(w, outputs, strict=True):
             out += (wi * inv)[..., None] * oi.astype(cdt, copy=False)
     return out.astype(o0.dtype, copy=False), lse
 
@@ -111,6 +117,12 @@ def _merge_dask(outputs: Sequence[Array], lses: Sequence[Array], lse_dtype: np.d
     da = sys.modules["dask.array"]
     k = len(outputs)
     signature = ",".join(["(v)"] * k + ["()"] * k) + "->(v),()"
-    out, lse = da.apply_gufunc(functools.partial(_merge_blocks, k), signature, *outputs, *lses,
-                               output_dtypes=(outputs[0].dtype, lse_dtype), allow_rechunk=True)
+    out, lse = da.apply_gufunc(
+        functools.partial(_merge_blocks, k),
+        signature,
+        *outputs,
+        *lses,
+        output_dtypes=(outputs[0].dtype, lse_dtype),
+        allow_rechunk=True,
+    )
     return out, lse

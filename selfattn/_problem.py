@@ -81,8 +81,10 @@ def _check_array(name: str, x: Any) -> str:
             f"convert it first, e.g. with {hint}"
         )
     if lib == "dask" and _unknown(x.shape):
-        raise ValueError(f"{name} is a Dask array of unknown shape {tuple(x.shape)}; attention needs known "
-                         f"chunk sizes: call {name}.compute_chunk_sizes() (or pass lengths to from_delayed) first")
+        raise ValueError(
+            f"{name} is a Dask array of unknown shape {tuple(x.shape)}; attention needs known "
+            f"chunk sizes: call {name}.compute_chunk_sizes() (or pass lengths to from_delayed) first"
+        )
     dt = x.dtype
     if dt not in _FLOAT_DTYPES:
         if dt.kind == "b":
@@ -162,8 +164,13 @@ class Coordinates:
 
     def is_default(self, q_heads: int) -> bool:
         """True when the local indices are the global ones (a whole call)."""
-        return (self.batch_index is None and self.head_start == 0 and self.total_heads in (None, q_heads)
-                and self.row_start == 0 and self.col_start == 0)
+        return (
+            self.batch_index is None
+            and self.head_start == 0
+            and self.total_heads in (None, q_heads)
+            and self.row_start == 0
+            and self.col_start == 0
+        )
 
     def batch_heads(self, b0: int, b1: int, q_heads: int) -> np.ndarray:
         """Global flat batch·head counters of local batches ``[b0, b1)`` x every query head, ``int64 (b1-b0)*Hq``."""
@@ -334,11 +341,18 @@ class Problem:
         assert self.cu_seqlens_q is not None and self.cu_seqlens_k is not None
         q0, q1 = int(self.cu_seqlens_q[s]), int(self.cu_seqlens_q[s + 1])
         k0, k1 = int(self.cu_seqlens_k[s]), int(self.cu_seqlens_k[s + 1])
-        return replace(self, query=self.query[:, :, q0:q1], key=self.key[:, :, k0:k1],
-                       value=self.value[:, :, k0:k1], batch_shape=(1,),
-                       alibi=None if self.alibi is None else self.alibi[s:s + 1],
-                       offset=(k1 - k0) - (q1 - q0), cu_seqlens_q=None, cu_seqlens_k=None,
-                       coords=Coordinates(batch_index=np.array([s], np.int64), total_heads=self.q_heads))
+        return replace(
+            self,
+            query=self.query[:, :, q0:q1],
+            key=self.key[:, :, k0:k1],
+            value=self.value[:, :, k0:k1],
+            batch_shape=(1,),
+            alibi=None if self.alibi is None else self.alibi[s : s + 1],
+            offset=(k1 - k0) - (q1 - q0),
+            cu_seqlens_q=None,
+            cu_seqlens_k=None,
+            coords=Coordinates(batch_index=np.array([s], np.int64), total_heads=self.q_heads),
+        )
 
     @property
     def lower(self) -> int | None:
@@ -348,8 +362,9 @@ class Problem:
     @property
     def upper(self) -> int | None:
         """How many keys right of the aligned diagonal a query may reach (None: unbounded)."""
-        ups = [u for u in ((0 if self.causal else None), None if self.window is None else self.window[1])
-               if u is not None]
+        ups = [
+            u for u in ((0 if self.causal else None), None if self.window is None else self.window[1]) if u is not None
+        ]
         return min(ups) if ups else None
 
     @property
@@ -409,7 +424,9 @@ class Problem:
         return mk[xp.asarray(idx)][:, :, rows, cols]
 
     def dropout_keep(self, b0: int, b1: int, i0: int, i1: int, j0: int, j1: int) -> np.ndarray:
-        """The dropout keep-mask of batches ``[b0,b1)``, rows ``[i0,i1)``, keys ``[j0,j1)``: host bool ``(bb, Hq, rows, cols)``.
+        """The dropout keep-mask of batches ``[b0,b1)``, rows ``[i0,i1)``, keys ``[j0,j1)``.
+
+        A host bool array ``(b1-b0, Hq, i1-i0, j1-j0)``.
 
         True = kept (then scaled by ``1/(1-dropout_p)``). Drawn from the
         documented counter hash (:mod:`selfattn._dropout`) at the problem's
@@ -420,12 +437,22 @@ class Problem:
 
         assert self.dropout_seed is not None, "dropout_keep needs dropout_p > 0"
         c = self.coords
-        keep = keep_mask(self.dropout_seed, c.batch_heads(b0, b1, self.q_heads),
-                         np.arange(i0, i1) + c.row_start, np.arange(j0, j1) + c.col_start, self.dropout_p)
+        keep = keep_mask(
+            self.dropout_seed,
+            c.batch_heads(b0, b1, self.q_heads),
+            np.arange(i0, i1) + c.row_start,
+            np.arange(j0, j1) + c.col_start,
+            self.dropout_p,
+        )
         return keep.reshape(b1 - b0, self.q_heads, i1 - i0, j1 - j0)
 
-    def chunk(self, batches: tuple[int, int] | None = None, heads: tuple[int, int] | None = None,
-              rows: tuple[int, int] | None = None, keys: tuple[int, int] | None = None) -> Problem:
+    def chunk(
+        self,
+        batches: tuple[int, int] | None = None,
+        heads: tuple[int, int] | None = None,
+        rows: tuple[int, int] | None = None,
+        keys: tuple[int, int] | None = None,
+    ) -> Problem:
         """The sub-problem of flat batches, query heads, query rows and keys ``[start, stop)`` each.
 
         Its result is exactly the corresponding piece of this problem's partial
@@ -445,25 +472,43 @@ class Problem:
         if h0 % g or h1 % g:
             raise ValueError(f"heads=({h0}, {h1}) must cover whole key/value groups of {g} query heads")
         q = self.query[b0:b1, h0:h1, i0:i1]
-        k = self.key[b0:b1, h0 // g:h1 // g, j0:j1]
-        v = self.value[b0:b1, h0 // g:h1 // g, j0:j1]
+        k = self.key[b0:b1, h0 // g : h1 // g, j0:j1]
+        v = self.value[b0:b1, h0 // g : h1 // g, j0:j1]
         mask = mask_index = None
         if self.mask is not None:
             assert self.mask_index is not None
             mk = self.mask
-            mask = mk[:, slice(h0, h1) if mk.shape[1] > 1 else slice(None),
-                      slice(i0, i1) if mk.shape[2] > 1 else slice(None),
-                      slice(j0, j1) if mk.shape[3] > 1 else slice(None)]
+            mask = mk[
+                :,
+                slice(h0, h1) if mk.shape[1] > 1 else slice(None),
+                slice(i0, i1) if mk.shape[2] > 1 else slice(None),
+                slice(j0, j1) if mk.shape[3] > 1 else slice(None),
+            ]
             mask_index = self.mask_index[b0:b1]
         alibi = None if self.alibi is None else self.alibi[b0:b1, h0:h1]
         c = self.coords
         bidx = np.arange(b0, b1, dtype=np.int64) if c.batch_index is None else c.batch_index[b0:b1]
-        coords = Coordinates(batch_index=bidx, head_start=c.head_start + h0,
-                             total_heads=self.q_heads if c.total_heads is None else c.total_heads,
-                             row_start=c.row_start + i0, col_start=c.col_start + j0)
-        return replace(self, query=q, key=k, value=v, batch_shape=(b1 - b0,), two_d=False, mask=mask,
-                       mask_index=mask_index, alibi=alibi, return_weights=False,
-                       offset=int(self.offset) + i0 - j0, coords=coords)  # type: ignore[arg-type]
+        coords = Coordinates(
+            batch_index=bidx,
+            head_start=c.head_start + h0,
+            total_heads=self.q_heads if c.total_heads is None else c.total_heads,
+            row_start=c.row_start + i0,
+            col_start=c.col_start + j0,
+        )
+        return replace(
+            self,
+            query=q,
+            key=k,
+            value=v,
+            batch_shape=(b1 - b0,),
+            two_d=False,
+            mask=mask,
+            mask_index=mask_index,
+            alibi=alibi,
+            return_weights=False,
+            offset=self.m - self.n if self.offset is None else self.offset + i0 - j0,
+            coords=coords,
+        )
 
     def out_shape(self, last: int) -> tuple[int, ...]:
         """The caller-facing shape of an array laid out ``(B, Hq, N, last)``."""
@@ -489,8 +534,9 @@ class Problem:
         return int(total)
 
 
-def _normalize_mask(mask: Any, lib: str, full_shape: tuple[int, ...],
-                    batch_shape: tuple[int, ...]) -> tuple[Array, np.ndarray]:
+def _normalize_mask(
+    mask: Any, lib: str, full_shape: tuple[int, ...], batch_shape: tuple[int, ...]
+) -> tuple[Array, np.ndarray]:
     mlib = array_library(mask)
     if mlib is None:
         raise TypeError(
@@ -498,8 +544,9 @@ def _normalize_mask(mask: Any, lib: str, full_shape: tuple[int, ...],
             f"{_describe(mask)}; convert it first, e.g. with numpy.asarray(mask)"
         )
     if mlib == "dask" and _unknown(mask.shape):
-        raise ValueError(f"mask is a Dask array of unknown shape {tuple(mask.shape)}; call "
-                         "mask.compute_chunk_sizes() first")
+        raise ValueError(
+            f"mask is a Dask array of unknown shape {tuple(mask.shape)}; call mask.compute_chunk_sizes() first"
+        )
     if lib == "dask":
         # Dask inputs take a mask of any array library the chunks can use; it joins the graph lazily.
         mask = _as_dask(mask)
@@ -510,9 +557,8 @@ def _normalize_mask(mask: Any, lib: str, full_shape: tuple[int, ...],
             f"mask has dtype {mask.dtype}; it must be bool (True = attend) or float16/32/64 (added to the scores). "
             "For a 0/1 integer mask use mask.astype(bool)"
         )
-    if mask.ndim > len(full_shape) or any(
-        s not in (1, t) for s, t in zip(mask.shape[::-1], full_shape[::-1])
-    ):
+    pairs = zip(mask.shape[::-1], full_shape[::-1], strict=False)
+    if mask.ndim > len(full_shape) or any(s not in (1, t) for s, t in pairs):
         raise ValueError(
             f"mask with shape {tuple(mask.shape)} is not broadcastable to the scores' shape {tuple(full_shape)}; "
             "each mask axis must be 1 or match, counting from the right"
@@ -523,7 +569,7 @@ def _normalize_mask(mask: Any, lib: str, full_shape: tuple[int, ...],
     mbatch = mk.shape[: len(batch_shape)]
     nb = int(np.prod(batch_shape, dtype=np.int64))
     nmb = int(np.prod(mbatch, dtype=np.int64))
-    tail = mk.shape[len(batch_shape):]
+    tail = mk.shape[len(batch_shape) :]
     # Reshaping the caller's own batch axes into one costs at most a copy of the
     # caller's mask (never of the broadcast result); an index map then tells each
     # flat batch entry which mask entry it uses.
@@ -537,10 +583,23 @@ def _normalize_mask(mask: Any, lib: str, full_shape: tuple[int, ...],
     return mk4, mask_index
 
 
-def normalize(query: Any, key: Any, value: Any, *, mask: Any = None, causal: bool = False, window: Any = None,
-              scale: float | None = None, softcap: float | None = None, alibi_slopes: Any = None,
-              dropout_p: float = 0.0, dropout_seed: int | None = None, return_lse: bool = False,
-              return_weights: bool = False, needs_vjp: bool = False) -> Problem:
+def normalize(
+    query: Any,
+    key: Any,
+    value: Any,
+    *,
+    mask: Any = None,
+    causal: bool = False,
+    window: Any = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+    alibi_slopes: Any = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int | None = None,
+    return_lse: bool = False,
+    return_weights: bool = False,
+    needs_vjp: bool = False,
+) -> Problem:
     """Validate a call of the public API and build its :class:`Problem`.
 
     Raises ``TypeError`` for wrong kinds of values and ``ValueError`` for wrong
@@ -586,12 +645,16 @@ def normalize(query: Any, key: Any, value: Any, *, mask: Any = None, causal: boo
     _, hkv, m, dk = k4.shape
     _, hv, mv, dv = v4.shape
     if dk != d:
-        raise ValueError(f"key's last axis ({dk}) must equal query's last axis D ({d}); got shapes {tuple(query.shape)} and {tuple(key.shape)}")
+        raise ValueError(
+            f"key's last axis ({dk}) must equal query's last axis D ({d}); got shapes {tuple(query.shape)} "
+            f"and {tuple(key.shape)}"
+        )
     if d < 1:
         raise ValueError(f"the head size D (query's last axis) must be at least 1, got shape {tuple(query.shape)}")
     if (hv, mv) != (hkv, m):
         raise ValueError(
-            f"value must have the same head count and length as key: key {tuple(key.shape)} vs value {tuple(value.shape)}"
+            f"value must have the same head count and length as key: key {tuple(key.shape)} vs value "
+            f"{tuple(value.shape)}"
         )
     if hkv < 1 or hq % hkv:
         raise ValueError(
@@ -636,8 +699,9 @@ def normalize(query: Any, key: Any, value: Any, *, mask: Any = None, causal: boo
             raise TypeError(f"softcap must be None or a positive float, got {softcap!r} ({_describe(softcap)})")
         softcap = float(softcap)
         if not (math.isfinite(softcap) and softcap > 0):
-            raise ValueError(f"softcap must be finite and positive (e.g. 50.0), got {softcap!r}; "
-                             "pass None to disable soft-capping")
+            raise ValueError(
+                f"softcap must be finite and positive (e.g. 50.0), got {softcap!r}; pass None to disable soft-capping"
+            )
 
     mk = mask_index = None
     if mask is not None:
@@ -652,10 +716,24 @@ def normalize(query: Any, key: Any, value: Any, *, mask: Any = None, causal: boo
         alibi = _normalize_alibi(alibi_slopes, lib, batch_shape, hq)
 
     return Problem(
-        array_type=lib, query=q4, key=k4, value=v4, batch_shape=batch_shape, two_d=two_d,
-        mask=mk, mask_index=mask_index, causal=causal, window=window, scale=scale,
-        softcap=softcap, alibi=alibi, dropout_p=dropout_p, dropout_seed=seed if dropout_p > 0.0 else None,
-        return_lse=return_lse, return_weights=return_weights, needs_vjp=bool(needs_vjp),
+        array_type=lib,
+        query=q4,
+        key=k4,
+        value=v4,
+        batch_shape=batch_shape,
+        two_d=two_d,
+        mask=mk,
+        mask_index=mask_index,
+        causal=causal,
+        window=window,
+        scale=scale,
+        softcap=softcap,
+        alibi=alibi,
+        dropout_p=dropout_p,
+        dropout_seed=seed if dropout_p > 0.0 else None,
+        return_lse=return_lse,
+        return_weights=return_weights,
+        needs_vjp=bool(needs_vjp),
     )
 
 
@@ -663,24 +741,36 @@ def _normalize_alibi(slopes: Any, lib: str, batch_shape: tuple[int, ...], q_head
     """ALiBi slopes ``(Hq,)`` or ``(..., Hq)`` (batch axes broadcastable) as a ``(B, Hq)`` array."""
     slib = array_library(slopes)
     if slib is None:
-        raise TypeError(f"alibi_slopes must be a numpy.ndarray, cupy.ndarray or dask.array.Array of float32/float64 "
-                        f"slopes, got {_describe(slopes)}; convert it first, e.g. with numpy.asarray(alibi_slopes, "
-                        "dtype=numpy.float32)")
+        raise TypeError(
+            f"alibi_slopes must be a numpy.ndarray, cupy.ndarray or dask.array.Array of float32/float64 "
+            f"slopes, got {_describe(slopes)}; convert it first, e.g. with numpy.asarray(alibi_slopes, "
+            "dtype=numpy.float32)"
+        )
     if slib == "dask" and _unknown(slopes.shape):
-        raise ValueError(f"alibi_slopes is a Dask array of unknown shape {tuple(slopes.shape)}; call "
-                         "alibi_slopes.compute_chunk_sizes() first")
+        raise ValueError(
+            f"alibi_slopes is a Dask array of unknown shape {tuple(slopes.shape)}; call "
+            "alibi_slopes.compute_chunk_sizes() first"
+        )
     if lib == "dask":
         slopes = _as_dask(slopes)  # Dask inputs take slopes of any array library, lazily
     elif slib != lib:
         raise TypeError(f"alibi_slopes is a {slib} array but query is a {lib} array; pass all arrays from one library")
     if slopes.dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
-        raise TypeError(f"alibi_slopes has dtype {slopes.dtype}; it must be float32 or float64: convert with "
-                        "alibi_slopes.astype(numpy.float32)")
+        raise TypeError(
+            f"alibi_slopes has dtype {slopes.dtype}; it must be float32 or float64: convert with "
+            "alibi_slopes.astype(numpy.float32)"
+        )
     full = tuple(batch_shape) + (q_heads,)
-    if (slopes.ndim < 1 or slopes.ndim > len(full) or slopes.shape[-1] != q_heads
-            or any(s not in (1, t) for s, t in zip(slopes.shape[::-1], full[::-1]))):
-        raise ValueError(f"alibi_slopes with shape {tuple(slopes.shape)} does not fit the query heads: it must be "
-                         f"(Hq,) = ({q_heads},) or (..., Hq) with batch axes broadcastable to {tuple(batch_shape)}")
+    if (
+        slopes.ndim < 1
+        or slopes.ndim > len(full)
+        or slopes.shape[-1] != q_heads
+        or any(s not in (1, t) for s, t in zip(slopes.shape[::-1], full[::-1], strict=False))
+    ):
+        raise ValueError(
+            f"alibi_slopes with shape {tuple(slopes.shape)} does not fit the query heads: it must be "
+            f"(Hq,) = ({q_heads},) or (..., Hq) with batch axes broadcastable to {tuple(batch_shape)}"
+        )
     nb = math.prod(batch_shape)
     if lib == "dask":
         return sys.modules["dask.array"].broadcast_to(slopes, full).reshape(nb, q_heads)
@@ -692,11 +782,15 @@ def _check_cu_seqlens(name: str, cu: Any, total: int, total_name: str) -> np.nda
     """``cu_seqlens`` as a host int64 array, validated (TypeError/ValueError naming ``name``)."""
     lib = array_library(cu)
     if lib is None:
-        raise TypeError(f"{name} must be a numpy (or cupy) integer array of cumulative sequence lengths, got "
-                        f"{_describe(cu)}; convert it with numpy.asarray({name}, dtype=numpy.int32)")
+        raise TypeError(
+            f"{name} must be a numpy (or cupy) integer array of cumulative sequence lengths, got "
+            f"{_describe(cu)}; convert it with numpy.asarray({name}, dtype=numpy.int32)"
+        )
     if cu.dtype.kind not in "iu":
-        raise TypeError(f"{name} has dtype {cu.dtype}; it must be an integer array (int32 or int64), e.g. "
-                        f"numpy.asarray({name}, dtype=numpy.int32)")
+        raise TypeError(
+            f"{name} has dtype {cu.dtype}; it must be an integer array (int32 or int64), e.g. "
+            f"numpy.asarray({name}, dtype=numpy.int32)"
+        )
     if cu.ndim != 1 or cu.shape[0] < 1:
         raise ValueError(f"{name} must be 1-D of length B + 1 (B sequences), got shape {tuple(cu.shape)}")
     host = np.asarray(cu.get() if lib == "cupy" else cu).astype(np.int64)
@@ -704,18 +798,32 @@ def _check_cu_seqlens(name: str, cu: Any, total: int, total_name: str) -> np.nda
         raise ValueError(f"{name} must start at 0, got {name}[0] = {int(host[0])}")
     if np.any(np.diff(host) < 0):
         at = int(np.argmax(np.diff(host) < 0))
-        raise ValueError(f"{name} must be non-decreasing, but {name}[{at + 1}] = {int(host[at + 1])} < "
-                         f"{name}[{at}] = {int(host[at])}")
+        raise ValueError(
+            f"{name} must be non-decreasing, but {name}[{at + 1}] = {int(host[at + 1])} < "
+            f"{name}[{at}] = {int(host[at])}"
+        )
     if host[-1] != total:
         raise ValueError(f"{name} must end at {total_name} = {total}, got {name}[-1] = {int(host[-1])}")
     return host
 
 
-def normalize_varlen(query: Any, key: Any, value: Any, cu_seqlens_q: Any, cu_seqlens_k: Any, *,
-                     causal: bool = False, window: Any = None, scale: float | None = None,
-                     softcap: float | None = None, alibi_slopes: Any = None, dropout_p: float = 0.0,
-                     dropout_seed: int | None = None, return_lse: bool = False,
-                     needs_vjp: bool = False) -> Problem:
+def normalize_varlen(
+    query: Any,
+    key: Any,
+    value: Any,
+    cu_seqlens_q: Any,
+    cu_seqlens_k: Any,
+    *,
+    causal: bool = False,
+    window: Any = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+    alibi_slopes: Any = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int | None = None,
+    return_lse: bool = False,
+    needs_vjp: bool = False,
+) -> Problem:
     """Validate a packed variable-length call and build its :class:`Problem` (before any kernel runs).
 
     ``query (Hq, total_q, D)``, ``key (Hkv, total_k, D)``, ``value (Hkv, total_k, Dv)``;
@@ -725,27 +833,42 @@ def normalize_varlen(query: Any, key: Any, value: Any, cu_seqlens_q: Any, cu_seq
     for name, x in (("query", query), ("key", key), ("value", value)):
         lib = array_library(x)
         if lib is not None and x.ndim != 3:
-            raise ValueError(f"{name} must be 3-D (heads, total tokens, head size) for a packed varlen call, got "
-                             f"shape {tuple(x.shape)}")
-    pb = normalize(query, key, value, causal=causal, window=window, scale=scale, softcap=softcap,
-                   dropout_p=dropout_p, dropout_seed=dropout_seed, return_lse=return_lse, needs_vjp=needs_vjp)
+            raise ValueError(
+                f"{name} must be 3-D (heads, total tokens, head size) for a packed varlen call, got "
+                f"shape {tuple(x.shape)}"
+            )
+    pb = normalize(
+        query,
+        key,
+        value,
+        causal=causal,
+        window=window,
+        scale=scale,
+        softcap=softcap,
+        dropout_p=dropout_p,
+        dropout_seed=dropout_seed,
+        return_lse=return_lse,
+        needs_vjp=needs_vjp,
+    )
     cq = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, pb.n, "total_q (query.shape[1])")
     ck = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, pb.m, "total_k (key.shape[1])")
     if len(cq) != len(ck):
-        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length (B + 1), got {len(cq)} and "
-                         f"{len(ck)}")
+        raise ValueError(
+            f"cu_seqlens_q and cu_seqlens_k must have the same length (B + 1), got {len(cq)} and {len(ck)}"
+        )
     nseq = len(cq) - 1
     alibi = None
     if alibi_slopes is not None:
         lib = pb.array_type
         slib = array_library(alibi_slopes)
         if slib is not None and alibi_slopes.ndim == 2 and alibi_slopes.shape[0] not in (1, nseq):
-            raise ValueError(f"alibi_slopes with shape {tuple(alibi_slopes.shape)} must be (Hq,) or (B, Hq) = "
-                             f"({nseq}, {pb.q_heads}) for {nseq} packed sequences")
+            raise ValueError(
+                f"alibi_slopes with shape {tuple(alibi_slopes.shape)} must be (Hq,) or (B, Hq) = "
+                f"({nseq}, {pb.q_heads}) for {nseq} packed sequences"
+            )
         alibi = _normalize_alibi(alibi_slopes, lib, (nseq,), pb.q_heads)
     window = pb.window
     if window is not None:  # clamp to the longest sequence rather than the totals (same meaning, smaller ints)
         longest = int(max(np.diff(cq).max(initial=0), np.diff(ck).max(initial=0)))
         window = (min(window[0], 2 * longest + 1), min(window[1], 2 * longest + 1))
-    return replace(pb, alibi=alibi, window=window, cu_seqlens_q=cq, cu_seqlens_k=ck,
-                   offset=0)
+    return replace(pb, alibi=alibi, window=window, cu_seqlens_q=cq, cu_seqlens_k=ck, offset=0)

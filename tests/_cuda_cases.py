@@ -22,14 +22,29 @@ def pack_for(pb, out="OUT", lse="LSE", placeholder="NONE"):
         ss["m"] = (pb.mask.shape, pb.mask.strides, pb.mask.itemsize)
         mdt = pb.mask.dtype
     return launch.pack_fwd_args(
-        q=pb.query, k=pb.key, v=pb.value, out=out, lse=lse, mask=pb.mask, mask_index=pb.mask_index,
-        mask_dtype=mdt, shapes_strides=ss,
+        q=pb.query,
+        k=pb.key,
+        v=pb.value,
+        out=out,
+        lse=lse,
+        mask=pb.mask,
+        mask_index=pb.mask_index,
+        mask_dtype=mdt,
+        shapes_strides=ss,
         sizes=dict(B=pb.batch, Hq=pb.q_heads, Hkv=pb.kv_heads, N=pb.n, M=pb.m, D=pb.d, Dv=pb.dv),
-        scale=pb.scale, lower=pb.lower, upper=pb.upper, dropout_p=pb.dropout_p,
-        dropout_seed=pb.dropout_seed, write_lse=pb.want_lse, offset=pb.offset, softcap=pb.softcap,
-        alibi=None if pb.alibi is None else pb.alibi.astype(pb.compute_dtype), coords=pb.coords,
-        batch_index=pb.coords.batch_index, placeholder=placeholder)
-
+        scale=pb.scale,
+        lower=pb.lower,
+        upper=pb.upper,
+        dropout_p=pb.dropout_p,
+        dropout_seed=pb.dropout_seed,
+        write_lse=pb.want_lse,
+        offset=pb.offset,
+        softcap=pb.softcap,
+        alibi=None if pb.alibi is None else pb.alibi.astype(pb.compute_dtype),
+        coords=pb.coords,
+        batch_index=pb.coords.batch_index,
+        placeholder=placeholder,
+    )
 
 
 EMU_CASES = [
@@ -77,5 +92,7 @@ FEATURE_CASES = [
 ]
 
 BLOCK_CASES = EMU_CASES + [dict(window=(0, 0), mask="float_full", dropout_p=0.5, dropout_seed=2**63 + 11)]
-GPU_CASES = BLOCK_CASES + [dict(causal=True, mask="bool_row", dropout_p=0.2, dropout_seed=9),
-                           dict(causal=True, softcap=3.0, alibi="per_batch", dropout_p=0.2, dropout_seed=17)]
+GPU_CASES = BLOCK_CASES + [
+    dict(causal=True, mask="bool_row", dropout_p=0.2, dropout_seed=9),
+    dict(causal=True, softcap=3.0, alibi="per_batch", dropout_p=0.2, dropout_seed=17),
+]

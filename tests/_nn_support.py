@@ -10,9 +10,11 @@ import pytest
 import selfattn
 from selfattn.testing import reference
 
-BACKENDS = [r.name for r in selfattn.list_backends()
-            if r.available and r.capabilities is not None and r.capabilities.array_type == "numpy"]
-
+BACKENDS = [
+    r.name
+    for r in selfattn.list_backends()
+    if r.available and r.capabilities is not None and r.capabilities.array_type == "numpy"
+]
 
 
 def capabilities(backend):
@@ -88,8 +90,14 @@ def naive_mha(layer, xq, xk=None, xv=None, *, causal=False):
         y = x @ p[f"{name}_weight"].T + p.get(f"{name}_bias", 0)
         return y.reshape(*y.shape[:-1], heads, -1).swapaxes(-2, -3)
 
-    o = naive_attention(lin(xq, "q", layer.num_heads), lin(xk, "k", layer.kv_heads), lin(xv, "v", layer.kv_heads),
-                        causal=causal, softcap=layer.softcap, slopes=layer.alibi_slopes)
+    o = naive_attention(
+        lin(xq, "q", layer.num_heads),
+        lin(xk, "k", layer.kv_heads),
+        lin(xv, "v", layer.kv_heads),
+        causal=causal,
+        softcap=layer.softcap,
+        slopes=layer.alibi_slopes,
+    )
     o = o.swapaxes(-2, -3).reshape(*xq.shape[:-1], -1)
     return o @ p["out_weight"].T + p.get("out_bias", 0)
 

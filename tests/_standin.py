@@ -23,7 +23,7 @@ import pytest
 HERE = Path(__file__).resolve().parent
 STANDIN = HERE / "standin"
 
-_LIBCUDA = r'''
+_LIBCUDA = r"""
 #include <stdlib.h>
 int cuInit(unsigned flags) { (void)flags; return 0; }
 int cuDeviceGetCount(int* count) {
@@ -32,7 +32,7 @@ int cuDeviceGetCount(int* count) {
     return 0;
 }
 int cuGetErrorName(int code, const char** name) { (void)code; *name = "CUDA_ERROR_STANDIN"; return 0; }
-'''
+"""
 
 
 def libcuda_dir() -> Path:

@@ -32,9 +32,12 @@ MACHINE = "selfattn-fixture"
 BENCHMARKS = (r"Dispatch\.time_dispatch_tiny\(", r"AttentionForward\.track_gflops", r"Import\.")
 
 _ENV = {
-    "GIT_AUTHOR_NAME": "selfattn fixture", "GIT_AUTHOR_EMAIL": "fixture@example.invalid",
-    "GIT_COMMITTER_NAME": "selfattn fixture", "GIT_COMMITTER_EMAIL": "fixture@example.invalid",
-    "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull,
+    "GIT_AUTHOR_NAME": "selfattn fixture",
+    "GIT_AUTHOR_EMAIL": "fixture@example.invalid",
+    "GIT_COMMITTER_NAME": "selfattn fixture",
+    "GIT_COMMITTER_EMAIL": "fixture@example.invalid",
+    "GIT_CONFIG_NOSYSTEM": "1",
+    "GIT_CONFIG_GLOBAL": os.devnull,
 }
 _COMMITS = (("2026-01-05T10:00:00+00:00", "first commit"), ("2026-01-06T10:00:00+00:00", "second commit"))
 
@@ -67,8 +70,15 @@ def write_config(repo: str, results_dir: str, html_dir: str) -> str:
     with open(os.path.join(ROOT, "asv.conf.json")) as fh:
         text = "\n".join(line for line in fh if not line.lstrip().startswith("//"))
     conf = json.loads(text)
-    conf.update(repo=".", results_dir=results_dir, html_dir=html_dir, env_dir=os.path.join(repo, ".asv", "env"),
-                benchmark_dir=os.path.join(ROOT, "benchmarks"), project_url="", show_commit_url="")
+    conf.update(
+        repo=".",
+        results_dir=results_dir,
+        html_dir=html_dir,
+        env_dir=os.path.join(repo, ".asv", "env"),
+        benchmark_dir=os.path.join(ROOT, "benchmarks"),
+        project_url="",
+        show_commit_url="",
+    )
     path = os.path.join(repo, "asv.conf.json")
     with open(path, "w") as fh:
         json.dump(conf, fh, indent=2)
@@ -91,11 +101,22 @@ def record() -> int:
         # asv keeps machine descriptions in ~/.asv-machine.json: use a private home for this one
         env = dict(os.environ, HOME=tmp)
         asv = [sys.executable, "-m", "asv"]
-        subprocess.run([*asv, "machine", "--yes", "--machine", MACHINE, "--config", config], env=env, cwd=repo,
-                       check=True)
+        subprocess.run(
+            [*asv, "machine", "--yes", "--machine", MACHINE, "--config", config], env=env, cwd=repo, check=True
+        )
         for commit in hashes:
-            cmd = [*asv, "run", "--python=same", "--set-commit-hash", commit, "--machine", MACHINE, "--show-stderr",
-                   "--config", config]
+            cmd = [
+                *asv,
+                "run",
+                "--python=same",
+                "--set-commit-hash",
+                commit,
+                "--machine",
+                MACHINE,
+                "--show-stderr",
+                "--config",
+                config,
+            ]
             for regex in BENCHMARKS:
                 cmd += ["-b", regex]
             subprocess.run(cmd, env=env, cwd=repo, check=True)

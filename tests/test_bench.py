@@ -17,6 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # --- shapes -----------------------------------------------------------------
 
+
 def test_shape_kinds_cover_spec():
     kinds = {s.kind for s in shapes.ASV_SHAPES}
     assert {"prefill", "decode", "gqa", "long"} <= kinds
@@ -48,8 +49,14 @@ def test_get_and_names_unique():
     with pytest.raises(KeyError, match="known"):
         shapes.get("nope")
     seen = {}
-    for s in (*shapes.ASV_SHAPES, *shapes.BENCH_QUICK, *shapes.BENCH_STANDARD, *shapes.BENCH_TINY, *shapes.PIPELINE,
-              *shapes.PIPELINE_TINY):
+    for s in (
+        *shapes.ASV_SHAPES,
+        *shapes.BENCH_QUICK,
+        *shapes.BENCH_STANDARD,
+        *shapes.BENCH_TINY,
+        *shapes.PIPELINE,
+        *shapes.PIPELINE_TINY,
+    ):
         assert seen.setdefault(s.name, s) == s, f"two different shapes named {s.name}"
     assert len({s.name for s in shapes.ASV_SHAPES}) == len(shapes.ASV_SHAPES)
     assert "N512" in str(shapes.PREFILL)
@@ -79,6 +86,7 @@ def test_pipeline_steps_and_flops():
 
 
 # --- timing -----------------------------------------------------------------
+
 
 def test_interleaved_samples_pause_and_wake(monkeypatch):
     from selfattn._bench import timing
@@ -115,6 +123,7 @@ def test_spread_quartiles():
 
 # --- runner -----------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def tiny_report(tmp_path_factory):
     """One ``bench --tiny --json`` run shared by the tests that read its report and its text."""
@@ -134,8 +143,13 @@ def test_runner_tiny_rows(tiny_report):
     rc, data, _ = tiny_report
     assert rc == 0 and data["agreement_ok"] is True
     assert data["machine"]["matmul_gflops"] > 0 and data["machine"]["cpu"]
-    assert data["method"] == {"rounds": 2, "pipeline_rounds": [3, 6], "pipeline_budget_s": 1.5, "pause_s": 0.01,
-                              "order": data["backends"] + ["auto"]}
+    assert data["method"] == {
+        "rounds": 2,
+        "pipeline_rounds": [3, 6],
+        "pipeline_budget_s": 1.5,
+        "pause_s": 0.01,
+        "order": data["backends"] + ["auto"],
+    }
     rows = data["results"]
     att = [r for r in rows if r["section"] == "attention"]
     pipe = [r for r in rows if r["section"] == "pipeline"]
@@ -208,8 +222,10 @@ def test_runner_pauses_attention_not_pipeline(monkeypatch):
         return real(fns, **{**kw, "pause": 0.0})
 
     monkeypatch.setattr(runner, "interleaved_samples", spy)
-    assert runner.main(["--tiny", "--repeat", "1", "--no-progress", "--backends", "numpy",
-                        "--shapes", "tiny-decode,toy"]) == 0
+    assert (
+        runner.main(["--tiny", "--repeat", "1", "--no-progress", "--backends", "numpy", "--shapes", "tiny-decode,toy"])
+        == 0
+    )
     assert seen == [(2, runner.PAUSE_S, True), (2, 0.0, False)]  # numpy + auto in each group
 
 
@@ -227,8 +243,23 @@ def test_runner_marks_forced_choice(capsys):
 
 
 def test_runner_backend_filter_and_causal(capsys):
-    rc = runner.main(["--tiny", "--repeat", "1", "--pause", "0", "--no-progress", "--backends", "numpy", "--causal",
-                      "--dtype", "float64", "--shapes", "tiny-decode"])
+    rc = runner.main(
+        [
+            "--tiny",
+            "--repeat",
+            "1",
+            "--pause",
+            "0",
+            "--no-progress",
+            "--backends",
+            "numpy",
+            "--causal",
+            "--dtype",
+            "float64",
+            "--shapes",
+            "tiny-decode",
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     assert "causal=True" in out and "tiny-decode" in out
@@ -237,12 +268,15 @@ def test_runner_backend_filter_and_causal(capsys):
     assert "[pipeline]" not in out
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--backends", "nosuch"], "unknown backend"),
-    (["--shapes", "nosuch"], "unknown shape"),
-    (["--repeat", "0"], "--repeat"),
-    (["--pause", "-1"], "--pause"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--backends", "nosuch"], "unknown backend"),
+        (["--shapes", "nosuch"], "unknown shape"),
+        (["--repeat", "0"], "--repeat"),
+        (["--pause", "-1"], "--pause"),
+    ],
+)
 def test_runner_usage_errors(capsys, argv, message):
     assert runner.main(["--tiny", "--no-progress", *argv]) == 2
     assert message in capsys.readouterr().err
@@ -260,8 +294,24 @@ def test_runner_plot_draws_every_family(tmp_path, tiny_report):
 def test_runner_plot_option_writes_png(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     png = tmp_path / "p.png"
-    assert runner.main(["--tiny", "--repeat", "1", "--pause", "0", "--no-progress", "--backends", "numpy",
-                        "--no-pipeline", "--plot", str(png)]) == 0
+    assert (
+        runner.main(
+            [
+                "--tiny",
+                "--repeat",
+                "1",
+                "--pause",
+                "0",
+                "--no-progress",
+                "--backends",
+                "numpy",
+                "--no-pipeline",
+                "--plot",
+                str(png),
+            ]
+        )
+        == 0
+    )
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"wrote {png}" in capsys.readouterr().out
 
@@ -290,22 +340,31 @@ def test_progress_bar_draws_on_request(capsys):
 
 # --- asv suite ----------------------------------------------------------------
 
+
 @pytest.fixture
 def bench_path(monkeypatch):
     monkeypatch.syspath_prepend(ROOT)
     return ROOT
 
 
-_SUITE = sorted(f"benchmarks.{f[:-3]}" for f in os.listdir(os.path.join(ROOT, "benchmarks"))
-                if f.startswith("bench_") and f.endswith(".py"))
+_SUITE = sorted(
+    f"benchmarks.{f[:-3]}"
+    for f in os.listdir(os.path.join(ROOT, "benchmarks"))
+    if f.startswith("bench_") and f.endswith(".py")
+)
 
 
 @pytest.mark.parametrize("mod", _SUITE)
 def test_benchmark_modules_import(bench_path, mod):
     m = importlib.import_module(mod)
     # asv finds benchmarks as classes with time_/track_/peakmem_ methods; each declares matching params.
-    classes = [c for c in vars(m).values() if isinstance(c, type) and c.__module__ == m.__name__
-               and any(a.startswith(("time_", "timeraw_", "track_", "peakmem_", "mem_")) for a in vars(c))]
+    classes = [
+        c
+        for c in vars(m).values()
+        if isinstance(c, type)
+        and c.__module__ == m.__name__
+        and any(a.startswith(("time_", "timeraw_", "track_", "peakmem_", "mem_")) for a in vars(c))
+    ]
     assert classes, f"{mod} defines no asv benchmark"
     for c in classes:
         if hasattr(c, "params"):
@@ -386,11 +445,17 @@ def test_interleaved_medians_alternate_and_take_medians():
 
 # --- tools/ scripts ------------------------------------------------------------
 
+
 def _tool(*argv, timeout=600):
     import subprocess
 
-    return subprocess.run([sys.executable, os.path.join(ROOT, "tools", argv[0]), *argv[1:]], capture_output=True,
-                          text=True, timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", argv[0]), *argv[1:]],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
 
 
 def test_numba_targets_table_and_exit_status():
@@ -400,8 +465,14 @@ def test_numba_targets_table_and_exit_status():
     out = res.stdout
     assert "numpy.matmul 1024² float32" in out, res.stderr
     rows = [line for line in out.splitlines() if line.rstrip().endswith(("PASS", "FAIL"))]
-    for name in ("GFLOP/s vs matmul", "speed-up vs numpy backend", "time / non-causal", "decode 1x8x1x64",
-                 "backward 1x8x1024x64 time / forward", "peak memory"):
+    for name in (
+        "GFLOP/s vs matmul",
+        "speed-up vs numpy backend",
+        "time / non-causal",
+        "decode 1x8x1x64",
+        "backward 1x8x1024x64 time / forward",
+        "peak memory",
+    ):
         assert any(name in row for row in rows), name
     failed = any(row.rstrip().endswith("FAIL") for row in rows)
     assert res.returncode == (1 if failed else 0), out

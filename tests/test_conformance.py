@@ -6,6 +6,6 @@ here makes the project's own test run parametrize them over all backends,
 including the entry-point ``loopback`` test backend (see conftest.py).
 """
 
+from selfattn.testing.test_chunks import *  # noqa: F401,F403
 from selfattn.testing.test_conformance import *  # noqa: F401,F403
 from selfattn.testing.test_features import *  # noqa: F401,F403,E402
-from selfattn.testing.test_chunks import *  # noqa: F401,F403

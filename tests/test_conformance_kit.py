@@ -26,8 +26,13 @@ def _pytest(*args: str) -> subprocess.CompletedProcess:
     # From a scratch directory: no conftest.py of this project is picked up, as for a third party.
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
     with tempfile.TemporaryDirectory() as scratch:
-        return subprocess.run([sys.executable, "-m", "pytest", "--pyargs", "selfattn.testing", "-p", "no:cacheprovider",
-                               *args], capture_output=True, text=True, env=env, cwd=scratch)
+        return subprocess.run(
+            [sys.executable, "-m", "pytest", "--pyargs", "selfattn.testing", "-p", "no:cacheprovider", *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=scratch,
+        )
 
 
 @pytest.mark.skipif(not UNAVAILABLE, reason="every registered backend is available here")
@@ -77,8 +82,11 @@ def test_check_fails_for_a_named_unavailable_or_unknown_backend():
 def test_error_table_tool_prints_the_tables():
     """tools/conformance_errors.py (the numbers behind cases.TOLERANCES) runs and reports every output."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, os.path.join(root, "tools", "conformance_errors.py"), "--backend", "numpy",
-                           "--per-case"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(root, "tools", "conformance_errors.py"), "--backend", "numpy", "--per-case"],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for row in ("| float16 | out |", "| float32 (float16 in) | lse |", "| float64 | dk |", "| odd-sizes-float32 |"):
         assert row in proc.stdout, row

@@ -74,8 +74,14 @@ def test_emulated_backend_is_registered_for_the_conformance_suite():
     q, k, v = (rng.standard_normal((2, 3, 8)).astype(np.float16) for _ in range(3))
     assert selfattn.explain(q, k, v).backend != "cupy-emulated"  # never chosen automatically
     out = selfattn.scaled_dot_product_attention(q, k, v, backend="cupy-emulated")
-    assert_close(out, reference.forward(q, k, v)[0], "float16", "out", score_max=reference.score_max(q, k),
-                 bound=reference.rounding_bounds(q, k, v)["out"])
+    assert_close(
+        out,
+        reference.forward(q, k, v)[0],
+        "float16",
+        "out",
+        score_max=reference.score_max(q, k),
+        bound=reference.rounding_bounds(q, k, v)["out"],
+    )
 
 
 def _inputs(shape, dtype, case=None, layout="contiguous", seed=0):
@@ -145,9 +151,13 @@ TC_CASES = [
 ]
 
 
-@pytest.mark.parametrize("shape, case, layout, kernel", TC_CASES,
-                         ids=lambda x: "-".join(map(str, x)) if isinstance(x, tuple) else
-                         ("-".join(x) or "plain") if isinstance(x, dict) else str(x))
+@pytest.mark.parametrize(
+    "shape, case, layout, kernel",
+    TC_CASES,
+    ids=lambda x: (
+        "-".join(map(str, x)) if isinstance(x, tuple) else ("-".join(x) or "plain") if isinstance(x, dict) else str(x)
+    ),
+)
 def test_tensor_core_forward_matches_numpy(shape, case, layout, kernel):
     q, k, v, kw = _inputs(shape, np.float16, case, layout)
     out, lse = _check(EmulatedCupy(), q, k, v, kw, kernel, F16)
@@ -171,11 +181,23 @@ def test_misaligned_contiguous_view_is_copied_for_the_tensor_cores():
     # The same arrays passed to the kernel as they are: the fault the copy avoids.
     out, lse = np.empty((1, 1, 70, 64), np.float16), np.empty((1, 1, 70), np.float32)
     args = launch.pack_fwd_args(
-        q=pb.query, k=pb.key, v=pb.value, out=out, lse=lse, placeholder=np.zeros(1, np.int64),
-        shapes_strides={a: (x.shape, x.strides, x.itemsize)
-                        for a, x in (("q", pb.query), ("k", pb.key), ("v", pb.value))},
-        sizes=dict(B=1, Hq=1, Hkv=1, N=70, M=90, D=64, Dv=64), scale=pb.scale, lower=None, upper=None,
-        dropout_p=0.0, dropout_seed=None, write_lse=True)
+        q=pb.query,
+        k=pb.key,
+        v=pb.value,
+        out=out,
+        lse=lse,
+        placeholder=np.zeros(1, np.int64),
+        shapes_strides={
+            a: (x.shape, x.strides, x.itemsize) for a, x in (("q", pb.query), ("k", pb.key), ("v", pb.value))
+        },
+        sizes=dict(B=1, Hq=1, Hkv=1, N=70, M=90, D=64, Dv=64),
+        scale=pb.scale,
+        lower=None,
+        upper=None,
+        dropout_p=0.0,
+        dropout_seed=None,
+        write_lse=True,
+    )
     grid, block, _, _ = launch.fwd_launch(1, 1, 70, launch.TC_THREADS)
     with pytest.raises(emulate.EmulationError, match="16-byte aligned"):
         emulate.load(TC(64))(grid, block, args)
@@ -202,31 +224,42 @@ def test_tensor_core_dropout_close_to_one():
     kw = dict(dropout_p=p, dropout_seed=seed)
     out, _ = _check(EmulatedCupy(), q, k, v, kw, TC(32), F16)
     assert np.isfinite(out).all() and np.abs(out).max() > 1.0  # kept weights reach the output, scaled
-    before = [("if (!sa_keep(rowh[r], (sa_u32)j + col0, threshold)) p = 0.0f;",
-               "p = sa_keep(rowh[r], (sa_u32)j + col0, threshold) ? p * out_scale : 0.0f;"),
-              ("inv = out_scale / l;", "inv = 1.0f / l;")]
+    before = [
+        (
+            "if (!sa_keep(rowh[r], (sa_u32)j + col0, threshold)) p = 0.0f;",
+            "p = sa_keep(rowh[r], (sa_u32)j + col0, threshold) ? p * out_scale : 0.0f;",
+        ),
+        ("inv = out_scale / l;", "inv = 1.0f / l;"),
+    ]
     pb = normalize(q, k, v, return_lse=True, **kw)
     with np.errstate(all="ignore"):
         old, _, _ = EmulatedCupy(mutate=before)._forward_fused(np, pb)
     assert np.isinf(old).any()
 
 
-ROW_BLOCK_PROBE = r'''
+ROW_BLOCK_PROBE = r"""
 extern "C" __global__ void probe_row_block(long long* out, long long blk, long long n_row_blocks, int N, int M,
                                            int has_upper, int upper) {
     const SaRowBlock rb = sa_row_block<SA_BM>(blk, n_row_blocks, 1, 1, N, M, (long long)M - N, 0, 0, has_upper,
                                               upper, 0, nullptr, nullptr, nullptr, nullptr);
     if (threadIdx.x == 0) { out[0] = rb.i0; out[1] = rb.i1; out[2] = rb.j0; out[3] = rb.j1; }
 }
-'''
+"""
 
 
 @pytest.mark.parametrize("n", [2**31 - 1, 2**31 - 64, 1000])
 def test_row_block_indices_near_int32_max(n):
     """The last row block of a launch with N close to 2^31: i0 + BM no longer fits in an int."""
     src = launch.kernel_source("attn.cu", only="-") + ROW_BLOCK_PROBE
-    sig = (("out", "ptr"), ("blk", "long long"), ("n_row_blocks", "long long"), ("N", "int"), ("M", "int"),
-           ("has_upper", "int"), ("upper", "int"))
+    sig = (
+        ("out", "ptr"),
+        ("blk", "long long"),
+        ("n_row_blocks", "long long"),
+        ("N", "int"),
+        ("M", "int"),
+        ("has_upper", "int"),
+        ("upper", "int"),
+    )
     kern = emulate.load("probe_row_block", source=src, signature=sig)
     nrb = -(-n // launch.BM)
     out = np.zeros(4, np.int64)
@@ -247,22 +280,34 @@ def test_tensor_core_forward_nan_and_fully_masked_rows():
     mask = np.ones((6, 70), bool)
     mask[1] = False
     q[0, 0, 3, 5] = np.nan
-    out, lse = _check(EmulatedCupy(), q[0, 0], k[0, 0], v[0, 0], dict(mask=mask), TC(64),
-                      dict(F16, equal_nan=True))
+    out, lse = _check(EmulatedCupy(), q[0, 0], k[0, 0], v[0, 0], dict(mask=mask), TC(64), dict(F16, equal_nan=True))
     out, lse = out[0, 0], lse[0, 0]
     assert (out[1] == 0).all() and lse[1] == -np.inf
     assert np.isnan(out[3]).all() and np.isnan(lse[3])
     assert not np.isnan(out[[0, 2, 4, 5]]).any()
 
 
-@pytest.mark.parametrize("shape, dtype, case, cc, kernel", [
-    ((1, 2, 1, 70, 90, 8, 8), np.float32, dict(causal=True), 90, launch.fwd_kernel_name("float32", 32)),
-    ((1, 2, 2, 70, 40, 6, 5), np.float64, dict(window=(3, 1), mask="bool_row"), 90,
-     launch.fwd_kernel_name("float64", 32)),
-    ((1, 2, 1, 70, 90, 64, 64), np.float16, dict(dropout_p=0.25, dropout_seed=5), 75,
-     launch.fwd_kernel_name("float16", 64)),
-    ((1, 1, 1, 20, 30, 6, 6), np.float16, dict(mask="float_full"), 90, launch.fwd_kernel_name("float16", 32)),
-])
+@pytest.mark.parametrize(
+    "shape, dtype, case, cc, kernel",
+    [
+        ((1, 2, 1, 70, 90, 8, 8), np.float32, dict(causal=True), 90, launch.fwd_kernel_name("float32", 32)),
+        (
+            (1, 2, 2, 70, 40, 6, 5),
+            np.float64,
+            dict(window=(3, 1), mask="bool_row"),
+            90,
+            launch.fwd_kernel_name("float64", 32),
+        ),
+        (
+            (1, 2, 1, 70, 90, 64, 64),
+            np.float16,
+            dict(dropout_p=0.25, dropout_seed=5),
+            75,
+            launch.fwd_kernel_name("float16", 64),
+        ),
+        ((1, 1, 1, 20, 30, 6, 6), np.float16, dict(mask="float_full"), 90, launch.fwd_kernel_name("float16", 32)),
+    ],
+)
 def test_cuda_core_forward_matches_numpy(shape, dtype, case, cc, kernel):
     """The CUDA-core kernels too (float32/64; float16 below sm_80 or with D not a multiple of 8)."""
     q, k, v, kw = _inputs(shape, dtype, case, "strided")
@@ -294,7 +339,7 @@ def test_dropout_tile_kernel_matches_core():
 
 # -- the emulator itself: instructions against the PTX ISA's fragment tables -----
 
-PROBES = r'''
+PROBES = r"""
 extern "C" __global__ void probe_ldsm(const unsigned short* m, unsigned* out, int trans) {
     __shared__ __attribute__((aligned(16))) unsigned short sm[32 * 8];
     for (int e = threadIdx.x; e < 32 * 8; e += 32) sm[e] = m[e];
@@ -311,7 +356,7 @@ extern "C" __global__ void probe_mma(const unsigned* a, const unsigned* b, float
     sa_mma_16816(cr, ar, b[2 * l], b[2 * l + 1]);
     for (int i = 0; i < 4; ++i) c[4 * l + i] = cr[i];
 }
-'''
+"""
 LDSM_SIG = (("m", "ptr"), ("out", "ptr"), ("trans", "int"))
 MMA_SIG = (("a", "ptr"), ("b", "ptr"), ("c", "ptr"))
 
@@ -329,7 +374,7 @@ def test_ldmatrix_emulation_follows_ptx_table(trans):
     got = _halves(out.reshape(32, 4))
     for lane in range(32):
         for j in range(4):
-            r, c = lane // 4, 2 * (lane % 4)   # PTX ISA: lane holds (row lane/4, cols 2(lane%4)+{0,1})
+            r, c = lane // 4, 2 * (lane % 4)  # PTX ISA: lane holds (row lane/4, cols 2(lane%4)+{0,1})
             want = mats[j].T if trans else mats[j]
             assert list(got[lane, j]) == [want[r, c], want[r, c + 1]], (lane, j)
 
@@ -362,7 +407,8 @@ def test_mma_emulation_follows_ptx_table():
             c[lane, i] = C[g + 8 * (i >= 2), 2 * t + (i & 1)]
     d = c.copy()
     emulate.load("probe_mma", source=PROBES, signature=MMA_SIG)(
-        (1,), (32,), (a.view(np.uint32).reshape(-1).copy(), b.view(np.uint32).reshape(-1).copy(), d.reshape(-1)))
+        (1,), (32,), (a.view(np.uint32).reshape(-1).copy(), b.view(np.uint32).reshape(-1).copy(), d.reshape(-1))
+    )
     want = A.astype(np.float32) @ B.astype(np.float32) + C
     for lane in range(32):
         g, t = lane >> 2, lane % 4
@@ -378,8 +424,7 @@ MUTATIONS = {
     "K-row-addressing": ("((lane >> 4) << 3)) * LD + kk * 16", "((lane >> 3) & 1) * 8) * LD + kk * 16"),
     "row-max-not-shared": ("tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffffu, tmax[r], 2));", ";"),
     "no-wait-for-V": ("sa_cp_async_wait<1>();   // V(tile) has landed", ";"),
-    "no-barrier-before-K-prefetch": (
-        "__syncthreads();   // every warp is done with Ks: prefetch the next K tile", ";"),
+    "no-barrier-before-K-prefetch": ("__syncthreads();   // every warp is done with Ks: prefetch the next K tile", ";"),
     "copy-past-the-end": ("ok ? base + (r0 + r) * rs + c : base, ok ? 16 : 0", "base + (r0 + r) * rs + c, 16"),
 }
 

@@ -78,8 +78,8 @@ def _run(be, pb):
 
 FEATURE_CASES = [
     (dict(softcap=2.0), (70, 90)),
-    (dict(alibi="per_head", causal=True), (70, 90)),                   # bottom-right, M > N
-    (dict(alibi="per_batch", causal=True, softcap=1.5), (90, 40)),     # the first 50 rows see nothing
+    (dict(alibi="per_head", causal=True), (70, 90)),  # bottom-right, M > N
+    (dict(alibi="per_batch", causal=True, softcap=1.5), (90, 40)),  # the first 50 rows see nothing
     (dict(alibi="per_batch", window=(6, 3), softcap=1.5, mask="bool_row"), (70, 90)),
     (dict(softcap=4.0, alibi="per_head", mask="float_full", dropout_p=0.3, dropout_seed=77), (40, 70)),
 ]
@@ -125,8 +125,9 @@ def test_chunk_matches_numpy_on_the_same_chunk(kernel, case):
 
 def test_key_chunks_merge_to_the_whole_call():
     """Split-KV as a Dask graph runs it: chunks over disjoint keys, merged, equal the whole call (dropout too)."""
-    q, k, v, kw = _problem_inputs("tc16", dict(causal=True, alibi="per_head", softcap=5.0, dropout_p=0.2,
-                                               dropout_seed=11), N=70, M=130)
+    q, k, v, kw = _problem_inputs(
+        "tc16", dict(causal=True, alibi="per_head", softcap=5.0, dropout_p=0.2, dropout_seed=11), N=70, M=130
+    )
     full = normalize(q, k, v, return_lse=True, **kw)
     ref_out, ref_lse, _ = numpy_.backend.forward(full)
     be = EmulatedCupy()
@@ -205,6 +206,7 @@ def test_varlen_tile_table_order_does_not_change_the_result(monkeypatch):
 
 # -- dropout, bit for bit -------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("kernel", ["tc16", "cc32"])
 def test_varlen_dropout_is_the_padded_calls_pattern(kernel):
     """V = I over the packed keys: out[h, i, j] != 0 exactly where the hash keeps weight (s·Hq + h, i, j).
@@ -228,7 +230,7 @@ def test_varlen_dropout_is_the_padded_calls_pattern(kernel):
     for s in range(len(lens_q)):
         r0, k0 = cu_q[s], cu_k[s]
         keep = keep_mask(seed, s * Hq + np.arange(Hq), np.arange(lens_q[s]), np.arange(lens_k[s]), p)
-        want[0, :, r0:r0 + lens_q[s], k0:k0 + lens_k[s]] = keep
+        want[0, :, r0 : r0 + lens_q[s], k0 : k0 + lens_k[s]] = keep
     np.testing.assert_array_equal(out != 0, want)
 
 
@@ -256,6 +258,7 @@ def test_chunk_dropout_is_the_whole_calls_pattern(kernel):
 
 
 # -- broken variants of the new code are caught --------------------------------------------------
+
 
 def _max_err(be, pb, ref):
     try:
@@ -290,8 +293,11 @@ def _softcap_problem():
 MUTATIONS = {
     "tc-alibi-sign": ("tc16", lambda: _alibi_problem("tc16"), ("x -= slope_log2 *", "x += slope_log2 *")),
     "cc-alibi-sign": ("cc32", lambda: _alibi_problem("cc32"), ("x -= slope *", "x += slope *")),
-    "alibi-row-of-batch-ignored": ("tc16", lambda: _alibi_problem("tc16", "per_batch"),
-                                   ("alibi[(long long)rb.s * Hq + h] * LOG2E", "alibi[h] * LOG2E")),
+    "alibi-row-of-batch-ignored": (
+        "tc16",
+        lambda: _alibi_problem("tc16", "per_batch"),
+        ("alibi[(long long)rb.s * Hq + h] * LOG2E", "alibi[h] * LOG2E"),
+    ),
     "tc-softcap-unscaled": ("tc16", _softcap_problem, ("(float)(scale / softcap)", "(float)(1.0 / softcap)")),
     "varlen-offset": ("tc16", _varlen_causal_problem, ("rb.off = nk - nq;", "rb.off = 0;")),
     "chunk-columns-local": ("tc16", _chunk_dropout_problem, ("(sa_u32)j + col0", "(sa_u32)j")),

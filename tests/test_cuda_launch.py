@@ -21,11 +21,16 @@ from selfattn.backends._cuda import launch
 
 # -- host-side launch logic ---------------------------------------------------
 
+
 def test_cuda_folder_holds_runtime_files_only():
     """The package's CUDA folder ships the kernel sources and their host logic; tools and the emulator live outside."""
     here = Path(launch.__file__).resolve().parent
     assert sorted(p.name for p in here.iterdir() if p.name != "__pycache__") == [
-        "__init__.py", "attn.cu", "common.cuh", "launch.py"]
+        "__init__.py",
+        "attn.cu",
+        "common.cuh",
+        "launch.py",
+    ]
 
 
 def test_kernel_names_present_in_source():
@@ -61,24 +66,37 @@ def test_bm_matches_source():
     assert re.search(r"#if !defined\(__CUDA_ARCH__\) \|\| __CUDA_ARCH__ >= " + str(launch.TC_MIN_CC * 10), src)
 
 
-@pytest.mark.parametrize("d, dv, want", [(8, 8, 32), (32, 16, 32), (64, 64, 64), (40, 64, 64), (96, 64, 128),
-                                         (128, 128, 128), (6, 8, None), (64, 60, None), (136, 64, None),
-                                         (0, 8, None)])
+@pytest.mark.parametrize(
+    "d, dv, want",
+    [
+        (8, 8, 32),
+        (32, 16, 32),
+        (64, 64, 64),
+        (40, 64, 64),
+        (96, 64, 128),
+        (128, 128, 128),
+        (6, 8, None),
+        (64, 60, None),
+        (136, 64, None),
+        (0, 8, None),
+    ],
+)
 def test_pick_tc_dmax(d, dv, want):
     assert launch.pick_tc_dmax(d, dv) == want
     assert launch.tc_ok(np.float16, d, dv, False, 90) == (want is not None)
-    assert not launch.tc_ok(np.float16, d, dv, True, 90)     # weights: blockwise path
-    assert not launch.tc_ok(np.float16, d, dv, False, 75)    # no mma.m16n8k16 / cp.async before sm_80
+    assert not launch.tc_ok(np.float16, d, dv, True, 90)  # weights: blockwise path
+    assert not launch.tc_ok(np.float16, d, dv, False, 75)  # no mma.m16n8k16 / cp.async before sm_80
     assert not launch.tc_ok(np.float32, d, dv, False, 90)
 
 
 def test_tc_layout_ok():
     x = np.zeros((2, 3, 5, 8), np.float16)
+
     def ok(a, addr=0):
         return launch.tc_layout_ok(a.shape, a.strides, a.itemsize, addr)
 
-    assert ok(x) and not ok(x, 8)                       # base address must be 16-byte aligned
-    assert not ok(np.asfortranarray(x))                 # last axis must have unit stride
+    assert ok(x) and not ok(x, 8)  # base address must be 16-byte aligned
+    assert not ok(np.asfortranarray(x))  # last axis must have unit stride
     assert not ok(np.zeros((2, 3, 5, 12), np.float16))  # 24-byte rows
     assert not ok(np.zeros((2, 3, 5, 16), np.float16)[..., ::2])  # every other element
     assert ok(np.zeros((2, 3, 5, 16), np.float16)[..., :8])  # 32-byte row stride, 8 used
@@ -86,19 +104,37 @@ def test_tc_layout_ok():
     assert ok(np.broadcast_to(np.zeros((1, 1, 5, 8), np.float16), (2, 3, 5, 8)))  # 0 strides
 
 
-@pytest.mark.parametrize("d, dv, want", [(1, 1, 32), (32, 32, 32), (33, 8, 64), (64, 128, 128),
-                                         (128, 64, 128), (200, 256, 256), (257, 16, None), (16, 300, None)])
+@pytest.mark.parametrize(
+    "d, dv, want",
+    [
+        (1, 1, 32),
+        (32, 32, 32),
+        (33, 8, 64),
+        (64, 128, 128),
+        (128, 64, 128),
+        (200, 256, 256),
+        (257, 16, None),
+        (16, 300, None),
+    ],
+)
 def test_pick_dmax(d, dv, want):
     assert launch.pick_dmax(d, dv) == want
     assert launch.fused_ok(d, dv, False) == (want is not None)
     assert not launch.fused_ok(d, dv, True)
 
 
-@pytest.mark.parametrize("d, dv, n, m, weights, want", [
-    (64, 64, 4096, 4096, False, "fused"), (64, 64, 1, 32768, False, "blockwise"),
-    (64, 64, 15, 256, False, "blockwise"), (64, 64, 16, 256, False, "fused"), (64, 64, 1, 255, False, "fused"),
-    (64, 64, 4096, 4096, True, "blockwise"), (300, 64, 4096, 4096, False, "blockwise"),
-])
+@pytest.mark.parametrize(
+    "d, dv, n, m, weights, want",
+    [
+        (64, 64, 4096, 4096, False, "fused"),
+        (64, 64, 1, 32768, False, "blockwise"),
+        (64, 64, 15, 256, False, "blockwise"),
+        (64, 64, 16, 256, False, "fused"),
+        (64, 64, 1, 255, False, "fused"),
+        (64, 64, 4096, 4096, True, "blockwise"),
+        (300, 64, 4096, 4096, False, "blockwise"),
+    ],
+)
 def test_forward_path(d, dv, n, m, weights, want):
     assert launch.forward_path(d, dv, n, m, weights) == want
 
@@ -193,7 +229,7 @@ def test_pack_fwd_args_types_and_values():
     assert (d["has_lower"], d["lower"], d["has_upper"], d["upper"]) == (1, 3, 1, 0)
     assert d["mask_kind"] == 1 and d["use_dropout"] == 1 and d["seed_lo"] == 5 and d["seed_hi"] == 0
     assert d["threshold"] == threshold(0.25) and d["write_lse"] == 1 and d["n_row_blocks"] == 1
-    assert d["total_blocks"] == 8 and d["scale"] == pytest.approx(8 ** -0.5)
+    assert d["total_blocks"] == 8 and d["scale"] == pytest.approx(8**-0.5)
     # GQA: key strides are those of the (B, Hkv, M, D) key, not an expanded copy.
     assert (d["ks0"], d["ks1"], d["ks2"], d["ks3"]) == (112, 56, 8, 1)
 
@@ -217,12 +253,18 @@ def test_row_block_budget():
 
 # -- the dropout hash's constants: defined once, in selfattn._dropout ---------------------------
 
+
 def test_hash_constants_are_generated_from_the_core(monkeypatch):
     from selfattn import _dropout
 
     defines = launch.hash_defines()
-    for macro, attr in (("SA_MUL_BH", "MUL_BH"), ("SA_MUL_ROW", "MUL_ROW"), ("SA_MUL_COL", "MUL_COL"),
-                        ("SA_FMIX_1", "FMIX_1"), ("SA_FMIX_2", "FMIX_2")):
+    for macro, attr in (
+        ("SA_MUL_BH", "MUL_BH"),
+        ("SA_MUL_ROW", "MUL_ROW"),
+        ("SA_MUL_COL", "MUL_COL"),
+        ("SA_FMIX_1", "FMIX_1"),
+        ("SA_FMIX_2", "FMIX_2"),
+    ):
         assert re.search(rf"^#define {macro} 0x0*{getattr(_dropout, attr):X}u$", defines, re.M), macro
     # No CUDA source repeats them: they reach the kernels only through the generated lines.
     for fname in ("common.cuh", "attn.cu"):
@@ -238,6 +280,7 @@ def test_hash_constants_are_generated_from_the_core(monkeypatch):
 
 
 # -- softcap, ALiBi, chunk coordinates and varlen in the packed arguments ------------------------
+
 
 def _named(args):
     return dict(zip((n for n, _ in launch.FWD_SIGNATURE), args, strict=True))
@@ -263,7 +306,7 @@ def test_pack_fwd_args_chunk_softcap_alibi():
     full = normalize(q, k, k, causal=True, softcap=7.5, alibi_slopes=slopes, dropout_p=0.2, dropout_seed=3)
     pb = full.chunk(batches=(1, 3), heads=(2, 4), rows=(10, 30), keys=(5, 40))
     d = _named(pack_for(pb))
-    assert d["offset"] == 10 + 10 - 5 and d["M"] == 35 and d["N"] == 20   # (60 - 50) + i0 - j0
+    assert d["offset"] == 10 + 10 - 5 and d["M"] == 35 and d["N"] == 20  # (60 - 50) + i0 - j0
     assert d["softcap"] == 7.5 and d["use_alibi"] == 1
     np.testing.assert_array_equal(d["alibi"], np.broadcast_to(slopes, (3, 4))[1:3, 2:4].astype(np.float32))
     assert d["use_batch_index"] == 1 and list(d["batch_index"]) == [1, 2]
@@ -276,9 +319,21 @@ def test_pack_fwd_args_chunk_softcap_alibi():
 
 def test_pack_fwd_args_rejects_missing_pieces():
     q = np.zeros((1, 1, 4, 8), np.float32)
-    base = dict(q=q, k=q, v=q, out=q, lse=q, shapes_strides={a: (q.shape, q.strides, 4) for a in "qkv"},
-                sizes=dict(B=1, Hq=1, Hkv=1, N=4, M=4, D=8, Dv=8), scale=1.0, lower=None, upper=None,
-                dropout_p=0.0, dropout_seed=None, write_lse=True)
+    base = dict(
+        q=q,
+        k=q,
+        v=q,
+        out=q,
+        lse=q,
+        shapes_strides={a: (q.shape, q.strides, 4) for a in "qkv"},
+        sizes=dict(B=1, Hq=1, Hkv=1, N=4, M=4, D=8, Dv=8),
+        scale=1.0,
+        lower=None,
+        upper=None,
+        dropout_p=0.0,
+        dropout_seed=None,
+        write_lse=True,
+    )
     with pytest.raises(ValueError, match="no placeholder"):
         launch.pack_fwd_args(**base)
     ph = np.zeros(1, np.int64)
@@ -297,8 +352,8 @@ def test_pack_fwd_args_rejects_missing_pieces():
 
 
 def test_varlen_tiles():
-    cu_q = np.array([0, 130, 130, 135, 199])   # 130 rows, none, 5, 64
-    cu_k = np.array([0, 10, 17, 17, 217])      # 10 keys, 7, none, 200
+    cu_q = np.array([0, 130, 130, 135, 199])  # 130 rows, none, 5, 64
+    cu_k = np.array([0, 10, 17, 17, 217])  # 10 keys, 7, none, 200
     seq, row = launch.varlen_tiles(cu_q, cu_k, None, None)
     # Sequence 1 has no queries (no tile); sequence 2 has no keys but keeps its tile (rows -> 0, -inf).
     assert sorted(zip(seq.tolist(), row.tolist(), strict=True)) == [(0, 0), (0, 64), (0, 128), (2, 0), (3, 0)]
@@ -314,6 +369,7 @@ def test_varlen_tiles():
 
 
 # -- which forward runs ---------------------------------------------------------------------
+
 
 def _route(pb, cc=90, **settings):
     from selfattn.backends.cupy_ import CupyBackend

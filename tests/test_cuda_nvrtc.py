@@ -23,6 +23,7 @@ ARCHES = ("sm_80", "sm_90")
 
 # -- NVRTC compilation ------------------------------------------------------
 
+
 def _nvrtc():
     nvrtc_check = tool("nvrtc_check")
     try:
@@ -37,8 +38,9 @@ def test_kernels_compile_nvrtc(arch):
     nc = _nvrtc()
     for fname in launch.KERNEL_SOURCES:
         report = {}
-        cubin = nc.compile_source(launch.kernel_source(fname), arch, name=fname,
-                                  name_expressions=launch.kernel_names(fname), report=report)
+        cubin = nc.compile_source(
+            launch.kernel_source(fname), arch, name=fname, name_expressions=launch.kernel_names(fname), report=report
+        )
         assert len(cubin) > 1000
         # The tensor-core forwards must keep S, P, O and the Q fragments in registers:
         # a spill would put local-memory traffic in the inner loop (a silent slowdown).
@@ -48,11 +50,14 @@ def test_kernels_compile_nvrtc(arch):
             assert 0 < r["registers"] <= 255 and r["smem"] <= 48 * 1024, (dm, r)
 
 
-@pytest.mark.parametrize("broken, what", [
-    ("extern \"C\" __global__ void k(float* x) { x[0] = 1.0f }", "syntax error"),
-    ("extern \"C\" __global__ void k(float* x) { int* p = x; p[0] = 1; }", "type error"),
-    ("extern \"C\" __global__ void k(float* x) { x[0] = undefined_name; }", "undefined identifier"),
-])
+@pytest.mark.parametrize(
+    "broken, what",
+    [
+        ('extern "C" __global__ void k(float* x) { x[0] = 1.0f }', "syntax error"),
+        ('extern "C" __global__ void k(float* x) { int* p = x; p[0] = 1; }', "type error"),
+        ('extern "C" __global__ void k(float* x) { x[0] = undefined_name; }', "undefined identifier"),
+    ],
+)
 def test_broken_source_fails_to_compile(broken, what):
     nc = _nvrtc()
     with pytest.raises(nc.CompileError, match="NVRTC failed"):
@@ -78,6 +83,7 @@ def test_broken_attn_source_fails():
 
 # -- the kernel's dropout hash, compiled on the host -------------------------
 
+
 def _cxx():
     cxx = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     if cxx is None:
@@ -99,7 +105,9 @@ def test_common_header_needs_the_generated_constants(tmp_path):
 def test_dropout_hash_host_compiled_matches_core(tmp_path):
     cxx = _cxx()
     hdr = launch.hash_defines() + (launch._HERE / "common.cuh").read_text()
-    prog = hdr + r'''
+    prog = (
+        hdr
+        + r"""
 #include <cstdio>
 #include <cstdlib>
 int main(int argc, char** argv) {
@@ -116,14 +124,16 @@ int main(int argc, char** argv) {
             }
     return 0;
 }
-'''
+"""
+    )
     src = tmp_path / "hash.cpp"
     src.write_text(prog)
     exe = tmp_path / "hash"
     subprocess.run([cxx, "-O1", "-x", "c++", str(src), "-o", str(exe)], check=True)
     for seed, p in ((0, 0.1), (2**64 - 1, 0.5), (0x123456789ABCDEF0, 0.9), (42, 0.999)):
-        got = subprocess.run([str(exe), str(seed), str(threshold(p))], check=True,
-                             capture_output=True, text=True).stdout
+        got = subprocess.run(
+            [str(exe), str(seed), str(threshold(p))], check=True, capture_output=True, text=True
+        ).stdout
         want = keep_mask(seed, np.array([0, 7, 2147483646]), np.arange(5) * 1000003, np.arange(9) * 999983, p)
         assert got == "".join("1" if x else "0" for x in want.reshape(-1))
 

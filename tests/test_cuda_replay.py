@@ -102,8 +102,9 @@ def emulate_fused(pb):
                             l_run += p
                             if args["use_dropout"]:
                                 ctr = int(bidx[b]) * htot + h0 + h
-                                keep = keep_mask(seed, np.array([ctr]), np.array([r0 + i]), np.array([c0 + j]),
-                                                 pb.dropout_p)
+                                keep = keep_mask(
+                                    seed, np.array([ctr]), np.array([r0 + i]), np.array([c0 + j]), pb.dropout_p
+                                )
                                 p = p * A(args["drop_scale"]) if keep[0, 0, 0] else A(0)
                             acc += p * row("v", b, hk, j, Dv)
                     m_run = m_new
@@ -126,8 +127,14 @@ def test_fused_kernel_emulation_matches_numpy(case):
     np.testing.assert_allclose(el, lse, rtol=2e-5, atol=2e-6)
 
 
-@pytest.mark.parametrize("case", [dict(causal=True, dropout_p=0.4, dropout_seed=3, alibi="per_batch"),
-                                  dict(window=(4, 6), softcap=5.0, mask="float_full")], ids=case_id)
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(causal=True, dropout_p=0.4, dropout_seed=3, alibi="per_batch"),
+        dict(window=(4, 6), softcap=5.0, mask="float_full"),
+    ],
+    ids=case_id,
+)
 def test_fused_kernel_emulation_of_a_chunk(case):
     """A chunk (rows, keys, heads, batches of a larger call) replayed from its packed arguments: band
     offset and dropout counters are the whole call's, so it equals the NumPy backend on the same chunk."""
@@ -157,12 +164,18 @@ def test_fused_kernel_emulation_fully_masked_and_nan():
 
 # -- the blockwise (cuBLAS) paths, with NumPy standing in for CuPy ------------
 
+
 class NumpyDropoutCupyBackend(CupyBackend):
     """The CuPy backend's blockwise code with the dropout multipliers made by the core's NumPy hash."""
 
     def _dropout_z(self, xp, pb, b0, b1, i0, i1, j0, j1):
-        keep = keep_mask(pb.dropout_seed, np.arange(b0 * pb.q_heads, b1 * pb.q_heads),
-                         np.arange(i0, i1), np.arange(j0, j1), pb.dropout_p)
+        keep = keep_mask(
+            pb.dropout_seed,
+            np.arange(b0 * pb.q_heads, b1 * pb.q_heads),
+            np.arange(i0, i1),
+            np.arange(j0, j1),
+            pb.dropout_p,
+        )
         z = keep * pb.compute_dtype.type(1.0 / (1.0 - pb.dropout_p))
         return z.reshape(b1 - b0, pb.kv_heads, pb.group * (i1 - i0), j1 - j0)
 

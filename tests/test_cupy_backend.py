@@ -28,11 +28,15 @@ def standin_cupy(monkeypatch):
     """The stand-in CuPy as ``cupy`` (``_standin.py``), the CuPy backend available on it; undone afterwards."""
     yield from use_standin_cupy(monkeypatch)
 
+
 # -- import and availability ---------------------------------------------
 
+
 def test_import_does_not_import_cupy():
-    code = ("import sys, selfattn, selfattn.backends.cupy_ as m; "
-            "m.backend.capabilities; assert 'cupy' not in sys.modules, 'cupy imported'")
+    code = (
+        "import sys, selfattn, selfattn.backends.cupy_ as m; "
+        "m.backend.capabilities; assert 'cupy' not in sys.modules, 'cupy imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -59,13 +63,13 @@ def _fake_cupy(monkeypatch, get_count):
     fake.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=get_count))
     monkeypatch.setitem(sys.modules, "cupy", fake)
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda n, *a: object() if n == "cupy" else real(n, *a))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: object() if n == "cupy" else real(n, *a))
 
 
 def test_availability_no_driver(monkeypatch):
     def boom():
         raise RuntimeError("cudaErrorInsufficientDriver: CUDA driver version is insufficient")
+
     _fake_cupy(monkeypatch, boom)
     ok, reason = cupy_backend_mod.CupyBackend().availability()
     assert not ok
@@ -151,19 +155,31 @@ def test_cupy_inputs_without_a_device_give_a_clear_error(monkeypatch):
 
 # -- settings: per instance, never module globals -------------------------------
 
+
 def test_settings_are_per_instance():
     be = cupy_backend_mod.CupyBackend(tensor_cores=False, decode_max_rows=0, decode_min_keys=1024, block_bytes=4096)
     assert (be.tensor_cores, be.decode_max_rows, be.decode_min_keys, be.block_bytes) == (False, 0, 1024, 4096)
     default = cupy_backend_mod.backend
     assert (default.tensor_cores, default.decode_max_rows, default.decode_min_keys) == (
-        True, launch.DECODE_MAX_ROWS, launch.DECODE_MIN_KEYS)
+        True,
+        launch.DECODE_MAX_ROWS,
+        launch.DECODE_MIN_KEYS,
+    )
     assert launch.forward_path(64, 64, 1, 4096, False) == "blockwise"
     assert launch.forward_path(64, 64, 1, 4096, False, decode_max_rows=0) == "fused"
     assert launch.forward_path(64, 64, 1, 4096, False, decode_min_keys=8192) == "fused"
 
 
-@pytest.mark.parametrize("kw", [dict(block_bytes=0), dict(decode_max_rows=-1), dict(decode_min_keys=1.5),
-                                dict(decode_max_rows=True), dict(block_bytes="1")])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(block_bytes=0),
+        dict(decode_max_rows=-1),
+        dict(decode_min_keys=1.5),
+        dict(decode_max_rows=True),
+        dict(block_bytes="1"),
+    ],
+)
 def test_settings_are_checked(kw):
     name = next(iter(kw))
     with pytest.raises(ValueError, match=f"{name} must be an integer"):
@@ -191,6 +207,7 @@ def test_decode_setting_picks_the_kernel(standin_cupy):
 
 # -- arrays on several devices ----------------------------------------------------
 
+
 def test_arrays_on_another_device_are_rejected_before_any_launch(standin_cupy, monkeypatch):
     cp = standin_cupy
     monkeypatch.setenv("CUPY_STANDIN_DEVICES", "2")
@@ -207,8 +224,11 @@ def test_arrays_on_another_device_are_rejected_before_any_launch(standin_cupy, m
         mask = cp.asarray(np.ones((8, 8), bool))
         slopes = cp.asarray(np.full(2, 0.25, np.float32))
     assert (q.device.id, other.device.id) == (0, 1)
-    for name, args, kw in (("key", (q, other, q), {}), ("value", (q, q, other), {}),
-                           ("mask", (q, q, q), dict(mask=mask))):
+    for name, args, kw in (
+        ("key", (q, other, q), {}),
+        ("value", (q, q, other), {}),
+        ("mask", (q, q, q), dict(mask=mask)),
+    ):
         want = rf"{name} is on CUDA device 1 but query is on device 0.*copy {name} there"
         with pytest.raises(ValueError, match=want):
             selfattn.scaled_dot_product_attention(*args, backend="cupy", **kw)
@@ -271,13 +291,15 @@ def test_varlen_softcap_alibi_through_the_public_api(standin_cupy):
     kernel = be._kernel
     be._kernel = lambda xp, name: launched.append(name) or kernel(xp, name)
     try:
-        out, lse = selfattn.scaled_dot_product_attention_varlen(*args, alibi_slopes=cp.asarray(slopes),
-                                                                backend="cupy", **kw)
+        out, lse = selfattn.scaled_dot_product_attention_varlen(
+            *args, alibi_slopes=cp.asarray(slopes), backend="cupy", **kw
+        )
     finally:
         del be._kernel
     assert launched == [launch.tc_kernel_name(32)]
-    ref_out, ref_lse = selfattn.scaled_dot_product_attention_varlen(*host, cu_q, cu_k, alibi_slopes=slopes,
-                                                                    backend="numpy", **kw)
+    ref_out, ref_lse = selfattn.scaled_dot_product_attention_varlen(
+        *host, cu_q, cu_k, alibi_slopes=slopes, backend="numpy", **kw
+    )
     assert out.device.id == 0 and out.shape == ref_out.shape
     np.testing.assert_allclose(out.get().astype(np.float64), ref_out.astype(np.float64), rtol=5e-3, atol=5e-3)
     np.testing.assert_allclose(lse.get(), ref_lse, rtol=5e-3, atol=5e-3)

@@ -92,15 +92,18 @@ def test_gpu_fully_masked_rows_and_nan():
     mask[1] = False
     q[3, 0] = np.nan
     out, lse = selfattn.scaled_dot_product_attention(
-        cupy.asarray(q), cupy.asarray(k), cupy.asarray(v), mask=cupy.asarray(mask), return_lse=True, backend="cupy")
+        cupy.asarray(q), cupy.asarray(k), cupy.asarray(v), mask=cupy.asarray(mask), return_lse=True, backend="cupy"
+    )
     out, lse = cupy.asnumpy(out), cupy.asnumpy(lse)
     assert (out[1] == 0).all() and lse[1] == -np.inf
     assert np.isnan(out[3]).all() and np.isnan(lse[3])
 
 
-@pytest.mark.parametrize("case", [dict(), dict(causal=True),
-                                  dict(window=(100, 20), mask="bool_row", dropout_p=0.1, dropout_seed=4)],
-                         ids=case_id)
+@pytest.mark.parametrize(
+    "case",
+    [dict(), dict(causal=True), dict(window=(100, 20), mask="bool_row", dropout_p=0.1, dropout_seed=4)],
+    ids=case_id,
+)
 @pytest.mark.parametrize("d", [64, 128])
 def test_gpu_tensor_core_forward_matches_cuda_cores_and_numpy(case, d):
     cupy = _need_gpu()

@@ -32,10 +32,19 @@ VENDOR = os.path.join(ROOT, "benchmarks", "dashboard", "vendor")
 # The flags this kind of machine needs: no sandbox as root, no GPU, and no background traffic (refused here);
 # the resolver rule makes the page offline for certain: any host but 127.0.0.1 fails to resolve, so a page that
 # still loaded something from the network would log an error.
-CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-dev-shm-usage", "--window-size=1400,900",
-                  "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1")
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--window-size=1400,900",
+    "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
+)
 
 _ASV_INDEX = """<html><head>
 <script src="https://code.jquery.com/jquery-3.3.1.min.js" integrity="sha256-x" crossorigin="anonymous"
@@ -52,11 +61,14 @@ _ASV_INDEX = """<html><head>
 
 # --- offline rewriting (no asv, no browser) ------------------------------------------------------------------
 
+
 def test_remote_assets_finds_scripts_and_stylesheets_only():
     urls = dashboard.remote_assets(_ASV_INDEX)
-    assert urls == ["https://code.jquery.com/jquery-3.3.1.min.js",
-                    "https://cdnjs.cloudflare.com/ajax/libs/flot/0.8.3/jquery.flot.min.js",
-                    "https://cdn.jsdelivr.net/npm/bootstrap@3.1.1/dist/css/bootstrap.min.css"]
+    assert urls == [
+        "https://code.jquery.com/jquery-3.3.1.min.js",
+        "https://cdnjs.cloudflare.com/ajax/libs/flot/0.8.3/jquery.flot.min.js",
+        "https://cdn.jsdelivr.net/npm/bootstrap@3.1.1/dist/css/bootstrap.min.css",
+    ]
     assert dashboard.remote_assets('<script src="//cdn.example/x.js"></script>') == ["//cdn.example/x.js"]
 
 
@@ -96,8 +108,12 @@ def test_make_offline_refuses_a_changed_vendored_file(tmp_path):
 
 
 def test_vendored_assets_match_the_lock():
-    res = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "vendor_dashboard_assets.py")],
-                         capture_output=True, text=True, check=False)
+    res = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "vendor_dashboard_assets.py")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert res.returncode == 0, res.stderr
     with open(os.path.join(VENDOR, "manifest.json")) as fh:
         manifest = json.load(fh)
@@ -116,6 +132,7 @@ def test_vendor_manifest_covers_the_installed_asv():
 
 
 # --- commit selection ----------------------------------------------------------------------------------------
+
 
 def test_default_commits_are_those_without_results(tmp_path):
     pytest.importorskip("asv", reason="asv is not installed (pip install -e '.[bench]')")
@@ -160,20 +177,26 @@ def test_recorded_results_are_readable(tmp_path):
     assert gflops["unit"] == "GFLOP/s" and gflops["param_names"][0] == "backend"
     assert benchmarks["bench_overhead.Dispatch.time_dispatch_tiny"]["unit"] == "seconds"
     for res in found:
-        values = [v for v in res.get_result_value("bench_attention.AttentionForward.track_gflops",
-                                                  gflops["params"]) if v is not None]
+        values = [
+            v
+            for v in res.get_result_value("bench_attention.AttentionForward.track_gflops", gflops["params"])
+            if v is not None
+        ]
         assert values and all(len(repr(v)) <= 8 for v in values), values  # 3 significant digits, not 17
 
 
 # --- the page in a real browser --------------------------------------------------------------------------------
+
 
 def _chromium() -> tuple[str, str]:
     """Paths of chromium and chromedriver, or skip saying what is missing and how .ci/run installs it."""
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     driver = shutil.which("chromedriver")
     if not browser or not driver:
-        pytest.skip("headless Chromium is not installed (.ci/run installs Debian's chromium and chromium-driver "
-                    "with apt-get; it could not here)")
+        pytest.skip(
+            "headless Chromium is not installed (.ci/run installs Debian's chromium and chromium-driver "
+            "with apt-get; it could not here)"
+        )
     return browser, driver
 
 
@@ -192,9 +215,14 @@ def built_dashboard(tmp_path):
     """Build the dashboard with the real command from the recorded two-commit results; return its folder."""
     config = _fixture_config(tmp_path)
     html = tmp_path / "html"
-    res = subprocess.run([sys.executable, "-m", "selfattn", "dashboard", "--config", config, "--no-run",
-                          "--out", str(html)], capture_output=True, text=True, cwd=str(tmp_path), check=False,
-                         env=dict(os.environ, HOME=str(tmp_path)))
+    res = subprocess.run(
+        [sys.executable, "-m", "selfattn", "dashboard", "--config", config, "--no-run", "--out", str(html)],
+        capture_output=True,
+        text=True,
+        cwd=str(tmp_path),
+        check=False,
+        env=dict(os.environ, HOME=str(tmp_path)),
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     assert "self-contained" in res.stdout
     return html
@@ -213,10 +241,27 @@ def test_serve_prints_the_url_and_serves(tmp_path):
     import urllib.request
 
     config = _fixture_config(tmp_path)
-    proc = subprocess.Popen([sys.executable, "-m", "selfattn", "dashboard", "--config", config, "--no-run",
-                             "--out", str(tmp_path / "html"), "--serve", "--port", "0"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, cwd=str(tmp_path),
-                            env=dict(os.environ, HOME=str(tmp_path), PYTHONUNBUFFERED="1"))
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "selfattn",
+            "dashboard",
+            "--config",
+            config,
+            "--no-run",
+            "--out",
+            str(tmp_path / "html"),
+            "--serve",
+            "--port",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=str(tmp_path),
+        env=dict(os.environ, HOME=str(tmp_path), PYTHONUNBUFFERED="1"),
+    )
     try:
         url, seen = None, []
         for line in proc.stdout:  # the URL comes after asv publish's output
@@ -250,8 +295,9 @@ def served(built_dashboard):
 
 def test_dashboard_renders_in_headless_chromium(served, tmp_path):
     browser, driver_path = _chromium()
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed "
-                                    "(pip install -e '.[browser]')")
+    webdriver = pytest.importorskip(
+        "selenium.webdriver", reason="selenium is not installed (pip install -e '.[browser]')"
+    )
     from selenium.webdriver.support.ui import WebDriverWait
 
     url, html_dir = served
@@ -277,8 +323,8 @@ def test_dashboard_renders_in_headless_chromium(served, tmp_path):
         drv.get(url + "index.html#/summarylist")
         wait.until(lambda d: d.execute_script("return $('#summarylist-body table tbody tr').length") > 0)
         names = drv.execute_script(
-            "return $('#summarylist-body table tbody tr td:first-child').map(function(){return $(this).text()})"
-            ".get()")
+            "return $('#summarylist-body table tbody tr td:first-child').map(function(){return $(this).text()}).get()"
+        )
         text = " ".join(names)
         for bench in ("time_dispatch_tiny", "track_gflops", "timeraw_import_selfattn"):
             assert bench in text, (bench, names[:10])
@@ -288,15 +334,15 @@ def test_dashboard_renders_in_headless_chromium(served, tmp_path):
         series = (
             "var p = $('#main-graph').data('plot'); if (!p) return null;"
             "return p.getData().map(function(s){"
-            "  return [s.label, s.data.filter(function(pt){return pt[1] !== null}).length]});")
+            "  return [s.label, s.data.filter(function(pt){return pt[1] !== null}).length]});"
+        )
         wait.until(lambda d: (d.execute_script(series) or []) and len(d.execute_script(series)) >= len(backends))
         got = dict(drv.execute_script(series))
         for backend in backends:
             label = f"backend-{backend}"
             assert got.get(label) == 2, (backend, got)  # a series with a point for each of the two commits
         assert drv.execute_script("return $('#main-graph canvas.flot-base').length") == 1
-        legend = drv.execute_script("return $('#main-graph .legendLabel').map(function(){return $(this).text()})"
-                                    ".get()")
+        legend = drv.execute_script("return $('#main-graph .legendLabel').map(function(){return $(this).text()}).get()")
         assert sorted(legend) == sorted(f"backend-{b}" for b in backends), legend
         drv.save_screenshot(os.path.join(artifacts, "dashboard.png"))
         # 3. no JavaScript error on either page (console errors, uncaught exceptions, failed loads)

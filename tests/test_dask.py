@@ -32,8 +32,11 @@ def _rand(shape, dtype=np.float64, seed=0):
 
 def _qkv(b=2, hq=4, hkv=2, n=40, m=48, d=8, dv=None, dtype=np.float64, seed=0):
     dv = d if dv is None else dv
-    return (_rand((b, hq, n, d), dtype, seed), _rand((b, hkv, m, d), dtype, seed + 1),
-            _rand((b, hkv, m, dv), dtype, seed + 2))
+    return (
+        _rand((b, hq, n, d), dtype, seed),
+        _rand((b, hkv, m, d), dtype, seed + 1),
+        _rand((b, hkv, m, dv), dtype, seed + 2),
+    )
 
 
 def _layer(arr, kind):
@@ -48,15 +51,18 @@ def _kind(key):
 
 
 # -- graph shape ------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("n, m, opts, expect", [
-    (64, 64, {"causal": True}, 10),           # 4 x 4 chunks of 16: the lower triangle
-    (64, 64, {}, 16),
-    (32, 64, {"causal": True}, 3 + 4),        # N < M, bottom-right: rows 0-15 see keys <= 47, rows 16-31 all
-    (64, 32, {"causal": True}, 3),            # N > M: the first 32 rows attend nothing (no pairs)
-    (64, 64, {"window": (0, 0)}, 4),          # the diagonal only
-    (64, 64, {"window": (16, 0)}, 4 + 3),     # diagonal and the one below
-    (64, 64, {"window": (17, 0)}, 4 + 3 + 2),  # one key more reaches the last key of the chunk two below
-])
+@pytest.mark.parametrize(
+    "n, m, opts, expect",
+    [
+        (64, 64, {"causal": True}, 10),  # 4 x 4 chunks of 16: the lower triangle
+        (64, 64, {}, 16),
+        (32, 64, {"causal": True}, 3 + 4),  # N < M, bottom-right: rows 0-15 see keys <= 47, rows 16-31 all
+        (64, 32, {"causal": True}, 3),  # N > M: the first 32 rows attend nothing (no pairs)
+        (64, 64, {"window": (0, 0)}, 4),  # the diagonal only
+        (64, 64, {"window": (16, 0)}, 4 + 3),  # diagonal and the one below
+        (64, 64, {"window": (17, 0)}, 4 + 3 + 2),  # one key more reaches the last key of the chunk two below
+    ],
+)
 def test_only_in_band_pairs_are_created(n, m, opts, expect):
     q, k, v = _qkv(1, 2, 2, n, m)
     dq, dk, dv = (da.from_array(x, chunks=(1, 2, 16, -1)) for x in (q, k, v))
@@ -72,8 +78,10 @@ def test_pair_count_is_per_batch_head_chunk_and_in_explain():
     out = selfattn.scaled_dot_product_attention(dq, dk, dv, causal=True)
     assert len(_layer(out, "pairs")) == 4 * 10
     plan = str(selfattn.explain(dq, dk, dv, causal=True))
-    assert ("dask plan: 4 batch·head chunks x 4 query chunks x 4 key chunks: 40 pair tasks "
-            "(10 of 16 chunk pairs in the causal band), merge fan-in 4") in plan
+    assert (
+        "dask plan: 4 batch·head chunks x 4 query chunks x 4 key chunks: 40 pair tasks "
+        "(10 of 16 chunk pairs in the causal band), merge fan-in 4"
+    ) in plan
     assert "inner backend numpy on numpy chunks, 1 thread per task" in plan
 
 
@@ -116,13 +124,16 @@ def test_default_chunks_split_a_single_chunk_by_bytes():
     assert out.chunks[2] == (1000,) and len(_layer(out, "pairs")) == 1
 
 
-@pytest.mark.parametrize("key, value, match", [
-    ("chunk-size", "lots", "selfattn.chunk-size"),
-    ("chunk-size", -5, "selfattn.chunk-size"),
-    ("split-every", 1, "selfattn.split-every"),
-    ("threads-per-task", 0, "selfattn.threads-per-task"),
-    ("inner-backend", 3, "selfattn.inner-backend"),
-])
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        ("chunk-size", "lots", "selfattn.chunk-size"),
+        ("chunk-size", -5, "selfattn.chunk-size"),
+        ("split-every", 1, "selfattn.split-every"),
+        ("threads-per-task", 0, "selfattn.threads-per-task"),
+        ("inner-backend", 3, "selfattn.inner-backend"),
+    ],
+)
 def test_bad_configuration_is_a_value_error_naming_the_key(key, value, match):
     q = da.ones((1, 1, 4, 4), chunks=2)
     with dask.config.set({f"selfattn.{key}": value}), pytest.raises(ValueError, match=match):
@@ -132,9 +143,11 @@ def test_bad_configuration_is_a_value_error_naming_the_key(key, value, match):
 # -- laziness, schedulers -------------------------------------------------------------------------------------------
 def _counted(x, chunks, calls):
     """A Dask array of ``x`` whose every chunk computation is recorded in ``calls``."""
+
     def block(blk, block_info=None):
         calls.append(block_info[None]["chunk-location"])
         return blk
+
     return da.from_array(x, chunks=chunks).map_blocks(block, dtype=x.dtype)
 
 
@@ -151,8 +164,9 @@ def test_nothing_is_computed_at_call_time():
     mask = da.from_array(np.ones((24, 30), bool), chunks=12)
     slopes = da.from_array(np.linspace(0.1, 0.5, 4), chunks=2)
     with dask.config.set(scheduler=scheduler):
-        out, lse, w = selfattn.scaled_dot_product_attention(dq, dk, dv, mask=mask, causal=True, alibi_slopes=slopes,
-                                                            dropout_p=0.2, return_lse=True, return_weights=True)
+        out, lse, w = selfattn.scaled_dot_product_attention(
+            dq, dk, dv, mask=mask, causal=True, alibi_slopes=slopes, dropout_p=0.2, return_lse=True, return_weights=True
+        )
         o, backward = selfattn.scaled_dot_product_attention_vjp(dq, dk, dv, mask=mask, window=(3, 4))
         grads = backward(da.ones(o.shape, chunks=5))
         selfattn.explain(dq, dk, dv, causal=True)
@@ -204,8 +218,9 @@ def test_dropout_pattern_is_the_single_calls_bit_for_bit(chunks, opts):
     B, Hq, Hkv, N, M, p, seed = 2, 4, 2, 40, 40, 0.3, 2**63 + 5
     q, k = _rand((B, Hq, N, 8)), _rand((B, Hkv, M, 8), seed=1)
     v = np.broadcast_to(np.eye(M), (B, Hkv, M, M)).copy()
-    out = selfattn.scaled_dot_product_attention(*(da.from_array(x, chunks=chunks) for x in (q, k, v)),
-                                                dropout_p=p, dropout_seed=seed, **opts).compute(**SYNC)
+    out = selfattn.scaled_dot_product_attention(
+        *(da.from_array(x, chunks=chunks) for x in (q, k, v)), dropout_p=p, dropout_seed=seed, **opts
+    ).compute(**SYNC)
     single = selfattn.scaled_dot_product_attention(q, k, v, dropout_p=p, dropout_seed=seed, backend="numpy", **opts)
     pb = selfattn._problem.normalize(q, k, v, **opts)
     band = pb.band(0, N, 0, M)
@@ -248,8 +263,9 @@ def test_everything_together_matches_the_single_call():
     dopts = dict(opts, mask=da.from_array(mask, chunks=(1, 1, 1, 8, 10)), alibi_slopes=da.from_array(slopes, chunks=1))
     out, lse, w = selfattn.scaled_dot_product_attention(dq, dk, dv, return_lse=True, return_weights=True, **dopts)
     # The oracle has no softcap/ALiBi: the single call on the NumPy backend is the reference (conformance-tested).
-    single = selfattn.scaled_dot_product_attention(q, k, v, return_lse=True, return_weights=True, backend="numpy",
-                                                   **opts)
+    single = selfattn.scaled_dot_product_attention(
+        q, k, v, return_lse=True, return_weights=True, backend="numpy", **opts
+    )
     for what, got, exp in zip(("out", "lse", "weights"), dask.compute(out, lse, w, **SYNC), single, strict=True):
         assert_close(got, exp, "float64", what=what)
     assert w.chunks[-2:] == ((6, 6, 6, 3), (9, 9, 8))  # weights blockwise on the pair grid
@@ -266,8 +282,7 @@ def test_numpy_mask_and_slopes_join_a_dask_call_but_not_the_reverse():
     dq, dk, dv = (da.from_array(x, chunks=(1, 1, 5, -1)) for x in (q, k, v))
     mask = np.random.default_rng(0).random((10, 12)) > 0.3
     out = selfattn.scaled_dot_product_attention(dq, dk, dv, mask=mask, alibi_slopes=np.array([0.1, 0.2]))
-    ref = selfattn.scaled_dot_product_attention(q, k, v, mask=mask, alibi_slopes=np.array([0.1, 0.2]),
-                                                backend="numpy")
+    ref = selfattn.scaled_dot_product_attention(q, k, v, mask=mask, alibi_slopes=np.array([0.1, 0.2]), backend="numpy")
     assert_close(out.compute(**SYNC), ref, "float64")
     with pytest.raises(TypeError, match="mask is a dask array but query is a numpy array"):
         selfattn.scaled_dot_product_attention(q, k, v, mask=da.from_array(mask))
@@ -389,6 +404,7 @@ def _fake_cupy_module():
         def call(*args, **kwargs):
             res = fn(*args, **kwargs)
             return res.view(_FakeCupyArray) if isinstance(res, np.ndarray) else res
+
         return call
 
     def getattr_(name):
@@ -410,9 +426,17 @@ class _CupyChunkBackend(selfattn.Backend):
 
         def host(x):
             return None if x is None else np.asarray(x)
+
         assert type(pb.query) is _FakeCupyArray and (pb.mask is None or type(pb.mask) is _FakeCupyArray)
-        return dataclasses.replace(pb, array_type="numpy", query=host(pb.query), key=host(pb.key),
-                                   value=host(pb.value), mask=host(pb.mask), alibi=host(pb.alibi))
+        return dataclasses.replace(
+            pb,
+            array_type="numpy",
+            query=host(pb.query),
+            key=host(pb.key),
+            value=host(pb.value),
+            mask=host(pb.mask),
+            alibi=host(pb.alibi),
+        )
 
     def forward(self, pb):
         type(self).calls += 1
@@ -459,8 +483,17 @@ def test_cupy_chunks_run_on_the_cupy_array_type(monkeypatch):
 
 def test_pair_tasks_pick_the_backend_by_the_pairs_own_size():
     """Automatic selection per pair uses the pair's own size: a tiny pair runs on NumPy, a large one on Numba."""
-    opts = _dask_tasks.Options(scale=0.5, causal=False, window=None, softcap=None, dropout_p=0.0, dropout_seed=None,
-                               inner=None, threads=1, mask_batched=False)
+    opts = _dask_tasks.Options(
+        scale=0.5,
+        causal=False,
+        window=None,
+        softcap=None,
+        dropout_p=0.0,
+        dropout_seed=None,
+        inner=None,
+        threads=1,
+        mask_batched=False,
+    )
     pair = _dask_tasks.Pair(opts, 0, selfattn.backends.Coordinates())
     small = _dask_tasks.problem(pair, *_qkv(1, 1, 1, 4, 4, 4), None, None)
     assert _dask_tasks.inner_backend(small, None).name == "numpy"

@@ -9,6 +9,7 @@ import threading
 
 import numpy as np
 import pytest
+from conftest import PLUGINS
 
 import selfattn
 from selfattn import (
@@ -17,8 +18,6 @@ from selfattn import (
     UnsupportedFeatureError,
 )
 from selfattn._dispatch import registry
-
-from conftest import PLUGINS
 
 Q = np.ones((1, 1, 4, 8), np.float32)
 
@@ -50,19 +49,23 @@ def _clean_state(monkeypatch):
 
 
 def test_import_is_light():
-    code = ("import sys, selfattn; bad=[m for m in ('numba','cupy','llvmlite','dask','distributed') if m in sys.modules]; "
-            "print(bad); sys.exit(bool(bad))")
+    code = (
+        "import sys, selfattn; bad=[m for m in ('numba','cupy','llvmlite','dask','distributed') if m in sys.modules]; "
+        "print(bad); sys.exit(bool(bad))"
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
 
 
 def test_list_backends_without_importing_numba_or_cupy():
     # Where a GPU is usable, checking the cupy backend's availability legitimately imports cupy.
-    code = ("import sys, selfattn; recs = selfattn.list_backends(); "
-            "print([(r.name, r.available) for r in recs]); "
-            "gpu = any(r.name == 'cupy' and r.available for r in recs); "
-            "sys.exit(('cupy' in sys.modules and not gpu) or any(m in sys.modules for m in ('numba', 'dask', "
-            "'distributed')))")
+    code = (
+        "import sys, selfattn; recs = selfattn.list_backends(); "
+        "print([(r.name, r.available) for r in recs]); "
+        "gpu = any(r.name == 'cupy' and r.available for r in recs); "
+        "sys.exit(('cupy' in sys.modules and not gpu) or any(m in sys.modules for m in ('numba', 'dask', "
+        "'distributed')))"
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "'numpy', True" in res.stdout
@@ -88,9 +91,8 @@ def test_explicit_backend_never_falls_back():
     q16 = Q.astype(np.float16)
     with pytest.raises(UnsupportedFeatureError, match="loopback.*float16"):
         selfattn.scaled_dot_product_attention(q16, q16, q16, backend="loopback")
-    with selfattn.use_backend("loopback"):
-        with pytest.raises(UnsupportedFeatureError, match="dropout"):
-            selfattn.scaled_dot_product_attention(Q, Q, Q, dropout_p=0.1)
+    with selfattn.use_backend("loopback"), pytest.raises(UnsupportedFeatureError, match="dropout"):
+        selfattn.scaled_dot_product_attention(Q, Q, Q, dropout_p=0.1)
 
 
 def test_unknown_backend_lists_installed_and_install_hints():
@@ -100,9 +102,8 @@ def test_unknown_backend_lists_installed_and_install_hints():
     assert "'tensorflow'" in msg and "numpy" in msg and "pip install 'selfattn[numba]'" in msg
     with pytest.raises(BackendNotFoundError):
         selfattn.set_backend("nope")
-    with pytest.raises(BackendNotFoundError):
-        with selfattn.use_backend("nope"):
-            pass
+    with pytest.raises(BackendNotFoundError), selfattn.use_backend("nope"):
+        pass
     with pytest.raises(TypeError, match="backend must be"):
         selfattn.scaled_dot_product_attention(Q, Q, Q, backend=3)
 
@@ -138,9 +139,8 @@ def test_automatic_selection_skips_and_logs(caplog, monkeypatch):
         assert any("loopback: skipped" in t and "float16" in t for t in expl.trail)
         assert any("loopback: skipped" in r.getMessage() for r in caplog.records)
         # Strict mode turns the skip into an error, by context or by environment.
-        with selfattn.use_backend(strict=True):
-            with pytest.raises(UnsupportedFeatureError, match="strict"):
-                selfattn.scaled_dot_product_attention(q16, q16, q16)
+        with selfattn.use_backend(strict=True), pytest.raises(UnsupportedFeatureError, match="strict"):
+            selfattn.scaled_dot_product_attention(q16, q16, q16)
         monkeypatch.setenv("SELFATTN_STRICT", "1")
         with pytest.raises(UnsupportedFeatureError, match="strict"):
             selfattn.scaled_dot_product_attention(q16, q16, q16)

@@ -13,16 +13,24 @@ import selfattn
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 # Built-in backends only: ones registered by the test session itself (conftest) do not exist in a subprocess.
-BACKENDS = [r.name for r in selfattn.list_backends()
-            if r.available and r.source == "builtin" and r.capabilities is not None
-            and r.capabilities.array_type == "numpy"]
+BACKENDS = [
+    r.name
+    for r in selfattn.list_backends()
+    if r.available and r.source == "builtin" and r.capabilities is not None and r.capabilities.array_type == "numpy"
+]
 
 
 def run(script, *args, timeout=240):
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, str(EXAMPLES / script), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert proc.returncode == 0, f"{script} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout
 

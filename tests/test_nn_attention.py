@@ -28,6 +28,7 @@ def backend(request):
 
 # ----------------------------------------------------------------------------- MultiHeadAttention vs reference
 
+
 @pytest.mark.parametrize("kv_heads", [None, 2, 1])
 @pytest.mark.parametrize("causal", [False, True])
 def test_mha_self_attention_matches_reference(backend, kv_heads, causal):
@@ -64,8 +65,7 @@ def test_mha_cross_attention_kdim_vdim_and_masks(backend):
     xk2, xv2 = xk.copy(), xv.copy()
     xk2[1, 4:] = 100.0
     xv2[1, 4:] = -50.0
-    np.testing.assert_allclose(layer(xq, xk2, xv2, key_mask=key_mask), layer(xq, xk, xv, key_mask=key_mask),
-                               rtol=1e-12)
+    np.testing.assert_allclose(layer(xq, xk2, xv2, key_mask=key_mask), layer(xq, xk, xv, key_mask=key_mask), rtol=1e-12)
 
 
 def test_mha_unbatched_fully_masked_and_float32():
@@ -92,8 +92,12 @@ def test_mha_dropout_only_in_training_and_seeded():
     np.testing.assert_array_equal(a, b)
     # Training drops attention weights with the documented pattern of dropout_seed and rescales by 1/(1-p).
     np.testing.assert_allclose(a, _ref_mha(layer, x, dropout_p=0.5, dropout_seed=3)[0], rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(layer(x, training=True, dropout_seed=4),
-                               _ref_mha(layer, x, dropout_p=0.5, dropout_seed=4)[0], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(
+        layer(x, training=True, dropout_seed=4),
+        _ref_mha(layer, x, dropout_p=0.5, dropout_seed=4)[0],
+        rtol=1e-10,
+        atol=1e-12,
+    )
 
 
 def test_mha_state_dict_roundtrip(tmp_path):
@@ -123,20 +127,22 @@ def test_mha_init_matches_pytorch_scheme():
     assert np.abs(layer.params["out_weight"]).max() <= 1 / 8
     gqa = nn.MultiHeadAttention(64, 4, kv_heads=2, seed=0)
     assert gqa.params["k_weight"].shape == (32, 64)
-    np.testing.assert_array_equal(nn.MultiHeadAttention(64, 4, seed=5).params["q_weight"],
-                                  nn.MultiHeadAttention(64, 4, seed=5).params["q_weight"])
+    np.testing.assert_array_equal(
+        nn.MultiHeadAttention(64, 4, seed=5).params["q_weight"], nn.MultiHeadAttention(64, 4, seed=5).params["q_weight"]
+    )
 
 
-@pytest.mark.parametrize("kwargs, exc, word", [
-    (dict(embed_dim=10, num_heads=3), ValueError, "embed_dim"),
-    (dict(embed_dim=8, num_heads=4, kv_heads=3), ValueError, "kv_heads"),
-    (dict(embed_dim=8.0, num_heads=2), TypeError, "embed_dim"),
-    (dict(embed_dim=8, num_heads=0), ValueError, "num_heads"),
-    (dict(embed_dim=8, num_heads=2, dropout_p=1.0), ValueError, "dropout_p"),
-    (dict(embed_dim=8, num_heads=2, dtype=np.int32), TypeError, "dtype"),
-])
-
-
+@pytest.mark.parametrize(
+    "kwargs, exc, word",
+    [
+        (dict(embed_dim=10, num_heads=3), ValueError, "embed_dim"),
+        (dict(embed_dim=8, num_heads=4, kv_heads=3), ValueError, "kv_heads"),
+        (dict(embed_dim=8.0, num_heads=2), TypeError, "embed_dim"),
+        (dict(embed_dim=8, num_heads=0), ValueError, "num_heads"),
+        (dict(embed_dim=8, num_heads=2, dropout_p=1.0), ValueError, "dropout_p"),
+        (dict(embed_dim=8, num_heads=2, dtype=np.int32), TypeError, "dtype"),
+    ],
+)
 def test_mha_constructor_errors(kwargs, exc, word):
     e, h = kwargs.pop("embed_dim"), kwargs.pop("num_heads")
     with pytest.raises(exc, match=word):
@@ -165,6 +171,7 @@ def test_mha_call_errors():
 
 
 # ----------------------------------------------------------------------------- gradients
+
 
 @pytest.mark.parametrize("mode", ["self", "cross", "key_only"])
 @pytest.mark.parametrize("kv_heads", [None, 1])
@@ -219,6 +226,7 @@ def test_mha_vjp_with_dropout_consistent():
 
 
 # ----------------------------------------------------------------------------- PyTorch equality
+
 
 @pytest.mark.parametrize("kdim_vdim", [None, (5, 7)])
 def test_mha_matches_torch(kdim_vdim):
@@ -375,6 +383,7 @@ def test_mha_vjp_low_precision_against_float64(in_dtype):
 
 # ----------------------------------------------------------------------------- fail fast on need_weights (issue 12)
 
+
 def test_need_weights_that_cannot_be_allocated_fail_before_any_work(monkeypatch):
     layer = nn.MultiHeadAttention(8, 2, seed=0)
     x = np.ones((1, 200_000, 8), np.float32)  # weights (1, 2, 2e5, 2e5) float32: 320 GB
@@ -403,17 +412,19 @@ def test_need_weights_memory_check_uses_the_device_limit(monkeypatch):
 
 # ----------------------------------------------------------------------------- PyTorch keywords (issue 12)
 
-@pytest.mark.parametrize("name, value, words", [
-    ("key_padding_mask", np.zeros((2, 3), bool), ["key_mask=~key_padding_mask", "True for a real token"]),
-    ("attn_mask", np.zeros((3, 3), bool), ["mask=~attn_mask", "True = may attend", "opposite"]),
-    ("is_causal", True, ["causal=True", "bottom-right"]),
-    ("average_attn_weights", False, ["average_weights="]),
-    ("return_weights", True, ["need_weights=True"]),
-    ("enable_gqa", True, ["kv_heads="]),
-    ("key_mask_", None, ["did you mean 'key_mask'"]),
-])
 
-
+@pytest.mark.parametrize(
+    "name, value, words",
+    [
+        ("key_padding_mask", np.zeros((2, 3), bool), ["key_mask=~key_padding_mask", "True for a real token"]),
+        ("attn_mask", np.zeros((3, 3), bool), ["mask=~attn_mask", "True = may attend", "opposite"]),
+        ("is_causal", True, ["causal=True", "bottom-right"]),
+        ("average_attn_weights", False, ["average_weights="]),
+        ("return_weights", True, ["need_weights=True"]),
+        ("enable_gqa", True, ["kv_heads="]),
+        ("key_mask_", None, ["did you mean 'key_mask'"]),
+    ],
+)
 def test_mha_call_refuses_pytorch_keywords(name, value, words):
     layer = nn.MultiHeadAttention(8, 2, seed=0)
     x = np.ones((2, 3, 8), np.float32)
@@ -432,11 +443,16 @@ def test_mha_call_refuses_pytorch_keywords(name, value, words):
         layer.vjp(x, need_weights=True)
 
 
-@pytest.mark.parametrize("name, word", [("dropout", "dropout_p="), ("batch_first", "batch first"),
-                                        ("add_bias_kv", "not supported"), ("device", "NumPy"),
-                                        ("num_head", "did you mean")])
-
-
+@pytest.mark.parametrize(
+    "name, word",
+    [
+        ("dropout", "dropout_p="),
+        ("batch_first", "batch first"),
+        ("add_bias_kv", "not supported"),
+        ("device", "NumPy"),
+        ("num_head", "did you mean"),
+    ],
+)
 def test_mha_constructor_refuses_pytorch_keywords(name, word):
     with pytest.raises(TypeError, match="MultiHeadAttention\\(\\) got an unexpected keyword") as info:
         nn.MultiHeadAttention(8, 2, **{name: 0.1})
@@ -453,8 +469,12 @@ def test_mha_need_weights_matches_torch_after_keyword_translation():
     kpm = np.array([[False] * 4, [False, False, True, True]])
     attn_mask = np.triu(np.ones((4, 4), bool), 1)
     with torch.no_grad():
-        ref, ref_w = tm(*(torch.from_numpy(x),) * 3, key_padding_mask=torch.from_numpy(kpm),
-                        attn_mask=torch.from_numpy(attn_mask), average_attn_weights=False)
+        ref, ref_w = tm(
+            *(torch.from_numpy(x),) * 3,
+            key_padding_mask=torch.from_numpy(kpm),
+            attn_mask=torch.from_numpy(attn_mask),
+            average_attn_weights=False,
+        )
     out, w = layer(x, key_mask=~kpm, mask=~attn_mask, need_weights=True, average_weights=False)
     np.testing.assert_allclose(out, ref.numpy(), rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(w, ref_w.numpy(), rtol=1e-10, atol=1e-12)
@@ -462,12 +482,16 @@ def test_mha_need_weights_matches_torch_after_keyword_translation():
 
 # ----------------------------------------------------------------------------- softcap and ALiBi (issue 16)
 
+
 @pytest.mark.parametrize("softcap, alibi", [(None, True), (2.0, False), (0.5, True)])
 @pytest.mark.parametrize("kv_heads", [None, 2])
 def test_mha_softcap_and_alibi_match_the_oracle(backend, softcap, alibi, kv_heads):
     rng = np.random.default_rng(6)
-    layer = perturb(nn.MultiHeadAttention(16, 4, kv_heads=kv_heads, softcap=softcap, alibi=alibi,
-                                          dtype=np.float64, seed=1), rng, scale=0.5)
+    layer = perturb(
+        nn.MultiHeadAttention(16, 4, kv_heads=kv_heads, softcap=softcap, alibi=alibi, dtype=np.float64, seed=1),
+        rng,
+        scale=0.5,
+    )
     assert (layer.alibi_slopes is not None) == alibi and layer.softcap == softcap
     x = rng.normal(size=(2, 7, 16))
     for causal in (False, True):
@@ -475,8 +499,9 @@ def test_mha_softcap_and_alibi_match_the_oracle(backend, softcap, alibi, kv_head
         np.testing.assert_allclose(out, naive_mha(layer, x, causal=causal), rtol=1e-10, atol=1e-12)
     # cross-attention with M != N: ALiBi distances are bottom-right aligned, like causal
     xk = rng.normal(size=(2, 11, 16))
-    np.testing.assert_allclose(layer(x, xk, causal=True, backend=backend), naive_mha(layer, x, xk, causal=True),
-                               rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(
+        layer(x, xk, causal=True, backend=backend), naive_mha(layer, x, xk, causal=True), rtol=1e-10, atol=1e-12
+    )
 
 
 def test_mha_alibi_slopes_are_the_standard_ones_and_change_the_result():
@@ -497,8 +522,12 @@ def test_mha_softcap_alibi_dtypes_and_vjp(in_dtype):
     x = rng.normal(size=(2, 5, 8))
     out = layer(x.astype(in_dtype), causal=True)
     assert out.dtype == in_dtype
-    np.testing.assert_allclose(out.astype(np.float64), naive_mha(layer, x.astype(in_dtype).astype(np.float64),
-                                                                 causal=True), rtol=TOL[in_dtype], atol=TOL[in_dtype])
+    np.testing.assert_allclose(
+        out.astype(np.float64),
+        naive_mha(layer, x.astype(in_dtype).astype(np.float64), causal=True),
+        rtol=TOL[in_dtype],
+        atol=TOL[in_dtype],
+    )
     if in_dtype == np.float64:
         out, back = layer.vjp(x, causal=True)
         g = rng.normal(size=out.shape)
@@ -508,14 +537,15 @@ def test_mha_softcap_alibi_dtypes_and_vjp(in_dtype):
         _fd_check(f, layer.params["q_weight"], g, dp["q_weight"])
 
 
-@pytest.mark.parametrize("kwargs, exc, word", [
-    (dict(softcap=0.0), ValueError, "softcap"),
-    (dict(softcap=float("inf")), ValueError, "softcap"),
-    (dict(softcap="1"), TypeError, "softcap"),
-    (dict(alibi=1), TypeError, "alibi"),
-])
-
-
+@pytest.mark.parametrize(
+    "kwargs, exc, word",
+    [
+        (dict(softcap=0.0), ValueError, "softcap"),
+        (dict(softcap=float("inf")), ValueError, "softcap"),
+        (dict(softcap="1"), TypeError, "softcap"),
+        (dict(alibi=1), TypeError, "alibi"),
+    ],
+)
 def test_mha_softcap_alibi_constructor_errors(kwargs, exc, word):
     with pytest.raises(exc, match=word):
         nn.MultiHeadAttention(8, 2, **kwargs)
@@ -551,8 +581,9 @@ def test_packed_call_equals_the_padded_key_masked_call(backend, causal, opts):
     if opts:  # the padded path is itself checked against the oracle, sequence by sequence
         for i, (a, z) in enumerate(zip(cu[:-1], cu[1:], strict=True)):
             if z > a:
-                np.testing.assert_allclose(out[a:z], naive_mha(layer, padded[i, :z - a], causal=causal),
-                                           rtol=1e-10, atol=1e-12)
+                np.testing.assert_allclose(
+                    out[a:z], naive_mha(layer, padded[i, : z - a], causal=causal), rtol=1e-10, atol=1e-12
+                )
 
 
 @pytest.mark.parametrize("backend", VARLEN_BACKENDS)
@@ -605,20 +636,21 @@ def test_packed_vjp_equals_the_padded_vjp(backend, in_dtype):
         np.testing.assert_allclose(grad, rp[name], rtol=tol, atol=tol * max(1.0, np.abs(rp[name]).max()))
 
 
-@pytest.mark.parametrize("kwargs, exc, words", [
-    ({"cu_seqlens": np.array([0, 4, 2, 6])}, ValueError, "non-decreasing"),
-    ({"cu_seqlens": np.array([0, 2, 5])}, ValueError, "end at the packed length 6"),
-    ({"cu_seqlens": np.array([1, 2, 6])}, ValueError, "start at 0"),
-    ({"cu_seqlens": np.array([0.0, 6.0])}, TypeError, "integer"),
-    ({"cu_seqlens": np.array([[0, 6]])}, ValueError, "1-D"),
-    ({"cu_seqlens": np.array([0, 6]), "key_mask": np.ones((1, 6), bool)}, ValueError, "key_mask"),
-    ({"cu_seqlens": np.array([0, 6]), "mask": np.ones((6, 6), bool)}, ValueError, "cu_seqlens"),
-    ({"cu_seqlens": np.array([0, 6]), "need_weights": True}, ValueError, "need_weights"),
-    ({"cu_seqlens_k": np.array([0, 6])}, ValueError, "cu_seqlens_k was given without cu_seqlens"),
-    ({"cu_seqlens": np.array([0, 3, 6]), "cu_seqlens_k": np.array([0, 6])}, ValueError, "same number of sequences"),
-])
-
-
+@pytest.mark.parametrize(
+    "kwargs, exc, words",
+    [
+        ({"cu_seqlens": np.array([0, 4, 2, 6])}, ValueError, "non-decreasing"),
+        ({"cu_seqlens": np.array([0, 2, 5])}, ValueError, "end at the packed length 6"),
+        ({"cu_seqlens": np.array([1, 2, 6])}, ValueError, "start at 0"),
+        ({"cu_seqlens": np.array([0.0, 6.0])}, TypeError, "integer"),
+        ({"cu_seqlens": np.array([[0, 6]])}, ValueError, "1-D"),
+        ({"cu_seqlens": np.array([0, 6]), "key_mask": np.ones((1, 6), bool)}, ValueError, "key_mask"),
+        ({"cu_seqlens": np.array([0, 6]), "mask": np.ones((6, 6), bool)}, ValueError, "cu_seqlens"),
+        ({"cu_seqlens": np.array([0, 6]), "need_weights": True}, ValueError, "need_weights"),
+        ({"cu_seqlens_k": np.array([0, 6])}, ValueError, "cu_seqlens_k was given without cu_seqlens"),
+        ({"cu_seqlens": np.array([0, 3, 6]), "cu_seqlens_k": np.array([0, 6])}, ValueError, "same number of sequences"),
+    ],
+)
 def test_packed_call_errors_before_any_work(monkeypatch, kwargs, exc, words):
     layer = nn.MultiHeadAttention(8, 2, seed=0)
     monkeypatch.setattr("selfattn.nn.attention.linear", lambda *a, **k: pytest.fail("computed before validating"))

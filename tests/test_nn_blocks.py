@@ -61,10 +61,11 @@ def test_encoder_training_applies_dropout_where_documented(backend):
     def drop(t):
         return np.where(rng.random(t.shape) >= p, t / (1 - p), 0)
 
-    seed = int(rng.integers(0, 2 ** 63))
+    seed = int(rng.integers(0, 2**63))
     attn = layer.self_attn(x, training=True, dropout_seed=seed, backend=backend)
-    np.testing.assert_allclose(attn, _ref_mha(layer.self_attn, x, dropout_p=p, dropout_seed=seed)[0],
-                               rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(
+        attn, _ref_mha(layer.self_attn, x, dropout_p=p, dropout_seed=seed)[0], rtol=1e-10, atol=1e-12
+    )
     h = layer.norm1(x + drop(attn))
     expect = layer.norm2(h + drop(layer.ff(h, training=True, rng=rng)))
     np.testing.assert_allclose(y, expect, rtol=1e-12, atol=1e-12)
@@ -78,8 +79,13 @@ def test_encoder_training_applies_dropout_where_documented(backend):
 def test_encoder_layer_matches_torch(norm_first, activation):
     torch = _torch()
     torch.manual_seed(2)
-    tl = torch.nn.TransformerEncoderLayer(16, 4, 32, dropout=0.1, activation=activation, batch_first=True,
-                                          norm_first=norm_first).double().eval()
+    tl = (
+        torch.nn.TransformerEncoderLayer(
+            16, 4, 32, dropout=0.1, activation=activation, batch_first=True, norm_first=norm_first
+        )
+        .double()
+        .eval()
+    )
     with torch.no_grad():
         for prm in tl.parameters():
             prm.add_(torch.randn_like(prm) * 0.1)
@@ -163,6 +169,7 @@ def test_encoder_layer_dropout_in_float16_keeps_the_dtype():
 
 # ----------------------------------------------------------------------------- one state-dict mechanism for stacks
 
+
 def test_stack_parameter_names_and_sharing():
     enc = nn.TransformerEncoder(2, 8, 2, 16, final_norm=True, seed=0)
     names = set(enc.params)
@@ -172,8 +179,9 @@ def test_stack_parameter_names_and_sharing():
     assert enc.num_parameters() == sum(v.size for v in enc.params.values()) == 2 * enc.layers[0].num_parameters() + 16
     # the flat dict shares the arrays: an in-place optimizer step reaches the layer
     enc.params["layers.1.self_attn.out_weight"] -= 1.0
-    np.testing.assert_array_equal(enc.layers[1].self_attn.params["out_weight"],
-                                  enc.params["layers.1.self_attn.out_weight"])
+    np.testing.assert_array_equal(
+        enc.layers[1].self_attn.params["out_weight"], enc.params["layers.1.self_attn.out_weight"]
+    )
     with pytest.raises(AttributeError, match="load_state_dict"):
         enc.params = {}
 
@@ -214,12 +222,16 @@ def test_encoder_without_layers():
 
 # ----------------------------------------------------------------------------- PyTorch keywords (issue 12)
 
-@pytest.mark.parametrize("name, value, words", [
-    ("src_key_padding_mask", np.zeros((2, 4), bool), ["key_mask=~src_key_padding_mask", "True for a real token"]),
-    ("src_mask", np.zeros((4, 4), bool), ["mask=~src_mask", "True = may attend"]),
-    ("is_causal", True, ["causal=True", "bottom-right"]),
-    ("key_padding_mask", np.zeros((2, 4), bool), ["key_mask=~key_padding_mask"]),
-])
+
+@pytest.mark.parametrize(
+    "name, value, words",
+    [
+        ("src_key_padding_mask", np.zeros((2, 4), bool), ["key_mask=~src_key_padding_mask", "True for a real token"]),
+        ("src_mask", np.zeros((4, 4), bool), ["mask=~src_mask", "True = may attend"]),
+        ("is_causal", True, ["causal=True", "bottom-right"]),
+        ("key_padding_mask", np.zeros((2, 4), bool), ["key_mask=~key_padding_mask"]),
+    ],
+)
 @pytest.mark.parametrize("cls", ["TransformerEncoderLayer", "TransformerEncoder"])
 def test_blocks_refuse_pytorch_call_keywords(cls, name, value, words):
     layer = getattr(nn, cls)(*((8, 2, 16) if cls == "TransformerEncoderLayer" else (1, 8, 2, 16)))
@@ -229,9 +241,16 @@ def test_blocks_refuse_pytorch_call_keywords(cls, name, value, words):
         assert word in str(info.value)
 
 
-@pytest.mark.parametrize("name, word", [("d_model", "embed_dim="), ("nhead", "num_heads="),
-                                        ("dim_feedforward", "ff_dim="), ("dropout", "dropout_p="),
-                                        ("batch_first", "batch first")])
+@pytest.mark.parametrize(
+    "name, word",
+    [
+        ("d_model", "embed_dim="),
+        ("nhead", "num_heads="),
+        ("dim_feedforward", "ff_dim="),
+        ("dropout", "dropout_p="),
+        ("batch_first", "batch first"),
+    ],
+)
 def test_blocks_refuse_pytorch_constructor_keywords(name, word):
     with pytest.raises(TypeError, match="TransformerEncoderLayer\\(\\) got an unexpected keyword") as info:
         nn.TransformerEncoderLayer(8, 2, 16, **{name: 1})

@@ -12,15 +12,19 @@ def test_erf_and_gelu():
     x = np.linspace(-9, 9, 20001)
     np.testing.assert_allclose(nn.erf(x), [math.erf(v) for v in x], rtol=1e-14, atol=1e-15)
     assert np.isnan(nn.erf(np.array([np.nan]))).all()
-    np.testing.assert_allclose(nn.gelu(x), x * 0.5 * (1 + np.array([math.erf(v / math.sqrt(2)) for v in x])),
-                               rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(
+        nn.gelu(x), x * 0.5 * (1 + np.array([math.erf(v / math.sqrt(2)) for v in x])), rtol=1e-13, atol=1e-13
+    )
 
 
 def test_import_is_light():
     import subprocess
     import sys
-    code = ("import sys, selfattn.nn; bad = [m for m in sys.modules if m.split('.')[0] in "
-            "('torch', 'scipy', 'numba', 'cupy')]; print(bad); assert not bad")
+
+    code = (
+        "import sys, selfattn.nn; bad = [m for m in sys.modules if m.split('.')[0] in "
+        "('torch', 'scipy', 'numba', 'cupy')]; print(bad); assert not bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -46,7 +50,7 @@ def test_linear_layout_dtype_and_float16_accumulation():
     x16, w16 = np.full((1, n), 0.1, np.float16), np.ones((1, n), np.float16)
     exact = n * float(np.float16(0.1))
     assert F.linear(x16, w16)[0, 0] == np.float16(exact)
-    assert abs(float(F.linear(x16, w16)[0, 0]) - exact) <= exact * 2 ** -10
+    assert abs(float(F.linear(x16, w16)[0, 0]) - exact) <= exact * 2**-10
 
 
 def test_dropout_keeps_dtype_and_scales():

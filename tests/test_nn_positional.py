@@ -9,6 +9,7 @@ from selfattn import nn
 
 # ----------------------------------------------------------------------------- positional encodings
 
+
 def test_sinusoidal_positions():
     p = nn.sinusoidal_positions(50, 16)
     assert p.shape == (50, 16) and p.dtype == np.float32
@@ -28,8 +29,10 @@ def test_rotary_relative_and_norm(interleaved):
     q, k = rng.normal(size=(1, 8)), rng.normal(size=(1, 8))
 
     def dot(m, n):
-        return float(nn.apply_rotary(q, np.array([m]), interleaved=interleaved)[0]
-                     @ nn.apply_rotary(k, np.array([n]), interleaved=interleaved)[0])
+        return float(
+            nn.apply_rotary(q, np.array([m]), interleaved=interleaved)[0]
+            @ nn.apply_rotary(k, np.array([n]), interleaved=interleaved)[0]
+        )
 
     assert dot(5, 2) == pytest.approx(dot(13, 10), rel=1e-10)
     assert dot(5, 2) != pytest.approx(dot(5, 3), rel=1e-3)
@@ -50,9 +53,11 @@ def test_rotary_layouts_are_permutations():
     # explicit check of the half-split formula at one position
     theta = 3 * 10000.0 ** (-np.arange(0, 6, 2) / 6)
     x1, x2 = x[3, :3], x[3, 3:]
-    np.testing.assert_allclose(nn.apply_rotary(x, np.arange(4))[3],
-                               np.concatenate([x1 * np.cos(theta) - x2 * np.sin(theta),
-                                               x2 * np.cos(theta) + x1 * np.sin(theta)]), rtol=1e-12)
+    np.testing.assert_allclose(
+        nn.apply_rotary(x, np.arange(4))[3],
+        np.concatenate([x1 * np.cos(theta) - x2 * np.sin(theta), x2 * np.cos(theta) + x1 * np.sin(theta)]),
+        rtol=1e-12,
+    )
     with pytest.raises(ValueError, match="even"):
         nn.apply_rotary(np.zeros((2, 5)), np.arange(2))
     with pytest.raises(ValueError, match="positions"):
@@ -63,6 +68,7 @@ def test_rotary_layouts_are_permutations():
 
 # ----------------------------------------------------------------------------- ALiBi slopes
 
+
 def test_alibi_slopes_literal_values():
     """2**(-8 i / n) for a power of two n; otherwise the reference algorithm's interleaved extra slopes."""
     np.testing.assert_array_equal(nn.alibi_slopes(8), [1 / 2, 1 / 4, 1 / 8, 1 / 16, 1 / 32, 1 / 64, 1 / 128, 1 / 256])
@@ -70,23 +76,40 @@ def test_alibi_slopes_literal_values():
     np.testing.assert_array_equal(nn.alibi_slopes(2), [1 / 16, 1 / 256])
     np.testing.assert_array_equal(nn.alibi_slopes(4), [1 / 4, 1 / 16, 1 / 64, 1 / 256])
     # 12 heads: the 8 slopes of 8 heads, then slopes 1, 3, 5, 7 of 16 heads (2**-0.5, 2**-1.5, ...)
-    np.testing.assert_allclose(nn.alibi_slopes(12), [
-        0.5, 0.25, 0.125, 0.0625, 0.03125, 0.015625, 0.0078125, 0.00390625,
-        0.7071067811865476, 0.3535533905932738, 0.1767766952966369, 0.08838834764831845], rtol=1e-15)
+    np.testing.assert_allclose(
+        nn.alibi_slopes(12),
+        [
+            0.5,
+            0.25,
+            0.125,
+            0.0625,
+            0.03125,
+            0.015625,
+            0.0078125,
+            0.00390625,
+            0.7071067811865476,
+            0.3535533905932738,
+            0.1767766952966369,
+            0.08838834764831845,
+        ],
+        rtol=1e-15,
+    )
     # 6 heads: 4 heads' slopes, then slopes 1 and 3 of 8 heads
     np.testing.assert_array_equal(nn.alibi_slopes(6), [1 / 4, 1 / 16, 1 / 64, 1 / 256, 1 / 2, 1 / 8])
-    np.testing.assert_allclose(nn.alibi_slopes(16)[:3], [2 ** -0.5, 0.5, 2 ** -1.5], rtol=1e-15)
+    np.testing.assert_allclose(nn.alibi_slopes(16)[:3], [2**-0.5, 0.5, 2**-1.5], rtol=1e-15)
 
 
 def _reference_get_slopes(n):
     """The ALiBi repository's get_slopes (ofirpress/attention_with_linear_biases), verbatim in substance."""
+
     def power_of_2(n):
-        start = 2 ** (-2 ** -(math.log2(n) - 3))
-        return [start * start ** i for i in range(n)]
+        start = 2 ** (-(2 ** -(math.log2(n) - 3)))
+        return [start * start**i for i in range(n)]
+
     if math.log2(n).is_integer():
         return power_of_2(n)
     closest = 2 ** math.floor(math.log2(n))
-    return power_of_2(closest) + _reference_get_slopes(2 * closest)[0::2][:n - closest]
+    return power_of_2(closest) + _reference_get_slopes(2 * closest)[0::2][: n - closest]
 
 
 @pytest.mark.parametrize("heads", [1, 3, 5, 12, 20, 24, 40, 64, 96])

@@ -59,8 +59,9 @@ def _close(a, b, dtype, what=""):
 
 def _check_forward(q, k, v, **kw):
     dtype = q.dtype.type
-    out, lse, w = selfattn.scaled_dot_product_attention(q, k, v, return_lse=True, return_weights=True,
-                                                        backend=BACKEND, **kw)
+    out, lse, w = selfattn.scaled_dot_product_attention(
+        q, k, v, return_lse=True, return_weights=True, backend=BACKEND, **kw
+    )
     ro, rl, rw = ref.forward(q, k, v, **kw)
     assert out.dtype == q.dtype and w.dtype == q.dtype
     assert lse.dtype == (np.float32 if dtype == np.float16 else dtype)
@@ -131,8 +132,20 @@ def test_gqa(group):
     _check_vjp(q, k, v, causal=True)
 
 
-MASK_SHAPES = [(91,), (1, 91), (67, 1), (67, 91), (8, 1, 91), (8, 67, 91), (2, 1, 1, 91), (2, 8, 67, 91),
-               (1, 1, 67, 1), (2, 1, 1, 1), (1,), (1, 1)]
+MASK_SHAPES = [
+    (91,),
+    (1, 91),
+    (67, 1),
+    (67, 91),
+    (8, 1, 91),
+    (8, 67, 91),
+    (2, 1, 1, 91),
+    (2, 8, 67, 91),
+    (1, 1, 67, 1),
+    (2, 1, 1, 1),
+    (1,),
+    (1, 1),
+]
 
 
 @pytest.mark.parametrize("mshape", MASK_SHAPES)
@@ -244,7 +257,7 @@ def test_inputs_untouched_noncontiguous_readonly():
     copies = [x.copy() for x in (base, k, v)]
     _check_forward(q, k, v, causal=True)
     _check_vjp(q, k, v, window=(5, 9))
-    for x, c in zip((base, k, v), copies):
+    for x, c in zip((base, k, v), copies, strict=True):
         assert np.array_equal(x, c)
 
 
@@ -281,9 +294,11 @@ def test_threads_honoured_and_restored():
 
 
 def test_import_does_not_import_numba():
-    code = ("import sys, selfattn, selfattn.backends.numba_ as m; "
-            "assert 'numba' not in sys.modules, 'numba imported'; "
-            "print(m.backend.capabilities.features == selfattn.Capabilities('numpy').features)")
+    code = (
+        "import sys, selfattn, selfattn.backends.numba_ as m; "
+        "assert 'numba' not in sys.modules, 'numba imported'; "
+        "print(m.backend.capabilities.features == selfattn.Capabilities('numpy').features)"
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "True"

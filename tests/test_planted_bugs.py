@@ -56,8 +56,9 @@ def test_mutants_change_the_results_they_claim_to():
     backends = mutants.build(names=["lse-rounded-to-input-dtype", "causal-band-off-by-one"])
     with mutants.registered(backends):
         _, good = selfattn.scaled_dot_product_attention(q, k, v, return_lse=True, backend="numpy")
-        _, bad = selfattn.scaled_dot_product_attention(q, k, v, return_lse=True,
-                                                       backend="mutant-lse-rounded-to-input-dtype")
+        _, bad = selfattn.scaled_dot_product_attention(
+            q, k, v, return_lse=True, backend="mutant-lse-rounded-to-input-dtype"
+        )
         assert bad.dtype == np.float32 and np.array_equal(bad, good.astype(np.float16).astype(np.float32))
         assert not np.array_equal(bad, good)
         a = selfattn.scaled_dot_product_attention(q, k, v, causal=True, backend="numpy")

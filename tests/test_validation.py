@@ -21,7 +21,12 @@ BAD = [
     # array types
     ("query-list", dict(query=Q.tolist()), TypeError, r"query must be a numpy.ndarray.*numpy.asarray"),
     ("key-scalar", dict(key=1.0), TypeError, r"key must be a numpy.ndarray"),
-    ("value-matrix-subclass", dict(value=np.asmatrix(V[0, 0])), TypeError, r"value must be a plain numpy.ndarray.*numpy.asarray"),
+    (
+        "value-matrix-subclass",
+        dict(value=np.asmatrix(V[0, 0])),
+        TypeError,
+        r"value must be a plain numpy.ndarray.*numpy.asarray",
+    ),
     ("query-masked-array", dict(query=np.ma.masked_array(Q)), TypeError, r"plain numpy.ndarray"),
     ("query-int", dict(query=Q.astype(np.int32)), TypeError, r"query has integer data.*astype"),
     ("key-bool", dict(key=K > 0), TypeError, r"key has boolean data"),
@@ -32,17 +37,36 @@ BAD = [
     # shapes
     ("query-1d", dict(query=Q[0, 0, 0]), ValueError, r"query must have at least 2 dimensions"),
     ("ndim-mismatch", dict(query=Q[0]), ValueError, r"same number of dimensions"),
-    ("batch-mismatch", dict(key=np.concatenate([K, K])), ValueError, r"key has batch shape \(4,\) but query has \(2,\)"),
+    (
+        "batch-mismatch",
+        dict(key=np.concatenate([K, K])),
+        ValueError,
+        r"key has batch shape \(4,\) but query has \(2,\)",
+    ),
     ("d-mismatch", dict(key=K[..., :4]), ValueError, r"key's last axis \(4\) must equal query's last axis D \(8\)"),
-    ("kv-length-mismatch", dict(value=V[:, :, :6]), ValueError, r"value must have the same head count and length as key"),
+    (
+        "kv-length-mismatch",
+        dict(value=V[:, :, :6]),
+        ValueError,
+        r"value must have the same head count and length as key",
+    ),
     ("kv-heads-mismatch", dict(value=V[:, :1]), ValueError, r"value must have the same head count"),
-    ("heads-not-multiple", dict(key=np.zeros((2, 3, 7, 8), np.float32), value=np.zeros((2, 3, 7, 3), np.float32)),
-     ValueError, r"query heads \(4\) must be a multiple of key/value heads \(3\)"),
+    (
+        "heads-not-multiple",
+        dict(key=np.zeros((2, 3, 7, 8), np.float32), value=np.zeros((2, 3, 7, 3), np.float32)),
+        ValueError,
+        r"query heads \(4\) must be a multiple of key/value heads \(3\)",
+    ),
     ("d-zero", dict(query=Q[..., :0], key=K[..., :0]), ValueError, r"head size D .* at least 1"),
     # mask
     ("mask-list", dict(mask=[[True]]), TypeError, r"mask must be a numpy.ndarray"),
     ("mask-int", dict(mask=np.ones((5, 7), np.int8)), TypeError, r"mask has dtype int8.*astype\(bool\)"),
-    ("mask-shape", dict(mask=np.ones((5, 6), bool)), ValueError, r"mask with shape \(5, 6\) is not broadcastable to .*\(2, 4, 5, 7\)"),
+    (
+        "mask-shape",
+        dict(mask=np.ones((5, 6), bool)),
+        ValueError,
+        r"mask with shape \(5, 6\) is not broadcastable to .*\(2, 4, 5, 7\)",
+    ),
     ("mask-too-many-dims", dict(mask=np.ones((1, 2, 4, 5, 7), bool)), ValueError, r"not broadcastable"),
     ("mask-heads", dict(mask=np.ones((3, 1, 1), bool)), ValueError, r"not broadcastable"),
     # options
@@ -66,7 +90,12 @@ BAD = [
     ("dropout-negative", dict(dropout_p=-0.1), ValueError, r"dropout_p must be in \[0, 1\)"),
     ("dropout-nan", dict(dropout_p=float("nan")), ValueError, r"dropout_p must be in"),
     ("dropout-str", dict(dropout_p="0.1"), TypeError, r"dropout_p must be a float"),
-    ("seed-negative", dict(dropout_p=0.1, dropout_seed=-1), ValueError, r"dropout_seed must be in \[0, 2\*\*64\), got -1"),
+    (
+        "seed-negative",
+        dict(dropout_p=0.1, dropout_seed=-1),
+        ValueError,
+        r"dropout_seed must be in \[0, 2\*\*64\), got -1",
+    ),
     ("seed-too-big", dict(dropout_p=0.1, dropout_seed=2**64), ValueError, r"dropout_seed must be in"),
     ("seed-float", dict(dropout_p=0.1, dropout_seed=1.5), TypeError, r"dropout_seed must be an int, got 1.5"),
     ("backend-int", dict(backend=1), TypeError, r"backend must be a backend name"),
@@ -86,7 +115,9 @@ def test_malformed_call_raises_clear_error(name, over, exc, pattern):
         _call(**over)
 
 
-@pytest.mark.parametrize("name,over,exc,pattern", [b for b in BAD if "backend" not in b[1]], ids=[b[0] for b in BAD if "backend" not in b[1]])
+@pytest.mark.parametrize(
+    "name,over,exc,pattern", [b for b in BAD if "backend" not in b[1]], ids=[b[0] for b in BAD if "backend" not in b[1]]
+)
 def test_every_backend_fails_the_same_way(name, over, exc, pattern):
     names = [r.name for r in selfattn.list_backends() if r.available and r.capabilities.array_type == "numpy"]
     messages = set()
@@ -117,7 +148,9 @@ def test_foreign_tensor_hint():
 
 def test_backward_validates_grad_out():
     out, backward = selfattn.scaled_dot_product_attention_vjp(Q, K, V)
-    with pytest.raises(ValueError, match=r"grad_out has shape \(2, 4, 5, 2\), expected the output's shape \(2, 4, 5, 3\)"):
+    with pytest.raises(
+        ValueError, match=r"grad_out has shape \(2, 4, 5, 2\), expected the output's shape \(2, 4, 5, 3\)"
+    ):
         backward(np.zeros((2, 4, 5, 2), np.float32))
     with pytest.raises(TypeError, match=r"grad_out has dtype float64, expected float32"):
         backward(np.zeros(out.shape))
@@ -134,10 +167,20 @@ def test_valid_edge_values_are_accepted():
     from selfattn.testing.compare import assert_close
 
     for odd, plain in (
-        (dict(causal=np.bool_(True), window=(np.int64(2), 10**15), scale=np.float32(0.5), dropout_p=0.0,
-              dropout_seed=3), dict(causal=True, window=(2, 10**15), scale=0.5)),
-        (dict(scale=2, dropout_p=np.float64(0.2), dropout_seed=np.uint64(2**64 - 1)),
-         dict(scale=2.0, dropout_p=0.2, dropout_seed=2**64 - 1)),
+        (
+            dict(
+                causal=np.bool_(True),
+                window=(np.int64(2), 10**15),
+                scale=np.float32(0.5),
+                dropout_p=0.0,
+                dropout_seed=3,
+            ),
+            dict(causal=True, window=(2, 10**15), scale=0.5),
+        ),
+        (
+            dict(scale=2, dropout_p=np.float64(0.2), dropout_seed=np.uint64(2**64 - 1)),
+            dict(scale=2.0, dropout_p=0.2, dropout_seed=2**64 - 1),
+        ),
     ):
         out = _call(**odd)
         np.testing.assert_array_equal(out, _call(**plain))
@@ -175,9 +218,19 @@ VARLEN_BAD = [
     ("cu-list", dict(cu_seqlens_q=[0, 5, 12]), TypeError, r"cu_seqlens_q must be a numpy .*integer array"),
     ("cu-float", dict(cu_seqlens_q=_CQ.astype(np.float32)), TypeError, r"cu_seqlens_q has dtype float32.*integer"),
     ("cu-bool", dict(cu_seqlens_k=np.array([False, True, True])), TypeError, r"cu_seqlens_k has dtype bool"),
-    ("cu-decreasing", dict(cu_seqlens_q=np.array([0, 7, 5, 12])), ValueError, r"non-decreasing.*\[2\] = 5 < .*\[1\] = 7"),
+    (
+        "cu-decreasing",
+        dict(cu_seqlens_q=np.array([0, 7, 5, 12])),
+        ValueError,
+        r"non-decreasing.*\[2\] = 5 < .*\[1\] = 7",
+    ),
     ("cu-start", dict(cu_seqlens_k=np.array([1, 9, 15])), ValueError, r"cu_seqlens_k must start at 0"),
-    ("cu-end", dict(cu_seqlens_q=np.array([0, 5, 11])), ValueError, r"must end at total_q .* = 12, got cu_seqlens_q\[-1\] = 11"),
+    (
+        "cu-end",
+        dict(cu_seqlens_q=np.array([0, 5, 11])),
+        ValueError,
+        r"must end at total_q .* = 12, got cu_seqlens_q\[-1\] = 11",
+    ),
     ("cu-length-mismatch", dict(cu_seqlens_k=np.array([0, 15])), ValueError, r"same length \(B \+ 1\), got 3 and 2"),
     ("cu-2d", dict(cu_seqlens_q=_CQ[None]), ValueError, r"cu_seqlens_q must be 1-D"),
     ("query-4d", dict(query=_VQ[None]), ValueError, r"query must be 3-D \(heads, total tokens, head size\)"),
@@ -192,8 +245,14 @@ def test_malformed_varlen_call_raises_clear_error(name, over, exc, pattern):
     args = dict(query=_VQ, key=_VK, value=_VK, cu_seqlens_q=_CQ, cu_seqlens_k=_CK)
     args.update(over)
     with pytest.raises(exc, match=pattern):
-        selfattn.scaled_dot_product_attention_varlen(args.pop("query"), args.pop("key"), args.pop("value"),
-                                                     args.pop("cu_seqlens_q"), args.pop("cu_seqlens_k"), **args)
+        selfattn.scaled_dot_product_attention_varlen(
+            args.pop("query"),
+            args.pop("key"),
+            args.pop("value"),
+            args.pop("cu_seqlens_q"),
+            args.pop("cu_seqlens_k"),
+            **args,
+        )
 
 
 OPTION_BAD = [
@@ -245,8 +304,11 @@ def test_impossible_result_fails_before_any_work(monkeypatch):
     for backend in [r.name for r in selfattn.list_backends() if r.available and r.capabilities.array_type == "numpy"]:
         monkeypatch.setattr("selfattn._memory.available_bytes", lambda array_type, like=None: 8 * 2**30)
         t0 = time.perf_counter()
-        with pytest.raises(MemoryError, match=r"return_weights=True: the attention weights \(1, 1, 100000, 100000\) "
-                                              r"\(37\.3 GiB of float32\).*drop return_weights=True.*return_lse=True"):
+        with pytest.raises(
+            MemoryError,
+            match=r"return_weights=True: the attention weights \(1, 1, 100000, 100000\) "
+            r"\(37\.3 GiB of float32\).*drop return_weights=True.*return_lse=True",
+        ):
             selfattn.scaled_dot_product_attention(q, q, q, return_weights=True, backend=backend)
         assert time.perf_counter() - t0 < 5.0  # refused, not computed (a generous bound for a loaded machine)
     with pytest.raises(MemoryError, match=r"the output \(1, 1, 100000, 64\).*split the call"):
@@ -260,10 +322,18 @@ MERGE_BAD = [
     ("length", dict(lses=[np.zeros(3, np.float32)]), ValueError, r"same length, got 2 and 1"),
     ("not-sequence", dict(outputs=np.zeros((2, 3, 4), np.float32)), TypeError, r"outputs must be a list or tuple"),
     ("list-item", dict(outputs=[[0.0], [0.0]]), TypeError, r"outputs\[0\] must be a numpy.ndarray"),
-    ("dtype", dict(outputs=[np.zeros((3, 4), np.float32), np.zeros((3, 4))]), TypeError,
-     r"outputs\[1\] has dtype float64 but outputs\[0\] has float32"),
-    ("shape", dict(outputs=[np.zeros((3, 4), np.float32), np.zeros((3, 5), np.float32)]), ValueError,
-     r"outputs\[1\] has shape \(3, 5\)"),
+    (
+        "dtype",
+        dict(outputs=[np.zeros((3, 4), np.float32), np.zeros((3, 4))]),
+        TypeError,
+        r"outputs\[1\] has dtype float64 but outputs\[0\] has float32",
+    ),
+    (
+        "shape",
+        dict(outputs=[np.zeros((3, 4), np.float32), np.zeros((3, 5), np.float32)]),
+        ValueError,
+        r"outputs\[1\] has shape \(3, 5\)",
+    ),
     ("lse-dtype", dict(lses=[np.zeros(3), np.zeros(3)]), TypeError, r"lses\[0\] has dtype float64; for float32"),
     ("lse-shape", dict(lses=[np.zeros(4, np.float32)] * 2), ValueError, r"lses\[0\] has shape \(4,\), expected \(3,\)"),
 ]
@@ -285,8 +355,9 @@ def test_bnhd_layout_as_swapaxes_views(view):
     q = x.swapaxes(1, 2)
     k = y.swapaxes(1, 2) if view == "all" else np.ascontiguousarray(y.swapaxes(1, 2))
     assert np.shares_memory(q, x)
-    expect = selfattn.scaled_dot_product_attention(np.ascontiguousarray(q), np.ascontiguousarray(k),
-                                                   np.ascontiguousarray(k), causal=True, backend="numpy")
+    expect = selfattn.scaled_dot_product_attention(
+        np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(k), causal=True, backend="numpy"
+    )
     for backend in [r.name for r in selfattn.list_backends() if r.available and r.capabilities.array_type == "numpy"]:
         got = selfattn.scaled_dot_product_attention(q, k, k, causal=True, backend=backend)
         np.testing.assert_allclose(got, expect, rtol=2e-5, atol=2e-6)

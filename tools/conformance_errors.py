@@ -118,12 +118,19 @@ def measure(label: str, backend: str, family: str | None, cases, records: list) 
             for what, got, exp, bound in results:
                 fin = np.isfinite(exp)
                 err = float(np.max(np.abs(np.asarray(host(got), np.float64)[fin] - exp[fin]))) if fin.any() else 0.0
-                records.append(dict(
-                    backend=label, case=case.id, what=what, dtype=_label(got, case.dtype), abs=err,
-                    old=old_usage(what, got, exp, case.dtype, case.logit_scale > 1.0),
-                    new=error_ratio(got, exp, what, case.dtype, score_max=smax, bound=bound),
-                    need=needed_atol(what, got, exp, case.dtype, smax, bound), source="case",
-                ))
+                records.append(
+                    dict(
+                        backend=label,
+                        case=case.id,
+                        what=what,
+                        dtype=_label(got, case.dtype),
+                        abs=err,
+                        old=old_usage(what, got, exp, case.dtype, case.logit_scale > 1.0),
+                        new=error_ratio(got, exp, what, case.dtype, score_max=smax, bound=bound),
+                        need=needed_atol(what, got, exp, case.dtype, smax, bound),
+                        source="case",
+                    )
+                )
 
 
 def measure_property(label: str, backend: str, family: str | None, draws: int, records: list) -> None:
@@ -140,16 +147,24 @@ def measure_property(label: str, backend: str, family: str | None, draws: int, r
         for what, got, exp, bound in results:
             fin = np.isfinite(exp)
             err = float(np.max(np.abs(np.asarray(host(got), np.float64)[fin] - exp[fin]))) if fin.any() else 0.0
-            records.append(dict(
-                backend=label, case="property", what=what, dtype=_label(got, problem["dtype"]), abs=err,
-                old=float("nan"),
-                new=error_ratio(got, exp, what, problem["dtype"], score_max=smax, bound=bound),
-                need=needed_atol(what, got, exp, problem["dtype"], smax, bound), source="property",
-            ))
+            records.append(
+                dict(
+                    backend=label,
+                    case="property",
+                    what=what,
+                    dtype=_label(got, problem["dtype"]),
+                    abs=err,
+                    old=float("nan"),
+                    new=error_ratio(got, exp, what, problem["dtype"], score_max=smax, bound=bound),
+                    need=needed_atol(what, got, exp, problem["dtype"], smax, bound),
+                    source="property",
+                )
+            )
 
     with numba_family(family):
         settings(max_examples=draws, deadline=None, phases=[Phase.generate], database=None)(
-            given(suite._problems())(run))()
+            given(suite._problems())(run)
+        )()
 
 
 def _backends(requested: list[str]) -> list[tuple[str, str, str | None]]:

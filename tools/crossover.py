@@ -23,9 +23,20 @@ import selfattn
 from selfattn.backends import numba_
 
 SHAPES = [  # (B, H, N, M, D)
-    (1, 1, 8, 8, 8), (2, 8, 10, 10, 8), (1, 2, 16, 16, 16), (4, 8, 32, 32, 16), (1, 4, 64, 64, 32),
-    (2, 8, 64, 64, 32), (1, 8, 128, 128, 32), (4, 8, 64, 64, 32), (8, 8, 128, 128, 32), (1, 8, 256, 256, 64),
-    (1, 8, 1, 1024, 64), (1, 8, 1, 4096, 64), (4, 8, 128, 128, 64), (1, 8, 512, 512, 64),
+    (1, 1, 8, 8, 8),
+    (2, 8, 10, 10, 8),
+    (1, 2, 16, 16, 16),
+    (4, 8, 32, 32, 16),
+    (1, 4, 64, 64, 32),
+    (2, 8, 64, 64, 32),
+    (1, 8, 128, 128, 32),
+    (4, 8, 64, 64, 32),
+    (8, 8, 128, 128, 32),
+    (1, 8, 256, 256, 64),
+    (1, 8, 1, 1024, 64),
+    (1, 8, 1, 4096, 64),
+    (4, 8, 128, 128, 64),
+    (1, 8, 512, 512, 64),
 ]
 
 
@@ -59,8 +70,10 @@ def main() -> None:
         cells = []
         for name in calls:
             ts = times[name]
-            cells.append(f"{statistics.median(ts) * 1e3:7.3f} ({np.percentile(ts, 10) * 1e3:.2f}-"
-                         f"{np.percentile(ts, 90) * 1e3:.2f})")
+            cells.append(
+                f"{statistics.median(ts) * 1e3:7.3f} ({np.percentile(ts, 10) * 1e3:.2f}-"
+                f"{np.percentile(ts, 90) * 1e3:.2f})"
+            )
         best = min(calls, key=lambda nm: statistics.median(times[nm]))
         print(f"{str((b, h, n, m, d)):<24}{pb.flops:>10.3g}  " + "  ".join(f"{c:>14}" for c in cells) + f"  {best}")
 

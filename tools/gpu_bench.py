@@ -41,8 +41,12 @@ from benchmarks import _gpu  # noqa: E402
 __all__ = ["TARGET", "STRETCH", "measure_point", "run", "markdown", "summarize"]
 
 TARGET, STRETCH = 0.5, 0.8  # float16 forward throughput relative to PyTorch (issue 15)
-_PASSES = {"cupy": ("fwd", "fwd+bwd"), "cupy-cuda-cores": ("fwd (CUDA cores)",),
-           "cupy-fused": ("fwd (fused kernel)",), "torch": ("fwd", "fwd+bwd")}
+_PASSES = {
+    "cupy": ("fwd", "fwd+bwd"),
+    "cupy-cuda-cores": ("fwd (CUDA cores)",),
+    "cupy-fused": ("fwd (fused kernel)",),
+    "torch": ("fwd", "fwd+bwd"),
+}
 
 
 def _block_time(case, fn, calls: int) -> float:
@@ -55,8 +59,9 @@ def _block_time(case, fn, calls: int) -> float:
     return (time.perf_counter() - t0) / calls
 
 
-def measure_point(shape, dtype: str, causal: bool, backends, rounds: int, backward: bool = True,
-                  budget_s: float = 0.05) -> list:
+def measure_point(
+    shape, dtype: str, causal: bool, backends, rounds: int, backward: bool = True, budget_s: float = 0.05
+) -> list:
     """Rows for one (shape, dtype, causal) point: every backend's passes, timed in alternating rounds.
 
     ``backward=False`` times forwards only; a block of calls lasts about ``budget_s`` (1 to 20 calls).
@@ -90,17 +95,31 @@ def measure_point(shape, dtype: str, causal: bool, backends, rounds: int, backwa
         ref_what = "fwd+bwd" if backward else "fwd"
         tt = medians.get(("torch", ref_what))
         fl = case.flops(backward)
-        rows.append(dict(
-            shape=shape.name, dtype=dtype, causal=causal, pass_=what, backend=backend,
-            ms=t * 1e3, ms_min=min(samples[(backend, what)]) * 1e3, ms_max=max(samples[(backend, what)]) * 1e3,
-            rounds=rounds, calls=calls, tflops=fl / t / 1e12,
-            torch_ms=None if tt is None else tt * 1e3, torch_tflops=None if tt is None else fl / tt / 1e12,
-            ratio=None if tt is None else tt / t, mib=mib if (backend, what) == ("cupy", "fwd") else None))
+        rows.append(
+            dict(
+                shape=shape.name,
+                dtype=dtype,
+                causal=causal,
+                pass_=what,
+                backend=backend,
+                ms=t * 1e3,
+                ms_min=min(samples[(backend, what)]) * 1e3,
+                ms_max=max(samples[(backend, what)]) * 1e3,
+                rounds=rounds,
+                calls=calls,
+                tflops=fl / t / 1e12,
+                torch_ms=None if tt is None else tt * 1e3,
+                torch_tflops=None if tt is None else fl / tt / 1e12,
+                ratio=None if tt is None else tt / t,
+                mib=mib if (backend, what) == ("cupy", "fwd") else None,
+            )
+        )
     return rows
 
 
 def run(prefill, decode, rounds: int, jsonl=None) -> list:
     """Every point of ``prefill`` x dtypes x causal, then ``decode``; rows appended to ``jsonl`` as measured."""
+
     def backends(dtype):  # the CUDA-core variant differs from the default for float16 only
         return tuple(b for b in _gpu.BACKENDS if dtype == "float16" or b != "cupy-cuda-cores")
 
@@ -136,28 +155,48 @@ def markdown(rows, device: str = "") -> str:
     out = ([f"GPU: {device}", ""] if device else []) + [
         "| shape | dtype | causal | pass | selfattn ms (min-max) | TFLOP/s | torch ms | torch TFLOP/s "
         "| speed vs torch | extra MiB |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         spread = f"{_fmt(r['ms'], 3)} ({_fmt(r.get('ms_min'), 3)}-{_fmt(r.get('ms_max'), 3)})"
-        out.append(f"| {r['shape']} | {r['dtype']} | {r['causal']} | {r['pass_']} | {spread} | {_fmt(r['tflops'], 1)} "
-                   f"| {_fmt(r['torch_ms'], 3)} | {_fmt(r['torch_tflops'], 1)} | {_fmt(r['ratio'], 2)} "
-                   f"| {_fmt(r['mib'], 1)} |")
-    out += ["", "speed vs torch = torch median / selfattn median (1.0: as fast as "
-            "torch.nn.functional.scaled_dot_product_attention, measured in the same rounds)."]
+        out.append(
+            f"| {r['shape']} | {r['dtype']} | {r['causal']} | {r['pass_']} | {spread} | {_fmt(r['tflops'], 1)} "
+            f"| {_fmt(r['torch_ms'], 3)} | {_fmt(r['torch_tflops'], 1)} | {_fmt(r['ratio'], 2)} "
+            f"| {_fmt(r['mib'], 1)} |"
+        )
+    out += [
+        "",
+        "speed vs torch = torch median / selfattn median (1.0: as fast as "
+        "torch.nn.functional.scaled_dot_product_attention, measured in the same rounds).",
+    ]
     return "\n".join(out) + "\n"
 
 
 def summarize(rows) -> str:
     """The float16 forward (tensor cores, the default) against PyTorch, set against the target."""
-    ratios = [r["ratio"] for r in rows if r["dtype"] == "float16" and r["pass_"] == "fwd"
-              and r["backend"] == "cupy" and not r["shape"].startswith("decode") and r["ratio"] is not None]
+    ratios = [
+        r["ratio"]
+        for r in rows
+        if r["dtype"] == "float16"
+        and r["pass_"] == "fwd"
+        and r["backend"] == "cupy"
+        and not r["shape"].startswith("decode")
+        and r["ratio"] is not None
+    ]
     if not ratios:
         return "No PyTorch timing: the float16 forward could not be compared with the target."
     lo, hi = min(ratios), max(ratios)
-    verdict = ("met (stretch goal too)" if lo >= STRETCH else "met" if lo >= TARGET
-               else f"not met by {sum(r < TARGET for r in ratios)} of {len(ratios)} configurations")
-    return (f"float16 forward / PyTorch SDPA throughput: {lo:.2f}-{hi:.2f}x over {len(ratios)} configurations; "
-            f"target >= {TARGET}x (stretch {STRETCH}x): {verdict}.")
+    verdict = (
+        "met (stretch goal too)"
+        if lo >= STRETCH
+        else "met"
+        if lo >= TARGET
+        else f"not met by {sum(r < TARGET for r in ratios)} of {len(ratios)} configurations"
+    )
+    return (
+        f"float16 forward / PyTorch SDPA throughput: {lo:.2f}-{hi:.2f}x over {len(ratios)} configurations; "
+        f"target >= {TARGET}x (stretch {STRETCH}x): {verdict}."
+    )
 
 
 def main(argv=None) -> int:

@@ -73,8 +73,8 @@ class Step:
     title: str
     commands: list
     timeout_s: int
-    kind: str = "plain"                              # "pytest", "sanitizer", "smoke", "bench", "check"
-    skip: str = ""                                   # a reason not to run it here
+    kind: str = "plain"  # "pytest", "sanitizer", "smoke", "bench", "check"
+    skip: str = ""  # a reason not to run it here
     result: dict = field(default_factory=dict)
 
 
@@ -83,9 +83,13 @@ def find_sanitizer() -> str | None:
     found = shutil.which("compute-sanitizer")
     if found:
         return found
-    for pattern in ("/usr/local/cuda/bin/compute-sanitizer", "/usr/local/cuda/compute-sanitizer/compute-sanitizer",
-                    "/usr/local/cuda-*/bin/compute-sanitizer", "/opt/nvidia/*/compute-sanitizer",
-                    "/opt/nvidia/**/compute-sanitizer"):
+    for pattern in (
+        "/usr/local/cuda/bin/compute-sanitizer",
+        "/usr/local/cuda/compute-sanitizer/compute-sanitizer",
+        "/usr/local/cuda-*/bin/compute-sanitizer",
+        "/opt/nvidia/*/compute-sanitizer",
+        "/opt/nvidia/**/compute-sanitizer",
+    ):
         for path in sorted(glob.glob(pattern, recursive=True)):
             if os.access(path, os.X_OK):
                 return path
@@ -103,34 +107,80 @@ def steps(work: Path, quick: bool = False, python: str = sys.executable) -> list
     sanitizer = find_sanitizer()
     sanitized = [smoke, "--no-pool"] + (["-k", "tc-d64-mask"] if quick else [])
     out = [
-        Step("nvidia-smi", "nvidia-smi", [["nvidia-smi"], [
-            "nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem,pstate",
-            "--format=csv,noheader"]], 30),
+        Step(
+            "nvidia-smi",
+            "nvidia-smi",
+            [
+                ["nvidia-smi"],
+                [
+                    "nvidia-smi",
+                    "--query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem,pstate",
+                    "--format=csv,noheader",
+                ],
+            ],
+            30,
+        ),
         Step("facts", "device and versions", [[py, smoke, "--facts", str(work / "facts.json")]], 60),
         Step("rawmodule", "trivial RawModule compile and launch", [[py, smoke, "--rawmodule"]], 90),
         Step("smoke", "every kernel against the float64 oracle", [[py, smoke]], 180, kind="smoke"),
     ]
     for tool in ("memcheck", "racecheck", "synccheck"):
         cmd = [sanitizer or "compute-sanitizer", "--tool", tool, "--error-exitcode", "1", py] + sanitized
-        out.append(Step(tool, f"compute-sanitizer {tool} on the smoke cases", [cmd], 150, kind="sanitizer",
-                        skip="" if sanitizer else "compute-sanitizer not found on PATH or under /usr/local/cuda*"))
+        out.append(
+            Step(
+                tool,
+                f"compute-sanitizer {tool} on the smoke cases",
+                [cmd],
+                150,
+                kind="sanitizer",
+                skip="" if sanitizer else "compute-sanitizer not found on PATH or under /usr/local/cuda*",
+            )
+        )
     bench = [py, str(TOOLS / "gpu_bench.py"), "--jsonl", str(work / "bench.jsonl")] + (["--quick"] if quick else [])
     out += [
         Step("bench", "benchmark beside PyTorch", [bench], 240, kind="bench"),
         # Only the tests that need the device: the CPU tests of the backend (stand-in CuPy, emulator) ran in CI.
-        Step("gpu-tests", "GPU tests (tests/test_cupy_gpu.py)",
-             [[py, "-m", "pytest", *pytest_opts, "--junitxml", str(work / "gpu-tests.xml"),
-               "tests/test_cupy_gpu.py"]], 240, kind="pytest"),
-        Step("conformance", "conformance suite on cupy",
-             [[py, "-m", "pytest", "-p", "pytest_selfattn", *pytest_opts, "--junitxml", str(work / "conformance.xml"),
-               "--pyargs", "selfattn.testing", "--selfattn-backend=cupy"]], 240, kind="pytest"),
-        Step("check", "python -m selfattn check --backend cupy", [[py, "-m", "selfattn", "check", "--backend", "cupy",
-                                                                   "-v"]], 150, kind="check"),
+        Step(
+            "gpu-tests",
+            "GPU tests (tests/test_cupy_gpu.py)",
+            [[py, "-m", "pytest", *pytest_opts, "--junitxml", str(work / "gpu-tests.xml"), "tests/test_cupy_gpu.py"]],
+            240,
+            kind="pytest",
+        ),
+        Step(
+            "conformance",
+            "conformance suite on cupy",
+            [
+                [
+                    py,
+                    "-m",
+                    "pytest",
+                    "-p",
+                    "pytest_selfattn",
+                    *pytest_opts,
+                    "--junitxml",
+                    str(work / "conformance.xml"),
+                    "--pyargs",
+                    "selfattn.testing",
+                    "--selfattn-backend=cupy",
+                ]
+            ],
+            240,
+            kind="pytest",
+        ),
+        Step(
+            "check",
+            "python -m selfattn check --backend cupy",
+            [[py, "-m", "selfattn", "check", "--backend", "cupy", "-v"]],
+            150,
+            kind="check",
+        ),
     ]
     return out
 
 
 # -- running --------------------------------------------------------------------------
+
 
 def _env() -> dict:
     """The steps' environment: this checkout first on PYTHONPATH (selfattn, tools/), unbuffered output."""
@@ -157,8 +207,16 @@ def _run_command(cmd, log, timeout_s: float) -> tuple:
     log.write(f"$ {' '.join(cmd)}\n")
     log.flush()
     try:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, process_group=0, preexec_fn=_die_with_parent)
+        proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env=_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            process_group=0,
+            preexec_fn=_die_with_parent,
+        )
     except OSError as exc:
         log.write(f"could not start: {exc}\n")
         return 127, False
@@ -197,8 +255,10 @@ def _junit_failures(path: Path) -> list:
     return out
 
 
-_PYTEST_SUMMARY = re.compile(r"\b\d+ (passed|failed|errors?|skipped|deselected|xfailed|xpassed|tests? collected)\b"
-                             r"|no tests ran")
+_PYTEST_SUMMARY = re.compile(
+    r"\b\d+ (passed|failed|errors?|skipped|deselected|xfailed|xpassed|tests? collected)\b"
+    r"|no tests ran"
+)
 
 
 def summarize(step: Step, text: str, work: Path) -> tuple:
@@ -216,8 +276,11 @@ def summarize(step: Step, text: str, work: Path) -> tuple:
         summary = " / ".join(s for s in (sums[-1] if sums else "", smoke[-1] if smoke else "") if s) or summary
         failures = [ln for ln in lines if ln.startswith("FAIL ")]
         if step.kind == "sanitizer":
-            failures += [ln for ln in lines if ln.startswith("=========") and ("Invalid" in ln or "Race" in ln
-                                                                             or "Barrier" in ln or "hazard" in ln)][:50]
+            failures += [
+                ln
+                for ln in lines
+                if ln.startswith("=========") and ("Invalid" in ln or "Race" in ln or "Barrier" in ln or "hazard" in ln)
+            ][:50]
     elif step.kind == "bench":
         found = [ln for ln in lines if ln.startswith(("float16 forward", "No PyTorch timing"))]
         summary = found[-1] if found else summary
@@ -266,10 +329,16 @@ def _tar_logs(work: Path, out: Path) -> None:
 
 def _git_commit() -> str:
     try:
-        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+        head = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
         return head + (" (with uncommitted changes)" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown (no git checkout here: pass --commit)"
@@ -278,15 +347,20 @@ def _git_commit() -> str:
 def source_hash(root: Path = ROOT) -> str:
     """sha256 of the package's and the tools' sources (what ran), comparable with a checkout's."""
     h = hashlib.sha256()
-    files = sorted(p for d in ("selfattn", "tools", "benchmarks") for p in (root / d).rglob("*")
-                   if p.is_file() and p.suffix in (".py", ".cu", ".cuh", ".sh"))
+    files = sorted(
+        p
+        for d in ("selfattn", "tools", "benchmarks")
+        for p in (root / d).rglob("*")
+        if p.is_file() and p.suffix in (".py", ".cu", ".cuh", ".sh")
+    )
     for p in files:
         h.update(str(p.relative_to(root)).encode() + b"\0" + p.read_bytes() + b"\0")
     return h.hexdigest()[:16]
 
 
-def run_steps(out: Path, budget_s: float = DEFAULT_BUDGET_S, quick: bool = False, commit: str | None = None,
-              only=None, plan=None) -> dict:
+def run_steps(
+    out: Path, budget_s: float = DEFAULT_BUDGET_S, quick: bool = False, commit: str | None = None, only=None, plan=None
+) -> dict:
     """Run the steps within ``budget_s``; results (and ``report.md``) under ``out``. Returns the results.
 
     ``plan`` replaces :func:`steps` (a function of the work folder returning steps), for tests.
@@ -294,9 +368,17 @@ def run_steps(out: Path, budget_s: float = DEFAULT_BUDGET_S, quick: bool = False
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="selfattn-gpu-"))
     start = time.monotonic()
-    results = {"started (UTC)": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
-               "commit": commit or _git_commit(), "source sha256": source_hash(), "budget_s": budget_s,
-               "quick": quick, "state": "running", "steps": [], "facts": {}, "bench": []}
+    results = {
+        "started (UTC)": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+        "commit": commit or _git_commit(),
+        "source sha256": source_hash(),
+        "budget_s": budget_s,
+        "quick": quick,
+        "state": "running",
+        "steps": [],
+        "facts": {},
+        "bench": [],
+    }
     plan = [s for s in (plan or steps)(work, quick) if only is None or s.name in only]
 
     def save(state=None):
@@ -347,8 +429,9 @@ def run_steps(out: Path, budget_s: float = DEFAULT_BUDGET_S, quick: bool = False
         os.replace(current, work / log_name)
         summary, failures = summarize(s, text, work)
         status = "timeout" if timed_out else "passed" if rc == 0 else "failed"
-        s.result.update(status=status, rc=rc, seconds=round(seconds, 1), summary=summary, failures=failures,
-                        log=log_name)
+        s.result.update(
+            status=status, rc=rc, seconds=round(seconds, 1), summary=summary, failures=failures, log=log_name
+        )
         save()
         _tar_logs(work, out)
         print(f"[{time.monotonic() - start:5.0f} s] {s.name:<12} {status:<8} {seconds:6.1f} s  {summary}", flush=True)
@@ -360,6 +443,7 @@ def run_steps(out: Path, budget_s: float = DEFAULT_BUDGET_S, quick: bool = False
 
 # -- reporting ------------------------------------------------------------------------
 
+
 def _bench_markdown(rows) -> tuple:
     import gpu_bench
 
@@ -369,11 +453,14 @@ def _bench_markdown(rows) -> tuple:
 def render(results: dict) -> str:
     """``report.md`` of a run (complete or not)."""
     facts = results.get("facts") or {}
-    lines = ["# selfattn GPU check", "",
-             f"State: **{results.get('state')}**; commit {results.get('commit')}; source sha256 "
-             f"{results.get('source sha256')}; started {results.get('started (UTC)')} UTC; budget "
-             f"{results.get('budget_s')} s" + ("; QUICK (dry run: nothing measured)" if results.get("quick") else ""),
-             ""]
+    lines = [
+        "# selfattn GPU check",
+        "",
+        f"State: **{results.get('state')}**; commit {results.get('commit')}; source sha256 "
+        f"{results.get('source sha256')}; started {results.get('started (UTC)')} UTC; budget "
+        f"{results.get('budget_s')} s" + ("; QUICK (dry run: nothing measured)" if results.get("quick") else ""),
+        "",
+    ]
     if facts:
         lines += ["| fact | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in facts.items()] + [""]
     lines += ["| step | status | seconds | summary |", "|---|---|---:|---|"]
@@ -388,8 +475,11 @@ def render(results: dict) -> str:
     if results.get("bench"):
         table, summary = _bench_markdown(results["bench"])
         lines += ["", "## Benchmark", "", summary, "", table]
-    lines += ["", "Full logs: logs.tar.gz (one log per finished step, JUnit XML, benchmark rows); current.log: "
-              "the step that was running when the run stopped, if any."]
+    lines += [
+        "",
+        "Full logs: logs.tar.gz (one log per finished step, JUnit XML, benchmark rows); current.log: "
+        "the step that was running when the run stopped, if any.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -406,8 +496,10 @@ def doc_sections(results: dict) -> tuple:
     res += [f"| {k} | {v} |" for k, v in facts.items()]
     res += ["", "| step | status | seconds | summary |", "|---|---|---:|---|"]
     for s in results.get("steps", []):
-        res.append(f"| {s['name']} | {s.get('status')} | {s.get('seconds', '')} | "
-                   f"{str(s.get('summary', '')).replace('|', '/')} |")
+        res.append(
+            f"| {s['name']} | {s.get('status')} | {s.get('seconds', '')} | "
+            f"{str(s.get('summary', '')).replace('|', '/')} |"
+        )
     for s in results.get("steps", []):
         if s.get("failures"):
             res += ["", f"Failures in {s['name']}:", ""] + [f"- {f}" for f in s["failures"]]
@@ -415,8 +507,14 @@ def doc_sections(results: dict) -> tuple:
     bench = [_BEGIN.format(part="bench"), "### Benchmark", ""]
     if results.get("bench"):
         table, summary = _bench_markdown(results["bench"])
-        bench += [f"Measured at commit {results.get('commit')} on {device} (torch {facts.get('torch', '?')}), "
-                  f"{results.get('started (UTC)')} UTC.", "", summary, "", table.strip()]
+        bench += [
+            f"Measured at commit {results.get('commit')} on {device} (torch {facts.get('torch', '?')}), "
+            f"{results.get('started (UTC)')} UTC.",
+            "",
+            summary,
+            "",
+            table.strip(),
+        ]
     else:
         bench.append("No benchmark rows in this run.")
     bench.append(_END.format(part="bench"))
@@ -428,7 +526,7 @@ def update_doc(text: str, part: str, section: str, status: str) -> str:
     # The un-run report's placeholder (expectations, "not yet run") goes with the first real result.
     pb, pe = _BEGIN.format(part="placeholder"), _END.format(part="placeholder")
     if pb in text and pe in text:
-        text = text[:text.index(pb)] + text[text.index(pe) + len(pe):].lstrip("\n")
+        text = text[: text.index(pb)] + text[text.index(pe) + len(pe) :].lstrip("\n")
     begin, end = _BEGIN.format(part=part), _END.format(part=part)
     if begin in text and end in text:
         i, j = text.index(begin), text.index(end) + len(end)

@@ -62,9 +62,9 @@ class Case:
     kernels: tuple
     options: dict = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
-    mask: str | None = None       # "bool" (B, 1, N, M) or "float" (N, M)
-    layout: str = "contiguous"    # or "strided", "misaligned"
-    what: str = "forward"         # or "weights", "vjp", "devices"
+    mask: str | None = None  # "bool" (B, 1, N, M) or "float" (N, M)
+    layout: str = "contiguous"  # or "strided", "misaligned"
+    what: str = "forward"  # or "weights", "vjp", "devices"
     zero_query: bool = False
 
 
@@ -81,26 +81,81 @@ CASES = [
     Case("tc-d128", "float16", (1, 1, 1, 70, 150, 128, 128), (TC(128),)),
     Case("tc-d64-causal", "float16", (1, 1, 1, 130, 70, 64, 64), (TC(64),), dict(causal=True)),
     Case("tc-d128-causal", "float16", (1, 1, 1, 70, 150, 128, 128), (TC(128),), dict(causal=True)),
-    Case("tc-d64-mask-dropout", "float16", (2, 1, 1, 70, 90, 64, 64), (TC(64),),
-         dict(dropout_p=0.3, dropout_seed=123, window=(40, 5)), mask="bool"),
-    Case("tc-d128-dropout-near-1", "float16", (1, 1, 1, 64, 256, 128, 128), (TC(128),),
-         dict(dropout_p=NEAR_ONE, dropout_seed=_seed_keeping(NEAR_ONE, 64, 256)), zero_query=True),
-    Case("tc-d64-misaligned-view", "float16", (1, 1, 1, 70, 90, 64, 64), (TC(64),), dict(causal=True),
-         layout="misaligned"),
-    Case("cuda-core-f16", "float16", (1, 2, 1, 70, 90, 64, 64), (CORE("float16", 64),), dict(causal=True),
-         settings=dict(tensor_cores=False), mask="float"),
+    Case(
+        "tc-d64-mask-dropout",
+        "float16",
+        (2, 1, 1, 70, 90, 64, 64),
+        (TC(64),),
+        dict(dropout_p=0.3, dropout_seed=123, window=(40, 5)),
+        mask="bool",
+    ),
+    Case(
+        "tc-d128-dropout-near-1",
+        "float16",
+        (1, 1, 1, 64, 256, 128, 128),
+        (TC(128),),
+        dict(dropout_p=NEAR_ONE, dropout_seed=_seed_keeping(NEAR_ONE, 64, 256)),
+        zero_query=True,
+    ),
+    Case(
+        "tc-d64-misaligned-view",
+        "float16",
+        (1, 1, 1, 70, 90, 64, 64),
+        (TC(64),),
+        dict(causal=True),
+        layout="misaligned",
+    ),
+    Case(
+        "cuda-core-f16",
+        "float16",
+        (1, 2, 1, 70, 90, 64, 64),
+        (CORE("float16", 64),),
+        dict(causal=True),
+        settings=dict(tensor_cores=False),
+        mask="float",
+    ),
     Case("cuda-core-f16-d36", "float16", (1, 2, 2, 70, 40, 36, 36), (CORE("float16", 64),)),
-    Case("cuda-core-f32", "float32", (1, 2, 1, 70, 90, 64, 64), (CORE("float32", 64),), dict(window=(20, 3)),
-         mask="bool", layout="strided"),
-    Case("cuda-core-f64", "float64", (1, 2, 2, 70, 40, 32, 32), (CORE("float64", 32),),
-         dict(dropout_p=0.25, dropout_seed=7)),
-    Case("blockwise-weights-f32", "float32", (1, 2, 1, 70, 90, 32, 32), (DROP32,),
-         dict(causal=True, dropout_p=0.2, dropout_seed=3), what="weights"),
+    Case(
+        "cuda-core-f32",
+        "float32",
+        (1, 2, 1, 70, 90, 64, 64),
+        (CORE("float32", 64),),
+        dict(window=(20, 3)),
+        mask="bool",
+        layout="strided",
+    ),
+    Case(
+        "cuda-core-f64",
+        "float64",
+        (1, 2, 2, 70, 40, 32, 32),
+        (CORE("float64", 32),),
+        dict(dropout_p=0.25, dropout_seed=7),
+    ),
+    Case(
+        "blockwise-weights-f32",
+        "float32",
+        (1, 2, 1, 70, 90, 32, 32),
+        (DROP32,),
+        dict(causal=True, dropout_p=0.2, dropout_seed=3),
+        what="weights",
+    ),
     Case("blockwise-decode-f16", "float16", (1, 4, 2, 1, 300, 64, 64), ()),
-    Case("vjp-f32-dropout", "float32", (1, 2, 1, 70, 90, 32, 32), (CORE("float32", 32), DROP32),
-         dict(dropout_p=0.2, dropout_seed=5), what="vjp"),
-    Case("vjp-f64-dropout", "float64", (1, 1, 1, 40, 70, 16, 16), (CORE("float64", 32), DROP64),
-         dict(causal=True, dropout_p=0.1, dropout_seed=9), what="vjp"),
+    Case(
+        "vjp-f32-dropout",
+        "float32",
+        (1, 2, 1, 70, 90, 32, 32),
+        (CORE("float32", 32), DROP32),
+        dict(dropout_p=0.2, dropout_seed=5),
+        what="vjp",
+    ),
+    Case(
+        "vjp-f64-dropout",
+        "float64",
+        (1, 1, 1, 40, 70, 16, 16),
+        (CORE("float64", 32), DROP64),
+        dict(causal=True, dropout_p=0.1, dropout_seed=9),
+        what="vjp",
+    ),
     Case("devices-mismatch", "float32", (1, 1, 1, 8, 8, 16, 16), (), what="devices"),
 ]
 
@@ -165,8 +220,16 @@ def run_case(cupy, case: Case, seed: int) -> str:
     be = CupyBackend(**case.settings)
     launched = _recording(be)
     ref_out, ref_lse, ref_w = reference.forward(q, k, v, mask=mask, **opts)
-    pb = normalize(dq, dk, dv, mask=dmask, return_lse=True, return_weights=case.what == "weights",
-                   needs_vjp=case.what == "vjp", **opts)
+    pb = normalize(
+        dq,
+        dk,
+        dv,
+        mask=dmask,
+        return_lse=True,
+        return_weights=case.what == "weights",
+        needs_vjp=case.what == "vjp",
+        **opts,
+    )
     out, lse, weights = be.forward(pb)
     checked = ["out"]
     # The conformance suite's rule: per element, each output at its own dtype (selfattn.testing.cases).
@@ -182,8 +245,7 @@ def run_case(cupy, case: Case, seed: int) -> str:
         checked.append("weights")
     if case.what == "vjp":
         grads = be.backward(pb, out, lse, cupy.asarray(g))
-        for name, got, exp in zip(("dq", "dk", "dv"), grads, reference.vjp(q, k, v, g, mask=mask, **opts),
-                                  strict=True):
+        for name, got, exp in zip(("dq", "dk", "dv"), grads, reference.vjp(q, k, v, g, mask=mask, **opts), strict=True):
             assert_close(got.get(), exp, case.dtype, name, score_max=smax, bound=bounds.get(name))
         checked.append("dq, dk, dv")
     cupy.cuda.Device().synchronize()
@@ -197,12 +259,12 @@ def run_case(cupy, case: Case, seed: int) -> str:
     return f"[{', '.join(unique) or 'cuBLAS only'}] {', '.join(checked)} match the float64 oracle"
 
 
-RAWMODULE_SOURCE = r'''
+RAWMODULE_SOURCE = r"""
 extern "C" __global__ void add_one(float* x, int n) {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) x[i] += 1.0f;
 }
-'''
+"""
 
 
 def rawmodule_check(cupy) -> str:
@@ -223,15 +285,18 @@ def facts() -> dict:
 
     import cupy
 
-    out = {"python": platform.python_version(), "numpy": np.__version__, "selfattn": selfattn.__version__,
-           "selfattn source": str(Path(selfattn.__file__).resolve().parent)}
+    out = {
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "selfattn": selfattn.__version__,
+        "selfattn source": str(Path(selfattn.__file__).resolve().parent),
+    }
     try:
         dist = md.distribution("selfattn")
         out["selfattn installed"] = f"yes ({dist.version})"
     except md.PackageNotFoundError:
         out["selfattn installed"] = "no (running from the checkout on PYTHONPATH)"
-    out["pytest11 entry point"] = any(ep.value == "selfattn.testing.plugin"
-                                      for ep in md.entry_points(group="pytest11"))
+    out["pytest11 entry point"] = any(ep.value == "selfattn.testing.plugin" for ep in md.entry_points(group="pytest11"))
     dev = cupy.cuda.Device()
     props = cupy.cuda.runtime.getDeviceProperties(dev.id)
     name = props["name"]
@@ -239,13 +304,17 @@ def facts() -> dict:
     def ver(v):
         return f"{v // 1000}.{(v % 1000) // 10}"
 
-    out.update({"device": name.decode() if isinstance(name, bytes) else str(name),
-                "compute capability": str(dev.compute_capability),
-                "devices": cupy.cuda.runtime.getDeviceCount(),
-                "memory": f"{props['totalGlobalMem'] / 2**30:.0f} GiB",
-                "driver (CUDA version it supports)": ver(cupy.cuda.runtime.driverGetVersion()),
-                "CUDA runtime": ver(cupy.cuda.runtime.runtimeGetVersion()),
-                "cupy": cupy.__version__})
+    out.update(
+        {
+            "device": name.decode() if isinstance(name, bytes) else str(name),
+            "compute capability": str(dev.compute_capability),
+            "devices": cupy.cuda.runtime.getDeviceCount(),
+            "memory": f"{props['totalGlobalMem'] / 2**30:.0f} GiB",
+            "driver (CUDA version it supports)": ver(cupy.cuda.runtime.driverGetVersion()),
+            "CUDA runtime": ver(cupy.cuda.runtime.runtimeGetVersion()),
+            "cupy": cupy.__version__,
+        }
+    )
     for dist in ("cupy-cuda13x", "cupy-cuda12x"):
         try:
             out["cupy distribution"] = f"{dist} {md.version(dist)}"
@@ -302,8 +371,11 @@ def main(argv=None) -> int:
             continue
         status = "skipped" if msg.startswith("SKIP") else "passed"
         counts[status] += 1
-        print(f"{'SKIP' if status == 'skipped' else 'PASS'} {case.name} ({time.perf_counter() - t0:.1f} s): "
-              f"{msg.removeprefix('SKIP ')}", flush=True)
+        print(
+            f"{'SKIP' if status == 'skipped' else 'PASS'} {case.name} ({time.perf_counter() - t0:.1f} s): "
+            f"{msg.removeprefix('SKIP ')}",
+            flush=True,
+        )
     print(f"smoke: {counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped", flush=True)
     return 1 if counts["failed"] else 0
 

@@ -99,16 +99,26 @@ def main(argv=None) -> int:
     fshapes = [(1, 8, 1024, 64), (1, 8, 2048, 64), (1, 8, 4096, 64), (4, 8, 1024, 128)]
     if args.quick:
         fshapes = [(1, 8, 512, 64), (1, 4, 1024, 64)]
-    for (b, h, n, d) in fshapes:
+    for b, h, n, d in fshapes:
         q, k, v = _inputs(rng, b, h, n, n, d)
         f = fwd(q, k, v)
         pbn = normalize(q, k, v)
         mm, (t, tn) = with_matmul(f, lambda pbn=pbn: npk.forward(pbn))
         gf = attention_flops(b, h, n, n, d) / t / 1e9
-        add(f"fwd f32 {b}x{h}x{n}x{d} GFLOP/s vs matmul", f"{gf:.1f} / {mm:.1f} GF/s ({t * 1e3:.1f} ms)", gf / mm,
-            0.75, True)
-        add(f"fwd f32 {b}x{h}x{n}x{d} speed-up vs numpy backend", f"{tn * 1e3:.1f} / {t * 1e3:.1f} ms", tn / t,
-            3.0, True)
+        add(
+            f"fwd f32 {b}x{h}x{n}x{d} GFLOP/s vs matmul",
+            f"{gf:.1f} / {mm:.1f} GF/s ({t * 1e3:.1f} ms)",
+            gf / mm,
+            0.75,
+            True,
+        )
+        add(
+            f"fwd f32 {b}x{h}x{n}x{d} speed-up vs numpy backend",
+            f"{tn * 1e3:.1f} / {t * 1e3:.1f} ms",
+            tn / t,
+            3.0,
+            True,
+        )
 
     # -- causal vs non-causal ------------------------------------------------
     n = 1024 if args.quick else 4096
@@ -170,10 +180,14 @@ def main(argv=None) -> int:
                 compile_lines = [f"compile probe failed: {exc}"]
 
     mm = float(np.median(mm_rates))
-    print(f"selfattn {selfattn.__version__} numba {numba.__version__}, threads={numba.get_num_threads()}, "
-          f"cpus={os.cpu_count()}")
-    print(f"numpy.matmul {'1024' if args.quick else '2048'}² float32: {mm:.1f} GFLOP/s "
-          "(median over the run; each ratio uses the matmul timed in its own rounds)")
+    print(
+        f"selfattn {selfattn.__version__} numba {numba.__version__}, threads={numba.get_num_threads()}, "
+        f"cpus={os.cpu_count()}"
+    )
+    print(
+        f"numpy.matmul {'1024' if args.quick else '2048'}² float32: {mm:.1f} GFLOP/s "
+        "(median over the run; each ratio uses the matmul timed in its own rounds)"
+    )
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows)
     print(f"{'target':<{w0}}  {'measured':<{w1}}  {'ratio':>7}  {'limit':>6}  result")

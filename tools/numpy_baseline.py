@@ -44,8 +44,10 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args(argv)
     t_be, t_mm = measure(heads=args.heads, n=args.n, d=args.d, repeat=args.repeat)
-    print(f"shape (1,{args.heads},{args.n},{args.d}) float32: numpy backend {t_be * 1e3:.4g} ms, "
-          f"QK^T + PV alone {t_mm * 1e3:.4g} ms, ratio {t_be / t_mm:.2f} (target <= 2)")
+    print(
+        f"shape (1,{args.heads},{args.n},{args.d}) float32: numpy backend {t_be * 1e3:.4g} ms, "
+        f"QK^T + PV alone {t_mm * 1e3:.4g} ms, ratio {t_be / t_mm:.2f} (target <= 2)"
+    )
     return 0
 
 

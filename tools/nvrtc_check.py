@@ -28,8 +28,15 @@ if _ROOT not in sys.path:
 
 from selfattn.backends._cuda.launch import KERNEL_SOURCES, kernel_names, kernel_source  # noqa: E402
 
-__all__ = ["NvrtcUnavailable", "load_nvrtc", "compile_source", "compile_all", "compile_kernels", "resource_usage",
-           "main"]
+__all__ = [
+    "NvrtcUnavailable",
+    "load_nvrtc",
+    "compile_source",
+    "compile_all",
+    "compile_kernels",
+    "resource_usage",
+    "main",
+]
 
 DEFAULT_ARCHES = ("sm_80", "sm_90")
 
@@ -51,15 +58,13 @@ def load_nvrtc():
             from cuda import nvrtc  # older cuda-python
         except ImportError as exc:
             raise NvrtcUnavailable(
-                "the cuda-python NVRTC bindings are not installed; "
-                "pip install cuda-python nvidia-cuda-nvrtc-cu12"
+                "the cuda-python NVRTC bindings are not installed; pip install cuda-python nvidia-cuda-nvrtc-cu12"
             ) from exc
     try:
         err, major, minor = nvrtc.nvrtcVersion()
     except Exception as exc:  # the bindings load libnvrtc lazily
         raise NvrtcUnavailable(
-            f"the NVRTC library could not be loaded ({type(exc).__name__}: {exc}); "
-            "pip install nvidia-cuda-nvrtc-cu12"
+            f"the NVRTC library could not be loaded ({type(exc).__name__}: {exc}); pip install nvidia-cuda-nvrtc-cu12"
         ) from exc
     if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
         raise NvrtcUnavailable(f"nvrtcVersion failed: {err}")
@@ -73,8 +78,9 @@ def _check(nvrtc, result, what):
     return result[1:] if len(result) > 1 else None
 
 
-def compile_source(source: str, arch: str = "sm_80", name: str = "selfattn.cu",
-                   name_expressions=(), nvrtc=None, report=None) -> bytes:
+def compile_source(
+    source: str, arch: str = "sm_80", name: str = "selfattn.cu", name_expressions=(), nvrtc=None, report=None
+) -> bytes:
     """Compile ``source`` for ``arch`` (e.g. ``"sm_90"``) to a CUBIN; :class:`CompileError` with the log on failure.
 
     ``name_expressions`` (``extern "C"`` kernel names) must all appear in the
@@ -144,8 +150,8 @@ def compile_all(arches=DEFAULT_ARCHES, reports=None) -> dict:
         for arch in arches:
             rep = {} if reports is not None else None
             results[(fname, arch)] = compile_source(
-                kernel_source(fname), arch, name=fname, name_expressions=kernel_names(fname), nvrtc=nvrtc,
-                report=rep)
+                kernel_source(fname), arch, name=fname, name_expressions=kernel_names(fname), nvrtc=nvrtc, report=rep
+            )
             if rep is not None:
                 reports[(fname, arch)] = rep
     return results
@@ -164,8 +170,9 @@ def compile_kernels(names, arches=DEFAULT_ARCHES, reports=None) -> dict:
             raise CompileError(f"{name!r} is not a forward kernel of {', '.join(KERNEL_SOURCES)}")
         for arch in arches:
             rep = {} if reports is not None else None
-            results[(name, arch)] = compile_source(kernel_source(fname, only=name), arch, name=name,
-                                                   name_expressions=(name,), nvrtc=nvrtc, report=rep)
+            results[(name, arch)] = compile_source(
+                kernel_source(fname, only=name), arch, name=name, name_expressions=(name,), nvrtc=nvrtc, report=rep
+            )
             if rep is not None:
                 reports[(name, arch)] = rep
     return results
@@ -174,8 +181,9 @@ def compile_kernels(names, arches=DEFAULT_ARCHES, reports=None) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", action="append", help="target, e.g. sm_80 (repeatable; default sm_80 and sm_90)")
-    ap.add_argument("--kernel", action="append",
-                    help="compile only this forward kernel, e.g. attn_fwd_tc_float16_64 (repeatable)")
+    ap.add_argument(
+        "--kernel", action="append", help="compile only this forward kernel, e.g. attn_fwd_tc_float16_64 (repeatable)"
+    )
     args = ap.parse_args(argv)
     reports = {}
     try:

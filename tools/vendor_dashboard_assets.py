@@ -80,11 +80,17 @@ def update(manifest: dict) -> dict:
                 with open(out, "w") as fh:
                     fh.write(f"{spec}: license {pkg['license']}.\n{pkg.get('note', '')}\n")
                 files[os.path.relpath(out, VENDOR).replace(os.sep, "/")] = _sha256(out)
-            lock["packages"].append({
-                "name": pkg["name"], "version": pkg["version"], "license": pkg["license"],
-                "tarball": f"{pkg['name']}/-/{info['filename']}", "integrity": info["integrity"],
-                "tarball_sha256": _sha256(tgz), "files": files,
-            })
+            lock["packages"].append(
+                {
+                    "name": pkg["name"],
+                    "version": pkg["version"],
+                    "license": pkg["license"],
+                    "tarball": f"{pkg['name']}/-/{info['filename']}",
+                    "integrity": info["integrity"],
+                    "tarball_sha256": _sha256(tgz),
+                    "files": files,
+                }
+            )
     with open(os.path.join(VENDOR, "lock.json"), "w") as fh:
         json.dump(lock, fh, indent=2)
         fh.write("\n")
@@ -111,8 +117,10 @@ def readme(manifest: dict, lock: dict) -> str:
     ]
     for p in lock["packages"]:
         files = "<br>".join(f"`{f}`" for f in p["files"])
-        lines.append(f"| {p['name']} | {p['version']} | {p['license']} (`LICENSES/{p['name']}-{p['version']}.txt`)"
-                     f" | `{p['tarball']}` | `{p['integrity']}` | `{p['tarball_sha256']}` | {files} |")
+        lines.append(
+            f"| {p['name']} | {p['version']} | {p['license']} (`LICENSES/{p['name']}-{p['version']}.txt`)"
+            f" | `{p['tarball']}` | `{p['integrity']}` | `{p['tarball_sha256']}` | {files} |"
+        )
     lines += ["", "Notes:", ""]
     lines += [f"- {name}: {note}" for name, note in notes.items() if note]
     return "\n".join(lines) + "\n"
@@ -153,8 +161,10 @@ def main(argv: list[str] | None = None) -> int:
         manifest = json.load(fh)
     if args.update:
         lock = update(manifest)
-        print(f"vendored {sum(len(p['files']) for p in lock['packages'])} files from "
-              f"{len(lock['packages'])} npm packages into {os.path.relpath(VENDOR, ROOT)}")
+        print(
+            f"vendored {sum(len(p['files']) for p in lock['packages'])} files from "
+            f"{len(lock['packages'])} npm packages into {os.path.relpath(VENDOR, ROOT)}"
+        )
     problems = check(manifest)
     for p in problems:
         print(f"problem: {p}", file=sys.stderr)

@@ -55,6 +55,7 @@ class DashboardError(RuntimeError):
 
 # ------------------------------------------------------------------------------------------------ asv plumbing
 
+
 def find_config(path: str | None = None) -> str:
     """The ``asv.conf.json`` to use: ``path``, else the first found from the working directory upwards,
     else the one beside the imported selfattn package (an editable install of a checkout)."""
@@ -76,8 +77,10 @@ def find_config(path: str | None = None) -> str:
     cand = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(selfattn.__file__))), "asv.conf.json")
     if os.path.isfile(cand):
         return cand
-    raise DashboardError("no asv.conf.json found in this directory or above: run this from a selfattn checkout "
-                         "(git clone ...; pip install -e '.[bench]') or pass --config PATH")
+    raise DashboardError(
+        "no asv.conf.json found in this directory or above: run this from a selfattn checkout "
+        "(git clone ...; pip install -e '.[bench]') or pass --config PATH"
+    )
 
 
 def _load_config(config: str):
@@ -125,12 +128,16 @@ def default_commits(conf, machine: str, last: int) -> tuple[list[str], list[str]
     branch = (getattr(conf, "branches", None) or ["main"])[0]
     commits = _git(conf.repo, "rev-list", "--first-parent", "-n", str(last), branch).split()
     folder = os.path.join(conf.results_dir, machine)
-    have = {f[:8] for f in os.listdir(folder) if f.endswith(".json") and f != "machine.json"} \
-        if os.path.isdir(folder) else set()
+    have = (
+        {f[:8] for f in os.listdir(folder) if f.endswith(".json") and f != "machine.json"}
+        if os.path.isdir(folder)
+        else set()
+    )
     return commits, [c for c in commits if c[:8] not in have]
 
 
 # ------------------------------------------------------------------------------------------- offline rewriting
+
 
 def _attrs(tag: str) -> dict[str, str | None]:
     return {m.group(1).lower(): (m.group(2).strip("\"'") if m.group(2) else None) for m in _ATTR.finditer(tag)}
@@ -178,17 +185,21 @@ def make_offline(html_dir: str, vendor_dir: str) -> dict[str, str]:
         html = fh.read()
     unknown = [u for u in remote_assets(html) if u not in mapping]
     if unknown:
-        raise DashboardError(f"{index} loads {unknown}, which {os.path.join(vendor_dir, 'manifest.json')} does not "
-                             "vendor: add the npm package to the manifest and run "
-                             "python tools/vendor_dashboard_assets.py --update")
+        raise DashboardError(
+            f"{index} loads {unknown}, which {os.path.join(vendor_dir, 'manifest.json')} does not "
+            "vendor: add the npm package to the manifest and run "
+            "python tools/vendor_dashboard_assets.py --update"
+        )
     target = os.path.join(html_dir, "vendor")
     shutil.rmtree(target, ignore_errors=True)
     for entry in lock["packages"]:
         for rel, digest in entry["files"].items():
             src = os.path.join(vendor_dir, *rel.split("/"))
             if not os.path.isfile(src) or _sha256(src) != digest:
-                raise DashboardError(f"vendored file {src} is missing or differs from lock.json; restore it from git "
-                                     "or run python tools/vendor_dashboard_assets.py --update")
+                raise DashboardError(
+                    f"vendored file {src} is missing or differs from lock.json; restore it from git "
+                    "or run python tools/vendor_dashboard_assets.py --update"
+                )
             dst = os.path.join(target, *rel.split("/"))
             os.makedirs(os.path.dirname(dst), exist_ok=True)
             shutil.copyfile(src, dst)
@@ -219,6 +230,7 @@ def make_offline(html_dir: str, vendor_dir: str) -> dict[str, str]:
 
 # ------------------------------------------------------------------------------------------------------ serving
 
+
 def serve(html_dir: str, port: int) -> None:
     """Serve ``html_dir`` on 127.0.0.1 (``port`` 0: any free port) until interrupted; print the URL first."""
     handler = functools.partial(_QuietHandler, directory=html_dir)
@@ -244,24 +256,34 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 # ------------------------------------------------------------------------------------------------------ command
 
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m selfattn dashboard", description=__doc__.split("\n\n")[0],
-                                epilog="Results accumulate in the config's results_dir (.asv/results); plain asv "
-                                       "commands (asv compare, asv show, asv preview) work on them as usual.")
-    p.add_argument("--commits", metavar="RANGE",
-                   help="asv commit range to benchmark (e.g. 'main~3..main', 'HEAD^!', 'NEW', 'HASHFILE:f'); "
-                        "commits that already have results are skipped. Default: the last --last commits of main "
-                        "that have no results yet")
+    p = argparse.ArgumentParser(
+        prog="python -m selfattn dashboard",
+        description=__doc__.split("\n\n")[0],
+        epilog="Results accumulate in the config's results_dir (.asv/results); plain asv "
+        "commands (asv compare, asv show, asv preview) work on them as usual.",
+    )
+    p.add_argument(
+        "--commits",
+        metavar="RANGE",
+        help="asv commit range to benchmark (e.g. 'main~3..main', 'HEAD^!', 'NEW', 'HASHFILE:f'); "
+        "commits that already have results are skipped. Default: the last --last commits of main "
+        "that have no results yet",
+    )
     p.add_argument("--last", type=int, default=5, metavar="N", help="how many recent commits the default covers (5)")
     p.add_argument("--out", metavar="DIR", help="where the HTML goes (default: the config's html_dir, .asv/html)")
     p.add_argument("--serve", action="store_true", help="serve the dashboard on 127.0.0.1 and print its URL")
     p.add_argument("--port", type=int, default=8080, help="port for --serve (8080; a busy port falls back to any)")
     p.add_argument("--quick", action="store_true", help="asv run --quick: one sample per benchmark (smoke test)")
     p.add_argument("-b", "--bench", metavar="REGEX", action="append", help="only benchmarks matching (repeatable)")
-    p.add_argument("--python", metavar="same",
-                   help="'same': time the selfattn installed in this Python instead of building one per commit; "
-                        "records HEAD (needs a clean checkout whose code is what is installed; the dashboard shows "
-                        "commits of main only)")
+    p.add_argument(
+        "--python",
+        metavar="same",
+        help="'same': time the selfattn installed in this Python instead of building one per commit; "
+        "records HEAD (needs a clean checkout whose code is what is installed; the dashboard shows "
+        "commits of main only)",
+    )
     p.add_argument("--machine", help="asv machine name (default: this host's name)")
     p.add_argument("--no-run", action="store_true", help="publish the results that exist; run nothing")
     p.add_argument("--config", help="asv.conf.json to use (default: found from here upwards)")
@@ -289,8 +311,10 @@ def _run_benchmarks(args, config: str, conf) -> int:
         if args.commits:
             raise DashboardError("--python same times the installed selfattn as HEAD; it takes no --commits")
         if _git(conf.repo, "status", "--porcelain", "--untracked-files=no"):
-            raise DashboardError("--python same records the installed code as HEAD, but the checkout has "
-                                 "uncommitted changes: commit or stash them first")
+            raise DashboardError(
+                "--python same records the installed code as HEAD, but the checkout has "
+                "uncommitted changes: commit or stash them first"
+            )
         head = _git(conf.repo, "rev-parse", "HEAD")
         # always runs: asv's --skip-existing-commits would look at the branch head, not at the hash recorded
         return _asv(config, "run", "--python=same", "--set-commit-hash", head, *common)
@@ -299,11 +323,15 @@ def _run_benchmarks(args, config: str, conf) -> int:
         return _asv(config, "run", *common, args.commits)
     commits, missing = default_commits(conf, machine, args.last)
     if not missing:
-        print(f"the last {len(commits)} commits of {conf.branches[0]} all have results on {machine}; "
-              "nothing to run (use --commits RANGE for others)")
+        print(
+            f"the last {len(commits)} commits of {conf.branches[0]} all have results on {machine}; "
+            "nothing to run (use --commits RANGE for others)"
+        )
         return 0
-    print(f"benchmarking {len(missing)} of the last {len(commits)} commits of {conf.branches[0]} "
-          f"(no results yet on {machine}): {' '.join(c[:8] for c in missing)}")
+    print(
+        f"benchmarking {len(missing)} of the last {len(commits)} commits of {conf.branches[0]} "
+        f"(no results yet on {machine}): {' '.join(c[:8] for c in missing)}"
+    )
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as fh:
         fh.write("\n".join(missing) + "\n")
     try:
@@ -331,8 +359,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             vendor = os.path.join(os.path.dirname(find_config(None)), VENDOR_DIR)
         status = 0 if args.no_run else _run_benchmarks(args, config, conf)
         if status:
-            print(f"warning: asv run exited with status {status} (failed benchmarks are listed above); "
-                  "publishing what there is", file=sys.stderr)
+            print(
+                f"warning: asv run exited with status {status} (failed benchmarks are listed above); "
+                "publishing what there is",
+                file=sys.stderr,
+            )
         out = os.path.abspath(args.out or conf.html_dir)
         rc = _asv(config, "publish", "--html-dir", out)
         if rc:
@@ -342,8 +373,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DashboardError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"dashboard: {os.path.join(out, 'index.html')} (self-contained: {len(replaced)} CDN scripts/stylesheets "
-          f"replaced by vendored copies; browsers need it served, not opened as a file: use --serve)")
+    print(
+        f"dashboard: {os.path.join(out, 'index.html')} (self-contained: {len(replaced)} CDN scripts/stylesheets "
+        f"replaced by vendored copies; browsers need it served, not opened as a file: use --serve)"
+    )
     if args.serve:
         serve(out, args.port)
     return 1 if status else 0

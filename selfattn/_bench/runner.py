@@ -65,6 +65,7 @@ _AUTO = "auto"
 
 # --------------------------------------------------------------------------------------------- environment facts
 
+
 def _cpu_model() -> str:
     """The processor's marketing name (Linux ``/proc/cpuinfo``), else what :mod:`platform` knows."""
     try:
@@ -83,12 +84,17 @@ def _commit() -> str | None:
 
     src = os.path.dirname(os.path.abspath(selfattn.__file__))
     try:
-        head = subprocess.run(["git", "-C", src, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              timeout=10)
+        head = subprocess.run(
+            ["git", "-C", src, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        )
         if head.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "-C", src, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(
+            ["git", "-C", src, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
@@ -134,6 +140,7 @@ def _backend_io(record) -> tuple[Callable, Callable, Callable[[Any], Any]]:
 
 # --------------------------------------------------------------------------------------------------- the plan
 
+
 def _select(args) -> tuple[list, list]:
     """``(attention shapes, pipeline steps)`` to run for parsed ``args``."""
     if args.shapes:
@@ -142,8 +149,10 @@ def _select(args) -> tuple[list, list]:
         if unknown:
             raise SystemExit(f"unknown shape(s) {unknown}; known: {sorted(_shapes.BY_NAME)}")
         chosen = [_shapes.BY_NAME[n] for n in names]
-        return ([s for s in chosen if isinstance(s, _shapes.Shape)],
-                [s for s in chosen if isinstance(s, _shapes.Pipeline)])
+        return (
+            [s for s in chosen if isinstance(s, _shapes.Shape)],
+            [s for s in chosen if isinstance(s, _shapes.Pipeline)],
+        )
     if args.tiny:
         attention, pipeline = list(_shapes.BENCH_TINY), list(_shapes.PIPELINE_TINY)
     elif args.quick:
@@ -177,8 +186,9 @@ def _attention_group(shape, backends, args):
             return finish(selfattn.scaled_dot_product_attention(qb, kb, vb, causal=args.causal, backend=name))
 
         cands.append(_Candidate(rec.name, call, to_np, getattr(rec.capabilities, "array_type", "numpy") == "numpy"))
-    cands.append(_Candidate(_AUTO, lambda: selfattn.scaled_dot_product_attention(q, k, v, causal=args.causal),
-                            np.asarray, True))
+    cands.append(
+        _Candidate(_AUTO, lambda: selfattn.scaled_dot_product_attention(q, k, v, causal=args.causal), np.asarray, True)
+    )
     return cands, selfattn.explain(q, k, v, causal=args.causal)
 
 
@@ -210,6 +220,7 @@ def _pipeline_group(step, backends, args):
     x = rng.standard_normal(step.input_shape, dtype=np.float32).astype(args.dtype)
     causal = args.causal
     if step.layer == "attention":
+
         def make(name):
             return lambda: selfattn.scaled_dot_product_attention(x, x, x, causal=causal, backend=name)
 
@@ -250,8 +261,12 @@ def _measure_group(cands, explanation, base_row, flops, rounds, pause, ceiling, 
     pick = explanation.backend
     rows, ok, ref = [], [], None
     for cand in cands:
-        row = dict(base_row, backend=cand.label, auto_choice=(cand.label == pick) if cand.label != _AUTO else None,
-                   picks=pick if cand.label == _AUTO else None)
+        row = dict(
+            base_row,
+            backend=cand.label,
+            auto_choice=(cand.label == pick) if cand.label != _AUTO else None,
+            picks=pick if cand.label == _AUTO else None,
+        )
         if cand.label == _AUTO and pick is None:
             row["picks_error"] = explanation.error
         try:
@@ -288,12 +303,23 @@ def _measure_group(cands, explanation, base_row, flops, rounds, pause, ceiling, 
             round_s += pause + 2 * dt if pause > 0 else dt  # with a pause: the pause, a wake-up and the timed call
         n_rounds = _rounds_for(budget, round_s, rounds)
         tick((most - n_rounds) * len(ok))
-        samples = interleaved_samples([c.call for c, _ in ok], rounds=n_rounds, warmup=0, pause=pause,
-                                      wake=pause > 0, after_round=lambda _: tick(len(ok)))
+        samples = interleaved_samples(
+            [c.call for c, _ in ok],
+            rounds=n_rounds,
+            warmup=0,
+            pause=pause,
+            wake=pause > 0,
+            after_round=lambda _: tick(len(ok)),
+        )
         for (_, row), ts in zip(ok, samples, strict=True):
             st = spread(ts)
-            row.update(median_s=st["median"], p25_s=st["p25"], p75_s=st["p75"], samples=len(ts),
-                       iqr_rel=(st["p75"] - st["p25"]) / st["median"] if st["median"] > 0 else 0.0)
+            row.update(
+                median_s=st["median"],
+                p25_s=st["p25"],
+                p75_s=st["p75"],
+                samples=len(ts),
+                iqr_rel=(st["p75"] - st["p25"]) / st["median"] if st["median"] > 0 else 0.0,
+            )
             row["gflops"] = flops / st["median"] / 1e9 if st["median"] > 0 else float("inf")
             row["ratio_to_matmul"] = row["gflops"] / ceiling
         named = [r["median_s"] for c, r in ok if c.label != _AUTO]
@@ -336,8 +362,13 @@ def run(args, out: TextIO | None = None) -> dict:
         for r in backends:
             if r not in layer_backends:
                 array_type = getattr(r.capabilities, "array_type", "?")
-                skipped.append({"backend": r.name, "reason": "pipeline section skipped: the layers take NumPy "
-                                f"arrays and {r.name} consumes {array_type} arrays"})
+                skipped.append(
+                    {
+                        "backend": r.name,
+                        "reason": "pipeline section skipped: the layers take NumPy "
+                        f"arrays and {r.name} consumes {array_type} arrays",
+                    }
+                )
     n_mm = 256 if args.tiny else (1024 if args.quick else 2048)
     mm_dtype = np.dtype(args.dtype) if args.dtype != "float16" else np.dtype(np.float32)
     ceiling = matmul_gflops(n=n_mm, dtype=mm_dtype, repeat=3 if (args.tiny or args.quick) else 7)
@@ -345,50 +376,97 @@ def run(args, out: TextIO | None = None) -> dict:
     # machine would otherwise take minutes)
     pipe_rounds = (max(3, args.repeat // 3), 3 * args.repeat)
     pipe_budget = 1.5 if (args.quick or args.tiny) else 4.0
-    total = (len(attention) * (len(backends) + 1) * (args.repeat + 1)
-             + len(pipeline) * (len(layer_backends) + 1) * (pipe_rounds[1] + 1))
+    total = len(attention) * (len(backends) + 1) * (args.repeat + 1) + len(pipeline) * (len(layer_backends) + 1) * (
+        pipe_rounds[1] + 1
+    )
     tol = TOLERANCE[args.dtype]
 
     rows = []
     with _progress(args.progress, total) as advance:
         for shape in attention:
             cands, expl = _attention_group(shape, backends, args)
-            base = {"section": "attention", "shape": shape.name, "kind": shape.kind, "dims": shape.label,
-                    "batch": shape.batch, "heads": shape.heads, "kv_heads": shape.hkv, "n": shape.n, "m": shape.m,
-                    "d": shape.d, "dtype": args.dtype, "causal": args.causal}
+            base = {
+                "section": "attention",
+                "shape": shape.name,
+                "kind": shape.kind,
+                "dims": shape.label,
+                "batch": shape.batch,
+                "heads": shape.heads,
+                "kv_heads": shape.hkv,
+                "n": shape.n,
+                "m": shape.m,
+                "d": shape.d,
+                "dtype": args.dtype,
+                "causal": args.causal,
+            }
             advance(0, f"attention {shape.name}")
-            rows += _measure_group(cands, expl, base, shape.flops(args.causal), (args.repeat, args.repeat),
-                                   args.pause, ceiling, tol, advance)
+            rows += _measure_group(
+                cands,
+                expl,
+                base,
+                shape.flops(args.causal),
+                (args.repeat, args.repeat),
+                args.pause,
+                ceiling,
+                tol,
+                advance,
+            )
         for step in pipeline:
             cands, expl = _pipeline_group(step, layer_backends, args)
-            base = {"section": "pipeline", "shape": step.name, "kind": "pipeline", "dims": step.label,
-                    "layer": step.layer, "batch": step.batch, "n": step.n, "embed": step.embed, "heads": step.heads,
-                    "ff": step.ff, "dtype": args.dtype, "causal": args.causal}
+            base = {
+                "section": "pipeline",
+                "shape": step.name,
+                "kind": "pipeline",
+                "dims": step.label,
+                "layer": step.layer,
+                "batch": step.batch,
+                "n": step.n,
+                "embed": step.embed,
+                "heads": step.heads,
+                "ff": step.ff,
+                "dtype": args.dtype,
+                "causal": args.causal,
+            }
             advance(0, f"pipeline {step.name}")
-            rows += _measure_group(cands, expl, base, step.flops(args.causal), pipe_rounds, 0.0, ceiling, tol,
-                                   advance, budget=pipe_budget)
+            rows += _measure_group(
+                cands, expl, base, step.flops(args.causal), pipe_rounds, 0.0, ceiling, tol, advance, budget=pipe_budget
+            )
 
     timed = [r for r in rows if r["backend"] == _AUTO and r.get("vs_best") is not None]
     return {
         "machine": {
-            "platform": platform.platform(), "cpu": _cpu_model(), "python": platform.python_version(),
-            "cpus": os.cpu_count(), "numpy": np.__version__, "matmul_gflops": ceiling, "matmul_n": n_mm,
+            "platform": platform.platform(),
+            "cpu": _cpu_model(),
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "numpy": np.__version__,
+            "matmul_gflops": ceiling,
+            "matmul_n": n_mm,
             "matmul_dtype": str(mm_dtype),
         },
         "selfattn": getattr(selfattn, "__version__", "?"),
         "commit": _commit(),
-        "dtype": args.dtype, "causal": args.causal, "tolerance": tol,
-        "method": {"rounds": args.repeat, "pipeline_rounds": list(pipe_rounds), "pipeline_budget_s": pipe_budget,
-                   "pause_s": args.pause,
-                   "order": [r.name for r in backends] + [_AUTO]},
-        "backends": [r.name for r in backends], "skipped": skipped,
+        "dtype": args.dtype,
+        "causal": args.causal,
+        "tolerance": tol,
+        "method": {
+            "rounds": args.repeat,
+            "pipeline_rounds": list(pipe_rounds),
+            "pipeline_budget_s": pipe_budget,
+            "pause_s": args.pause,
+            "order": [r.name for r in backends] + [_AUTO],
+        },
+        "backends": [r.name for r in backends],
+        "skipped": skipped,
         "results": rows,
         "agreement_ok": all(r.get("agrees") is not False for r in rows),
-        "auto_within_slack": sum(r["vs_best"] <= AUTO_SLACK for r in timed), "auto_rows": len(timed),
+        "auto_within_slack": sum(r["vs_best"] <= AUTO_SLACK for r in timed),
+        "auto_rows": len(timed),
     }
 
 
 # ------------------------------------------------------------------------------------------------- progress bar
+
 
 class _progress:
     """Context manager yielding ``advance(steps, description=None)``: a rich bar on stderr, or nothing.
@@ -409,9 +487,14 @@ class _progress:
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        self._bar = Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
-                             TimeElapsedColumn(), console=Console(stderr=True, force_terminal=self.force or None),
-                             transient=True)
+        self._bar = Progress(
+            TextColumn("{task.description:<28}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=Console(stderr=True, force_terminal=self.force or None),
+            transient=True,
+        )
         self._bar.start()
         task = self._bar.add_task("bench", total=self.total)
 
@@ -428,6 +511,7 @@ class _progress:
 
 # ------------------------------------------------------------------------------------------------------ output
 
+
 def _fmt_s(s: float | None) -> str:
     """Seconds with three significant digits in the unit that suits them."""
     if s is None:
@@ -443,8 +527,19 @@ def _fmt_bytes(b: float | None) -> str:
     return "n/a" if b is None else f"{b / 2**20:.1f} MiB"
 
 
-_COLUMNS = ("backend", "shape", "median", "IQR", "GFLOP/s", "x matmul", "vs best", "1st call", "peak extra",
-            "max|diff|", "auto")
+_COLUMNS = (
+    "backend",
+    "shape",
+    "median",
+    "IQR",
+    "GFLOP/s",
+    "x matmul",
+    "vs best",
+    "1st call",
+    "peak extra",
+    "max|diff|",
+    "auto",
+)
 
 
 def _cells(r: dict) -> tuple[str, ...]:
@@ -458,9 +553,19 @@ def _cells(r: dict) -> tuple[str, ...]:
     else:
         diff = f"{r['max_abs_diff']:.1e}" + ("" if r["agrees"] else " FAIL")
     vs = "" if r.get("vs_best") is None else f"{r['vs_best']:.2f}"
-    return (r["backend"], r["dims"], _fmt_s(r["median_s"]), f"{100 * r['iqr_rel']:.0f}%", f"{r['gflops']:.3g}",
-            f"{r['ratio_to_matmul']:.3f}", vs, _fmt_s(r["first_call_s"]), _fmt_bytes(r["peak_extra_bytes"]), diff,
-            auto)
+    return (
+        r["backend"],
+        r["dims"],
+        _fmt_s(r["median_s"]),
+        f"{100 * r['iqr_rel']:.0f}%",
+        f"{r['gflops']:.3g}",
+        f"{r['ratio_to_matmul']:.3f}",
+        vs,
+        _fmt_s(r["first_call_s"]),
+        _fmt_bytes(r["peak_extra_bytes"]),
+        diff,
+        auto,
+    )
 
 
 def _legend(report: dict) -> list[str]:
@@ -478,9 +583,12 @@ def _legend(report: dict) -> list[str]:
         "backend selfattn.explain() names for the call (layers: for their attention call).",
         f"Method: each round calls every backend once, in order ({order}). Attention rows: {m['rounds']} round(s), "
         + (f"a {m['pause_s']:g} s pause before each timed call" if m["pause_s"] > 0 else "NO pause (--pause 0)"),
-        ("  so OpenBLAS's spinning worker threads (about 0.1 s after each call) do not tax the next backend, then one "
-         "untimed call of the same backend so its own threads are awake, as in a loop." if m["pause_s"] > 0 else
-         "  so a backend may run while the previous one's threads still spin (OpenBLAS: about 0.1 s after a call)."),
+        (
+            "  so OpenBLAS's spinning worker threads (about 0.1 s after each call) do not tax the next backend, "
+            "then one untimed call of the same backend so its own threads are awake, as in a loop."
+            if m["pause_s"] > 0
+            else "  so a backend may run while the previous one's threads still spin (OpenBLAS: ~0.1 s after a call)."
+        ),
         f"  Pipeline rows: {m['pipeline_rounds'][0]}-{m['pipeline_rounds'][1]} rounds (as many as fit in about "
         f"{m['pipeline_budget_s']:g} s per row group), back to back, no pause, as a user's loop runs them (the "
         "layer's own NumPy matrix products, then attention).",
@@ -490,11 +598,16 @@ def _legend(report: dict) -> list[str]:
 def _summary(report: dict) -> list[str]:
     lines = [f"skipped {s['backend']}: {s['reason']}" for s in report["skipped"]]
     if report["auto_rows"]:
-        slow = [f"{r['shape']} ({r['vs_best']:.2f}x)" for r in report["results"]
-                if r["backend"] == _AUTO and r.get("vs_best") is not None and r["vs_best"] > AUTO_SLACK]
-        lines.append(f"automatic choice within {AUTO_SLACK:.2f}x of the fastest backend on "
-                     f"{report['auto_within_slack']} of {report['auto_rows']} row groups"
-                     + (f"; slower on {', '.join(slow)}" if slow else ""))
+        slow = [
+            f"{r['shape']} ({r['vs_best']:.2f}x)"
+            for r in report["results"]
+            if r["backend"] == _AUTO and r.get("vs_best") is not None and r["vs_best"] > AUTO_SLACK
+        ]
+        lines.append(
+            f"automatic choice within {AUTO_SLACK:.2f}x of the fastest backend on "
+            f"{report['auto_within_slack']} of {report['auto_rows']} row groups"
+            + (f"; slower on {', '.join(slow)}" if slow else "")
+        )
     verdict = "all backends agree with numpy" if report["agreement_ok"] else "DISAGREEMENT with numpy"
     lines.append(f"{verdict} (tolerance max|diff| <= {report['tolerance']:g} for {report['dtype']})")
     return lines
@@ -503,9 +616,11 @@ def _summary(report: dict) -> list[str]:
 def _header(report: dict) -> str:
     m = report["machine"]
     commit = f" @ {report['commit']}" if report.get("commit") else ""
-    return (f"selfattn {report['selfattn']}{commit} bench: dtype={report['dtype']} causal={report['causal']}; "
-            f"{m['cpu']}, {m['cpus']} CPU(s); numpy.matmul ({m['matmul_n']}^2 {m['matmul_dtype']}) = "
-            f"{m['matmul_gflops']:.1f} GFLOP/s")
+    return (
+        f"selfattn {report['selfattn']}{commit} bench: dtype={report['dtype']} causal={report['causal']}; "
+        f"{m['cpu']}, {m['cpus']} CPU(s); numpy.matmul ({m['matmul_n']}^2 {m['matmul_dtype']}) = "
+        f"{m['matmul_gflops']:.1f} GFLOP/s"
+    )
 
 
 def render(report: dict, out: TextIO | None = None, fancy: bool | None = None) -> None:
@@ -524,15 +639,21 @@ def render(report: dict, out: TextIO | None = None, fancy: bool | None = None) -
     if fancy:
         console = Console(file=out, highlight=False, soft_wrap=False)
     else:  # wide enough that no cell wraps; rendered into buf, trailing padding stripped below
-        console = Console(file=buf, highlight=False, soft_wrap=False, width=400, no_color=True, force_terminal=False,
-                          emoji=False)
+        console = Console(
+            file=buf, highlight=False, soft_wrap=False, width=400, no_color=True, force_terminal=False, emoji=False
+        )
     console.print(_header(report), markup=False)
     for section in ("attention", "pipeline"):
         rows = [r for r in report["results"] if r["section"] == section]
         if not rows:
             continue
-        table = Table(title=f"{section}" if fancy else None, box=box.SIMPLE_HEAD if fancy else None,
-                      show_edge=fancy, pad_edge=False, header_style="bold" if fancy else "")
+        table = Table(
+            title=f"{section}" if fancy else None,
+            box=box.SIMPLE_HEAD if fancy else None,
+            show_edge=fancy,
+            pad_edge=False,
+            header_style="bold" if fancy else "",
+        )
         for i, col in enumerate(_COLUMNS):
             table.add_column(col, justify="left" if i < 2 or col == "auto" else "right", no_wrap=True)
         prev = None
@@ -553,8 +674,14 @@ def render(report: dict, out: TextIO | None = None, fancy: bool | None = None) -
 
 # ---------------------------------------------------------------------------------------------------------- plot
 
-_FAMILY_TITLES = {"dispatch": "dispatch", "prefill": "prefill (N = M)", "decode": "decode (N = 1)",
-                  "gqa": "GQA (grouped K/V heads)", "long": "long sequences", "pipeline": "pipeline (layers, toy)"}
+_FAMILY_TITLES = {
+    "dispatch": "dispatch",
+    "prefill": "prefill (N = M)",
+    "decode": "decode (N = 1)",
+    "gqa": "GQA (grouped K/V heads)",
+    "long": "long sequences",
+    "pipeline": "pipeline (layers, toy)",
+}
 
 
 def plot(report: dict, path: str) -> list[str]:
@@ -580,8 +707,14 @@ def plot(report: dict, path: str) -> list[str]:
     colors = {name: f"C{i}" for i, name in enumerate(labels)}
     groups_of = {fam: list(dict.fromkeys(r["shape"] for r in timed if r["kind"] == fam)) for fam in families}
     heights = [0.6 + 0.5 * len(labels) * len(groups_of[fam]) / 2 for fam in families]
-    fig, axes = plt.subplots(len(families), 1, figsize=(10, 1.6 + sum(heights)), squeeze=False,
-                             gridspec_kw={"height_ratios": heights}, layout="constrained")
+    fig, axes = plt.subplots(
+        len(families),
+        1,
+        figsize=(10, 1.6 + sum(heights)),
+        squeeze=False,
+        gridspec_kw={"height_ratios": heights},
+        layout="constrained",
+    )
     mm = report["machine"]["matmul_gflops"]
     bar_h = 0.8 / len(labels)
     for ax, fam in zip(axes[:, 0], families, strict=True):
@@ -600,8 +733,17 @@ def plot(report: dict, path: str) -> list[str]:
                 lo.append(max(0.0, row["gflops"] - gflop / row["p75_s"]))
                 hi.append(max(0.0, gflop / row["p25_s"] - row["gflops"]))
             if ys:
-                ax.barh(ys, xs, bar_h, xerr=[lo, hi], capsize=2, color=colors[name], label=name,
-                        hatch="//" if name == _AUTO else None, edgecolor="black" if name == _AUTO else None)
+                ax.barh(
+                    ys,
+                    xs,
+                    bar_h,
+                    xerr=[lo, hi],
+                    capsize=2,
+                    color=colors[name],
+                    label=name,
+                    hatch="//" if name == _AUTO else None,
+                    edgecolor="black" if name == _AUTO else None,
+                )
         ticks = []
         for shape in groups:
             first = next(r for r in rows if r["shape"] == shape)
@@ -625,10 +767,12 @@ def plot(report: dict, path: str) -> list[str]:
                 handles.append(h)
                 names.append(n)
     m = report["machine"]
-    fig.suptitle(f"selfattn {report['selfattn']} @ {report.get('commit') or 'unknown commit'}: forward, "
-                 f"{report['dtype']}, causal={report['causal']}; {m['cpu']}, {m['cpus']} CPU(s)\n"
-                 f"reference (dashed): numpy.matmul {m['matmul_n']}² {m['matmul_dtype']} = {mm:.1f} GFLOP/s",
-                 fontsize=9)
+    fig.suptitle(
+        f"selfattn {report['selfattn']} @ {report.get('commit') or 'unknown commit'}: forward, "
+        f"{report['dtype']}, causal={report['causal']}; {m['cpu']}, {m['cpus']} CPU(s)\n"
+        f"reference (dashed): numpy.matmul {m['matmul_n']}² {m['matmul_dtype']} = {mm:.1f} GFLOP/s",
+        fontsize=9,
+    )
     fig.legend(handles, names, loc="outside lower center", ncol=len(names), fontsize=8)
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -636,6 +780,7 @@ def plot(report: dict, path: str) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------------- command
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m selfattn bench", description=__doc__.split("\n\n")[0])
@@ -646,10 +791,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-pipeline", action="store_true", help="skip the pipeline section")
     p.add_argument("--dtype", default="float32", choices=sorted(TOLERANCE))
     p.add_argument("--causal", action="store_true", help="causal attention")
-    p.add_argument("--repeat", type=int, default=None,
-                   help="rounds (timed calls per backend) for attention rows; pipeline rows get 3x as many")
-    p.add_argument("--pause", type=float, default=PAUSE_S,
-                   help=f"seconds to sleep before each timed attention call (default {PAUSE_S})")
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=None,
+        help="rounds (timed calls per backend) for attention rows; pipeline rows get 3x as many",
+    )
+    p.add_argument(
+        "--pause",
+        type=float,
+        default=PAUSE_S,
+        help=f"seconds to sleep before each timed attention call (default {PAUSE_S})",
+    )
     p.add_argument("--json", metavar="FILE", help="write machine-readable results here (the table stays plain)")
     p.add_argument("--plot", metavar="FILE.png", help="one panel per shape family that ran (needs matplotlib)")
     g = p.add_mutually_exclusive_group()
@@ -671,15 +824,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import rich  # noqa: F401
     except ImportError:
-        print("error: the bench command draws its tables with rich; install it with: pip install 'selfattn[bench]' "
-              "(or pip install rich)", file=sys.stderr)
+        print(
+            "error: the bench command draws its tables with rich; install it with: pip install 'selfattn[bench]' "
+            "(or pip install rich)",
+            file=sys.stderr,
+        )
         return 2
     if args.plot:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            print("error: --plot needs matplotlib; install it with: pip install 'selfattn[bench]' "
-                  "(or pip install matplotlib)", file=sys.stderr)
+            print(
+                "error: --plot needs matplotlib; install it with: pip install 'selfattn[bench]' "
+                "(or pip install matplotlib)",
+                file=sys.stderr,
+            )
             return 2
     try:
         report = run(args)

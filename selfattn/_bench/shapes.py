@@ -14,8 +14,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = [
-    "Shape", "Pipeline", "TINY", "PREFILL", "DECODE", "GQA", "LONG", "ASV_SHAPES", "BENCH_QUICK", "BENCH_STANDARD",
-    "BENCH_TINY", "PIPELINE", "PIPELINE_TINY", "BY_NAME", "get", "make_inputs",
+    "Shape",
+    "Pipeline",
+    "TINY",
+    "PREFILL",
+    "DECODE",
+    "GQA",
+    "LONG",
+    "ASV_SHAPES",
+    "BENCH_QUICK",
+    "BENCH_STANDARD",
+    "BENCH_TINY",
+    "PIPELINE",
+    "PIPELINE_TINY",
+    "BY_NAME",
+    "get",
+    "make_inputs",
 ]
 
 
@@ -189,8 +203,9 @@ PIPELINE_TINY = (
     Pipeline("toy", "attention", 2, 10, 8, 8),
 )
 
-BY_NAME = {s.name: s
-           for s in (TINY, *ASV_SHAPES, *BENCH_QUICK, *BENCH_STANDARD, *BENCH_TINY, *PIPELINE, *PIPELINE_TINY)}
+BY_NAME = {
+    s.name: s for s in (TINY, *ASV_SHAPES, *BENCH_QUICK, *BENCH_STANDARD, *BENCH_TINY, *PIPELINE, *PIPELINE_TINY)
+}
 
 
 def get(name: str) -> Shape | Pipeline:

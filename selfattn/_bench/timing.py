@@ -15,8 +15,16 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-__all__ = ["median_time", "interleaved_samples", "interleaved_medians", "spread", "matmul_call", "matmul_gflops",
-           "attention_flops", "peak_rss_delta"]
+__all__ = [
+    "median_time",
+    "interleaved_samples",
+    "interleaved_medians",
+    "spread",
+    "matmul_call",
+    "matmul_gflops",
+    "attention_flops",
+    "peak_rss_delta",
+]
 
 
 def median_time(fn, *, repeat: int = 5, min_time: float = 0.0, warmup: int = 1) -> float:
@@ -36,9 +44,15 @@ def median_time(fn, *, repeat: int = 5, min_time: float = 0.0, warmup: int = 1) 
     return statistics.median(times)
 
 
-def interleaved_samples(fns: Sequence[Callable[[], object]], *, rounds: int = 5, warmup: int = 1,
-                        pause: float = 0.2, wake: bool = False,
-                        after_round: Callable[[int], object] | None = None) -> list[list[float]]:
+def interleaved_samples(
+    fns: Sequence[Callable[[], object]],
+    *,
+    rounds: int = 5,
+    warmup: int = 1,
+    pause: float = 0.2,
+    wake: bool = False,
+    after_round: Callable[[int], object] | None = None,
+) -> list[list[float]]:
     """Wall times in seconds of each callable in ``fns``, timed in alternation: one list per callable.
 
     Each round calls every function once, in order, so a slow spell on a
@@ -76,8 +90,9 @@ def interleaved_samples(fns: Sequence[Callable[[], object]], *, rounds: int = 5,
     return times
 
 
-def interleaved_medians(fns: Sequence[Callable[[], object]], *, rounds: int = 5, warmup: int = 1,
-                        pause: float = 0.2) -> list[float]:
+def interleaved_medians(
+    fns: Sequence[Callable[[], object]], *, rounds: int = 5, warmup: int = 1, pause: float = 0.2
+) -> list[float]:
     """Median wall time in seconds of each callable in ``fns``, timed as :func:`interleaved_samples` does."""
     return [statistics.median(ts) for ts in interleaved_samples(fns, rounds=rounds, warmup=warmup, pause=pause)]
 
@@ -99,7 +114,7 @@ def matmul_call(n: int = 2048, dtype=np.float32):
     rng = np.random.default_rng(0)
     a = rng.standard_normal((n, n)).astype(dtype)
     b = rng.standard_normal((n, n)).astype(dtype)
-    return (lambda: np.matmul(a, b)), 2.0 * n ** 3
+    return (lambda: np.matmul(a, b)), 2.0 * n**3
 
 
 def matmul_gflops(n: int = 2048, dtype=np.float32, repeat: int = 7) -> float:
@@ -108,8 +123,9 @@ def matmul_gflops(n: int = 2048, dtype=np.float32, repeat: int = 7) -> float:
     return flops / median_time(call, repeat=repeat) / 1e9
 
 
-def attention_flops(batch: int, heads: int, n: int, m: int, d: int, dv: int | None = None,
-                    causal: bool = False) -> float:
+def attention_flops(
+    batch: int, heads: int, n: int, m: int, d: int, dv: int | None = None, causal: bool = False
+) -> float:
     """Forward FLOPs of attention: ``2·B·H·N·M·(D + Dv)`` (= 4·B·H·N·M·D), halved for causal."""
     dv = d if dv is None else dv
     flops = 2.0 * batch * heads * n * m * (d + dv)

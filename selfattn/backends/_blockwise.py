@@ -34,8 +34,18 @@ import numpy as np
 
 from .._problem import Array, Problem
 
-__all__ = ["row_block", "blocks", "scores", "forward", "backward", "forward_varlen", "backward_varlen", "shift_free",
-           "DropoutFn", "BANDED_ROWS"]
+__all__ = [
+    "row_block",
+    "blocks",
+    "scores",
+    "forward",
+    "backward",
+    "forward_varlen",
+    "backward_varlen",
+    "shift_free",
+    "DropoutFn",
+    "BANDED_ROWS",
+]
 
 #: Largest row block for banded (causal/window) calls: smaller blocks let the
 #: key range that the band leaves shrink with them.
@@ -44,8 +54,9 @@ BANDED_ROWS = 256
 DropoutFn = Callable[[Problem, int, int, int, int, int, int], Array]
 
 
-def row_block(batch: int, q_heads: int, n: int, m: int, itemsize: int, budget_bytes: int,
-              banded: bool) -> tuple[int, int]:
+def row_block(
+    batch: int, q_heads: int, n: int, m: int, itemsize: int, budget_bytes: int, banded: bool
+) -> tuple[int, int]:
     """``(batches_per_block, rows_per_block)``: the one row-block rule of the blockwise paths.
 
     One score tile ``(bb, Hq, rows, M)`` stays within ``budget_bytes`` (at least
@@ -65,15 +76,17 @@ def blocks(pb: Problem, budget_bytes: int) -> Iterator[tuple[int, int, int, int]
     B, N = pb.batch, pb.n
     if B == 0 or pb.q_heads == 0 or N == 0:
         return
-    bb, rows = row_block(B, pb.q_heads, N, pb.m, pb.compute_dtype.itemsize, budget_bytes,
-                         pb.lower is not None or pb.upper is not None)
+    bb, rows = row_block(
+        B, pb.q_heads, N, pb.m, pb.compute_dtype.itemsize, budget_bytes, pb.lower is not None or pb.upper is not None
+    )
     for b0 in range(0, B, bb):
         for i0 in range(0, N, rows):
             yield b0, min(B, b0 + bb), i0, min(N, i0 + rows)
 
 
-def scores(pb: Problem, xp: Any, b0: int, b1: int, i0: int, i1: int, j0: int, j1: int,
-           out: Array | None = None) -> tuple[Array, Array, Array, Array | None]:
+def scores(
+    pb: Problem, xp: Any, b0: int, b1: int, i0: int, i1: int, j0: int, j1: int, out: Array | None = None
+) -> tuple[Array, Array, Array, Array | None]:
     """Scaled, soft-capped, biased and masked scores of one block.
 
     Returns ``(s, qs, kb, tcap)``: ``s`` ``(bb, Hkv, G*rows, cols)`` in the
@@ -140,8 +153,16 @@ def shift_free(pb: Problem, xp: Any) -> bool:
     return bool(bound <= limit)  # False for NaN
 
 
-def forward(pb: Problem, xp: Any, *, block_bytes: int, dropout: DropoutFn, shift_free_ok: bool = False,
-            ones_column: bool = False, reuse_buffer: bool = False) -> tuple[Array, Array | None, Array | None]:
+def forward(
+    pb: Problem,
+    xp: Any,
+    *,
+    block_bytes: int,
+    dropout: DropoutFn,
+    shift_free_ok: bool = False,
+    ones_column: bool = False,
+    reuse_buffer: bool = False,
+) -> tuple[Array, Array | None, Array | None]:
     """``(out, lse, weights)`` of the backend contract (see :mod:`selfattn.backends._base`).
 
     Outputs are allocated before any work, so a result that cannot be
@@ -206,8 +227,9 @@ def forward(pb: Problem, xp: Any, *, block_bytes: int, dropout: DropoutFn, shift
     return out, lse, weights
 
 
-def backward(pb: Problem, xp: Any, out: Array, lse: Array, grad_out: Array, *, block_bytes: int,
-             dropout: DropoutFn) -> tuple[Array, Array, Array]:
+def backward(
+    pb: Problem, xp: Any, out: Array, lse: Array, grad_out: Array, *, block_bytes: int, dropout: DropoutFn
+) -> tuple[Array, Array, Array]:
     """``(dq, dk, dv)`` of the backend contract, recomputing probabilities block by block.
 
     ``delta_i = sum_d dO_id O_id`` equals ``sum_j P_ij dP_ij`` (dropout
@@ -277,8 +299,9 @@ def forward_varlen(pb: Problem, xp: Any, **options: Any) -> tuple[Array, Array |
     return out, lse, None
 
 
-def backward_varlen(pb: Problem, xp: Any, out: Array, lse: Array, grad_out: Array,
-                    **options: Any) -> tuple[Array, Array, Array]:
+def backward_varlen(
+    pb: Problem, xp: Any, out: Array, lse: Array, grad_out: Array, **options: Any
+) -> tuple[Array, Array, Array]:
     """:func:`backward` of a packed variable-length problem, one sequence at a time."""
     assert pb.cu_seqlens_q is not None and pb.cu_seqlens_k is not None
     dq = xp.zeros(pb.query.shape, dtype=pb.dtype)

@@ -31,8 +31,18 @@ from .._merge import merge_attention
 from .._problem import Array, Coordinates, Problem, array_library
 from ._base import Backend
 
-__all__ = ["Options", "Pair", "inner_backend", "pair_forward", "pair_weights", "pair_backward", "merge", "total",
-           "cast", "full"]
+__all__ = [
+    "Options",
+    "Pair",
+    "inner_backend",
+    "pair_forward",
+    "pair_weights",
+    "pair_backward",
+    "merge",
+    "total",
+    "cast",
+    "full",
+]
 
 
 @dataclass(frozen=True)
@@ -93,8 +103,17 @@ def _block(x: Array) -> Array:
     return _module("cupy").ascontiguousarray(x)
 
 
-def problem(pair: Pair, query: Array, key: Array, value: Array, mask: Array | None, alibi: Array | None, *,
-            weights: bool = False, vjp: bool = False) -> Problem:
+def problem(
+    pair: Pair,
+    query: Array,
+    key: Array,
+    value: Array,
+    mask: Array | None,
+    alibi: Array | None,
+    *,
+    weights: bool = False,
+    vjp: bool = False,
+) -> Problem:
     """The pair's :class:`Problem` from its blocks (float16 widened to float32; lse always wanted)."""
     o = pair.options
     lib = array_library(query)
@@ -106,10 +125,25 @@ def problem(pair: Pair, query: Array, key: Array, value: Array, mask: Array | No
         mask = _to_library(mask, lib)
         mask_index = np.arange(bb, dtype=np.int64) if o.mask_batched else np.zeros(bb, dtype=np.int64)
     return Problem(
-        array_type=lib, query=_block(query), key=_block(key), value=_block(value), batch_shape=(bb,),
-        mask=mask, mask_index=mask_index, causal=o.causal, window=o.window, scale=o.scale, softcap=o.softcap,
-        alibi=_to_library(alibi, lib), dropout_p=o.dropout_p, dropout_seed=o.dropout_seed, return_lse=True,
-        return_weights=weights, needs_vjp=vjp, offset=pair.offset, coords=pair.coords,
+        array_type=lib,
+        query=_block(query),
+        key=_block(key),
+        value=_block(value),
+        batch_shape=(bb,),
+        mask=mask,
+        mask_index=mask_index,
+        causal=o.causal,
+        window=o.window,
+        scale=o.scale,
+        softcap=o.softcap,
+        alibi=_to_library(alibi, lib),
+        dropout_p=o.dropout_p,
+        dropout_seed=o.dropout_seed,
+        return_lse=True,
+        return_weights=weights,
+        needs_vjp=vjp,
+        offset=pair.offset,
+        coords=pair.coords,
     )
 
 
@@ -134,8 +168,9 @@ def _budget(pair: Pair) -> Any:
     return thread_budget(pair.options.threads)
 
 
-def pair_forward(pair: Pair, query: Array, key: Array, value: Array, mask: Array | None,
-                 alibi: Array | None) -> tuple[Array, Array]:
+def pair_forward(
+    pair: Pair, query: Array, key: Array, value: Array, mask: Array | None, alibi: Array | None
+) -> tuple[Array, Array]:
     """Partial ``(out, lse)`` of one pair over its keys, in the accumulation dtype."""
     pb = problem(pair, query, key, value, mask, alibi)
     impl = inner_backend(pb, pair.options.inner)
@@ -144,8 +179,9 @@ def pair_forward(pair: Pair, query: Array, key: Array, value: Array, mask: Array
     return out, lse
 
 
-def pair_weights(pair: Pair, query: Array, key: Array, value: Array, mask: Array | None, alibi: Array | None,
-                 lse: Array, dtype: str) -> Array:
+def pair_weights(
+    pair: Pair, query: Array, key: Array, value: Array, mask: Array | None, alibi: Array | None, lse: Array, dtype: str
+) -> Array:
     """The whole call's attention probabilities on one pair's block, ``(bb, hh, rows, cols)`` in ``dtype``.
 
     The pair's own probabilities ``exp(s - lse_pair)`` are rescaled by
@@ -164,8 +200,17 @@ def pair_weights(pair: Pair, query: Array, key: Array, value: Array, mask: Array
     return (w * factor[..., None]).astype(dtype, copy=False)
 
 
-def pair_backward(pair: Pair, query: Array, key: Array, value: Array, mask: Array | None, alibi: Array | None,
-                  out: Array, lse: Array, grad_out: Array) -> tuple[Array, Array, Array]:
+def pair_backward(
+    pair: Pair,
+    query: Array,
+    key: Array,
+    value: Array,
+    mask: Array | None,
+    alibi: Array | None,
+    out: Array,
+    lse: Array,
+    grad_out: Array,
+) -> tuple[Array, Array, Array]:
     """One pair's pieces ``(dq, dk, dv)`` in the accumulation dtype.
 
     ``out``, ``lse`` and ``grad_out`` are the whole call's rows of the pair's

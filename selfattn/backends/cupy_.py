@@ -100,13 +100,20 @@ class CupyBackend(Backend):
         array_type="cupy",
         features=frozenset(FEATURES),
         notes={
-            "float16": ("float32 accumulation; the forward uses tensor cores (mma.sync m16n8k16) on "
-                        "sm_80+ when D and Dv are multiples of 8 and at most 128, CUDA cores otherwise"),
+            "float16": (
+                "float32 accumulation; the forward uses tensor cores (mma.sync m16n8k16) on "
+                "sm_80+ when D and Dv are multiples of 8 and at most 128, CUDA cores otherwise"
+            ),
         },
     )
 
-    def __init__(self, block_bytes: int = 256 * 2**20, tensor_cores: bool = True,
-                 decode_max_rows: int = launch.DECODE_MAX_ROWS, decode_min_keys: int = launch.DECODE_MIN_KEYS) -> None:
+    def __init__(
+        self,
+        block_bytes: int = 256 * 2**20,
+        tensor_cores: bool = True,
+        decode_max_rows: int = launch.DECODE_MAX_ROWS,
+        decode_min_keys: int = launch.DECODE_MIN_KEYS,
+    ) -> None:
         """A CuPy backend with its own settings (the dispatcher's instance uses the defaults).
 
         ``block_bytes`` bounds one score tile of the blockwise (cuBLAS) paths.
@@ -117,8 +124,11 @@ class CupyBackend(Backend):
         fused kernel. The last three exist for A/B benchmarks and bisecting:
         build a second instance rather than changing the dispatcher's.
         """
-        for name, val, least in (("block_bytes", block_bytes, 1), ("decode_max_rows", decode_max_rows, 0),
-                                 ("decode_min_keys", decode_min_keys, 0)):
+        for name, val, least in (
+            ("block_bytes", block_bytes, 1),
+            ("decode_max_rows", decode_max_rows, 0),
+            ("decode_min_keys", decode_min_keys, 0),
+        ):
             if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < least:
                 raise ValueError(f"CupyBackend: {name} must be an integer >= {least}, got {val!r}")
         self.block_bytes = int(block_bytes)
@@ -129,7 +139,7 @@ class CupyBackend(Backend):
         self._lock = threading.Lock()
 
     @property
-    def version(self) -> str:
+    def version(self) -> str:  # type: ignore[override]  # looked up lazily: no CuPy import at registration
         spec = importlib.util.find_spec("cupy")
         if spec is None:
             return ""
@@ -158,8 +168,9 @@ class CupyBackend(Backend):
         try:
             count = cupy.cuda.runtime.getDeviceCount()
         except Exception as exc:
-            return False, (f"no usable CUDA driver/device: cupy.cuda.runtime.getDeviceCount() raised "
-                           f"{type(exc).__name__}: {exc}")
+            return False, (
+                f"no usable CUDA driver/device: cupy.cuda.runtime.getDeviceCount() raised {type(exc).__name__}: {exc}"
+            )
         if count < 1:
             return False, "no CUDA device: cupy.cuda.runtime.getDeviceCount() returned 0"
         return True, ""
@@ -169,6 +180,7 @@ class CupyBackend(Backend):
         if not ok:
             return {"available": False, "reason": reason}
         import cupy
+
         out = {"cupy": cupy.__version__, "devices": cupy.cuda.runtime.getDeviceCount()}
         try:
             props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
@@ -225,9 +237,17 @@ class CupyBackend(Backend):
             zr = z[r0:r1]
             grid, block = launch.elementwise_launch(zr.size)
             if grid is not None:
-                args = launch.pack_dropout_args(z=zr, n_bh=(r1 - r0) * Hq, rows=rows, cols=cols, bh0=bh0,
-                                                i0=i0 + c.row_start, j0=j0 + c.col_start,
-                                                dropout_p=pb.dropout_p, dropout_seed=pb.dropout_seed)
+                args = launch.pack_dropout_args(
+                    z=zr,
+                    n_bh=(r1 - r0) * Hq,
+                    rows=rows,
+                    cols=cols,
+                    bh0=bh0,
+                    i0=i0 + c.row_start,
+                    j0=j0 + c.col_start,
+                    dropout_p=pb.dropout_p,
+                    dropout_seed=pb.dropout_seed,
+                )
                 kernel(grid, block, args)
         return z
 
@@ -252,9 +272,18 @@ class CupyBackend(Backend):
         if pb.is_varlen:
             fused = launch.fused_ok(pb.d, pb.dv, False)
         else:
-            fused = launch.forward_path(pb.d, pb.dv, pb.n, pb.m, pb.return_weights,
-                                        decode_max_rows=self.decode_max_rows,
-                                        decode_min_keys=self.decode_min_keys) == "fused"
+            fused = (
+                launch.forward_path(
+                    pb.d,
+                    pb.dv,
+                    pb.n,
+                    pb.m,
+                    pb.return_weights,
+                    decode_max_rows=self.decode_max_rows,
+                    decode_min_keys=self.decode_min_keys,
+                )
+                == "fused"
+            )
         if not fused:
             return "blockwise", None
         if self.tensor_cores and launch.tc_ok(pb.dtype, pb.d, pb.dv, pb.return_weights, compute_capability):
@@ -276,8 +305,9 @@ class CupyBackend(Backend):
         extra = ""
         if pb.is_varlen:
             seq, _ = launch.varlen_tiles(pb.cu_seqlens_q, pb.cu_seqlens_k, pb.lower, pb.upper)
-            extra = (f", one launch over {pb.num_sequences} packed sequences "
-                     f"({len(seq)} query tiles x {pb.q_heads} heads)")
+            extra = (
+                f", one launch over {pb.num_sequences} packed sequences ({len(seq)} query tiles x {pb.q_heads} heads)"
+            )
         return f"fused forward kernel {name}{extra}; blockwise cuBLAS backward"
 
     def _forward(self, cupy, pb):
@@ -285,8 +315,9 @@ class CupyBackend(Backend):
         if path == "fused":
             return self._forward_fused(cupy, pb, name)
         if pb.is_varlen:  # heads over 256: one sequence at a time on the blockwise path
-            return _blockwise.forward_varlen(pb, cupy, block_bytes=self.block_bytes,
-                                             dropout=partial(self._dropout_z, cupy))
+            return _blockwise.forward_varlen(
+                pb, cupy, block_bytes=self.block_bytes, dropout=partial(self._dropout_z, cupy)
+            )
         return self._forward_blockwise(cupy, pb)
 
     def _forward_fused(self, cupy, pb, name=None):
@@ -334,8 +365,10 @@ class CupyBackend(Backend):
             parts = (pb.cu_seqlens_q, pb.cu_seqlens_k, tiles[0], tiles[1])
             table = cupy.asarray(np.concatenate(parts).astype(np.int64, copy=False))
             ends = np.cumsum([len(x) for x in parts])
-            varlen = {n: table[e - len(x):e] for n, x, e in zip(("cu_q", "cu_k", "tile_seq", "tile_row"), parts, ends,
-                                                                   strict=True)}
+            varlen = {
+                n: table[e - len(x) : e]
+                for n, x, e in zip(("cu_q", "cu_k", "tile_seq", "tile_row"), parts, ends, strict=True)
+            }
             varlen["n_tiles"] = len(tiles[0])
         q, k, v = pb.query, pb.key, pb.value
         if tc:
@@ -344,18 +377,38 @@ class CupyBackend(Backend):
             # ascontiguousarray: that returns a C-contiguous view as is, even one
             # that starts off a boundary (flat[1:].reshape(...)). A fresh
             # allocation is aligned (CuPy's pool: 512 bytes); O(N) like the input.
-            q, k, v = (x if launch.tc_layout_ok(x.shape, x.strides, x.itemsize, _address(x))
-                       else x.copy(order="C") for x in (q, k, v))
+            q, k, v = (
+                x if launch.tc_layout_ok(x.shape, x.strides, x.itemsize, _address(x)) else x.copy(order="C")
+                for x in (q, k, v)
+            )
         ss = {a: (x.shape, x.strides, x.itemsize) for a, x in (("q", q), ("k", k), ("v", v))}
         if mss is not None:
             ss["m"] = mss
         args = launch.pack_fwd_args(
-            q=q, k=k, v=v, out=out, lse=lse, mask=mask, mask_index=mask_index, mask_dtype=mdt,
-            shapes_strides=ss, sizes=dict(B=B, Hq=Hq, Hkv=Hkv, N=N, M=M, D=D, Dv=Dv),
-            scale=pb.scale, lower=pb.lower, upper=pb.upper, dropout_p=pb.dropout_p,
-            dropout_seed=pb.dropout_seed, write_lse=pb.want_lse, offset=None if pb.is_varlen else pb.offset,
-            softcap=pb.softcap, alibi=alibi, coords=pb.coords, batch_index=batch_index, varlen=varlen,
-            placeholder=placeholder)
+            q=q,
+            k=k,
+            v=v,
+            out=out,
+            lse=lse,
+            mask=mask,
+            mask_index=mask_index,
+            mask_dtype=mdt,
+            shapes_strides=ss,
+            sizes=dict(B=B, Hq=Hq, Hkv=Hkv, N=N, M=M, D=D, Dv=Dv),
+            scale=pb.scale,
+            lower=pb.lower,
+            upper=pb.upper,
+            dropout_p=pb.dropout_p,
+            dropout_seed=pb.dropout_seed,
+            write_lse=pb.want_lse,
+            offset=None if pb.is_varlen else pb.offset,
+            softcap=pb.softcap,
+            alibi=alibi,
+            coords=pb.coords,
+            batch_index=batch_index,
+            varlen=varlen,
+            placeholder=placeholder,
+        )
         self._kernel(cupy, name)(grid, block, args)
         return out, (lse if pb.want_lse else None), None
 

@@ -219,8 +219,13 @@ class _Inputs:
             index = (i if s == f else 0 for i, s, f in zip((bi, hi, ii, jj), self.mask.shape, full, strict=True))
             mk = (self.mask.name,) + tuple(index)
         ak = None if self.alibi is None else (self.alibi.name, bi, hi)
-        return ((self.query.name, bi, hi, ii, 0), (self.key.name, bi, hi, jj, 0), (self.value.name, bi, hi, jj, 0),
-                mk, ak)
+        return (
+            (self.query.name, bi, hi, ii, 0),
+            (self.key.name, bi, hi, jj, 0),
+            (self.value.name, bi, hi, jj, 0),
+            mk,
+            ak,
+        )
 
 
 def _chunk_library(pb: Problem) -> str:
@@ -228,13 +233,17 @@ def _chunk_library(pb: Problem) -> str:
     for name, x in (("query", pb.query), ("key", pb.key), ("value", pb.value)):
         lib = array_library(x._meta)
         if lib is None:
-            raise TypeError(f"{name} is a Dask array of {type(x._meta).__module__}.{type(x._meta).__name__} chunks; "
-                            "the Dask backend runs NumPy or CuPy chunks: convert them, e.g. with "
-                            f"{name}.map_blocks(numpy.asarray)")
+            raise TypeError(
+                f"{name} is a Dask array of {type(x._meta).__module__}.{type(x._meta).__name__} chunks; "
+                "the Dask backend runs NumPy or CuPy chunks: convert them, e.g. with "
+                f"{name}.map_blocks(numpy.asarray)"
+            )
         libs.append(lib)
     if len(set(libs)) > 1:
-        raise TypeError(f"query, key and value must have chunks of one array library, got {libs}; convert them "
-                        "with map_blocks(numpy.asarray) or map_blocks(cupy.asarray)")
+        raise TypeError(
+            f"query, key and value must have chunks of one array library, got {libs}; convert them "
+            "with map_blocks(numpy.asarray) or map_blocks(cupy.asarray)"
+        )
     return libs[0]
 
 
@@ -257,26 +266,48 @@ def _inputs(pb: Problem, lay: Layout) -> _Inputs:
 
 
 def _options(pb: Problem, st: Settings, ins: _Inputs) -> tasks.Options:
-    return tasks.Options(scale=pb.scale, causal=pb.causal, window=pb.window, softcap=pb.softcap,
-                         dropout_p=pb.dropout_p, dropout_seed=pb.dropout_seed, inner=st.inner, threads=st.threads,
-                         mask_batched=ins.mask is not None and ins.mask.shape[0] == pb.batch)
+    return tasks.Options(
+        scale=pb.scale,
+        causal=pb.causal,
+        window=pb.window,
+        softcap=pb.softcap,
+        dropout_p=pb.dropout_p,
+        dropout_seed=pb.dropout_seed,
+        inner=st.inner,
+        threads=st.threads,
+        mask_batched=ins.mask is not None and ins.mask.shape[0] == pb.batch,
+    )
 
 
 def _pair(pb: Problem, opts: tasks.Options, lay: Layout, bi: int, hi: int, ii: int, jj: int) -> tasks.Pair:
     """The pair's band offset and global dropout counters (composed with the problem's own, for a chunk)."""
-    b0, b1 = _starts(lay.batch)[bi:bi + 2]
+    b0, b1 = _starts(lay.batch)[bi : bi + 2]
     h0 = _starts(lay.heads)[hi]
     i0, j0 = _starts(lay.rows)[ii], _starts(lay.keys)[jj]
     c = pb.coords
     bidx = np.arange(b0, b1, dtype=np.int64) if c.batch_index is None else c.batch_index[b0:b1]
-    coords = Coordinates(batch_index=bidx, head_start=c.head_start + h0,
-                         total_heads=pb.q_heads if c.total_heads is None else c.total_heads,
-                         row_start=c.row_start + i0, col_start=c.col_start + j0)
+    coords = Coordinates(
+        batch_index=bidx,
+        head_start=c.head_start + h0,
+        total_heads=pb.q_heads if c.total_heads is None else c.total_heads,
+        row_start=c.row_start + i0,
+        col_start=c.col_start + j0,
+    )
     return tasks.Pair(opts, int(pb.offset) + i0 - j0, coords)  # type: ignore[arg-type]
 
 
-def _stub_problem(pb: Problem, lay: Layout, opts: tasks.Options, ins: _Inputs, bi: int, hi: int, ii: int, jj: int,
-                  weights: bool, vjp: bool) -> Problem:
+def _stub_problem(
+    pb: Problem,
+    lay: Layout,
+    opts: tasks.Options,
+    ins: _Inputs,
+    bi: int,
+    hi: int,
+    ii: int,
+    jj: int,
+    weights: bool,
+    vjp: bool,
+) -> Problem:
     """A pair's problem with zero-stride NumPy stand-ins of the right shapes: for backend choice, no data."""
     cdt = pb.compute_dtype
 
@@ -292,17 +323,32 @@ def _stub_problem(pb: Problem, lay: Layout, opts: tasks.Options, ins: _Inputs, b
         mask_index = np.zeros(bb, dtype=np.int64)
     pair = _pair(pb, opts, lay, bi, hi, ii, jj)
     hkv = hh // lay.group
-    return Problem(array_type=ins.library, query=stub((bb, hh, rows, pb.d), cdt),
-                   key=stub((bb, hkv, cols, pb.d), cdt), value=stub((bb, hkv, cols, pb.dv), cdt),
-                   batch_shape=(bb,), mask=mask, mask_index=mask_index, causal=pb.causal, window=pb.window,
-                   scale=pb.scale, softcap=pb.softcap,
-                   alibi=None if pb.alibi is None else stub((bb, hh), pb.alibi.dtype), dropout_p=pb.dropout_p,
-                   dropout_seed=pb.dropout_seed, return_lse=True, return_weights=weights, needs_vjp=vjp,
-                   offset=pair.offset, coords=pair.coords)
+    return Problem(
+        array_type=ins.library,
+        query=stub((bb, hh, rows, pb.d), cdt),
+        key=stub((bb, hkv, cols, pb.d), cdt),
+        value=stub((bb, hkv, cols, pb.dv), cdt),
+        batch_shape=(bb,),
+        mask=mask,
+        mask_index=mask_index,
+        causal=pb.causal,
+        window=pb.window,
+        scale=pb.scale,
+        softcap=pb.softcap,
+        alibi=None if pb.alibi is None else stub((bb, hh), pb.alibi.dtype),
+        dropout_p=pb.dropout_p,
+        dropout_seed=pb.dropout_seed,
+        return_lse=True,
+        return_weights=weights,
+        needs_vjp=vjp,
+        offset=pair.offset,
+        coords=pair.coords,
+    )
 
 
-def _inner_choice(pb: Problem, lay: Layout, opts: tasks.Options, ins: _Inputs, bands: list[tuple[int, int]],
-                  weights: bool, vjp: bool) -> list[str]:
+def _inner_choice(
+    pb: Problem, lay: Layout, opts: tasks.Options, ins: _Inputs, bands: list[tuple[int, int]], weights: bool, vjp: bool
+) -> list[str]:
     """Names of the inner backends the pairs will use (first and last pair; raises what a pair would raise)."""
     names: list[str] = []
     nb, nh = len(lay.batch), len(lay.heads)
@@ -313,14 +359,21 @@ def _inner_choice(pb: Problem, lay: Layout, opts: tasks.Options, ins: _Inputs, b
     return names
 
 
-def _tree(layer: dict, name: str, prefix: tuple[int, ...], leaves: list[Any], func: Callable[..., Any],
-          extra: tuple[Any, ...], split_every: int) -> Any:
+def _tree(
+    layer: dict,
+    name: str,
+    prefix: tuple[int, ...],
+    leaves: list[Any],
+    func: Callable[..., Any],
+    extra: tuple[Any, ...],
+    split_every: int,
+) -> Any:
     """Add a reduction tree over ``leaves`` to ``layer`` (fan-in ``split_every``); return the root's key."""
     keys, level = list(leaves), 0
     while len(keys) > 1:
         nxt = []
         for g in range(0, len(keys), split_every):
-            group = keys[g:g + split_every]
+            group = keys[g : g + split_every]
             if len(group) == 1:
                 nxt.append(group[0])
                 continue
@@ -366,7 +419,8 @@ class DaskBackend(Backend):
     name = "dask"
     priority = 30
     capabilities = Capabilities(
-        array_type="dask", features=frozenset(FEATURES) - {"varlen"},
+        array_type="dask",
+        features=frozenset(FEATURES) - {"varlen"},
         notes={"varlen": "packed variable-length batches are not planned on Dask arrays yet"},
     )
 
@@ -420,18 +474,21 @@ class DaskBackend(Backend):
             band = f" ({len(bands)} of {grid} chunk pairs in the {kind} band)"
         names = _inner_choice(pb, lay, opts, ins, bands, pb.return_weights, pb.needs_vjp)
         threads = "no thread limit" if st.threads is None else f"{st.threads} thread{'s' * (st.threads > 1)} per task"
-        text = (f"{nbh} batch·head chunks x {len(lay.rows)} query chunks x {len(lay.keys)} key chunks: "
-                f"{npairs} pair tasks{band}, merge fan-in {st.split_every}, "
-                f"inner backend {' / '.join(names) or 'none (no pair attends anything)'} on {ins.library} chunks, "
-                f"{threads}")
+        text = (
+            f"{nbh} batch·head chunks x {len(lay.rows)} query chunks x {len(lay.keys)} key chunks: "
+            f"{npairs} pair tasks{band}, merge fan-in {st.split_every}, "
+            f"inner backend {' / '.join(names) or 'none (no pair attends anything)'} on {ins.library} chunks, "
+            f"{threads}"
+        )
         if pb.return_weights:
             text += f"; weights: {nbh * grid} blocks"
         if pb.needs_vjp:
             text += f"; backward: {npairs} pair tasks, dq/dk/dv by tree sums"
         return text
 
-    def _setup(self, pb: Problem, weights: bool, vjp: bool) -> tuple[Settings, Layout, _Inputs, tasks.Options,
-                                                                     list[tuple[int, int]]]:
+    def _setup(
+        self, pb: Problem, weights: bool, vjp: bool
+    ) -> tuple[Settings, Layout, _Inputs, tasks.Options, list[tuple[int, int]]]:
         st = settings()
         lay = layout(pb, st)
         ins = _inputs(pb, lay)
@@ -463,7 +520,8 @@ class DaskBackend(Backend):
                     for jj in by_row.get(ii, ()):
                         key = (pname, bi, hi, ii, jj)
                         pairs[key] = (tasks.pair_forward, _pair(pb, opts, lay, bi, hi, ii, jj)) + ins.blocks(
-                            pb, bi, hi, ii, jj)
+                            pb, bi, hi, ii, jj
+                        )
                         leaves.append(key)
                     if leaves:
                         root = _tree(merges, mname, (bi, hi, ii), leaves, tasks.merge, (), st.split_every)
@@ -482,8 +540,16 @@ class DaskBackend(Backend):
         weights = self._weights(pb, lay, ins, opts, bands, lse, tok) if pb.return_weights else None
         return out, (lse if pb.want_lse else None), weights
 
-    def _weights(self, pb: Problem, lay: Layout, ins: _Inputs, opts: tasks.Options, bands: list[tuple[int, int]],
-                 lse: Any, tok: str) -> Any:
+    def _weights(
+        self,
+        pb: Problem,
+        lay: Layout,
+        ins: _Inputs,
+        opts: tasks.Options,
+        bands: list[tuple[int, int]],
+        lse: Any,
+        tok: str,
+    ) -> Any:
         """The probabilities ``(B, Hq, N, M)``, lazily, one block per (batch·head, query, key) chunk."""
         wname = f"selfattn-weights-{tok}"
         inband = set(bands)
@@ -494,8 +560,11 @@ class DaskBackend(Backend):
                     for jj, cols in enumerate(lay.keys):
                         key = (wname, bi, hi, ii, jj)
                         if (ii, jj) in inband:
-                            layer[key] = ((tasks.pair_weights, _pair(pb, opts, lay, bi, hi, ii, jj))
-                                          + ins.blocks(pb, bi, hi, ii, jj) + ((lse.name, bi, hi, ii), pb.dtype.name))
+                            layer[key] = (
+                                (tasks.pair_weights, _pair(pb, opts, lay, bi, hi, ii, jj))
+                                + ins.blocks(pb, bi, hi, ii, jj)
+                                + ((lse.name, bi, hi, ii), pb.dtype.name)
+                            )
                         else:
                             layer[key] = (tasks.full, (bb, hh, rows, cols), 0.0, pb.dtype.name, ins.library)
         graph = _Graph(ins.arrays() + [lse])
@@ -516,16 +585,20 @@ class DaskBackend(Backend):
 
         pb = problem
         if pb.batch * pb.q_heads == 0:
-            return (da.zeros(pb.query.shape, dtype=pb.dtype), da.zeros(pb.key.shape, dtype=pb.dtype),
-                    da.zeros(pb.value.shape, dtype=pb.dtype))
+            return (
+                da.zeros(pb.query.shape, dtype=pb.dtype),
+                da.zeros(pb.key.shape, dtype=pb.dtype),
+                da.zeros(pb.value.shape, dtype=pb.dtype),
+            )
         st, lay, ins, opts, bands = self._setup(pb, weights=False, vjp=True)
         row_chunks = (lay.batch, lay.heads, lay.rows)
         out = da.asarray(out).rechunk(row_chunks + (-1,))
         lse = da.asarray(lse).rechunk(row_chunks)
         grad_out = da.asarray(grad_out).rechunk(row_chunks + (-1,))
         extra = [out, lse, grad_out]
-        tok = _token("backward", [x.name for x in ins.arrays() + extra], opts, lay, st.split_every, pb.offset,
-                     pb.coords)
+        tok = _token(
+            "backward", [x.name for x in ins.arrays() + extra], opts, lay, st.split_every, pb.offset, pb.coords
+        )
         pname = f"selfattn-pairs-bwd-{tok}"
         names = {g: (f"selfattn-{g}-sum-{tok}", f"selfattn-{g}-{tok}") for g in ("dq", "dk", "dv")}
         pairs: dict = {}
@@ -541,20 +614,26 @@ class DaskBackend(Backend):
             for hi, hh in enumerate(lay.heads):
                 for ii, jj in bands:
                     pairs[(pname, bi, hi, ii, jj)] = (
-                        (tasks.pair_backward, _pair(pb, opts, lay, bi, hi, ii, jj)) + ins.blocks(pb, bi, hi, ii, jj)
-                        + ((out.name, bi, hi, ii, 0), (lse.name, bi, hi, ii), (grad_out.name, bi, hi, ii, 0)))
+                        (tasks.pair_backward, _pair(pb, opts, lay, bi, hi, ii, jj))
+                        + ins.blocks(pb, bi, hi, ii, jj)
+                        + ((out.name, bi, hi, ii, 0), (lse.name, bi, hi, ii), (grad_out.name, bi, hi, ii, 0))
+                    )
                 # dq of query chunk i sums over its key chunks; dk, dv of key chunk j over its query chunks.
                 for grad, field, sizes, width, heads, along in (
-                        ("dq", 0, lay.rows, pb.d, hh, by_row), ("dk", 1, lay.keys, pb.d, hh // g, by_col),
-                        ("dv", 2, lay.keys, pb.dv, hh // g, by_col)):
+                    ("dq", 0, lay.rows, pb.d, hh, by_row),
+                    ("dk", 1, lay.keys, pb.d, hh // g, by_col),
+                    ("dv", 2, lay.keys, pb.dv, hh // g, by_col),
+                ):
                     tname, fname = names[grad]
                     for idx, size in enumerate(sizes):
-                        leaves = [(pname, bi, hi) + ((idx, o) if grad == "dq" else (o, idx))
-                                  for o in along.get(idx, ())]
+                        leaves = [
+                            (pname, bi, hi) + ((idx, o) if grad == "dq" else (o, idx)) for o in along.get(idx, ())
+                        ]
                         key = (fname, bi, hi, idx, 0)
                         if leaves:
-                            root = _tree(trees[grad], tname, (bi, hi, idx), leaves, tasks.total, (field,),
-                                         st.split_every)
+                            root = _tree(
+                                trees[grad], tname, (bi, hi, idx), leaves, tasks.total, (field,), st.split_every
+                            )
                             finals[grad][key] = (tasks.cast, root, field, dtype)
                         else:  # no pair touches this chunk: zero gradient
                             finals[grad][key] = (tasks.full, (bb, heads, size, width), 0.0, dtype, lib)

@@ -199,16 +199,25 @@ class Family:
 
 
 #: Every kernel family, in the order ``python -m selfattn compile`` builds them.
-FAMILIES: dict[str, Family] = {f.name: f for f in (
-    Family("fused-forward", "fused loop forward + key-split merge (small, thin and decode-like calls)",
-           ("fused.forward", "fused.merge_splits")),
-    Family("fused-backward", "fused loop backward", ("fused.backward",)),
-    Family("blas-forward", "BLAS-tile forward (prefill-like calls)", ("blas.forward_gemm", "blas.key_norm_max")),
-    Family("blas-backward", "BLAS-tile backward", ("blas.backward_gemm",)),
-    Family("weights", "attention weights (return_weights=True)", ("fused.weights",)),
-    Family("varlen", "packed variable-length batches, forward and backward",
-           ("fused.forward_varlen", "fused.backward_varlen")),
-)}
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        Family(
+            "fused-forward",
+            "fused loop forward + key-split merge (small, thin and decode-like calls)",
+            ("fused.forward", "fused.merge_splits"),
+        ),
+        Family("fused-backward", "fused loop backward", ("fused.backward",)),
+        Family("blas-forward", "BLAS-tile forward (prefill-like calls)", ("blas.forward_gemm", "blas.key_norm_max")),
+        Family("blas-backward", "BLAS-tile backward", ("blas.backward_gemm",)),
+        Family("weights", "attention weights (return_weights=True)", ("fused.weights",)),
+        Family(
+            "varlen",
+            "packed variable-length batches, forward and backward",
+            ("fused.forward_varlen", "fused.backward_varlen"),
+        ),
+    )
+}
 
 _announced: set[tuple[str, str]] = set()
 _announce_lock = threading.Lock()
@@ -248,8 +257,10 @@ def _announce(family: str, dtype: np.dtype, calls: list[tuple[Any, tuple[Any, ..
         _announced.add(key)
         if all(_signature_cached(k, a) is not False for k, a in calls):
             return
-        msg = (f"selfattn: compiling the Numba {family} kernels for {key[1]} (first use on this machine; "
-               "cached on disk afterwards -- `python -m selfattn compile` does it ahead of time)")
+        msg = (
+            f"selfattn: compiling the Numba {family} kernels for {key[1]} (first use on this machine; "
+            "cached on disk afterwards -- `python -m selfattn compile` does it ahead of time)"
+        )
         _log.info(msg)
         if getattr(sys.stderr, "isatty", lambda: False)():
             print(msg, file=sys.stderr, flush=True)
@@ -269,8 +280,12 @@ class NumbaBackend(Backend):
     priority = 20
     capabilities = Capabilities(array_type="numpy", features=frozenset(FEATURES), min_flops=MIN_FLOPS)
 
-    def __init__(self, kernels: str = "auto", fused_tiles: tuple[int, int] = (64, 64),
-                 blas_tiles: tuple[int, int, int, int] = (256, 512, 512, 256)) -> None:
+    def __init__(
+        self,
+        kernels: str = "auto",
+        fused_tiles: tuple[int, int] = (64, 64),
+        blas_tiles: tuple[int, int, int, int] = (256, 512, 512, 256),
+    ) -> None:
         if kernels not in ("auto", "fused", "blas"):
             raise ValueError(f"kernels must be 'auto', 'fused' or 'blas', got {kernels!r}")
         self.kernels = kernels
@@ -295,8 +310,11 @@ class NumbaBackend(Backend):
         return True, ""
 
     def info(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"numba": self.version, "threads": _numba_threads(),
-                             "threading": "own sleeping worker threads (no numba.prange / OpenMP)"}
+        d: dict[str, Any] = {
+            "numba": self.version,
+            "threads": _numba_threads(),
+            "threading": "own sleeping worker threads (no numba.prange / OpenMP)",
+        }
         libs, why = _blas.probe()
         d["blas_tile_kernels"] = "yes" if libs is not None else f"no ({why}; the fused kernels run)"
         d["compiled_kernels"] = cache_status()
@@ -373,8 +391,18 @@ class NumbaBackend(Backend):
         lse = lse3.reshape(B, Hq, N).astype(pb.lse_dtype, copy=False) if pb.want_lse else None
         return out, lse, w
 
-    def _forward_fused(self, pb: Problem, q3: np.ndarray, k3: np.ndarray, v3: np.ndarray, P: KernelParams,
-                       nthreads: int, nsplit: int, out3: np.ndarray, lse3: np.ndarray) -> None:
+    def _forward_fused(
+        self,
+        pb: Problem,
+        q3: np.ndarray,
+        k3: np.ndarray,
+        v3: np.ndarray,
+        P: KernelParams,
+        nthreads: int,
+        nsplit: int,
+        out3: np.ndarray,
+        lse3: np.ndarray,
+    ) -> None:
         br, bc = self.fused_tiles
         BH, N, Dv = q3.shape[0], q3.shape[1], v3.shape[2]
         cdt = q3.dtype
@@ -394,8 +422,17 @@ class NumbaBackend(Backend):
         run_tasks(lambda t0, t1: fwd(t0, t1, *args), ntask, nthreads)
         run_tasks(lambda t0, t1: merge(t0, t1, *margs), BH * N, nthreads)
 
-    def _forward_blas(self, pb: Problem, q3: np.ndarray, k3: np.ndarray, v3: np.ndarray, P: KernelParams,
-                      nthreads: int, out3: np.ndarray, lse3: np.ndarray) -> None:
+    def _forward_blas(
+        self,
+        pb: Problem,
+        q3: np.ndarray,
+        k3: np.ndarray,
+        v3: np.ndarray,
+        P: KernelParams,
+        nthreads: int,
+        out3: np.ndarray,
+        lse3: np.ndarray,
+    ) -> None:
         gq, gk, _, _ = self.blas_tiles
         BH, N = q3.shape[0], q3.shape[1]
         cdt = q3.dtype
@@ -436,8 +473,9 @@ class NumbaBackend(Backend):
         lse = lse3.reshape(1, Hq, N).astype(pb.lse_dtype, copy=False) if pb.want_lse else None
         return out, lse, None
 
-    def _backward_varlen(self, pb: Problem, out: np.ndarray, lse: np.ndarray,
-                         grad_out: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _backward_varlen(
+        self, pb: Problem, out: np.ndarray, lse: np.ndarray, grad_out: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         assert pb.cu_seqlens_q is not None and pb.cu_seqlens_k is not None
         cdt = pb.compute_dtype
         Hq, Hkv, N, D = pb.q_heads, pb.kv_heads, pb.n, pb.d
@@ -455,23 +493,46 @@ class NumbaBackend(Backend):
         dk3 = np.zeros_like(k3)
         dv3 = np.zeros_like(v3)
         kern = _kernel("fused.backward_varlen")
-        args = (q3, k3, v3, do3, lse3, delta, P, br, bc, pb.cu_seqlens_q, pb.cu_seqlens_k, seq, first, nchunk,
-                dq_acc, dk3, dv3)
+        args = (
+            q3,
+            k3,
+            v3,
+            do3,
+            lse3,
+            delta,
+            P,
+            br,
+            bc,
+            pb.cu_seqlens_q,
+            pb.cu_seqlens_k,
+            seq,
+            first,
+            nchunk,
+            dq_acc,
+            dk3,
+            dv3,
+        )
         _announce("varlen", cdt, [(kern, (0, 0) + args)])
         run_tasks(lambda t0, t1: kern(t0, t1, *args), Hkv * nchunk, nthreads, chunks_per_thread=1)
         dq3 = dq_acc[0] if nchunk == 1 else dq_acc.sum(axis=0)
-        return (dq3.reshape(pb.query.shape).astype(pb.dtype, copy=False),
-                dk3.reshape(pb.key.shape).astype(pb.dtype, copy=False),
-                dv3.reshape(pb.value.shape).astype(pb.dtype, copy=False))
+        return (
+            dq3.reshape(pb.query.shape).astype(pb.dtype, copy=False),
+            dk3.reshape(pb.key.shape).astype(pb.dtype, copy=False),
+            dv3.reshape(pb.value.shape).astype(pb.dtype, copy=False),
+        )
 
     # -- backward --------------------------------------------------------------------------------------------------
-    def backward(self, pb: Problem, out: np.ndarray, lse: np.ndarray,
-                 grad_out: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def backward(
+        self, pb: Problem, out: np.ndarray, lse: np.ndarray, grad_out: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         B, Hq, Hkv, N, M, D, Dv = pb.batch, pb.q_heads, pb.kv_heads, pb.n, pb.m, pb.d, pb.dv
         cdt = pb.compute_dtype
         if B * Hq == 0 or N == 0 or M == 0:
-            return (np.zeros((B, Hq, N, D), pb.dtype), np.zeros((B, Hkv, M, D), pb.dtype),
-                    np.zeros((B, Hkv, M, Dv), pb.dtype))
+            return (
+                np.zeros((B, Hq, N, D), pb.dtype),
+                np.zeros((B, Hkv, M, D), pb.dtype),
+                np.zeros((B, Hkv, M, Dv), pb.dtype),
+            )
         if pb.is_varlen:
             return self._backward_varlen(pb, out, lse, grad_out)
         q3, k3, v3 = as3(pb.query, cdt), as3(pb.key, cdt), as3(pb.value, cdt)
@@ -504,9 +565,11 @@ class NumbaBackend(Backend):
             _announce("fused-backward", cdt, [(kern, (0, 0) + args)])
             run_tasks(lambda t0, t1: kern(t0, t1, *args), tasks * nchunk, nthreads, chunks_per_thread=1)
         dq3 = dq_acc[0] if nchunk == 1 else dq_acc.sum(axis=0)
-        return (dq3.reshape(B, Hq, N, D).astype(pb.dtype, copy=False),
-                dk3.reshape(B, Hkv, M, D).astype(pb.dtype, copy=False),
-                dv3.reshape(B, Hkv, M, Dv).astype(pb.dtype, copy=False))
+        return (
+            dq3.reshape(B, Hq, N, D).astype(pb.dtype, copy=False),
+            dk3.reshape(B, Hkv, M, D).astype(pb.dtype, copy=False),
+            dv3.reshape(B, Hkv, M, Dv).astype(pb.dtype, copy=False),
+        )
 
 
 #: The instance the dispatcher registers.
@@ -566,8 +629,7 @@ def cache_status() -> dict[str, str]:
         for dt in ("float32", "float64"):
             calls = _family_calls(fam.name, dt)
             states = [_signature_cached(k, a) for k, a in calls]
-            status[f"{fam.name} {dt}"] = ("unknown" if None in states else
-                                          "cached" if all(states) else "not cached")
+            status[f"{fam.name} {dt}"] = "unknown" if None in states else "cached" if all(states) else "not cached"
     return status
 
 
@@ -582,8 +644,10 @@ def _family_calls(family: str, dtype: str) -> list[tuple[Any, tuple[Any, ...]]]:
     br, bc = be.fused_tiles
     if family == "fused-forward":
         acc = (np.empty((2, BH, N, Dv), cdt), np.empty((2, BH, N), cdt), np.empty((2, BH, N), cdt))
-        return [(_kernel("fused.forward"), (0, 0, q3, k3, v3, P, br, bc, 1, out3[None], lse3[None], lse3[None])),
-                (_kernel("fused.merge_splits"), (0, 0) + acc + (1.0, out3, lse3))]
+        return [
+            (_kernel("fused.forward"), (0, 0, q3, k3, v3, P, br, bc, 1, out3[None], lse3[None], lse3[None])),
+            (_kernel("fused.merge_splits"), (0, 0) + acc + (1.0, out3, lse3)),
+        ]
     if family == "weights":
         return [(_kernel("fused.weights"), (0, 0, q3, k3, P, br, bc, lse3, np.empty((BH, N, N), cdt)))]
     if family == "varlen":
@@ -592,15 +656,22 @@ def _family_calls(family: str, dtype: str) -> list[tuple[Any, tuple[Any, ...]]]:
         Pv = kernel_params(vp)
         tiles = (np.zeros(1, np.int64), np.zeros(1, np.int64))
         dq = np.empty((1, BH, N, q3.shape[2]), cdt)
-        return [(_kernel("fused.forward_varlen"), (0, 0, q3, k3, v3, Pv, br, bc, cu, cu) + tiles + (out3, lse3)),
-                (_kernel("fused.backward_varlen"), (0, 0, q3, k3, v3, out3, lse3, lse3, Pv, br, bc, cu, cu) + tiles
-                 + (1, dq, np.empty_like(k3), np.empty_like(v3)))]
+        return [
+            (_kernel("fused.forward_varlen"), (0, 0, q3, k3, v3, Pv, br, bc, cu, cu) + tiles + (out3, lse3)),
+            (
+                _kernel("fused.backward_varlen"),
+                (0, 0, q3, k3, v3, out3, lse3, lse3, Pv, br, bc, cu, cu)
+                + tiles
+                + (1, dq, np.empty_like(k3), np.empty_like(v3)),
+            ),
+        ]
     if family == "blas-forward":
         kmax = np.empty(k3.shape[0], cdt)
-        return [(_kernel("blas.key_norm_max"), (0, 0, k3, kmax)),
-                (_kernel("blas.forward_gemm"), (0, 0, q3, k3, v3, P, kmax, 0.0, 64, 64, out3, lse3))]
+        return [
+            (_kernel("blas.key_norm_max"), (0, 0, k3, kmax)),
+            (_kernel("blas.forward_gemm"), (0, 0, q3, k3, v3, P, kmax, 0.0, 64, 64, out3, lse3)),
+        ]
     dq = np.empty((1, BH, N, q3.shape[2]), cdt)
     dk, dv = np.empty_like(k3), np.empty_like(v3)
     args = (0, 0, q3, k3, v3, out3, lse3, lse3, P, 64, 64, 1, dq, dk, dv)
     return [(_kernel("blas.backward_gemm" if family == "blas-backward" else "fused.backward"), args)]
-

@@ -60,11 +60,19 @@ class NumpyBackend(Backend):
         # The shortcuts save passes over large score blocks; on small ones their own
         # cost (norms, a copy of V with a column of ones) is larger than what they save.
         big = problem.n * problem.m >= SHORTCUTS_FROM
-        return run(problem, np, block_bytes=self.block_bytes, dropout=dropout_multipliers,
-                   shift_free_ok=big, ones_column=big, reuse_buffer=big)
+        return run(
+            problem,
+            np,
+            block_bytes=self.block_bytes,
+            dropout=dropout_multipliers,
+            shift_free_ok=big,
+            ones_column=big,
+            reuse_buffer=big,
+        )
 
-    def backward(self, problem: Problem, out: np.ndarray, lse: np.ndarray,
-                 grad_out: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def backward(
+        self, problem: Problem, out: np.ndarray, lse: np.ndarray, grad_out: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         run = _blockwise.backward_varlen if problem.is_varlen else _blockwise.backward
         return run(problem, np, out, lse, grad_out, block_bytes=self.block_bytes, dropout=dropout_multipliers)
 

@@ -67,5 +67,15 @@ from .normalization import LayerNorm
 from .positional import alibi_slopes, apply_rotary, sinusoidal_positions
 from .transformer import TransformerEncoder, TransformerEncoderLayer
 
-__all__ = ["FeedForward", "LayerNorm", "MultiHeadAttention", "TransformerEncoder", "TransformerEncoderLayer",
-           "alibi_slopes", "apply_rotary", "erf", "gelu", "sinusoidal_positions"]
+__all__ = [
+    "FeedForward",
+    "LayerNorm",
+    "MultiHeadAttention",
+    "TransformerEncoder",
+    "TransformerEncoderLayer",
+    "alibi_slopes",
+    "apply_rotary",
+    "erf",
+    "gelu",
+    "sinusoidal_positions",
+]

@@ -79,8 +79,9 @@ def eps_arg(eps: Any) -> float:
     return float(eps)
 
 
-def as_activation(name: str, x: Any, last: int, *, ndims: Collection[int] = (2, 3),
-                  layout: str = "(..., {0})") -> NDArray[Any]:
+def as_activation(
+    name: str, x: Any, last: int, *, ndims: Collection[int] = (2, 3), layout: str = "(..., {0})"
+) -> NDArray[Any]:
     """Validate an activation array without casting it.
 
     ``x`` must be a real float or integer array (NumPy, or anything
@@ -94,8 +95,10 @@ def as_activation(name: str, x: Any, last: int, *, ndims: Collection[int] = (2, 
         arr = x
     else:
         if type(x).__module__.split(".")[0] in ("cupy", "torch", "jax", "jaxlib"):
-            raise TypeError(f"{name} must be a numpy.ndarray, got {type(x).__module__}.{type(x).__name__}; "
-                            "convert it first (e.g. tensor.numpy() or cupy.asnumpy(x))")
+            raise TypeError(
+                f"{name} must be a numpy.ndarray, got {type(x).__module__}.{type(x).__name__}; "
+                "convert it first (e.g. tensor.numpy() or cupy.asnumpy(x))"
+            )
         try:
             arr = np.asarray(x)
         except (TypeError, ValueError):  # ragged nesting, objects NumPy cannot convert
@@ -132,11 +135,15 @@ def accumulation_dtype(dtype: np.dtype[Any]) -> np.dtype[Any]:
 
 # ----------------------------------------------------------------------------- PyTorch keywords on the layers
 
-_KEY_PADDING = ("use key_mask=~key_padding_mask: selfattn's key_mask is True for a real token, the opposite of "
-                "PyTorch's key_padding_mask (True = padding); shape (B, M)")
-_ATTN_MASK = ("use mask=~attn_mask for a boolean attn_mask: selfattn's boolean mask is True = may attend, the "
-              "opposite of nn.MultiheadAttention's (True = masked out); a float attn_mask is additive in both and "
-              "passes unchanged; a (B*H, N, M) one becomes mask=attn_mask.reshape(B, H, N, M)")
+_KEY_PADDING = (
+    "use key_mask=~key_padding_mask: selfattn's key_mask is True for a real token, the opposite of "
+    "PyTorch's key_padding_mask (True = padding); shape (B, M)"
+)
+_ATTN_MASK = (
+    "use mask=~attn_mask for a boolean attn_mask: selfattn's boolean mask is True = may attend, the "
+    "opposite of nn.MultiheadAttention's (True = masked out); a float attn_mask is additive in both and "
+    "passes unchanged; a (B*H, N, M) one becomes mask=attn_mask.reshape(B, H, N, M)"
+)
 
 #: Keywords of PyTorch's layers (``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer``,
 #: ``nn.TransformerEncoder``: their constructors and ``forward``), with the selfattn way to say them.
@@ -148,18 +155,24 @@ LAYER_KEYWORDS: dict[str, str] = {
     "src_mask": _ATTN_MASK.replace("attn_mask", "src_mask"),
     "key_padding_mask": _KEY_PADDING,
     "src_key_padding_mask": _KEY_PADDING.replace("key_padding_mask", "src_key_padding_mask"),
-    "average_attn_weights": ("use average_weights= (with need_weights=True: True gives (B, N, M) averaged over "
-                             "heads, False (B, H, N, M))"),
+    "average_attn_weights": (
+        "use average_weights= (with need_weights=True: True gives (B, N, M) averaged over heads, False (B, H, N, M))"
+    ),
     "return_weights": "use need_weights=True (returns (out, weights))",
-    "enable_gqa": ("grouped-query attention needs no flag: build the layer with kv_heads= (num_heads must be a "
-                   "multiple of it); K/V are never copied per query head"),
+    "enable_gqa": (
+        "grouped-query attention needs no flag: build the layer with kv_heads= (num_heads must be a "
+        "multiple of it); K/V are never copied per query head"
+    ),
     "window_size": "sliding windows are not a layer option; call selfattn.scaled_dot_product_attention(window=...)",
-    "alibi_slopes": ("use alibi=True when building MultiHeadAttention (slopes for its head count, see "
-                     "selfattn.nn.alibi_slopes)"),
+    "alibi_slopes": (
+        "use alibi=True when building MultiHeadAttention (slopes for its head count, see selfattn.nn.alibi_slopes)"
+    ),
     # constructors
     "dropout": "use dropout_p= (a float in [0, 1); dropout runs only in calls with training=True)",
-    "batch_first": ("selfattn layers are always batch first: inputs are (B, N, E) (or unbatched (N, E)); drop "
-                    "the argument and pass batch-first data (x.swapaxes(0, 1) for PyTorch's default (N, B, E))"),
+    "batch_first": (
+        "selfattn layers are always batch first: inputs are (B, N, E) (or unbatched (N, E)); drop "
+        "the argument and pass batch-first data (x.swapaxes(0, 1) for PyTorch's default (N, B, E))"
+    ),
     "add_bias_kv": "not supported: selfattn's MultiHeadAttention has no bias_k/bias_v",
     "add_zero_attn": "not supported: selfattn's MultiHeadAttention adds no zero key/value",
     "device": "selfattn layers hold NumPy arrays on the host; drop the argument",
@@ -167,14 +180,17 @@ LAYER_KEYWORDS: dict[str, str] = {
     "nhead": "use num_heads= (the second positional argument)",
     "dim_feedforward": "use ff_dim= (the third positional argument)",
     "norm": "use final_norm=True (a LayerNorm after the last layer, TransformerEncoder.norm)",
-    "encoder_layer": ("build the stack directly: TransformerEncoder(num_layers, embed_dim, num_heads, ff_dim, ...), "
-                      "or TransformerEncoder.from_torch(state_dict, num_heads) for PyTorch weights"),
+    "encoder_layer": (
+        "build the stack directly: TransformerEncoder(num_layers, embed_dim, num_heads, ff_dim, ...), "
+        "or TransformerEncoder.from_torch(state_dict, num_heads) for PyTorch weights"
+    ),
     "enable_nested_tensor": "selfattn has no nested tensors; drop the argument (padding uses key_mask=)",
 }
 
 
-def refuse_keywords(func: str, unexpected: Mapping[str, Any], own: Iterable[str],
-                    table: Mapping[str, str] = LAYER_KEYWORDS) -> NoReturn:
+def refuse_keywords(
+    func: str, unexpected: Mapping[str, Any], own: Iterable[str], table: Mapping[str, str] = LAYER_KEYWORDS
+) -> NoReturn:
     """Raise the TypeError Python would, naming the selfattn equivalent of a foreign keyword.
 
     The message starts as Python's own (``f() got an unexpected keyword argument 'x'``) and

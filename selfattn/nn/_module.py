@@ -96,7 +96,7 @@ class Module:
             self._own[name] = flat[name]
         for prefix, child in self._children().items():
             head = prefix + "."
-            child._assign({name[len(head):]: value for name, value in flat.items() if name.startswith(head)})
+            child._assign({name[len(head) :]: value for name, value in flat.items() if name.startswith(head)})
 
     def num_parameters(self) -> int:
         """Total number of scalar parameters."""
@@ -110,8 +110,9 @@ def xavier_uniform(rng: np.random.Generator, shape: tuple[int, int], dtype: np.d
     return rng.uniform(-bound, bound, size=shape).astype(dtype)
 
 
-def torch_linear_init(rng: np.random.Generator, out_features: int, in_features: int, dtype: np.dtype[Any],
-                      bias: bool = True) -> tuple[NDArray[Any], NDArray[Any] | None]:
+def torch_linear_init(
+    rng: np.random.Generator, out_features: int, in_features: int, dtype: np.dtype[Any], bias: bool = True
+) -> tuple[NDArray[Any], NDArray[Any] | None]:
     """PyTorch's ``nn.Linear`` default: weight and bias ``U(±1/sqrt(in_features))``.
 
     (``kaiming_uniform(a=sqrt(5))`` reduces to that bound.) Returns

@@ -40,11 +40,25 @@ Array = NDArray[Any]
 #: ``backward(grad_out) -> (d_query, d_key, d_value, d_params)`` returned by :meth:`MultiHeadAttention.vjp`.
 Pullback = Callable[[ArrayLike], tuple[Array, Array | None, Array | None, dict[str, Array]]]
 
-_CALL_KEYWORDS = ("key", "value", "mask", "key_mask", "causal", "need_weights", "average_weights", "training",
-                  "dropout_seed", "cu_seqlens", "cu_seqlens_k", "backend")
+_CALL_KEYWORDS = (
+    "key",
+    "value",
+    "mask",
+    "key_mask",
+    "causal",
+    "need_weights",
+    "average_weights",
+    "training",
+    "dropout_seed",
+    "cu_seqlens",
+    "cu_seqlens_k",
+    "backend",
+)
 _NO_WEIGHTS = "vjp returns no attention weights; call the layer with need_weights=True to get them"
-_VJP_KEYWORDS = {**LAYER_KEYWORDS, **dict.fromkeys(("need_weights", "average_weights", "return_weights",
-                                                    "average_attn_weights"), _NO_WEIGHTS)}
+_VJP_KEYWORDS = {
+    **LAYER_KEYWORDS,
+    **dict.fromkeys(("need_weights", "average_weights", "return_weights", "average_attn_weights"), _NO_WEIGHTS),
+}
 _INIT_KEYWORDS = ("kv_heads", "kdim", "vdim", "bias", "dropout_p", "softcap", "alibi", "dtype", "seed")
 
 
@@ -171,10 +185,22 @@ class MultiHeadAttention(Module):
     to load ``torch.nn.MultiheadAttention`` weights.
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, *, kv_heads: int | None = None, kdim: int | None = None,
-                 vdim: int | None = None, bias: bool = True, dropout_p: float = 0.0, softcap: float | None = None,
-                 alibi: bool = False, dtype: DTypeLike = np.float32, seed: int | None = None,
-                 **unexpected: Any) -> None:
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        *,
+        kv_heads: int | None = None,
+        kdim: int | None = None,
+        vdim: int | None = None,
+        bias: bool = True,
+        dropout_p: float = 0.0,
+        softcap: float | None = None,
+        alibi: bool = False,
+        dtype: DTypeLike = np.float32,
+        seed: int | None = None,
+        **unexpected: Any,
+    ) -> None:
         if unexpected:
             refuse_keywords("MultiHeadAttention", unexpected, _INIT_KEYWORDS)
         super().__init__()
@@ -199,7 +225,7 @@ class MultiHeadAttention(Module):
         rng = np.random.default_rng(seed)
         if self.kdim == e and self.vdim == e and kvd == e:
             packed = xavier_uniform(rng, (3 * e, e), self.dtype)
-            qw, kw, vw = packed[:e], packed[e:2 * e], packed[2 * e:]
+            qw, kw, vw = packed[:e], packed[e : 2 * e], packed[2 * e :]
         else:
             qw = xavier_uniform(rng, (e, e), self.dtype)
             kw = xavier_uniform(rng, (kvd, self.kdim), self.dtype)
@@ -214,13 +240,16 @@ class MultiHeadAttention(Module):
         extra = "" if self.kv_heads == self.num_heads else f", kv_heads={self.kv_heads}"
         extra += "" if self.softcap is None else f", softcap={self.softcap}"
         extra += ", alibi=True" if self.alibi else ""
-        return (f"MultiHeadAttention(embed_dim={self.embed_dim}, num_heads={self.num_heads}{extra}, "
-                f"kdim={self.kdim}, vdim={self.vdim}, bias={self.bias}, dtype={self.dtype})")
+        return (
+            f"MultiHeadAttention(embed_dim={self.embed_dim}, num_heads={self.num_heads}{extra}, "
+            f"kdim={self.kdim}, vdim={self.vdim}, bias={self.bias}, dtype={self.dtype})"
+        )
 
     # -- PyTorch interop --------------------------------------------------------------------------------------------
     @classmethod
-    def from_torch(cls, state_dict: Mapping[str, ArrayLike], num_heads: int, *,
-                   dtype: DTypeLike | None = None) -> MultiHeadAttention:
+    def from_torch(
+        cls, state_dict: Mapping[str, ArrayLike], num_heads: int, *, dtype: DTypeLike | None = None
+    ) -> MultiHeadAttention:
         """Build a layer from a ``torch.nn.MultiheadAttention`` state dict given as NumPy arrays.
 
         Accepts ``in_proj_weight (3E, E)`` or ``q_proj_weight``/``k_proj_weight``/
@@ -241,7 +270,7 @@ class MultiHeadAttention(Module):
         e = sd["out_proj.weight"].shape[0]
         if "in_proj_weight" in sd:
             w = sd["in_proj_weight"]
-            qw, kw, vw = w[:e], w[e:2 * e], w[2 * e:]
+            qw, kw, vw = w[:e], w[e : 2 * e], w[2 * e :]
         elif all(k in sd for k in ("q_proj_weight", "k_proj_weight", "v_proj_weight")):
             qw, kw, vw = sd["q_proj_weight"], sd["k_proj_weight"], sd["v_proj_weight"]
         else:
@@ -252,14 +281,30 @@ class MultiHeadAttention(Module):
         new = {"q_weight": qw, "k_weight": kw, "v_weight": vw, "out_weight": sd["out_proj.weight"]}
         if has_bias:
             b = sd["in_proj_bias"]
-            new.update(q_bias=b[:e], k_bias=b[e:2 * e], v_bias=b[2 * e:],
-                       out_bias=sd.get("out_proj.bias", np.zeros(e, layer.dtype)))
+            new.update(
+                q_bias=b[:e],
+                k_bias=b[e : 2 * e],
+                v_bias=b[2 * e :],
+                out_bias=sd.get("out_proj.bias", np.zeros(e, layer.dtype)),
+            )
         layer.load_state_dict(new)
         return layer
 
     # -- validation -------------------------------------------------------------------------------------------------
-    def _validate(self, query: Any, key: Any, value: Any, *, mask: Any, key_mask: Any, causal: Any, training: Any,
-                  dropout_seed: int | None, cu_seqlens: Any, cu_seqlens_k: Any) -> _Call:
+    def _validate(
+        self,
+        query: Any,
+        key: Any,
+        value: Any,
+        *,
+        mask: Any,
+        key_mask: Any,
+        causal: Any,
+        training: Any,
+        dropout_seed: int | None,
+        cu_seqlens: Any,
+        cu_seqlens_k: Any,
+    ) -> _Call:
         causal = bool_arg("causal", causal)
         training = bool_arg("training", training)
         packed = cu_seqlens is not None
@@ -282,27 +327,34 @@ class MultiHeadAttention(Module):
         else:
             xv = as_activation("value", value, self.vdim, ndims=ndims, layout=layout)
         if not (xk.ndim == xq.ndim == xv.ndim):
-            raise ValueError(f"query, key and value must all be batched (3-D) or all unbatched (2-D), "
-                             f"got shapes {xq.shape}, {xk.shape}, {xv.shape}")
+            raise ValueError(
+                f"query, key and value must all be batched (3-D) or all unbatched (2-D), "
+                f"got shapes {xq.shape}, {xk.shape}, {xv.shape}"
+            )
         if xk.shape[-2] != xv.shape[-2]:
             raise ValueError(f"key and value must have the same length M, got {xk.shape[-2]} and {xv.shape[-2]}")
         unbatched = xq.ndim == 2 and not packed
         cu_q = cu_k = None
         if packed:
             if mask is not None or key_mask is not None:
-                raise ValueError("mask and key_mask cannot be combined with cu_seqlens: packed sequences attend only "
-                                 "within themselves (use causal=True for causal masking within each sequence)")
+                raise ValueError(
+                    "mask and key_mask cannot be combined with cu_seqlens: packed sequences attend only "
+                    "within themselves (use causal=True for causal masking within each sequence)"
+                )
             cu_q = _cu_seqlens_arg("cu_seqlens", cu_seqlens, xq.shape[0])
             cu_k = cu_q if cu_seqlens_k is None else _cu_seqlens_arg("cu_seqlens_k", cu_seqlens_k, xk.shape[0])
             if cu_k.shape != cu_q.shape:
-                raise ValueError(f"cu_seqlens and cu_seqlens_k must describe the same number of sequences, got "
-                                 f"{cu_q.size - 1} and {cu_k.size - 1}")
+                raise ValueError(
+                    f"cu_seqlens and cu_seqlens_k must describe the same number of sequences, got "
+                    f"{cu_q.size - 1} and {cu_k.size - 1}"
+                )
             full_mask = None
         else:
             b, n = (1, xq.shape[0]) if unbatched else xq.shape[:2]
             if not unbatched and (xk.shape[0] != b or xv.shape[0] != b):
-                raise ValueError(f"query, key and value must share the batch size, got {xq.shape[0]}, "
-                                 f"{xk.shape[0]}, {xv.shape[0]}")
+                raise ValueError(
+                    f"query, key and value must share the batch size, got {xq.shape[0]}, {xk.shape[0]}, {xv.shape[0]}"
+                )
             full_mask = self._combine_masks(mask, key_mask, b, n, xk.shape[-2], unbatched)
         # Validated: now cast once (self-attention keeps key = value = query: one array, one cast).
         dt = compute_dtype((xq, None if key is None else xk, None if value is None else xv), self.dtype)
@@ -313,26 +365,42 @@ class MultiHeadAttention(Module):
             cq, ck, cv = cq[None], ck[None], cv[None]
         drop = self.dropout_p if training else 0.0
         if drop > 0.0 and dropout_seed is None:
-            dropout_seed = int(np.random.default_rng().integers(0, 2 ** 63))
-        return _Call(query=cq, key=ck, value=cv, dtype=dt, input_dtypes=(xq.dtype, xk.dtype, xv.dtype),
-                     unbatched=unbatched, self_attention=key is None, value_given=value is not None,
-                     mask=full_mask, causal=causal, dropout_p=drop, dropout_seed=dropout_seed,
-                     cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+            dropout_seed = int(np.random.default_rng().integers(0, 2**63))
+        return _Call(
+            query=cq,
+            key=ck,
+            value=cv,
+            dtype=dt,
+            input_dtypes=(xq.dtype, xk.dtype, xv.dtype),
+            unbatched=unbatched,
+            self_attention=key is None,
+            value_given=value is not None,
+            mask=full_mask,
+            causal=causal,
+            dropout_p=drop,
+            dropout_seed=dropout_seed,
+            cu_seqlens_q=cu_q,
+            cu_seqlens_k=cu_k,
+        )
 
-    def _combine_masks(self, mask: Array | None, key_mask: Any, b: int, n: int, m: int,
-                       unbatched: bool) -> Array | None:
+    def _combine_masks(
+        self, mask: Array | None, key_mask: Any, b: int, n: int, m: int, unbatched: bool
+    ) -> Array | None:
         """``mask`` broadcastable to ``(B, H, N, M)`` and ``key_mask`` ``(B, M)`` as one mask (never expanded)."""
         h = self.num_heads
         if mask is not None:
             if not isinstance(mask, np.ndarray):
-                raise TypeError(f"mask must be a numpy.ndarray (bool True = attend, or float additive), "
-                                f"got {type(mask).__name__}")
+                raise TypeError(
+                    f"mask must be a numpy.ndarray (bool True = attend, or float additive), got {type(mask).__name__}"
+                )
             if mask.dtype != bool and mask.dtype not in FLOAT_DTYPES:
                 raise TypeError(f"mask must be bool (True = attend) or float (additive), got dtype {mask.dtype}")
             if mask.ndim not in (2, 3, 4) or (mask.ndim == 3 and not unbatched):
-                raise ValueError(f"mask must have shape (N, M) or (B|1, H|1, N, M) (or (H|1, N, M) for unbatched "
-                                 f"inputs), got {mask.shape}; reshape a PyTorch (B*H, N, M) mask with "
-                                 f".reshape(B, H, N, M)")
+                raise ValueError(
+                    f"mask must have shape (N, M) or (B|1, H|1, N, M) (or (H|1, N, M) for unbatched "
+                    f"inputs), got {mask.shape}; reshape a PyTorch (B*H, N, M) mask with "
+                    f".reshape(B, H, N, M)"
+                )
             if mask.ndim == 3:
                 mask = mask[None]
             target = (b, h, n, m)
@@ -343,8 +411,10 @@ class MultiHeadAttention(Module):
             return mask
         km = np.asarray(key_mask)
         if km.dtype != bool:
-            raise TypeError(f"key_mask must be a bool array (True = real token, False = padding), got dtype "
-                            f"{km.dtype}; for a PyTorch key_padding_mask pass ~key_padding_mask")
+            raise TypeError(
+                f"key_mask must be a bool array (True = real token, False = padding), got dtype "
+                f"{km.dtype}; for a PyTorch key_padding_mask pass ~key_padding_mask"
+            )
         if unbatched and km.ndim == 1:
             km = km[None]
         if km.shape != (b, m):
@@ -362,11 +432,16 @@ class MultiHeadAttention(Module):
         per_head = b * self.num_heads * n * m * item
         nbytes = per_head + (b * n * m * item if average_weights else 0) + b * n * self.embed_dim * item
         shape = (b, self.num_heads, n, m)
-        what = (f"need_weights=True: the attention weights {shape} ({format_bytes(per_head)} of {call.dtype}) "
-                + ("and their head average " if average_weights else "") + "with the output")
-        hint = ("drop need_weights=True (the output alone never materialises the N x M weights); "
-                "average_weights=True does not help, the per-head weights are formed before they are averaged; "
-                "or call the layer on a slice of the queries at a time")
+        what = (
+            f"need_weights=True: the attention weights {shape} ({format_bytes(per_head)} of {call.dtype}) "
+            + ("and their head average " if average_weights else "")
+            + "with the output"
+        )
+        hint = (
+            "drop need_weights=True (the output alone never materialises the N x M weights); "
+            "average_weights=True does not help, the per-head weights are formed before they are averaged; "
+            "or call the layer on a slice of the queries at a time"
+        )
         require(nbytes, "numpy", what, hint, call.query)
 
     # -- forward ----------------------------------------------------------------------------------------------------
@@ -382,8 +457,13 @@ class MultiHeadAttention(Module):
         slopes = self.alibi_slopes
         if slopes is not None and call.dtype != np.float64:
             slopes = slopes.astype(np.float32)
-        return {"causal": call.causal, "softcap": self.softcap, "alibi_slopes": slopes,
-                "dropout_p": call.dropout_p, "dropout_seed": call.dropout_seed}
+        return {
+            "causal": call.causal,
+            "softcap": self.softcap,
+            "alibi_slopes": slopes,
+            "dropout_p": call.dropout_p,
+            "dropout_seed": call.dropout_seed,
+        }
 
     def _output(self, attn: Array, call: _Call) -> tuple[Array, Array]:
         """``(heads merged (..., L, E), out)``: the attention output before and after ``out_proj``."""
@@ -391,12 +471,24 @@ class MultiHeadAttention(Module):
         out = linear(merged, self._own["out_weight"], self._own.get("out_bias"), dtype=call.dtype)
         return merged, (out[0] if call.unbatched else out)
 
-    def __call__(self, query: ArrayLike, key: ArrayLike | None = None, value: ArrayLike | None = None, *,
-                 mask: Array | None = None, key_mask: ArrayLike | None = None, causal: bool = False,
-                 need_weights: bool = False, average_weights: bool = True, training: bool = False,
-                 dropout_seed: int | None = None, cu_seqlens: ArrayLike | None = None,
-                 cu_seqlens_k: ArrayLike | None = None, backend: str | None = None,
-                 **unexpected: Any) -> Array | tuple[Array, Array]:
+    def __call__(
+        self,
+        query: ArrayLike,
+        key: ArrayLike | None = None,
+        value: ArrayLike | None = None,
+        *,
+        mask: Array | None = None,
+        key_mask: ArrayLike | None = None,
+        causal: bool = False,
+        need_weights: bool = False,
+        average_weights: bool = True,
+        training: bool = False,
+        dropout_seed: int | None = None,
+        cu_seqlens: ArrayLike | None = None,
+        cu_seqlens_k: ArrayLike | None = None,
+        backend: str | None = None,
+        **unexpected: Any,
+    ) -> Array | tuple[Array, Array]:
         """Apply the layer.
 
         Parameters
@@ -450,18 +542,31 @@ class MultiHeadAttention(Module):
             refuse_keywords("MultiHeadAttention.__call__", unexpected, _CALL_KEYWORDS)
         need_weights = bool_arg("need_weights", need_weights)
         average_weights = bool_arg("average_weights", average_weights)
-        call = self._validate(query, key, value, mask=mask, key_mask=key_mask, causal=causal, training=training,
-                              dropout_seed=dropout_seed, cu_seqlens=cu_seqlens, cu_seqlens_k=cu_seqlens_k)
+        call = self._validate(
+            query,
+            key,
+            value,
+            mask=mask,
+            key_mask=key_mask,
+            causal=causal,
+            training=training,
+            dropout_seed=dropout_seed,
+            cu_seqlens=cu_seqlens,
+            cu_seqlens_k=cu_seqlens_k,
+        )
         if call.packed:
             if need_weights:
-                raise ValueError("need_weights=True is not available with cu_seqlens (the packed path never forms "
-                                 "the weights); call the layer on a padded batch with key_mask= to get them")
+                raise ValueError(
+                    "need_weights=True is not available with cu_seqlens (the packed path never forms "
+                    "the weights); call the layer on a padded batch with key_mask= to get them"
+                )
             return self._output(self._attend_packed(call, backend), call)[1]
         if need_weights:
             self._check_weights_memory(call, average_weights)
         q, k, v = self._project(call)
-        res = scaled_dot_product_attention(q, k, v, mask=call.mask, return_weights=need_weights, backend=backend,
-                                           **self._attention_options(call))
+        res = scaled_dot_product_attention(
+            q, k, v, mask=call.mask, return_weights=need_weights, backend=backend, **self._attention_options(call)
+        )
         attn, weights = res if isinstance(res, tuple) else (res, None)
         out = self._output(attn, call)[1]
         if weights is None:
@@ -472,17 +577,29 @@ class MultiHeadAttention(Module):
 
     def _attend_packed(self, call: _Call, backend: str | None) -> Array:
         q, k, v = self._project(call)
-        res = scaled_dot_product_attention_varlen(q, k, v, call.cu_seqlens_q, call.cu_seqlens_k, backend=backend,
-                                                  **self._attention_options(call))
+        res = scaled_dot_product_attention_varlen(
+            q, k, v, call.cu_seqlens_q, call.cu_seqlens_k, backend=backend, **self._attention_options(call)
+        )
         assert not isinstance(res, tuple)  # return_lse is False
         out: Array = res
         return out
 
-    def vjp(self, query: ArrayLike, key: ArrayLike | None = None, value: ArrayLike | None = None, *,
-            mask: Array | None = None, key_mask: ArrayLike | None = None, causal: bool = False,
-            training: bool = False, dropout_seed: int | None = None, cu_seqlens: ArrayLike | None = None,
-            cu_seqlens_k: ArrayLike | None = None, backend: str | None = None,
-            **unexpected: Any) -> tuple[Array, Pullback]:
+    def vjp(
+        self,
+        query: ArrayLike,
+        key: ArrayLike | None = None,
+        value: ArrayLike | None = None,
+        *,
+        mask: Array | None = None,
+        key_mask: ArrayLike | None = None,
+        causal: bool = False,
+        training: bool = False,
+        dropout_seed: int | None = None,
+        cu_seqlens: ArrayLike | None = None,
+        cu_seqlens_k: ArrayLike | None = None,
+        backend: str | None = None,
+        **unexpected: Any,
+    ) -> tuple[Array, Pullback]:
         """Forward pass plus a pullback for training.
 
         Takes the arguments of :meth:`__call__` (without ``need_weights``;
@@ -502,17 +619,30 @@ class MultiHeadAttention(Module):
         several times.
         """
         if unexpected:
-            refuse_keywords("MultiHeadAttention.vjp", unexpected, [k for k in _CALL_KEYWORDS if "weights" not in k],
-                            _VJP_KEYWORDS)
-        call = self._validate(query, key, value, mask=mask, key_mask=key_mask, causal=causal, training=training,
-                              dropout_seed=dropout_seed, cu_seqlens=cu_seqlens, cu_seqlens_k=cu_seqlens_k)
+            refuse_keywords(
+                "MultiHeadAttention.vjp", unexpected, [k for k in _CALL_KEYWORDS if "weights" not in k], _VJP_KEYWORDS
+            )
+        call = self._validate(
+            query,
+            key,
+            value,
+            mask=mask,
+            key_mask=key_mask,
+            causal=causal,
+            training=training,
+            dropout_seed=dropout_seed,
+            cu_seqlens=cu_seqlens,
+            cu_seqlens_k=cu_seqlens_k,
+        )
         q, k, v = self._project(call)
         if call.packed:
             attn, attn_back = scaled_dot_product_attention_varlen_vjp(
-                q, k, v, call.cu_seqlens_q, call.cu_seqlens_k, backend=backend, **self._attention_options(call))
+                q, k, v, call.cu_seqlens_q, call.cu_seqlens_k, backend=backend, **self._attention_options(call)
+            )
         else:
-            attn, attn_back = scaled_dot_product_attention_vjp(q, k, v, mask=call.mask, backend=backend,
-                                                               **self._attention_options(call))
+            attn, attn_back = scaled_dot_product_attention_vjp(
+                q, k, v, mask=call.mask, backend=backend, **self._attention_options(call)
+            )
         merged, out = self._output(attn, call)
         params = dict(self._own)  # the arrays of this forward, even if the dict is reassigned later
 
@@ -526,9 +656,14 @@ class MultiHeadAttention(Module):
 
         return out, backward
 
-    def _backward(self, call: _Call, params: dict[str, Array], merged: Array,
-                  attn_back: Callable[[Array], tuple[Array, Array, Array]],
-                  grad_out: Array) -> tuple[Array, Array | None, Array | None, dict[str, Array]]:
+    def _backward(
+        self,
+        call: _Call,
+        params: dict[str, Array],
+        merged: Array,
+        attn_back: Callable[[Array], tuple[Array, Array, Array]],
+        grad_out: Array,
+    ) -> tuple[Array, Array | None, Array | None, dict[str, Array]]:
         acc = accumulation_dtype(call.dtype)
 
         def w(name: str) -> Array:
@@ -562,5 +697,9 @@ class MultiHeadAttention(Module):
             return (grad[0] if call.unbatched else grad).astype(dtype, copy=False)
 
         d_params = {name: grads[name].astype(params[name].dtype, copy=False) for name in params}
-        return (finish(dxq, call.grad_dtype(0)), None if dxk is None else finish(dxk, call.grad_dtype(1)),
-                None if dxv is None else finish(dxv, call.grad_dtype(2)), d_params)
+        return (
+            finish(dxq, call.grad_dtype(0)),
+            None if dxk is None else finish(dxk, call.grad_dtype(1)),
+            None if dxv is None else finish(dxv, call.grad_dtype(2)),
+            d_params,
+        )

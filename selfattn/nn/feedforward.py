@@ -37,8 +37,17 @@ class FeedForward(Module):
     products are computed in float32.
     """
 
-    def __init__(self, embed_dim: int, ff_dim: int, *, activation: str = "relu", dropout_p: float = 0.0,
-                 bias: bool = True, dtype: DTypeLike = np.float32, seed: int | None = None) -> None:
+    def __init__(
+        self,
+        embed_dim: int,
+        ff_dim: int,
+        *,
+        activation: str = "relu",
+        dropout_p: float = 0.0,
+        bias: bool = True,
+        dtype: DTypeLike = np.float32,
+        seed: int | None = None,
+    ) -> None:
         super().__init__()
         self.embed_dim = int_arg("embed_dim", embed_dim)
         self.ff_dim = int_arg("ff_dim", ff_dim)
@@ -56,8 +65,9 @@ class FeedForward(Module):
     def __repr__(self) -> str:
         return f"FeedForward({self.embed_dim}, {self.ff_dim}, activation={self.activation!r}, dtype={self.dtype})"
 
-    def __call__(self, x: ArrayLike, *, training: bool = False,
-                 rng: np.random.Generator | None = None) -> NDArray[np.floating[Any]]:
+    def __call__(
+        self, x: ArrayLike, *, training: bool = False, rng: np.random.Generator | None = None
+    ) -> NDArray[np.floating[Any]]:
         """Apply to ``x`` ``(..., embed_dim)``; ``rng`` (a numpy Generator) drives dropout when ``training``."""
         arr = as_activation("x", x, self.embed_dim, ndims=range(1, 64))
         training = bool_arg("training", training)

@@ -17,8 +17,9 @@ from ._checks import accumulation_dtype
 __all__ = ["ACTIVATIONS", "dropout", "erf", "gelu", "linear", "relu"]
 
 
-def linear(x: NDArray[Any], weight: NDArray[Any], bias: NDArray[Any] | None = None, *,
-           dtype: DTypeLike | None = None) -> NDArray[Any]:
+def linear(
+    x: NDArray[Any], weight: NDArray[Any], bias: NDArray[Any] | None = None, *, dtype: DTypeLike | None = None
+) -> NDArray[Any]:
     """``x @ weight.T + bias`` (PyTorch's weight layout), in ``dtype``.
 
     ``x`` ``(..., in)``, ``weight`` ``(out, in)``, ``bias`` ``(out,)`` or None;

@@ -12,5 +12,12 @@ from .functional import erf, gelu
 from .normalization import LayerNorm
 from .transformer import TransformerEncoder, TransformerEncoderLayer
 
-__all__ = ["FeedForward", "LayerNorm", "MultiHeadAttention", "TransformerEncoder", "TransformerEncoderLayer", "erf",
-           "gelu"]
+__all__ = [
+    "FeedForward",
+    "LayerNorm",
+    "MultiHeadAttention",
+    "TransformerEncoder",
+    "TransformerEncoderLayer",
+    "erf",
+    "gelu",
+]

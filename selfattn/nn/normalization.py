@@ -31,8 +31,9 @@ class LayerNorm(Module):
     non-positive ``dim``, a non-positive ``eps`` or a non-float ``dtype``.
     """
 
-    def __init__(self, dim: int, *, eps: float = 1e-5, elementwise_affine: bool = True,
-                 dtype: DTypeLike = np.float32) -> None:
+    def __init__(
+        self, dim: int, *, eps: float = 1e-5, elementwise_affine: bool = True, dtype: DTypeLike = np.float32
+    ) -> None:
         super().__init__()
         self.dim = int_arg("dim", dim)
         self.eps = eps_arg(eps)

@@ -21,8 +21,9 @@ def _positive_int(name: str, value: Any, *, allow_zero: bool = False) -> int:
     return result
 
 
-def sinusoidal_positions(length: int, dim: int, *, base: float = 10000.0,
-                         dtype: DTypeLike = np.float32) -> NDArray[np.floating[Any]]:
+def sinusoidal_positions(
+    length: int, dim: int, *, base: float = 10000.0, dtype: DTypeLike = np.float32
+) -> NDArray[np.floating[Any]]:
     """The fixed sinusoidal position table of "Attention Is All You Need".
 
     Returns an array ``(length, dim)`` of ``dtype`` (default float32) with
@@ -48,8 +49,9 @@ def sinusoidal_positions(length: int, dim: int, *, base: float = 10000.0,
     return table.astype(dtype, copy=False)
 
 
-def apply_rotary(x: NDArray[np.floating[Any]], positions: ArrayLike, *, base: float = 10000.0,
-                 interleaved: bool = False) -> NDArray[np.floating[Any]]:
+def apply_rotary(
+    x: NDArray[np.floating[Any]], positions: ArrayLike, *, base: float = 10000.0, interleaved: bool = False
+) -> NDArray[np.floating[Any]]:
     """Rotary position embedding (RoPE) of queries or keys.
 
     Parameters
@@ -78,8 +80,10 @@ def apply_rotary(x: NDArray[np.floating[Any]], positions: ArrayLike, *, base: fl
     ValueError for odd ``D``, a 0-d/1-d ``x``, or shapes that do not broadcast.
     """
     if not isinstance(x, np.ndarray) or x.dtype not in (np.float16, np.float32, np.float64):
-        raise TypeError(f"x must be a float16/float32/float64 numpy.ndarray, got "
-                        f"{type(x).__name__}{' of dtype ' + str(x.dtype) if hasattr(x, 'dtype') else ''}")
+        raise TypeError(
+            f"x must be a float16/float32/float64 numpy.ndarray, got "
+            f"{type(x).__name__}{' of dtype ' + str(x.dtype) if hasattr(x, 'dtype') else ''}"
+        )
     if x.ndim < 2:
         raise ValueError(f"x must have shape (..., N, D), got shape {x.shape}")
     d = x.shape[-1]
@@ -98,8 +102,8 @@ def apply_rotary(x: NDArray[np.floating[Any]], positions: ArrayLike, *, base: fl
     if not base > 0 or not np.isfinite(base):
         raise ValueError(f"base must be a finite positive number, got {base}")
     half = d // 2
-    inv = base ** (-np.arange(0, d, 2, dtype=np.float64) / d)          # (D/2,)
-    ang = pos.astype(np.float64)[..., None] * inv                          # (..., D/2)
+    inv = base ** (-np.arange(0, d, 2, dtype=np.float64) / d)  # (D/2,)
+    ang = pos.astype(np.float64)[..., None] * inv  # (..., D/2)
     cos, sin = np.cos(ang), np.sin(ang)
     xf = x.astype(np.float64)
     if interleaved:

@@ -51,10 +51,21 @@ class TransformerEncoderLayer(Module):
     equivalent.
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, ff_dim: int, *, norm_first: bool = False,
-                 dropout_p: float = 0.0, activation: str = "relu", layer_norm_eps: float = 1e-5,
-                 kv_heads: int | None = None, dtype: DTypeLike = np.float32, seed: int | None = None,
-                 **unexpected: Any) -> None:
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        ff_dim: int,
+        *,
+        norm_first: bool = False,
+        dropout_p: float = 0.0,
+        activation: str = "relu",
+        layer_norm_eps: float = 1e-5,
+        kv_heads: int | None = None,
+        dtype: DTypeLike = np.float32,
+        seed: int | None = None,
+        **unexpected: Any,
+    ) -> None:
         if unexpected:
             refuse_keywords("TransformerEncoderLayer", unexpected, _LAYER_INIT_KEYWORDS)
         super().__init__()
@@ -62,10 +73,10 @@ class TransformerEncoderLayer(Module):
         self.dropout_p = dropout_arg(dropout_p)
         self.dtype = dtype_arg(dtype)
         s1, s2 = (int(s.generate_state(1)[0]) for s in np.random.SeedSequence(seed).spawn(2))
-        self.self_attn = MultiHeadAttention(embed_dim, num_heads, kv_heads=kv_heads, dropout_p=dropout_p,
-                                            dtype=self.dtype, seed=s1)
-        self.ff = FeedForward(embed_dim, ff_dim, activation=activation, dropout_p=dropout_p, dtype=self.dtype,
-                              seed=s2)
+        self.self_attn = MultiHeadAttention(
+            embed_dim, num_heads, kv_heads=kv_heads, dropout_p=dropout_p, dtype=self.dtype, seed=s1
+        )
+        self.ff = FeedForward(embed_dim, ff_dim, activation=activation, dropout_p=dropout_p, dtype=self.dtype, seed=s2)
         self.norm1 = LayerNorm(embed_dim, eps=layer_norm_eps, dtype=self.dtype)
         self.norm2 = LayerNorm(embed_dim, eps=layer_norm_eps, dtype=self.dtype)
         self.embed_dim, self.num_heads, self.ff_dim = self.self_attn.embed_dim, self.self_attn.num_heads, self.ff.ff_dim
@@ -75,13 +86,22 @@ class TransformerEncoderLayer(Module):
         return {"self_attn": self.self_attn, "ff": self.ff, "norm1": self.norm1, "norm2": self.norm2}
 
     def __repr__(self) -> str:
-        return (f"TransformerEncoderLayer({self.embed_dim}, {self.num_heads}, {self.ff_dim}, "
-                f"norm_first={self.norm_first}, activation={self.activation!r}, dtype={self.dtype})")
+        return (
+            f"TransformerEncoderLayer({self.embed_dim}, {self.num_heads}, {self.ff_dim}, "
+            f"norm_first={self.norm_first}, activation={self.activation!r}, dtype={self.dtype})"
+        )
 
     @classmethod
-    def from_torch(cls, state_dict: Mapping[str, ArrayLike], num_heads: int, *, norm_first: bool = False,
-                   activation: str = "relu", layer_norm_eps: float = 1e-5,
-                   dtype: DTypeLike | None = None) -> TransformerEncoderLayer:
+    def from_torch(
+        cls,
+        state_dict: Mapping[str, ArrayLike],
+        num_heads: int,
+        *,
+        norm_first: bool = False,
+        activation: str = "relu",
+        layer_norm_eps: float = 1e-5,
+        dtype: DTypeLike | None = None,
+    ) -> TransformerEncoderLayer:
         """Build from a ``torch.nn.TransformerEncoderLayer`` state dict given as NumPy arrays.
 
         Keys: ``self_attn.in_proj_weight``, ``self_attn.in_proj_bias``,
@@ -93,8 +113,15 @@ class TransformerEncoderLayer(Module):
         """
         sd = _numpy_state(state_dict)
         w1 = sd["linear1.weight"]
-        layer = cls(w1.shape[1], num_heads, w1.shape[0], norm_first=norm_first, activation=activation,
-                    layer_norm_eps=layer_norm_eps, dtype=w1.dtype if dtype is None else dtype)
+        layer = cls(
+            w1.shape[1],
+            num_heads,
+            w1.shape[0],
+            norm_first=norm_first,
+            activation=activation,
+            layer_norm_eps=layer_norm_eps,
+            dtype=w1.dtype if dtype is None else dtype,
+        )
         return layer.load_torch_state_dict(sd)
 
     def load_torch_state_dict(self, state_dict: Mapping[str, ArrayLike]) -> TransformerEncoderLayer:
@@ -103,18 +130,31 @@ class TransformerEncoderLayer(Module):
         Returns the layer; a missing key is a KeyError, a shape mismatch a ValueError.
         """
         sd = _numpy_state(state_dict)
-        attn = {k[len("self_attn."):]: v for k, v in sd.items() if k.startswith("self_attn.")}
+        attn = {k[len("self_attn.") :]: v for k, v in sd.items() if k.startswith("self_attn.")}
         mha = MultiHeadAttention.from_torch(attn, self.num_heads, dtype=self.dtype)
         state = {f"self_attn.{k}": v for k, v in mha.params.items()}
-        for ours, theirs in (("ff.linear1", "linear1"), ("ff.linear2", "linear2"), ("norm1", "norm1"),
-                             ("norm2", "norm2")):
+        for ours, theirs in (
+            ("ff.linear1", "linear1"),
+            ("ff.linear2", "linear2"),
+            ("norm1", "norm1"),
+            ("norm2", "norm2"),
+        ):
             sep = "_" if ours.startswith("ff.") else "."
             state[f"{ours}{sep}weight"], state[f"{ours}{sep}bias"] = sd[f"{theirs}.weight"], sd[f"{theirs}.bias"]
         return self.load_state_dict(state)
 
-    def __call__(self, x: ArrayLike, *, mask: Array | None = None, key_mask: ArrayLike | None = None,
-                 causal: bool = False, training: bool = False, rng: np.random.Generator | None = None,
-                 backend: str | None = None, **unexpected: Any) -> Array:
+    def __call__(
+        self,
+        x: ArrayLike,
+        *,
+        mask: Array | None = None,
+        key_mask: ArrayLike | None = None,
+        causal: bool = False,
+        training: bool = False,
+        rng: np.random.Generator | None = None,
+        backend: str | None = None,
+        **unexpected: Any,
+    ) -> Array:
         """Apply the block to ``x`` ``(B, N, E)`` (or ``(N, E)``).
 
         ``mask``/``key_mask``/``causal``/``backend`` are those of
@@ -135,9 +175,10 @@ class TransformerEncoderLayer(Module):
         gen = (np.random.default_rng() if rng is None else rng) if drop > 0 else None
 
         def sa(y: Array) -> Array:
-            seed = int(gen.integers(0, 2 ** 63)) if gen is not None else None
-            out = self.self_attn(y, mask=mask, key_mask=key_mask, causal=causal, training=training,
-                                 dropout_seed=seed, backend=backend)
+            seed = int(gen.integers(0, 2**63)) if gen is not None else None
+            out = self.self_attn(
+                y, mask=mask, key_mask=key_mask, causal=causal, training=training, dropout_seed=seed, backend=backend
+            )
             assert isinstance(out, np.ndarray)
             return dropout(out, drop, gen) if gen is not None else out
 
@@ -171,10 +212,23 @@ class TransformerEncoder(Module):
     bool mask with True = masked out; selfattn's ``mask`` is True = may attend.
     """
 
-    def __init__(self, num_layers: int, embed_dim: int, num_heads: int, ff_dim: int, *, norm_first: bool = False,
-                 dropout_p: float = 0.0, activation: str = "relu", final_norm: bool = False,
-                 layer_norm_eps: float = 1e-5, kv_heads: int | None = None, dtype: DTypeLike = np.float32,
-                 seed: int | None = None, **unexpected: Any) -> None:
+    def __init__(
+        self,
+        num_layers: int,
+        embed_dim: int,
+        num_heads: int,
+        ff_dim: int,
+        *,
+        norm_first: bool = False,
+        dropout_p: float = 0.0,
+        activation: str = "relu",
+        final_norm: bool = False,
+        layer_norm_eps: float = 1e-5,
+        kv_heads: int | None = None,
+        dtype: DTypeLike = np.float32,
+        seed: int | None = None,
+        **unexpected: Any,
+    ) -> None:
         if unexpected:
             refuse_keywords("TransformerEncoder", unexpected, (*_LAYER_INIT_KEYWORDS, "final_norm"))
         super().__init__()
@@ -184,14 +238,25 @@ class TransformerEncoder(Module):
         self.ff_dim = int_arg("ff_dim", ff_dim)
         self.dtype = dtype_arg(dtype)
         seeds = np.random.SeedSequence(seed).spawn(num_layers)
-        self.layers = [TransformerEncoderLayer(embed_dim, num_heads, ff_dim, norm_first=norm_first,
-                                               dropout_p=dropout_p, activation=activation,
-                                               layer_norm_eps=layer_norm_eps, kv_heads=kv_heads, dtype=self.dtype,
-                                               seed=int(s.generate_state(1)[0]))
-                       for s in seeds]
+        self.layers = [
+            TransformerEncoderLayer(
+                embed_dim,
+                num_heads,
+                ff_dim,
+                norm_first=norm_first,
+                dropout_p=dropout_p,
+                activation=activation,
+                layer_norm_eps=layer_norm_eps,
+                kv_heads=kv_heads,
+                dtype=self.dtype,
+                seed=int(s.generate_state(1)[0]),
+            )
+            for s in seeds
+        ]
         self.norm_first, self.activation, self.layer_norm_eps = norm_first, activation, layer_norm_eps
-        self.norm = LayerNorm(embed_dim, eps=layer_norm_eps, dtype=self.dtype) if bool_arg("final_norm",
-                                                                                           final_norm) else None
+        self.norm = (
+            LayerNorm(embed_dim, eps=layer_norm_eps, dtype=self.dtype) if bool_arg("final_norm", final_norm) else None
+        )
 
     def _children(self) -> dict[str, Module]:
         children: dict[str, Module] = {f"layers.{i}": layer for i, layer in enumerate(self.layers)}
@@ -200,13 +265,23 @@ class TransformerEncoder(Module):
         return children
 
     def __repr__(self) -> str:
-        return (f"TransformerEncoder({len(self.layers)} x {self.layers[0]!r}, final_norm={self.norm is not None})"
-                if self.layers else f"TransformerEncoder(0 layers, final_norm={self.norm is not None})")
+        return (
+            f"TransformerEncoder({len(self.layers)} x {self.layers[0]!r}, final_norm={self.norm is not None})"
+            if self.layers
+            else f"TransformerEncoder(0 layers, final_norm={self.norm is not None})"
+        )
 
     @classmethod
-    def from_torch(cls, state_dict: Mapping[str, ArrayLike], num_heads: int, *, norm_first: bool = False,
-                   activation: str = "relu", layer_norm_eps: float = 1e-5,
-                   dtype: DTypeLike | None = None) -> TransformerEncoder:
+    def from_torch(
+        cls,
+        state_dict: Mapping[str, ArrayLike],
+        num_heads: int,
+        *,
+        norm_first: bool = False,
+        activation: str = "relu",
+        layer_norm_eps: float = 1e-5,
+        dtype: DTypeLike | None = None,
+    ) -> TransformerEncoder:
         """Build from a ``torch.nn.TransformerEncoder`` state dict (NumPy arrays).
 
         Layers are read from ``layers.{i}.*`` (see
@@ -220,19 +295,36 @@ class TransformerEncoder(Module):
         if not idx or idx != list(range(len(idx))):
             raise KeyError("state_dict has no layers.{i}.* entries (or they are not numbered 0..L-1)")
         w1 = sd["layers.0.linear1.weight"]
-        enc = cls(len(idx), w1.shape[1], num_heads, w1.shape[0], norm_first=norm_first, activation=activation,
-                  final_norm="norm.weight" in sd, layer_norm_eps=layer_norm_eps,
-                  dtype=w1.dtype if dtype is None else dtype)
+        enc = cls(
+            len(idx),
+            w1.shape[1],
+            num_heads,
+            w1.shape[0],
+            norm_first=norm_first,
+            activation=activation,
+            final_norm="norm.weight" in sd,
+            layer_norm_eps=layer_norm_eps,
+            dtype=w1.dtype if dtype is None else dtype,
+        )
         for i, layer in enumerate(enc.layers):
             pre = f"layers.{i}."
-            layer.load_torch_state_dict({k[len(pre):]: v for k, v in sd.items() if k.startswith(pre)})
+            layer.load_torch_state_dict({k[len(pre) :]: v for k, v in sd.items() if k.startswith(pre)})
         if enc.norm is not None:
             enc.norm.load_state_dict({"weight": sd["norm.weight"], "bias": sd["norm.bias"]})
         return enc
 
-    def __call__(self, x: ArrayLike, *, mask: Array | None = None, key_mask: ArrayLike | None = None,
-                 causal: bool = False, training: bool = False, rng: np.random.Generator | None = None,
-                 backend: str | None = None, **unexpected: Any) -> Array:
+    def __call__(
+        self,
+        x: ArrayLike,
+        *,
+        mask: Array | None = None,
+        key_mask: ArrayLike | None = None,
+        causal: bool = False,
+        training: bool = False,
+        rng: np.random.Generator | None = None,
+        backend: str | None = None,
+        **unexpected: Any,
+    ) -> Array:
         """Run every layer in order (then the final norm): ``(B, N, E)`` -> ``(B, N, E)`` in ``x``'s float dtype.
 
         With no layers and no final norm, returns a copy of ``x`` (validated, in the dtype of the rule).

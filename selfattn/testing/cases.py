@@ -24,8 +24,17 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["Case", "generate_cases", "tolerance", "output_dtype", "logit_headroom", "Tolerance", "TOLERANCES",
-           "OUTPUTS", "SCORE_REF"]
+__all__ = [
+    "Case",
+    "generate_cases",
+    "tolerance",
+    "output_dtype",
+    "logit_headroom",
+    "Tolerance",
+    "TOLERANCES",
+    "OUTPUTS",
+    "SCORE_REF",
+]
 
 #: The compared outputs: the forward's ``out``, ``lse`` and ``weights`` and the VJP's ``dq``, ``dk``, ``dv``.
 OUTPUTS = ("out", "lse", "weights", "dq", "dk", "dv")
@@ -78,29 +87,29 @@ class Tolerance(NamedTuple):
 #: used at most 0.49 of the tolerance.
 TOLERANCES: dict[str, dict[str, Tolerance]] = {
     "float64": {
-        "out": Tolerance(1e-14, 2.2e-16),      # worst 1.0e-15
-        "lse": Tolerance(1e-14, 2.2e-16),      # worst 1.7e-15
+        "out": Tolerance(1e-14, 2.2e-16),  # worst 1.0e-15
+        "lse": Tolerance(1e-14, 2.2e-16),  # worst 1.7e-15
         "weights": Tolerance(1e-14, 2.2e-16),  # worst 1.6e-15
-        "dq": Tolerance(1e-14, 2.2e-16),       # worst 1.2e-15
-        "dk": Tolerance(1e-14, 2.2e-16),       # worst 1.3e-15
-        "dv": Tolerance(1e-14, 2.2e-16),       # worst 1.4e-15
+        "dq": Tolerance(1e-14, 2.2e-16),  # worst 1.2e-15
+        "dk": Tolerance(1e-14, 2.2e-16),  # worst 1.3e-15
+        "dv": Tolerance(1e-14, 2.2e-16),  # worst 1.4e-15
     },
     "float32": {
-        "out": Tolerance(4e-6, 1.2e-7),        # worst 7.1e-7
-        "lse": Tolerance(4e-6, 1.2e-7),        # worst 6.4e-7 (float16 inputs), 5.2e-7 (float32)
-        "weights": Tolerance(4e-6, 1.2e-7),    # worst 7.8e-7 (numba's BLAS-tile kernels)
-        "dq": Tolerance(4e-6, 1.2e-7),         # worst 4.2e-7
-        "dk": Tolerance(4e-6, 1.2e-7),         # worst 4.6e-7
-        "dv": Tolerance(4e-6, 1.2e-7),         # worst 6.4e-7
+        "out": Tolerance(4e-6, 1.2e-7),  # worst 7.1e-7
+        "lse": Tolerance(4e-6, 1.2e-7),  # worst 6.4e-7 (float16 inputs), 5.2e-7 (float32)
+        "weights": Tolerance(4e-6, 1.2e-7),  # worst 7.8e-7 (numba's BLAS-tile kernels)
+        "dq": Tolerance(4e-6, 1.2e-7),  # worst 4.2e-7
+        "dk": Tolerance(4e-6, 1.2e-7),  # worst 4.6e-7
+        "dv": Tolerance(4e-6, 1.2e-7),  # worst 6.4e-7
     },
     # float16 inputs are computed in float32 and rounded once: rtol covers the
     # rounding, bound the two documented roundings, atol float32's arithmetic.
     "float16": {
-        "out": Tolerance(4e-6, 9.8e-4),        # worst 2.0e-9
-        "weights": Tolerance(4e-6, 9.8e-4),    # worst 1.6e-8
-        "dq": Tolerance(4e-6, 9.8e-4),         # worst 4.1e-9
-        "dk": Tolerance(4e-6, 9.8e-4),         # worst 1.5e-8
-        "dv": Tolerance(4e-6, 9.8e-4),         # worst 7.9e-8
+        "out": Tolerance(4e-6, 9.8e-4),  # worst 2.0e-9
+        "weights": Tolerance(4e-6, 9.8e-4),  # worst 1.6e-8
+        "dq": Tolerance(4e-6, 9.8e-4),  # worst 4.1e-9
+        "dk": Tolerance(4e-6, 9.8e-4),  # worst 1.5e-8
+        "dv": Tolerance(4e-6, 9.8e-4),  # worst 7.9e-8
     },
 }
 
@@ -201,8 +210,9 @@ class Case:
 
         q, k, _, mask = self.arrays()
         o = self.options
-        return score_max(q, k, mask=mask, scale=o.get("scale"), softcap=o.get("softcap"),
-                         alibi_slopes=o.get("alibi_slopes"))
+        return score_max(
+            q, k, mask=mask, scale=o.get("scale"), softcap=o.get("softcap"), alibi_slopes=o.get("alibi_slopes")
+        )
 
     def features(self) -> frozenset:
         """The capability features this case needs (the forward, without lse/weights/vjp)."""
@@ -253,8 +263,14 @@ def generate_cases(dtypes=("float32", "float64"), float16=True) -> list[Case]:
     # Masks of every broadcast shape against scores (2, 4, 37, 53).
     for kind in ("bool", "float"):
         for mname, mshape in (
-            ("full", (2, 4, 37, 53)), ("nm", (37, 53)), ("keys", (2, 1, 1, 53)), ("rows", (37, 1)),
-            ("heads", (4, 1, 1)), ("per-head", (1, 4, 37, 53)), ("scalar", (1,)), ("batch-only", (2, 1, 1, 1)),
+            ("full", (2, 4, 37, 53)),
+            ("nm", (37, 53)),
+            ("keys", (2, 1, 1, 53)),
+            ("rows", (37, 1)),
+            ("heads", (4, 1, 1)),
+            ("per-head", (1, 4, 37, 53)),
+            ("scalar", (1,)),
+            ("batch-only", (2, 1, 1, 1)),
         ):
             add(f"mask-{kind}-{mname}", odd, mask=(kind, mshape))
     add("mask-partial-batch", _qkv((2, 3), 2, 2, 7, 9, 8), mask=("bool", (2, 1, 1, 7, 9)))
@@ -288,12 +304,34 @@ def generate_cases(dtypes=("float32", "float64"), float16=True) -> list[Case]:
     add("alibi-causal-n<m", _qkv((2,), 2, 2, 13, 40, 16), alibi=(2,), causal=True)
     add("alibi-window-n>m", _qkv((1,), 2, 2, 40, 13, 16), alibi=(2,), window=(5, 3))
     add("alibi-batch-slopes", _qkv((2, 3), 2, 1, 9, 13, 8), alibi=(2, 1, 2))
-    add("softcap-alibi-mask-dropout", odd, softcap=5.0, alibi=(2, 4), mask=("float", (2, 1, 1, 53)), causal=True,
-        dropout_p=0.2, dropout_seed=7)
+    add(
+        "softcap-alibi-mask-dropout",
+        odd,
+        softcap=5.0,
+        alibi=(2, 4),
+        mask=("float", (2, 1, 1, 53)),
+        causal=True,
+        dropout_p=0.2,
+        dropout_seed=7,
+    )
 
-    f16_names = {"odd-sizes", "gqa-4", "causal-n<m", "mask-float-keys", "mask-bool-full", "dropout", "large-logits",
-                 "window-causal", "fully-masked-rows", "n0", "m0", "block-edges", "softcap", "alibi-causal-n<m",
-                 "softcap-alibi-mask-dropout"}
+    f16_names = {
+        "odd-sizes",
+        "gqa-4",
+        "causal-n<m",
+        "mask-float-keys",
+        "mask-bool-full",
+        "dropout",
+        "large-logits",
+        "window-causal",
+        "fully-masked-rows",
+        "n0",
+        "m0",
+        "block-edges",
+        "softcap",
+        "alibi-causal-n<m",
+        "softcap-alibi-mask-dropout",
+    }
     cases = []
     for i, (name, (qs, ks, vs), kw) in enumerate(base):
         mask = kw.pop("mask", None)

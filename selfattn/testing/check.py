@@ -20,7 +20,7 @@ import selfattn
 
 from . import reference
 from .cases import generate_cases
-from .compare import assert_close, case_group, backend_options, to_backend
+from .compare import assert_close, backend_options, case_group, to_backend
 
 __all__ = ["case_outputs", "check_case", "run_check"]
 
@@ -42,23 +42,33 @@ def case_outputs(backend: str, case) -> list[tuple] | None:
     need = set(case.features()) | {"lse", "weights"}
     if caps.missing(caps.array_type, case.dtype, need):
         try:
-            selfattn.scaled_dot_product_attention(bq, bk, bv, mask=bm, return_lse=True, return_weights=True,
-                                                  backend=backend, **opts)
+            selfattn.scaled_dot_product_attention(
+                bq, bk, bv, mask=bm, return_lse=True, return_weights=True, backend=backend, **opts
+            )
         except selfattn.UnsupportedFeatureError:
             return None
         raise AssertionError("expected UnsupportedFeatureError outside the declared capabilities")
-    got = selfattn.scaled_dot_product_attention(bq, bk, bv, mask=bm, return_lse=True, return_weights=True,
-                                                backend=backend, **opts)
+    got = selfattn.scaled_dot_product_attention(
+        bq, bk, bv, mask=bm, return_lse=True, return_weights=True, backend=backend, **opts
+    )
     bounds = reference.rounding_bounds(q, k, v, mask=mask, **case.options)
-    results = [(what, a, e, bounds.get(what)) for what, a, e in
-               zip(("out", "lse", "weights"), got, reference.forward(q, k, v, mask=mask, **case.options), strict=True)]
+    results = [
+        (what, a, e, bounds.get(what))
+        for what, a, e in zip(
+            ("out", "lse", "weights"), got, reference.forward(q, k, v, mask=mask, **case.options), strict=True
+        )
+    ]
     if "vjp" in caps.features:
         o, backward = selfattn.scaled_dot_product_attention_vjp(bq, bk, bv, mask=bm, backend=backend, **opts)
         g = np.random.default_rng(case.seed + 1).standard_normal(o.shape).astype(q.dtype)
         grads = backward(to_backend(caps.array_type, g)[0])
         bounds = reference.rounding_bounds(q, k, v, g, mask=mask, **case.options)
-        results += [(what, a, e, bounds.get(what)) for what, a, e in
-                    zip(("dq", "dk", "dv"), grads, reference.vjp(q, k, v, g, mask=mask, **case.options), strict=True)]
+        results += [
+            (what, a, e, bounds.get(what))
+            for what, a, e in zip(
+                ("dq", "dk", "dv"), grads, reference.vjp(q, k, v, g, mask=mask, **case.options), strict=True
+            )
+        ]
     return results
 
 
@@ -85,8 +95,11 @@ def run_check(backends=None, verbose=False, out=None) -> int:
     failures = 0
     for name in sorted(set(backends or ()) - {r.name for r in records}):
         # Asked for by name but not registered: a failure, never a silent omission.
-        print(f"{name}: FAIL (not a registered backend; registered: "
-              f"{', '.join(r.name for r in selfattn.list_backends())})", file=out)
+        print(
+            f"{name}: FAIL (not a registered backend; registered: "
+            f"{', '.join(r.name for r in selfattn.list_backends())})",
+            file=out,
+        )
         failures += 1
     for rec in records:
         if not rec.available:
@@ -108,8 +121,10 @@ def run_check(backends=None, verbose=False, out=None) -> int:
                 failed.append((case.id, err))
         failures += len(failed)
         passed = sum(r[0] for r in table.values())
-        print(f"\n{rec.name} {rec.version}: {passed}/{len(cases)} cases passed "
-              f"({'PASS' if not failed else 'FAIL'})", file=out)
+        print(
+            f"\n{rec.name} {rec.version}: {passed}/{len(cases)} cases passed ({'PASS' if not failed else 'FAIL'})",
+            file=out,
+        )
         print(f"  {'group':<14}{'passed':>8}{'total':>7}", file=out)
         for group, (ok, total) in table.items():
             print(f"  {group:<14}{ok:>8}{total:>7}{'' if ok == total else '  <-- FAIL'}", file=out)

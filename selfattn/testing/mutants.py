@@ -89,8 +89,10 @@ class Mutant:
 
 
 # -- selection helpers -----------------------------------------------------------
-def _cases(pred: Callable, tests: tuple = ("test_forward_matches_oracle", "test_lse_and_weights_match_oracle",
-                                            "test_vjp_matches_oracle")) -> Callable[[str, object], bool]:
+def _cases(
+    pred: Callable,
+    tests: tuple = ("test_forward_matches_oracle", "test_lse_and_weights_match_oracle", "test_vjp_matches_oracle"),
+) -> Callable[[str, object], bool]:
     return lambda name, case: case is not None and name in tests and bool(pred(case))
 
 
@@ -131,9 +133,15 @@ def _per_batch(pb, call):
     """Run ``call(sub_problem, b)`` for each flat batch entry alone; return the list of results."""
     results = []
     for b in range(pb.batch):
-        index = None if pb.mask_index is None else pb.mask_index[b:b + 1]
-        sub = replace(pb, query=pb.query[b:b + 1], key=pb.key[b:b + 1], value=pb.value[b:b + 1], mask_index=index,
-                      batch_shape=(1,))
+        index = None if pb.mask_index is None else pb.mask_index[b : b + 1]
+        sub = replace(
+            pb,
+            query=pb.query[b : b + 1],
+            key=pb.key[b : b + 1],
+            value=pb.value[b : b + 1],
+            mask_index=index,
+            batch_shape=(1,),
+        )
         results.append(call(sub, b))
     return results
 
@@ -282,7 +290,7 @@ def _batch_counter_forward(base, pb):
 def _batch_counter_backward(base, pb, out, lse, grad_out):
     if pb.dropout_p == 0.0:
         return base.backward(pb, out, lse, grad_out)
-    parts = _per_batch(pb, lambda sub, b: base.backward(sub, out[b:b + 1], lse[b:b + 1], grad_out[b:b + 1]))
+    parts = _per_batch(pb, lambda sub, b: base.backward(sub, out[b : b + 1], lse[b : b + 1], grad_out[b : b + 1]))
     return tuple(_concat([p[i] for p in parts]) for i in range(3))
 
 
@@ -292,8 +300,13 @@ def _as_float32(pb):
     mask = pb.mask
     if mask is not None and mask.dtype != bool:
         mask = mask.astype(np.float32)
-    return replace(pb, query=pb.query.astype(np.float32), key=pb.key.astype(np.float32),
-                   value=pb.value.astype(np.float32), mask=mask)
+    return replace(
+        pb,
+        query=pb.query.astype(np.float32),
+        key=pb.key.astype(np.float32),
+        value=pb.value.astype(np.float32),
+        mask=mask,
+    )
 
 
 def _f32_forward(base, pb):
@@ -306,8 +319,7 @@ def _f32_forward(base, pb):
 def _f32_backward(base, pb, out, lse, grad_out):
     if pb.dtype != np.float64:
         return base.backward(pb, out, lse, grad_out)
-    grads = base.backward(_as_float32(pb), out.astype(np.float32), lse.astype(np.float32),
-                          grad_out.astype(np.float32))
+    grads = base.backward(_as_float32(pb), out.astype(np.float32), lse.astype(np.float32), grad_out.astype(np.float32))
     return tuple(g.astype(np.float64) for g in grads)
 
 
@@ -336,6 +348,7 @@ def _dk_unscaled(base, pb, out, lse, grad_out):
 def _backward_without(**fields):
     def backward(base, pb, out, lse, grad_out):
         return base.backward(replace(pb, **fields), out, lse, grad_out)
+
     return backward
 
 
@@ -366,75 +379,175 @@ def _nan_to_zero(base, pb):
 
 def _problem_mutant(rewrite: Callable) -> dict:
     """forward/backward hooks that run the base on ``rewrite(problem)``."""
-    return dict(forward=lambda base, pb: base.forward(rewrite(pb)),
-                backward=lambda base, pb, out, lse, g: base.backward(rewrite(pb), out, lse, g))
+    return dict(
+        forward=lambda base, pb: base.forward(rewrite(pb)),
+        backward=lambda base, pb, out, lse, g: base.backward(rewrite(pb), out, lse, g),
+    )
 
 
-_DROPOUT = (lambda case: case.options.get("dropout_p", 0.0) > 0.0)  # noqa: E731
+_DROPOUT = lambda case: case.options.get("dropout_p", 0.0) > 0.0  # noqa: E731
 _DROPOUT_TESTS = ("test_dropout_pattern_is_the_documented_hash", "test_dropout_known_answer_vectors")
 
 _LIST = [
-    Mutant("lse-rounded-to-input-dtype",
-           "the forward rounds lse to the input dtype (float16) before returning it as float32",
-           _cases(lambda c: c.dtype == "float16"), forward=_lse_rounded),
-    Mutant("causal-band-off-by-one", "causal lets query i see one key past the bottom-right diagonal",
-           _cases(lambda c: c.options.get("causal")), **_problem_mutant(_causal_off_by_one)),
-    Mutant("causal-top-left", "causal aligned top-left (j <= i) instead of bottom-right (j <= i + M - N)",
-           _cases(lambda c: c.options.get("causal")), **_problem_mutant(_causal_top_left)),
-    Mutant("window-left-off-by-one", "a window reaches one key further to the left than asked",
-           _cases(lambda c: "window" in c.options), **_problem_mutant(_window_off_by_one)),
-    Mutant("dropout-no-rescale", "kept weights are not multiplied by 1 / (1 - p)",
-           _cases(_DROPOUT), forward=_no_rescale_forward, backward=_no_rescale_backward),
-    Mutant("dropout-pattern-shifted", "the dropout counter of key j is j + 1 (pattern shifted by one key)",
-           _either(_cases(_DROPOUT), _tests(*_DROPOUT_TESTS)),
-           forward=_dropout_shift_forward, backward=_dropout_shift_backward),
-    Mutant("dropout-seed-high-word-ignored", "only the low 32 bits of the dropout seed are used",
-           _either(_cases(_DROPOUT), _tests(*_DROPOUT_TESTS)), **_problem_mutant(_seed_low_word)),
-    Mutant("dropout-batch-counter-restarts", "the batch·head counter restarts at 0 for every batch entry",
-           _either(_cases(_DROPOUT), _tests(*_DROPOUT_TESTS)),
-           forward=_batch_counter_forward, backward=_batch_counter_backward),
-    Mutant("backward-ignores-dropout", "the backward recomputes probabilities without the dropout pattern",
-           _cases(_DROPOUT, ("test_vjp_matches_oracle",)), backward=_backward_without(dropout_p=0.0)),
-    Mutant("weights-after-dropout", "return_weights gives the dropped, rescaled weights instead of the probabilities",
-           _cases(_DROPOUT, ("test_lse_and_weights_match_oracle",)), forward=_weights_after_dropout),
-    Mutant("gqa-dkdv-one-group", "dK/dV summed over the first query head of each group only",
-           _cases(lambda c: c.q_shape[-3] != c.k_shape[-3] if len(c.q_shape) > 2 else False,
-                  ("test_vjp_matches_oracle",)), backward=_gqa_one_group),
-    Mutant("mask-batch-broadcast", "every batch entry uses the mask of batch entry 0",
-           _cases(_has_mask()), **_problem_mutant(_mask_batch_ignored)),
-    Mutant("mask-head-broadcast", "every head uses the mask of head 0",
-           _cases(_has_mask()), **_problem_mutant(_mask_heads_ignored)),
-    Mutant("float-mask-scaled", "an additive mask is multiplied by the score scale",
-           _cases(_has_mask("float")), **_problem_mutant(_float_mask_scaled)),
-    Mutant("bool-mask-inverted", "a boolean mask is read as True = masked (PyTorch's key_padding_mask sense)",
-           _cases(_has_mask("bool")), **_problem_mutant(_bool_mask_inverted)),
-    Mutant("backward-ignores-mask", "the backward recomputes probabilities without the mask",
-           _cases(_has_mask(), ("test_vjp_matches_oracle",)), backward=_backward_without(mask=None, mask_index=None)),
-    Mutant("lse-sign", "lse returned with the wrong sign",
-           _cases(lambda c: True, ("test_lse_and_weights_match_oracle",)), forward=_lse_sign),
-    Mutant("lse-base-2", "lse returned in base 2 (log2-sum-exp2), as a kernel computes it internally",
-           _cases(lambda c: True, ("test_lse_and_weights_match_oracle",)), forward=_lse_base2),
-    Mutant("dk-unscaled", "dK misses the score scale factor",
-           _cases(lambda c: True, ("test_vjp_matches_oracle",)), backward=_dk_unscaled),
-    Mutant("float64-computed-in-float32", "float64 inputs silently computed in float32",
-           _cases(lambda c: c.dtype == "float64"), forward=_f32_forward, backward=_f32_backward),
-    Mutant("empty-rows-nan", "rows with nothing to attend give NaN (0/0) instead of 0",
-           _either(_cases(lambda c: c.mask_rows_off or "empty" in c.name or c.name in ("m0", "window-zero")),
-                   _tests("test_fully_masked_rows_are_exact_zeros")), forward=_empty_rows_nan),
-    Mutant("nan-not-propagated", "NaN in the output replaced by 0",
-           _tests("test_nan_in_a_query_row_propagates_only_to_that_row",
-                  "test_nan_in_an_attended_value_row_reaches_its_queries"), forward=_nan_to_zero),
-    Mutant("query-used-as-scratch", "the caller's query array is scaled in place",
-           _cases(lambda c: c.layout == "contiguous" and c.name == "odd-sizes", ("test_forward_matches_oracle",)),
-           forward=_scratch_in_query),
+    Mutant(
+        "lse-rounded-to-input-dtype",
+        "the forward rounds lse to the input dtype (float16) before returning it as float32",
+        _cases(lambda c: c.dtype == "float16"),
+        forward=_lse_rounded,
+    ),
+    Mutant(
+        "causal-band-off-by-one",
+        "causal lets query i see one key past the bottom-right diagonal",
+        _cases(lambda c: c.options.get("causal")),
+        **_problem_mutant(_causal_off_by_one),
+    ),
+    Mutant(
+        "causal-top-left",
+        "causal aligned top-left (j <= i) instead of bottom-right (j <= i + M - N)",
+        _cases(lambda c: c.options.get("causal")),
+        **_problem_mutant(_causal_top_left),
+    ),
+    Mutant(
+        "window-left-off-by-one",
+        "a window reaches one key further to the left than asked",
+        _cases(lambda c: "window" in c.options),
+        **_problem_mutant(_window_off_by_one),
+    ),
+    Mutant(
+        "dropout-no-rescale",
+        "kept weights are not multiplied by 1 / (1 - p)",
+        _cases(_DROPOUT),
+        forward=_no_rescale_forward,
+        backward=_no_rescale_backward,
+    ),
+    Mutant(
+        "dropout-pattern-shifted",
+        "the dropout counter of key j is j + 1 (pattern shifted by one key)",
+        _either(_cases(_DROPOUT), _tests(*_DROPOUT_TESTS)),
+        forward=_dropout_shift_forward,
+        backward=_dropout_shift_backward,
+    ),
+    Mutant(
+        "dropout-seed-high-word-ignored",
+        "only the low 32 bits of the dropout seed are used",
+        _either(_cases(_DROPOUT), _tests(*_DROPOUT_TESTS)),
+        **_problem_mutant(_seed_low_word),
+    ),
+    Mutant(
+        "dropout-batch-counter-restarts",
+        "the batch·head counter restarts at 0 for every batch entry",
+        _either(_cases(_DROPOUT), _tests(*_DROPOUT_TESTS)),
+        forward=_batch_counter_forward,
+        backward=_batch_counter_backward,
+    ),
+    Mutant(
+        "backward-ignores-dropout",
+        "the backward recomputes probabilities without the dropout pattern",
+        _cases(_DROPOUT, ("test_vjp_matches_oracle",)),
+        backward=_backward_without(dropout_p=0.0),
+    ),
+    Mutant(
+        "weights-after-dropout",
+        "return_weights gives the dropped, rescaled weights instead of the probabilities",
+        _cases(_DROPOUT, ("test_lse_and_weights_match_oracle",)),
+        forward=_weights_after_dropout,
+    ),
+    Mutant(
+        "gqa-dkdv-one-group",
+        "dK/dV summed over the first query head of each group only",
+        _cases(lambda c: c.q_shape[-3] != c.k_shape[-3] if len(c.q_shape) > 2 else False, ("test_vjp_matches_oracle",)),
+        backward=_gqa_one_group,
+    ),
+    Mutant(
+        "mask-batch-broadcast",
+        "every batch entry uses the mask of batch entry 0",
+        _cases(_has_mask()),
+        **_problem_mutant(_mask_batch_ignored),
+    ),
+    Mutant(
+        "mask-head-broadcast",
+        "every head uses the mask of head 0",
+        _cases(_has_mask()),
+        **_problem_mutant(_mask_heads_ignored),
+    ),
+    Mutant(
+        "float-mask-scaled",
+        "an additive mask is multiplied by the score scale",
+        _cases(_has_mask("float")),
+        **_problem_mutant(_float_mask_scaled),
+    ),
+    Mutant(
+        "bool-mask-inverted",
+        "a boolean mask is read as True = masked (PyTorch's key_padding_mask sense)",
+        _cases(_has_mask("bool")),
+        **_problem_mutant(_bool_mask_inverted),
+    ),
+    Mutant(
+        "backward-ignores-mask",
+        "the backward recomputes probabilities without the mask",
+        _cases(_has_mask(), ("test_vjp_matches_oracle",)),
+        backward=_backward_without(mask=None, mask_index=None),
+    ),
+    Mutant(
+        "lse-sign",
+        "lse returned with the wrong sign",
+        _cases(lambda c: True, ("test_lse_and_weights_match_oracle",)),
+        forward=_lse_sign,
+    ),
+    Mutant(
+        "lse-base-2",
+        "lse returned in base 2 (log2-sum-exp2), as a kernel computes it internally",
+        _cases(lambda c: True, ("test_lse_and_weights_match_oracle",)),
+        forward=_lse_base2,
+    ),
+    Mutant(
+        "dk-unscaled",
+        "dK misses the score scale factor",
+        _cases(lambda c: True, ("test_vjp_matches_oracle",)),
+        backward=_dk_unscaled,
+    ),
+    Mutant(
+        "float64-computed-in-float32",
+        "float64 inputs silently computed in float32",
+        _cases(lambda c: c.dtype == "float64"),
+        forward=_f32_forward,
+        backward=_f32_backward,
+    ),
+    Mutant(
+        "empty-rows-nan",
+        "rows with nothing to attend give NaN (0/0) instead of 0",
+        _either(
+            _cases(lambda c: c.mask_rows_off or "empty" in c.name or c.name in ("m0", "window-zero")),
+            _tests("test_fully_masked_rows_are_exact_zeros"),
+        ),
+        forward=_empty_rows_nan,
+    ),
+    Mutant(
+        "nan-not-propagated",
+        "NaN in the output replaced by 0",
+        _tests(
+            "test_nan_in_a_query_row_propagates_only_to_that_row",
+            "test_nan_in_an_attended_value_row_reaches_its_queries",
+        ),
+        forward=_nan_to_zero,
+    ),
+    Mutant(
+        "query-used-as-scratch",
+        "the caller's query array is scaled in place",
+        _cases(lambda c: c.layout == "contiguous" and c.name == "odd-sizes", ("test_forward_matches_oracle",)),
+        forward=_scratch_in_query,
+    ),
 ]
 
 #: Every planted bug, by name.
 MUTANTS: dict[str, Mutant] = {m.name: m for m in _LIST}
 
 #: The unmodified wrapper: must pass whatever the mutants are run against.
-CONTROL = Mutant("control", "no bug: the base backend unchanged, through the same wrapper",
-                 lambda name, case: any(m.targets(name, case) for m in _LIST))
+CONTROL = Mutant(
+    "control",
+    "no bug: the base backend unchanged, through the same wrapper",
+    lambda name, case: any(m.targets(name, case) for m in _LIST),
+)
 
 
 def build(base=None, names=None, prefix: str = "mutant-") -> dict[str, MutantBackend]:
@@ -467,9 +580,14 @@ def registered(backends: dict) -> Iterator[list[str]]:
     if taken:
         raise ValueError(f"backend name(s) already registered: {', '.join(taken)}")
     for name, backend in backends.items():
-        entries[name] = _Entry(name=name, source="selfattn.testing.mutants", priority=_PRIORITY,
-                               array_type=backend.capabilities.array_type, backend=backend,
-                               availability=(True, ""))
+        entries[name] = _Entry(
+            name=name,
+            source="selfattn.testing.mutants",
+            priority=_PRIORITY,
+            array_type=backend.capabilities.array_type,
+            backend=backend,
+            availability=(True, ""),
+        )
     try:
         yield list(backends)
     finally:
@@ -549,9 +667,23 @@ def run(base=None, names=None, *, targeted: bool = True, pytest_args: tuple = ()
     with registered(backends):
         # --noconftest: a conftest.py near the working directory (this project's tests/ has one) must not
         # reset the registry under the mutants; the suite itself needs none.
-        args = ["--pyargs", "selfattn.testing", "--noconftest", "-qq", "-p", "no:cacheprovider", "-p", "no:randomly",
-                "--tb=no", "-rN", "--no-summary", "-W", "ignore::pytest.PytestAssertRewriteWarning",
-                f"--selfattn-backend={','.join(backends)}", *pytest_args]
+        args = [
+            "--pyargs",
+            "selfattn.testing",
+            "--noconftest",
+            "-qq",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "no:randomly",
+            "--tb=no",
+            "-rN",
+            "--no-summary",
+            "-W",
+            "ignore::pytest.PytestAssertRewriteWarning",
+            f"--selfattn-backend={','.join(backends)}",
+            *pytest_args,
+        ]
         code = pytest.main(args, plugins=[harness])
     if code not in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED):
         raise RuntimeError(f"pytest could not run the conformance suite (exit code {code!s})")

@@ -24,9 +24,12 @@ import pytest
 def pytest_addoption(parser):
     group = parser.getgroup("selfattn")
     group.addoption(
-        "--selfattn-backend", action="append", default=[], metavar="NAME",
+        "--selfattn-backend",
+        action="append",
+        default=[],
+        metavar="NAME",
         help="run the selfattn conformance tests against this backend (repeatable or comma-separated; default: "
-             "every registered backend, skipping unavailable ones). A named backend that cannot run here is an error.",
+        "every registered backend, skipping unavailable ones). A named backend that cannot run here is an error.",
     )
 
 
@@ -48,8 +51,10 @@ def pytest_sessionstart(session):
     for name in chosen:
         rec = records.get(name)
         if rec is None:
-            problems.append(f"--selfattn-backend={name}: no backend of that name is registered "
-                            f"(registered: {', '.join(records) or 'none'})")
+            problems.append(
+                f"--selfattn-backend={name}: no backend of that name is registered "
+                f"(registered: {', '.join(records) or 'none'})"
+            )
         elif not rec.available:
             problems.append(f"--selfattn-backend={name}: backend {name!r} is not available here: {rec.reason}")
     if problems:

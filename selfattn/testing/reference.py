@@ -17,8 +17,7 @@ import numpy as np
 
 from .._dropout import keep_mask
 
-__all__ = ["allowed", "dropout_scale", "forward", "vjp", "score_max", "rounding_bounds", "forward_varlen",
-           "vjp_varlen"]
+__all__ = ["allowed", "dropout_scale", "forward", "vjp", "score_max", "rounding_bounds", "forward_varlen", "vjp_varlen"]
 
 
 def allowed(n, m, causal=False, window=None):
@@ -84,8 +83,21 @@ def _probabilities(q, k, mask, causal, window, scale, softcap=None, alibi_slopes
     return p, lse, t
 
 
-def forward(query, key, value, *, mask=None, causal=False, window=None, scale=None, softcap=None, alibi_slopes=None,
-            dropout_p=0.0, dropout_seed=None, _bh_start=0):
+def forward(
+    query,
+    key,
+    value,
+    *,
+    mask=None,
+    causal=False,
+    window=None,
+    scale=None,
+    softcap=None,
+    alibi_slopes=None,
+    dropout_p=0.0,
+    dropout_seed=None,
+    _bh_start=0,
+):
     """Return ``(out, lse, weights)`` in float64 for the given call."""
     two_d = query.ndim == 2
     q, k, v = (np.asarray(x, np.float64) for x in (query, key, value))
@@ -101,8 +113,22 @@ def forward(query, key, value, *, mask=None, causal=False, window=None, scale=No
     return out, lse, p
 
 
-def vjp(query, key, value, grad_out, *, mask=None, causal=False, window=None, scale=None, softcap=None,
-        alibi_slopes=None, dropout_p=0.0, dropout_seed=None, _bh_start=0):
+def vjp(
+    query,
+    key,
+    value,
+    grad_out,
+    *,
+    mask=None,
+    causal=False,
+    window=None,
+    scale=None,
+    softcap=None,
+    alibi_slopes=None,
+    dropout_p=0.0,
+    dropout_seed=None,
+    _bh_start=0,
+):
     """Return float64 ``(dq, dk, dv)``: gradients of ``sum(out * grad_out)`` (none for mask or ALiBi slopes)."""
     two_d = query.ndim == 2
     q, k, v = (np.asarray(x, np.float64) for x in (query, key, value))
@@ -129,8 +155,22 @@ def vjp(query, key, value, grad_out, *, mask=None, causal=False, window=None, sc
     return dq, dk, dv
 
 
-def rounding_bounds(query, key, value, grad_out=None, *, mask=None, causal=False, window=None, scale=None,
-                    softcap=None, alibi_slopes=None, dropout_p=0.0, dropout_seed=None, _bh_start=0) -> dict:
+def rounding_bounds(
+    query,
+    key,
+    value,
+    grad_out=None,
+    *,
+    mask=None,
+    causal=False,
+    window=None,
+    scale=None,
+    softcap=None,
+    alibi_slopes=None,
+    dropout_p=0.0,
+    dropout_seed=None,
+    _bh_start=0,
+) -> dict:
     """Per-element float64 error allowances for two roundings that standard attention algorithms make.
 
     Returns ``{"out": ...}``, plus ``"dq"`` and ``"dk"`` when ``grad_out`` is
@@ -227,8 +267,9 @@ def forward_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, **options):
     out = np.zeros(query.shape[:2] + value.shape[2:])
     lse = np.full(query.shape[:2], -np.inf)
     for s, (q0, q1, k0, k1) in enumerate(_sequences(cu_seqlens_q, cu_seqlens_k)):
-        o, ls, _ = forward(query[:, q0:q1], key[:, k0:k1], value[:, k0:k1], _bh_start=s * hq,
-                           **_sequence_options(options, s))
+        o, ls, _ = forward(
+            query[:, q0:q1], key[:, k0:k1], value[:, k0:k1], _bh_start=s * hq, **_sequence_options(options, s)
+        )
         out[:, q0:q1], lse[:, q0:q1] = o, ls
     return out, lse
 
@@ -238,7 +279,13 @@ def vjp_varlen(query, key, value, grad_out, cu_seqlens_q, cu_seqlens_k, **option
     hq = query.shape[0]
     dq, dk, dv = np.zeros(query.shape), np.zeros(key.shape), np.zeros(value.shape)
     for s, (q0, q1, k0, k1) in enumerate(_sequences(cu_seqlens_q, cu_seqlens_k)):
-        g = vjp(query[:, q0:q1], key[:, k0:k1], value[:, k0:k1], grad_out[:, q0:q1], _bh_start=s * hq,
-                **_sequence_options(options, s))
+        g = vjp(
+            query[:, q0:q1],
+            key[:, k0:k1],
+            value[:, k0:k1],
+            grad_out[:, q0:q1],
+            _bh_start=s * hq,
+            **_sequence_options(options, s),
+        )
         dq[:, q0:q1], dk[:, k0:k1], dv[:, k0:k1] = g
     return dq, dk, dv

@@ -23,8 +23,13 @@ from selfattn.testing.compare import assert_close, host, to_backend
 
 #: (name, (B, Hq, Hkv, N, M, D, Dv), mask (kind, shape) or None, options, dtype)
 CHUNK_CASES = [
-    ("causal-gqa-dropout", (2, 4, 2, 29, 37, 8, 6), None,
-     {"causal": True, "dropout_p": 0.3, "dropout_seed": 2**64 - 3}, "float64"),
+    (
+        "causal-gqa-dropout",
+        (2, 4, 2, 29, 37, 8, 6),
+        None,
+        {"causal": True, "dropout_p": 0.3, "dropout_seed": 2**64 - 3},
+        "float64",
+    ),
     ("window-bool-mask", (1, 2, 2, 31, 23, 8, 8), ("bool", (31, 23)), {"window": (6, 2)}, "float32"),
     ("float-mask-n>m-causal", (2, 2, 1, 33, 20, 4, 4), ("float", (2, 1, 1, 20)), {"causal": True}, "float64"),
     ("softcap-alibi", (2, 4, 4, 17, 26, 8, 8), None, {"softcap": 3.0, "alibi": True, "causal": True}, "float64"),
@@ -49,7 +54,7 @@ def _arrays(shape, mask_spec, options, dtype, seed=0):
 
 def _cuts(total, parts):
     """``parts`` uneven, non-empty ``[start, stop)`` ranges covering ``range(total)`` (fewer if total is small)."""
-    edges = sorted({0, total} | {max(1, min(total - 1, round(total * f))) for f in (0.3, 0.55, 0.8)[:parts - 1]})
+    edges = sorted({0, total} | {max(1, min(total - 1, round(total * f))) for f in (0.3, 0.55, 0.8)[: parts - 1]})
     return list(zip(edges[:-1], edges[1:], strict=True))
 
 

@@ -28,10 +28,26 @@ from selfattn.testing.compare import host as _host
 
 CASES = generate_cases()
 _IDS = [c.id for c in CASES]
-FD_CASES = [c for c in CASES if c.dtype == "float64" and c.name in {
-    "odd-sizes", "gqa-4", "causal-n>m", "window-causal", "dropout", "mask-float-keys", "fully-masked-rows",
-    "two-d", "dv-ne-d", "two-batch-axes", "mask-partial-batch", "d1",
-}]
+FD_CASES = [
+    c
+    for c in CASES
+    if c.dtype == "float64"
+    and c.name
+    in {
+        "odd-sizes",
+        "gqa-4",
+        "causal-n>m",
+        "window-causal",
+        "dropout",
+        "mask-float-keys",
+        "fully-masked-rows",
+        "two-d",
+        "dv-ne-d",
+        "two-batch-axes",
+        "mask-partial-batch",
+        "d1",
+    }
+]
 
 
 # -- helpers -------------------------------------------------------------------
@@ -74,11 +90,15 @@ def test_forward_matches_oracle(selfattn_backend, case):
     bq, bk, bv, bm = _to_backend(selfattn_backend, q, k, v, mask)
     if _missing(selfattn_backend, case):
         with pytest.raises(UnsupportedFeatureError):
-            selfattn.scaled_dot_product_attention(bq, bk, bv, mask=bm, backend=selfattn_backend, **_opts(selfattn_backend, case))
+            selfattn.scaled_dot_product_attention(
+                bq, bk, bv, mask=bm, backend=selfattn_backend, **_opts(selfattn_backend, case)
+            )
         return
-    out = selfattn.scaled_dot_product_attention(bq, bk, bv, mask=bm, backend=selfattn_backend, **_opts(selfattn_backend, case))
+    out = selfattn.scaled_dot_product_attention(
+        bq, bk, bv, mask=bm, backend=selfattn_backend, **_opts(selfattn_backend, case)
+    )
     assert type(out) is type(bq), "the output must use the inputs' array library"
-    assert out.dtype == q.dtype
+    assert not isinstance(out, tuple) and out.dtype == q.dtype
     ref_out, _, _ = reference.forward(q, k, v, mask=mask, **case.options)
     bound = reference.rounding_bounds(q, k, v, mask=mask, **case.options)["out"]
     assert_close(out, ref_out, case.dtype, "out", score_max=case.score_max(), bound=bound)
@@ -89,7 +109,9 @@ def test_forward_matches_oracle(selfattn_backend, case):
 def test_lse_and_weights_match_oracle(selfattn_backend, case):
     q, k, v, mask = case.arrays()
     bq, bk, bv, bm = _to_backend(selfattn_backend, q, k, v, mask)
-    call = dict(mask=bm, backend=selfattn_backend, return_lse=True, return_weights=True, **_opts(selfattn_backend, case))
+    call = dict(
+        mask=bm, backend=selfattn_backend, return_lse=True, return_weights=True, **_opts(selfattn_backend, case)
+    )
     if _missing(selfattn_backend, case, ("lse", "weights")):
         with pytest.raises(UnsupportedFeatureError):
             selfattn.scaled_dot_product_attention(bq, bk, bv, **call)
@@ -111,10 +133,13 @@ def test_vjp_matches_oracle(selfattn_backend, case):
     bq, bk, bv, bm = _to_backend(selfattn_backend, q, k, v, mask)
     if _missing(selfattn_backend, case, ("vjp",)):
         with pytest.raises(UnsupportedFeatureError):
-            selfattn.scaled_dot_product_attention_vjp(bq, bk, bv, mask=bm, backend=selfattn_backend, **_opts(selfattn_backend, case))
+            selfattn.scaled_dot_product_attention_vjp(
+                bq, bk, bv, mask=bm, backend=selfattn_backend, **_opts(selfattn_backend, case)
+            )
         return
-    out, backward = selfattn.scaled_dot_product_attention_vjp(bq, bk, bv, mask=bm, backend=selfattn_backend,
-                                                              **_opts(selfattn_backend, case))
+    out, backward = selfattn.scaled_dot_product_attention_vjp(
+        bq, bk, bv, mask=bm, backend=selfattn_backend, **_opts(selfattn_backend, case)
+    )
     g = np.random.default_rng(case.seed + 1).standard_normal(out.shape).astype(q.dtype)
     snap = _snapshot(q, k, v, mask, g)
     (bg,) = _to_backend(selfattn_backend, g)
@@ -139,14 +164,18 @@ def test_gradients_match_finite_differences(selfattn_backend, case):
     rng = np.random.default_rng(case.seed + 2)
 
     def f(qq, kk, vv):
-        o = selfattn.scaled_dot_product_attention(*_to_backend(selfattn_backend, qq, kk, vv, mask)[:3],
-                                                  mask=_to_backend(selfattn_backend, mask)[0],
-                                                  backend=selfattn_backend, **_opts(selfattn_backend, case))
+        o = selfattn.scaled_dot_product_attention(
+            *_to_backend(selfattn_backend, qq, kk, vv, mask)[:3],
+            mask=_to_backend(selfattn_backend, mask)[0],
+            backend=selfattn_backend,
+            **_opts(selfattn_backend, case),
+        )
         return float(np.sum(_host(o) * g))
 
     bq, bk, bv, bm = _to_backend(selfattn_backend, q, k, v, mask)
-    out, backward = selfattn.scaled_dot_product_attention_vjp(bq, bk, bv, mask=bm, backend=selfattn_backend,
-                                                              **_opts(selfattn_backend, case))
+    out, backward = selfattn.scaled_dot_product_attention_vjp(
+        bq, bk, bv, mask=bm, backend=selfattn_backend, **_opts(selfattn_backend, case)
+    )
     g = rng.standard_normal(out.shape)
     grads = [_host(x) for x in backward(_to_backend(selfattn_backend, g)[0])]
     eps = 1e-6
@@ -173,8 +202,11 @@ def test_dropout_pattern_is_the_documented_hash(selfattn_backend, p):
     seed = 2**40 + 3
     if _caps(selfattn_backend).missing(_caps(selfattn_backend).array_type, "float64", {"dropout"}):
         pytest.skip("backend does not declare dropout")
-    out = _host(selfattn.scaled_dot_product_attention(*_to_backend(selfattn_backend, q, k, v), dropout_p=p,
-                                                      dropout_seed=seed, backend=selfattn_backend))
+    out = _host(
+        selfattn.scaled_dot_product_attention(
+            *_to_backend(selfattn_backend, q, k, v), dropout_p=p, dropout_seed=seed, backend=selfattn_backend
+        )
+    )
     keep = keep_mask(seed, np.arange(B * H), np.arange(N), np.arange(M), p).reshape(B, H, N, M)
     assert np.array_equal(out != 0, keep)
     ref = reference.forward(q, k, v, dropout_p=p, dropout_seed=seed)[0]
@@ -234,12 +266,17 @@ def test_dropout_known_answer_vectors(selfattn_backend):
     rows = [r for r in DROPOUT_VECTORS if r[1] < B * H and r[2] < N and r[3] < M]
     assert len(rows) == 20
     for seed, p in sorted({(r[0], r[5]) for r in rows}):
-        out = _host(selfattn.scaled_dot_product_attention(*_to_backend(selfattn_backend, q, k, v), dropout_p=p,
-                                                          dropout_seed=seed, backend=selfattn_backend))
+        out = _host(
+            selfattn.scaled_dot_product_attention(
+                *_to_backend(selfattn_backend, q, k, v), dropout_p=p, dropout_seed=seed, backend=selfattn_backend
+            )
+        )
         for _, bh, i, j, u, _, kept in (r for r in rows if r[:1] == (seed,) and r[5] == p):
             got = out[bh // H, bh % H, i, j] != 0
-            assert got == kept, (f"seed {seed:#x}, p {p}: weight (bh={bh}, i={i}, j={j}) with hash {u:#010x} "
-                                 f"must be {'kept' if kept else 'dropped'}")
+            assert got == kept, (
+                f"seed {seed:#x}, p {p}: weight (bh={bh}, i={i}, j={j}) with hash {u:#010x} "
+                f"must be {'kept' if kept else 'dropped'}"
+            )
 
 
 def test_fully_masked_rows_are_exact_zeros(selfattn_backend):
@@ -252,8 +289,12 @@ def test_fully_masked_rows_are_exact_zeros(selfattn_backend):
         pytest.skip("backend lacks a feature this test needs")
     k = np.random.default_rng(1).standard_normal((1, 2, 9, 4)).astype(np.float32)
     bq, bk, bm = _to_backend(selfattn_backend, q, k, mask)
-    out, lse, w = (_host(x) for x in selfattn.scaled_dot_product_attention(
-        bq, bk, bk, mask=bm, return_lse=True, return_weights=True, backend=selfattn_backend))
+    out, lse, w = (
+        _host(x)
+        for x in selfattn.scaled_dot_product_attention(
+            bq, bk, bk, mask=bm, return_lse=True, return_weights=True, backend=selfattn_backend
+        )
+    )
     assert np.all(out[:, :, [1, 4]] == 0) and np.all(w[:, :, [1, 4]] == 0)
     assert np.all(np.isneginf(lse[:, :, [1, 4]])) and np.all(np.isfinite(lse[:, :, [0, 2, 3, 5]]))
     o, backward = selfattn.scaled_dot_product_attention_vjp(bq, bk, bk, mask=bm, backend=selfattn_backend)
@@ -268,8 +309,9 @@ def test_nan_in_a_query_row_propagates_only_to_that_row(selfattn_backend):
     q = rng.standard_normal((1, 1, 5, 4))
     k = rng.standard_normal((1, 1, 7, 4))
     q[0, 0, 2, 1] = np.nan
-    out = _host(selfattn.scaled_dot_product_attention(*_to_backend(selfattn_backend, q, k, k),
-                                                      backend=selfattn_backend))
+    out = _host(
+        selfattn.scaled_dot_product_attention(*_to_backend(selfattn_backend, q, k, k), backend=selfattn_backend)
+    )
     assert np.isnan(out[0, 0, 2]).all(), "NaN in query row 2 must reach its output"
     assert np.isfinite(np.delete(out, 2, axis=2)).all(), "NaN in query row 2 must not reach other rows"
 
@@ -278,8 +320,9 @@ def test_nan_in_an_attended_value_row_reaches_its_queries(selfattn_backend):
     rng = np.random.default_rng(4)
     q, k, v = rng.standard_normal((1, 1, 5, 4)), rng.standard_normal((1, 1, 7, 4)), rng.standard_normal((1, 1, 7, 3))
     v[0, 0, 6, 0] = np.nan  # key 6 is attended by every query (no mask)
-    out = _host(selfattn.scaled_dot_product_attention(*_to_backend(selfattn_backend, q, k, v),
-                                                      backend=selfattn_backend))
+    out = _host(
+        selfattn.scaled_dot_product_attention(*_to_backend(selfattn_backend, q, k, v), backend=selfattn_backend)
+    )
     assert np.isnan(out[..., 0]).all(), "NaN in an attended value must reach every query's output column"
     assert np.isfinite(out[..., 1:]).all()
 
@@ -299,9 +342,10 @@ try:
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 except ImportError:  # pragma: no cover - hypothesis is in the test extra
-    st = None
+    st = None  # type: ignore[assignment]
 
 if st is not None:
+
     @st.composite
     def _problems(draw):
         """A random call: shapes, dtype, options, mask, logit scale, and whether to ask for weights/gradients.
@@ -343,10 +387,25 @@ if st is not None:
         if alibi is not None:
             shape = (hq,) if alibi == "heads" or not batch else batch + (hq,)
             opts["alibi_slopes"] = (np.random.default_rng(seed).random(shape) * 0.5).astype(
-                "float64" if dtype == "float64" else "float32")
-        return dict(hkv=hkv, hq=hq, n=n, m=m, d=d, dv=dv, batch=batch, dtype=dtype, logit_scale=logit_scale,
-                    opts=opts, mask_kind=mask_kind, mask_shape=mask_shape, mask_dtype=mask_dtype, outputs=outputs,
-                    seed=seed)
+                "float64" if dtype == "float64" else "float32"
+            )
+        return dict(
+            hkv=hkv,
+            hq=hq,
+            n=n,
+            m=m,
+            d=d,
+            dv=dv,
+            batch=batch,
+            dtype=dtype,
+            logit_scale=logit_scale,
+            opts=opts,
+            mask_kind=mask_kind,
+            mask_shape=mask_shape,
+            mask_dtype=mask_dtype,
+            outputs=outputs,
+            seed=seed,
+        )
 
     def _property_arrays(pr):
         rng = np.random.default_rng(pr["seed"])
@@ -403,10 +462,15 @@ if st is not None:
             g = np.random.default_rng(problem["seed"] + 1).standard_normal(out.shape).astype(dtype)
             grads = backward(_to_backend(backend, g)[0])
             bounds = reference.rounding_bounds(q, k, v, g, mask=mask, **opts)
-            results += [(what, a, e, bounds.get(what)) for what, a, e in
-                        zip(("dq", "dk", "dv"), grads, reference.vjp(q, k, v, g, mask=mask, **opts), strict=True)]
-        return results, reference.score_max(q, k, mask=mask, softcap=opts.get("softcap"),
-                                            alibi_slopes=opts.get("alibi_slopes"))
+            results += [
+                (what, a, e, bounds.get(what))
+                for what, a, e in zip(
+                    ("dq", "dk", "dv"), grads, reference.vjp(q, k, v, g, mask=mask, **opts), strict=True
+                )
+            ]
+        return results, reference.score_max(
+            q, k, mask=mask, softcap=opts.get("softcap"), alibi_slopes=opts.get("alibi_slopes")
+        )
 
     @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
     @given(_problems())

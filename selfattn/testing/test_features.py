@@ -76,16 +76,20 @@ def test_varlen_matches_oracle(selfattn_backend, case, dtype):
         with pytest.raises(UnsupportedFeatureError):
             selfattn.scaled_dot_product_attention_varlen(bq, bk, bv, cq, ck, backend=selfattn_backend, **bopts)
         return
-    out, lse = selfattn.scaled_dot_product_attention_varlen(bq, bk, bv, cq, ck, return_lse=True,
-                                                            backend=selfattn_backend, **bopts)
+    out, lse = selfattn.scaled_dot_product_attention_varlen(
+        bq, bk, bv, cq, ck, return_lse=True, backend=selfattn_backend, **bopts
+    )
     ref_out, ref_lse = reference.forward_varlen(q, k, v, cq, ck, **opts)
-    smax = max(reference.score_max(q[:, a:b], k[:, c:e], scale=opts.get("scale"), softcap=opts.get("softcap"))
-               for a, b, c, e in zip(cq[:-1], cq[1:], ck[:-1], ck[1:]))
+    smax = max(
+        reference.score_max(q[:, a:b], k[:, c:e], scale=opts.get("scale"), softcap=opts.get("softcap"))
+        for a, b, c, e in zip(cq[:-1], cq[1:], ck[:-1], ck[1:], strict=True)
+    )
     assert host(out).shape == ref_out.shape and host(out).dtype == q.dtype
     assert_close(out, ref_out, dtype, "out", score_max=smax, bound=_varlen_bound(q, k, v, cq, ck, opts)["out"])
     assert_close(lse, ref_lse, dtype, "lse", score_max=smax)
-    o, backward = selfattn.scaled_dot_product_attention_varlen_vjp(bq, bk, bv, cq, ck, backend=selfattn_backend,
-                                                                   **bopts)
+    o, backward = selfattn.scaled_dot_product_attention_varlen_vjp(
+        bq, bk, bv, cq, ck, backend=selfattn_backend, **bopts
+    )
     g = np.random.default_rng(7).standard_normal(o.shape).astype(dtype)
     grads = backward(to_backend(caps.array_type, g)[0])
     refs = reference.vjp_varlen(q, k, v, g, cq, ck, **opts)
@@ -100,12 +104,13 @@ def _varlen_bound(q, k, v, cq, ck, opts, g=None):
     shapes = {"out": q.shape[:2] + v.shape[2:], "dq": q.shape, "dk": k.shape}
     bounds = {what: np.zeros(shape) for what, shape in shapes.items()}
     hq = q.shape[0]
-    for s, (a, b, c, e) in enumerate(zip(cq[:-1], cq[1:], ck[:-1], ck[1:])):
+    for s, (a, b, c, e) in enumerate(zip(cq[:-1], cq[1:], ck[:-1], ck[1:], strict=True)):
         o = dict(opts)
         if o.get("alibi_slopes") is not None and np.ndim(o["alibi_slopes"]) == 2:
             o["alibi_slopes"] = o["alibi_slopes"][s]
-        got = reference.rounding_bounds(q[:, a:b], k[:, c:e], v[:, c:e], None if g is None else g[:, a:b],
-                                        _bh_start=s * hq, **o)
+        got = reference.rounding_bounds(
+            q[:, a:b], k[:, c:e], v[:, c:e], None if g is None else g[:, a:b], _bh_start=s * hq, **o
+        )
         bounds["out"][:, a:b] = got["out"]
         if g is not None:
             bounds["dq"][:, a:b] = got["dq"]
@@ -118,7 +123,9 @@ def test_varlen_equals_the_padded_masked_call(selfattn_backend):
     caps = _caps(selfattn_backend)
     need = {"varlen", "bool_mask", "causal", "dropout", "gqa"}
     if caps.missing(caps.array_type, "float64", need):
-        pytest.skip("backend lacks varlen or a feature of the padded call (test_varlen_matches_oracle checks the error)")
+        pytest.skip(
+            "backend lacks varlen or a feature of the padded call (test_varlen_matches_oracle checks the error)"
+        )
     lens = [9, 0, 23, 4, 16]
     hq, hkv, d = 4, 2, 8
     cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
@@ -128,15 +135,15 @@ def test_varlen_equals_the_padded_masked_call(selfattn_backend):
     qp, kp, vp = (np.zeros((len(lens), x.shape[0], longest, d)) for x in (q, k, v))
     for b, n in enumerate(lens):
         for dst, src in ((qp, q), (kp, k), (vp, v)):
-            dst[b, :, :n] = src[:, cu[b]:cu[b + 1]]
+            dst[b, :, :n] = src[:, cu[b] : cu[b + 1]]
     key_mask = (np.arange(longest)[None, :] < np.array(lens)[:, None])[:, None, None, :]
     kw = dict(causal=True, dropout_p=0.4, dropout_seed=2**40 + 9, backend=selfattn_backend)
     bq, bk, bv, bqp, bkp, bvp, bmask = to_backend(caps.array_type, q, k, v, qp, kp, vp, key_mask)
     packed = host(selfattn.scaled_dot_product_attention_varlen(bq, bk, bv, cu, cu, **kw))
     padded = host(selfattn.scaled_dot_product_attention(bqp, bkp, bvp, mask=bmask, **kw))
     for b, n in enumerate(lens):
-        np.testing.assert_allclose(packed[:, cu[b]:cu[b + 1]], padded[b, :, :n], rtol=1e-12, atol=1e-13)
-        assert np.array_equal(packed[:, cu[b]:cu[b + 1]] == 0, padded[b, :, :n] == 0)  # same dropped weights
+        np.testing.assert_allclose(packed[:, cu[b] : cu[b + 1]], padded[b, :, :n], rtol=1e-12, atol=1e-13)
+        assert np.array_equal(packed[:, cu[b] : cu[b + 1]] == 0, padded[b, :, :n] == 0)  # same dropped weights
 
 
 # -- merge_attention -------------------------------------------------------------------------------------------
@@ -154,7 +161,7 @@ def test_merge_keeps_float16_outputs_and_float32_lse():
     o, ls = selfattn.merge_attention(outs, lses)
     assert o.dtype == np.float16 and ls.dtype == np.float32
     w = np.exp(np.stack(lses).astype(np.float64) - np.logaddexp.reduce(np.stack(lses).astype(np.float64)))
-    ref = sum(wi[:, None] * oi.astype(np.float64) for wi, oi in zip(w, outs))
+    ref = sum(wi[:, None] * oi.astype(np.float64) for wi, oi in zip(w, outs, strict=True))
     np.testing.assert_allclose(o, ref, rtol=2e-3, atol=2e-3)
 
 
@@ -162,9 +169,10 @@ try:
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 except ImportError:  # pragma: no cover - hypothesis is in the test extra
-    st = None
+    st = None  # type: ignore[assignment]
 
 if st is not None:
+
     @st.composite
     def _splits(draw):
         hq = draw(st.sampled_from([1, 2, 4]))
@@ -195,14 +203,16 @@ if st is not None:
         elif split["mask"] == "float":
             mask = rng.standard_normal((n, m)).astype("float32" if dt == "float16" else dt)
         bq, bk, bv, bm = to_backend(caps.array_type, q, k, v, mask)
-        whole_out, whole_lse = selfattn.scaled_dot_product_attention(bq, bk, bv, mask=bm, return_lse=True,
-                                                                     backend=selfattn_backend)
+        whole_out, whole_lse = selfattn.scaled_dot_product_attention(
+            bq, bk, bv, mask=bm, return_lse=True, backend=selfattn_backend
+        )
         edges = [0] + split["cuts"] + [m]
         outs, lses = [], []
-        for j0, j1 in zip(edges[:-1], edges[1:]):
+        for j0, j1 in zip(edges[:-1], edges[1:], strict=True):
             piece_mask = None if bm is None else bm[:, j0:j1]
-            o, ls = selfattn.scaled_dot_product_attention(bq, bk[:, :, j0:j1], bv[:, :, j0:j1], mask=piece_mask,
-                                                          return_lse=True, backend=selfattn_backend)
+            o, ls = selfattn.scaled_dot_product_attention(
+                bq, bk[:, :, j0:j1], bv[:, :, j0:j1], mask=piece_mask, return_lse=True, backend=selfattn_backend
+            )
             outs.append(o)
             lses.append(ls)
         out, lse = selfattn.merge_attention(outs, lses)
@@ -210,9 +220,8 @@ if st is not None:
         # Each piece's output was rounded to the dtype on its own (up to an ulp of its own size, which a
         # small merged value does not share): allow eps * sum_i w_i |out_i|, plus the whole call's rounding.
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            w = [np.nan_to_num(np.exp(host(ls).astype(np.float64) - host(whole_lse).astype(np.float64)))
-                 for ls in lses]
-        spread = sum(wi[..., None] * np.abs(host(o).astype(np.float64)) for wi, o in zip(w, outs))
+            w = [np.nan_to_num(np.exp(host(ls).astype(np.float64) - host(whole_lse).astype(np.float64))) for ls in lses]
+        spread = sum(wi[..., None] * np.abs(host(o).astype(np.float64)) for wi, o in zip(w, outs, strict=True))
         eps = float(np.finfo(dt).eps)
         bound = 2 * eps * (spread + np.abs(host(whole_out).astype(np.float64)))
         assert_close(out, host(whole_out).astype(np.float64), dt, "out", score_max=smax, bound=bound)

@@ -27,16 +27,30 @@ class ExampleBackend(Backend):
     capabilities = selfattn.Capabilities(
         array_type="numpy",
         dtypes={"float32", "float64"},
-        features={"bool_mask", "float_mask", "causal", "window", "gqa", "dropout", "lse", "weights", "softcap",
-                  "alibi", "chunks"},
-        notes={"float16": "not implemented in the example", "vjp": "the example computes no gradients",
-               "varlen": "the example does not take packed batches"},
+        features={
+            "bool_mask",
+            "float_mask",
+            "causal",
+            "window",
+            "gqa",
+            "dropout",
+            "lse",
+            "weights",
+            "softcap",
+            "alibi",
+            "chunks",
+        },
+        notes={
+            "float16": "not implemented in the example",
+            "vjp": "the example computes no gradients",
+            "varlen": "the example does not take packed batches",
+        },
     )
 
     def forward(self, problem: Problem) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         pb = problem
         cdt = pb.compute_dtype
-        B, Hq, N, M = pb.batch, pb.q_heads, pb.n, pb.m
+        B, N, M = pb.batch, pb.n, pb.m
         k = np.repeat(pb.key, pb.group, axis=1).astype(cdt)  # GQA: query head h uses kv head h // group
         v = np.repeat(pb.value, pb.group, axis=1).astype(cdt)
         s = pb.query.astype(cdt) @ k.swapaxes(-1, -2) * cdt.type(pb.scale)

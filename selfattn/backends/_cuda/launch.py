@@ -17,13 +17,43 @@ from ..._dropout import split_seed, threshold
 from ..._problem import Coordinates
 
 __all__ = [
-    "KERNEL_SOURCES", "BM", "DMAX_CHOICES", "GRID_MAX", "INT32_MAX",
-    "hash_defines", "kernel_source", "kernel_names", "pick_dmax", "fwd_kernel_name", "dropout_kernel_name",
-    "fwd_launch", "varlen_launch", "varlen_tiles", "elementwise_launch", "element_strides", "mask_kind",
-    "mask_strides", "band_args", "dropout_args", "coords_args", "FWD_SIGNATURE", "DROPOUT_SIGNATURE",
-    "pack_fwd_args", "pack_dropout_args", "fused_ok", "forward_path", "DECODE_MAX_ROWS", "DECODE_MIN_KEYS",
-    "TC_DMAX_CHOICES", "TC_THREADS", "TC_MIN_CC",
-    "tc_kernel_name", "pick_tc_dmax", "tc_ok", "tc_layout_ok", "kernel_signature",
+    "KERNEL_SOURCES",
+    "BM",
+    "DMAX_CHOICES",
+    "GRID_MAX",
+    "INT32_MAX",
+    "hash_defines",
+    "kernel_source",
+    "kernel_names",
+    "pick_dmax",
+    "fwd_kernel_name",
+    "dropout_kernel_name",
+    "fwd_launch",
+    "varlen_launch",
+    "varlen_tiles",
+    "elementwise_launch",
+    "element_strides",
+    "mask_kind",
+    "mask_strides",
+    "band_args",
+    "dropout_args",
+    "coords_args",
+    "FWD_SIGNATURE",
+    "DROPOUT_SIGNATURE",
+    "pack_fwd_args",
+    "pack_dropout_args",
+    "fused_ok",
+    "forward_path",
+    "DECODE_MAX_ROWS",
+    "DECODE_MIN_KEYS",
+    "TC_DMAX_CHOICES",
+    "TC_THREADS",
+    "TC_MIN_CC",
+    "tc_kernel_name",
+    "pick_tc_dmax",
+    "tc_ok",
+    "tc_layout_ok",
+    "kernel_signature",
 ]
 
 _HERE = Path(__file__).resolve().parent
@@ -50,13 +80,18 @@ def _instantiated(line: str):
     """Kernel name of an ``SA_DEFINE_FWD``/``SA_DEFINE_FWD_TC`` instantiation line, else None."""
     for prefix in ("SA_DEFINE_FWD(", "SA_DEFINE_FWD_TC("):
         if line.startswith(prefix):
-            return line[len(prefix):].split(",", 1)[0].strip()
+            return line[len(prefix) :].split(",", 1)[0].strip()
     return None
 
 
 #: The dropout hash's constants as the CUDA sources name them, from :mod:`selfattn._dropout`.
-_HASH_CONSTANTS = (("SA_MUL_BH", "MUL_BH"), ("SA_MUL_ROW", "MUL_ROW"), ("SA_MUL_COL", "MUL_COL"),
-                   ("SA_FMIX_1", "FMIX_1"), ("SA_FMIX_2", "FMIX_2"))
+_HASH_CONSTANTS = (
+    ("SA_MUL_BH", "MUL_BH"),
+    ("SA_MUL_ROW", "MUL_ROW"),
+    ("SA_MUL_COL", "MUL_COL"),
+    ("SA_FMIX_1", "FMIX_1"),
+    ("SA_FMIX_2", "FMIX_2"),
+)
 
 
 def hash_defines() -> str:
@@ -144,8 +179,16 @@ DECODE_MAX_ROWS = 16
 DECODE_MIN_KEYS = 256
 
 
-def forward_path(d: int, dv: int, n: int, m: int, return_weights: bool, *,
-                 decode_max_rows: int = DECODE_MAX_ROWS, decode_min_keys: int = DECODE_MIN_KEYS) -> str:
+def forward_path(
+    d: int,
+    dv: int,
+    n: int,
+    m: int,
+    return_weights: bool,
+    *,
+    decode_max_rows: int = DECODE_MAX_ROWS,
+    decode_min_keys: int = DECODE_MIN_KEYS,
+) -> str:
     """``"fused"`` or ``"blockwise"``: which forward the CuPy backend runs.
 
     Calls with fewer than ``decode_max_rows`` query rows against at least
@@ -185,8 +228,12 @@ def pick_tc_dmax(d: int, dv: int):
 
 def tc_ok(dtype, d: int, dv: int, return_weights: bool, compute_capability: int) -> bool:
     """Whether the float16 tensor-core forward handles the call (sm_80+, float16, no weights)."""
-    return (np.dtype(dtype) == np.float16 and not return_weights
-            and int(compute_capability) >= TC_MIN_CC and pick_tc_dmax(d, dv) is not None)
+    return (
+        np.dtype(dtype) == np.float16
+        and not return_weights
+        and int(compute_capability) >= TC_MIN_CC
+        and pick_tc_dmax(d, dv) is not None
+    )
 
 
 def tc_layout_ok(shape, byte_strides, itemsize: int, address: int) -> bool:
@@ -322,32 +369,68 @@ def dropout_args(p: float, seed) -> tuple:
     if not p:
         return np.uint32(0), np.uint32(0), np.uint32(0), np.float64(1.0), np.int32(0)
     k0, k1 = split_seed(int(seed))
-    return (np.uint32(threshold(p)), np.uint32(k0), np.uint32(k1),
-            np.float64(1.0 / (1.0 - p)), np.int32(1))
+    return (np.uint32(threshold(p)), np.uint32(k0), np.uint32(k1), np.float64(1.0 / (1.0 - p)), np.int32(1))
 
 
 #: Parameter (name, C type) list of the fused forwards, in order (SA_FWD_ARGS in attn.cu).
 FWD_SIGNATURE = (
-    [("q", "ptr"), ("k", "ptr"), ("v", "ptr"), ("out", "ptr"), ("lse", "ptr"),
-     ("mask", "ptr"), ("mask_index", "ptr"), ("mask_kind", "int")]
+    [
+        ("q", "ptr"),
+        ("k", "ptr"),
+        ("v", "ptr"),
+        ("out", "ptr"),
+        ("lse", "ptr"),
+        ("mask", "ptr"),
+        ("mask_index", "ptr"),
+        ("mask_kind", "int"),
+    ]
     + [(f"{a}s{i}", "long long") for a in "qkvm" for i in range(4)]
     + [(n, "int") for n in ("Hq", "G", "N", "M", "D", "Dv")]
-    + [("n_row_blocks", "long long"), ("total_blocks", "long long"), ("scale", "double"),
-       ("offset", "long long"), ("has_lower", "int"), ("lower", "int"), ("has_upper", "int"), ("upper", "int"),
-       ("softcap", "double"), ("alibi", "ptr"), ("use_alibi", "int"),
-       ("threshold", "sa_u32"), ("seed_lo", "sa_u32"), ("seed_hi", "sa_u32"),
-       ("drop_scale", "double"), ("use_dropout", "int"),
-       ("batch_index", "ptr"), ("use_batch_index", "int"), ("head_start", "long long"),
-       ("total_heads", "long long"), ("row_start", "long long"), ("col_start", "long long"),
-       ("varlen", "int"), ("cu_q", "ptr"), ("cu_k", "ptr"), ("tile_seq", "ptr"), ("tile_row", "ptr"),
-       ("write_lse", "int")]
+    + [
+        ("n_row_blocks", "long long"),
+        ("total_blocks", "long long"),
+        ("scale", "double"),
+        ("offset", "long long"),
+        ("has_lower", "int"),
+        ("lower", "int"),
+        ("has_upper", "int"),
+        ("upper", "int"),
+        ("softcap", "double"),
+        ("alibi", "ptr"),
+        ("use_alibi", "int"),
+        ("threshold", "sa_u32"),
+        ("seed_lo", "sa_u32"),
+        ("seed_hi", "sa_u32"),
+        ("drop_scale", "double"),
+        ("use_dropout", "int"),
+        ("batch_index", "ptr"),
+        ("use_batch_index", "int"),
+        ("head_start", "long long"),
+        ("total_heads", "long long"),
+        ("row_start", "long long"),
+        ("col_start", "long long"),
+        ("varlen", "int"),
+        ("cu_q", "ptr"),
+        ("cu_k", "ptr"),
+        ("tile_seq", "ptr"),
+        ("tile_row", "ptr"),
+        ("write_lse", "int"),
+    ]
 )
 
 #: Parameter list of dropout_tile_* (SA_DROP_ARGS in attn.cu).
 DROPOUT_SIGNATURE = (
-    ("z", "ptr"), ("n_bh", "long long"), ("rows", "int"), ("cols", "int"), ("bh0", "long long"),
-    ("i0", "int"), ("j0", "int"), ("seed_lo", "sa_u32"), ("seed_hi", "sa_u32"),
-    ("threshold", "sa_u32"), ("drop_scale", "double"),
+    ("z", "ptr"),
+    ("n_bh", "long long"),
+    ("rows", "int"),
+    ("cols", "int"),
+    ("bh0", "long long"),
+    ("i0", "int"),
+    ("j0", "int"),
+    ("seed_lo", "sa_u32"),
+    ("seed_hi", "sa_u32"),
+    ("threshold", "sa_u32"),
+    ("drop_scale", "double"),
 )
 
 _CTYPES: dict[str, Any] = {"int": np.int32, "long long": np.int64, "double": np.float64, "sa_u32": np.uint32}
@@ -375,9 +458,32 @@ def _pack(signature, values: dict) -> tuple:
     return tuple(out)
 
 
-def pack_fwd_args(*, q, k, v, out, lse, shapes_strides, sizes, scale, lower, upper, dropout_p, dropout_seed,
-                  write_lse, mask=None, mask_index=None, mask_dtype=None, offset=None, softcap=None, alibi=None,
-                  coords: Coordinates | None = None, batch_index=None, varlen=None, placeholder=None) -> tuple:
+def pack_fwd_args(
+    *,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    shapes_strides,
+    sizes,
+    scale,
+    lower,
+    upper,
+    dropout_p,
+    dropout_seed,
+    write_lse,
+    mask=None,
+    mask_index=None,
+    mask_dtype=None,
+    offset=None,
+    softcap=None,
+    alibi=None,
+    coords: Coordinates | None = None,
+    batch_index=None,
+    varlen=None,
+    placeholder=None,
+) -> tuple:
     """The argument tuple of ``attn_fwd_*`` (both the CUDA-core and the tensor-core forwards).
 
     ``shapes_strides`` maps ``"q"``, ``"k"``, ``"v"`` and (when a mask is given)
@@ -394,6 +500,7 @@ def pack_fwd_args(*, q, k, v, out, lse, shapes_strides, sizes, scale, lower, upp
     (mask, mask_index, alibi, batch_index, the varlen tables) is
     ``placeholder``, an array the kernels never read.
     """
+
     def ptr(x, what):
         if x is not None:
             return x
@@ -405,10 +512,16 @@ def pack_fwd_args(*, q, k, v, out, lse, shapes_strides, sizes, scale, lower, upp
         raise ValueError("pack_fwd_args: a mask needs both mask and mask_index")
     coords = Coordinates() if coords is None else coords
     use_dropout = bool(dropout_p)
-    vals = {"q": q, "k": k, "v": v, "out": out, "lse": lse,
-            "mask": ptr(mask if mask_dtype is not None else None, "mask"),
-            "mask_index": ptr(mask_index if mask_dtype is not None else None, "mask_index"),
-            "mask_kind": mask_kind(mask_dtype)}
+    vals = {
+        "q": q,
+        "k": k,
+        "v": v,
+        "out": out,
+        "lse": lse,
+        "mask": ptr(mask if mask_dtype is not None else None, "mask"),
+        "mask_index": ptr(mask_index if mask_dtype is not None else None, "mask_index"),
+        "mask_kind": mask_kind(mask_dtype),
+    }
     for a in "qkvm":
         if a == "m" and mask_dtype is None:
             st = (0, 0, 0, 0)
@@ -433,15 +546,33 @@ def pack_fwd_args(*, q, k, v, out, lse, shapes_strides, sizes, scale, lower, upp
     use_bidx = use_dropout and coords.batch_index is not None
     if use_bidx and batch_index is None:
         raise ValueError("pack_fwd_args: coords has a batch_index but no device copy of it was given")
-    vals.update(Hq=Hq, G=Hq // Hkv, N=N, M=M, D=D, Dv=Dv, n_row_blocks=n_row_blocks,
-                total_blocks=total, scale=scale, offset=M - N if offset is None else offset,
-                softcap=0.0 if softcap is None else softcap, alibi=ptr(alibi, "alibi"),
-                use_alibi=int(alibi is not None), batch_index=ptr(batch_index if use_bidx else None, "batch_index"),
-                varlen=int(varlen is not None), write_lse=int(bool(write_lse)))
+    vals.update(
+        Hq=Hq,
+        G=Hq // Hkv,
+        N=N,
+        M=M,
+        D=D,
+        Dv=Dv,
+        n_row_blocks=n_row_blocks,
+        total_blocks=total,
+        scale=scale,
+        offset=M - N if offset is None else offset,
+        softcap=0.0 if softcap is None else softcap,
+        alibi=ptr(alibi, "alibi"),
+        use_alibi=int(alibi is not None),
+        batch_index=ptr(batch_index if use_bidx else None, "batch_index"),
+        varlen=int(varlen is not None),
+        write_lse=int(bool(write_lse)),
+    )
     vals.update({n: ptr(x, n) for n, x in tables.items()})
     vals.update(zip(("has_lower", "lower", "has_upper", "upper"), band_args(lower, upper), strict=True))
-    vals.update(zip(("threshold", "seed_lo", "seed_hi", "drop_scale", "use_dropout"),
-                    dropout_args(dropout_p, dropout_seed), strict=True))
+    vals.update(
+        zip(
+            ("threshold", "seed_lo", "seed_hi", "drop_scale", "use_dropout"),
+            dropout_args(dropout_p, dropout_seed),
+            strict=True,
+        )
+    )
     vals["use_batch_index"] = int(use_bidx)
     vals.update(zip(("head_start", "total_heads", "row_start", "col_start"), coords_args(coords, Hq), strict=True))
     return _pack(FWD_SIGNATURE, vals)
@@ -450,5 +581,19 @@ def pack_fwd_args(*, q, k, v, out, lse, shapes_strides, sizes, scale, lower, upp
 def pack_dropout_args(*, z, n_bh, rows, cols, bh0, i0, j0, dropout_p, dropout_seed) -> tuple:
     """The argument tuple of ``dropout_tile_*`` for a ``(n_bh, rows, cols)`` tile at ``(bh0, i0, j0)``."""
     thr, lo, hi, sc, _ = dropout_args(dropout_p, dropout_seed)
-    return _pack(DROPOUT_SIGNATURE, dict(z=z, n_bh=n_bh, rows=rows, cols=cols, bh0=bh0, i0=i0, j0=j0,
-                                         seed_lo=lo, seed_hi=hi, threshold=thr, drop_scale=sc))
+    return _pack(
+        DROPOUT_SIGNATURE,
+        dict(
+            z=z,
+            n_bh=n_bh,
+            rows=rows,
+            cols=cols,
+            bh0=bh0,
+            i0=i0,
+            j0=j0,
+            seed_lo=lo,
+            seed_hi=hi,
+            threshold=thr,
+            drop_scale=sc,
+        ),
+    )

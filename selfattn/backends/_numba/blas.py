@@ -23,8 +23,18 @@ import math
 import numba as nb
 import numpy as np
 
-from .tiles import OPTS, cast_like, dropout_grad, dropout_tile, ds_in_place, exp_shift_row, finish_rows, query_task
-from .tiles import score_bias, softmax_tile
+from .tiles import (
+    OPTS,
+    cast_like,
+    dropout_grad,
+    dropout_tile,
+    ds_in_place,
+    exp_shift_row,
+    finish_rows,
+    query_task,
+    score_bias,
+    softmax_tile,
+)
 
 __all__ = ["key_norm_max", "forward_gemm", "backward_gemm", "GQ", "GK", "GQB", "GKB"]
 
@@ -101,9 +111,9 @@ def forward_gemm(t0, t1, q, k, v, P, kmax, safe, GQ, GK, out, lse):
     for t in range(t0, t1):
         bh, b, h, kvh, i0, i1, j0, j1 = query_task(t, nqb, GQ, N, M, G, P)
         nr = i1 - i0
-        qs = qs_buf[:nr * D].reshape((nr, D))
-        pv = pv_buf[:nr * Dv].reshape((nr, Dv))
-        o = o_buf[:nr * Dv].reshape((nr, Dv))
+        qs = qs_buf[: nr * D].reshape((nr, D))
+        pv = pv_buf[: nr * Dv].reshape((nr, Dv))
+        o = o_buf[: nr * Dv].reshape((nr, Dv))
         for r in range(nr):
             mrow[r] = ninf
             lrow[r] = zero
@@ -133,8 +143,8 @@ def forward_gemm(t0, t1, q, k, v, P, kmax, safe, GQ, GK, out, lse):
             c0 = c1
             c1 = min(c0 + GK, e0 if c0 < e0 else (e1 if c0 < e1 else j1))
             nc = c1 - c0
-            s = sbuf[:nr * nc].reshape((nr, nc))
-            dcap = dcap_buf[:nr * nc].reshape((nr, nc)) if P.softcap > 0.0 else dcap_buf[:1].reshape((1, 1))
+            s = sbuf[: nr * nc].reshape((nr, nc))
+            dcap = dcap_buf[: nr * nc].reshape((nr, nc)) if P.softcap > 0.0 else dcap_buf[:1].reshape((1, 1))
             np.dot(qs, k[kvh, c0:c1].T, s)
             score_bias(s, nr, nc, i0, c0, b, h, P.off, P, dcap, False)
             softmax_tile(s, nr, nc, mrow, lrow, o, Dv, bounded, ninf, zero)
@@ -198,8 +208,8 @@ def backward_gemm(t0, t1, q, k, v, do, lse, delta, P, GQ, GKB, nchunk, dq_acc, d
             vb = v[kvh, c0:c1]
             dka[:nc] = 0.0
             dva[:nc] = 0.0
-            tk = kvbuf[:nc * D].reshape((nc, D))
-            tv = kvbuf[:nc * Dv].reshape((nc, Dv))
+            tk = kvbuf[: nc * D].reshape((nc, D))
+            tv = kvbuf[: nc * Dv].reshape((nc, Dv))
             ilo = max(0, c0 - P.off - P.up)
             ihi = min(N, c1 - 1 - P.off + P.lo + 1)
             for g in range(G):
@@ -213,9 +223,9 @@ def backward_gemm(t0, t1, q, k, v, do, lse, delta, P, GQ, GKB, nchunk, dq_acc, d
                         for dd in range(D):
                             qt[r, dd] = q[bh, i0 + r, dd] * sc
                     dot = do[bh, i0:i1]
-                    s = sbuf[:nr * nc].reshape((nr, nc))
-                    dp = dpbuf[:nr * nc].reshape((nr, nc))
-                    dcap = dcap_buf[:nr * nc].reshape((nr, nc)) if capped else dcap_buf[:1].reshape((1, 1))
+                    s = sbuf[: nr * nc].reshape((nr, nc))
+                    dp = dpbuf[: nr * nc].reshape((nr, nc))
+                    dcap = dcap_buf[: nr * nc].reshape((nr, nc)) if capped else dcap_buf[:1].reshape((1, 1))
                     np.dot(qt, kb.T, s)
                     score_bias(s, nr, nc, i0, c0, b, h, P.off, P, dcap, True)
                     np.dot(dot, vb.T, dp)
@@ -224,7 +234,7 @@ def backward_gemm(t0, t1, q, k, v, do, lse, delta, P, GQ, GKB, nchunk, dq_acc, d
                         exp_shift_row(s[r], nc, lse[bh, i0 + r])
                     if P.thr > 0:
                         # pz = P*Z feeds dV; dP *= Z feeds dS.
-                        pz = zbuf[:nr * nc].reshape((nr, nc))
+                        pz = zbuf[: nr * nc].reshape((nr, nc))
                         dropout_grad(s, dp, pz, False, nr, nc, i0, c0, b, h, P)
                         np.dot(pz.T, dot, tv)
                     else:
@@ -234,7 +244,7 @@ def backward_gemm(t0, t1, q, k, v, do, lse, delta, P, GQ, GKB, nchunk, dq_acc, d
                     ds_in_place(s, dp, nr, nc, delta, bh, i0, dcap, capped)
                     np.dot(s.T, qt, tk)
                     dka[:nc] += tk
-                    dqt = dqbuf[:nr * D].reshape((nr, D))
+                    dqt = dqbuf[: nr * D].reshape((nr, D))
                     np.dot(s, kb, dqt)
                     for r in range(nr):
                         dqrow = dq_acc[ch, bh, i0 + r]

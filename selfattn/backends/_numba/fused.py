@@ -28,7 +28,15 @@ import numba as nb
 import numpy as np
 
 from .tiles import (
-    OPTS, cast_like, dot_nt, dropout_grad, dropout_tile, ds_in_place, exp_shift_row, query_task, score_bias,
+    OPTS,
+    cast_like,
+    dot_nt,
+    dropout_grad,
+    dropout_tile,
+    ds_in_place,
+    exp_shift_row,
+    query_task,
+    score_bias,
     softmax_tile,
 )
 
@@ -307,8 +315,9 @@ def _bwd_buffers(BR, BC, D, Dv, softcap, like):
 
 
 @nb.njit(**OPTS)
-def _backward_block(q, k, v, do, lse, delta, P, BR, b, kvh, hk, bh0, qbase, kbase, nq, off, c0, nc, dq, ch, dk, dv,
-                    bufs):
+def _backward_block(
+    q, k, v, do, lse, delta, P, BR, b, kvh, hk, bh0, qbase, kbase, nq, off, c0, nc, dq, ch, dk, dv, bufs
+):
     """dK/dV of keys ``kbase+c0 .. +nc`` of ``k[kvh]`` (written to ``dk``/``dv``), and their dQ
     contributions (added to ``dq[ch]``), over every query head ``h`` of kv head ``hk``'s group
     (rows ``q[bh0 + h]``) and every query tile (of ``nq`` rows from ``qbase``) that may attend them.
@@ -416,13 +425,15 @@ def backward(t0, t1, q, k, v, do, lse, delta, P, BR, BC, nchunk, dq_acc, dk, dv)
         for kbi in range(ch * per, min(nkb, (ch + 1) * per)):
             c0 = kbi * BC
             nc = min(M, c0 + BC) - c0
-            _backward_block(q, k, v, do, lse, delta, P, BR, b, kvh, hk, b * P.Hq, 0, 0, N, P.off, c0, nc, dq_acc, ch,
-                            dk, dv, bufs)
+            _backward_block(
+                q, k, v, do, lse, delta, P, BR, b, kvh, hk, b * P.Hq, 0, 0, N, P.off, c0, nc, dq_acc, ch, dk, dv, bufs
+            )
 
 
 @nb.njit(**OPTS)
-def backward_varlen(t0, t1, q, k, v, do, lse, delta, P, BR, BC, cu_q, cu_k, ktile_seq, ktile_col, nchunk,
-                    dq_acc, dk, dv):
+def backward_varlen(
+    t0, t1, q, k, v, do, lse, delta, P, BR, BC, cu_q, cu_k, ktile_seq, ktile_col, nchunk, dq_acc, dk, dv
+):
     """Backward of a packed variable-length batch; tasks are (kv head, chunk of key tiles).
 
     ``ktile_seq[t]``/``ktile_col[t]`` give each key tile's sequence and first
@@ -445,5 +456,6 @@ def backward_varlen(t0, t1, q, k, v, do, lse, delta, P, BR, BC, cu_q, cu_k, ktil
             nq = cu_q[sq + 1] - q0
             nk = cu_k[sq + 1] - k0
             nc = min(nk, c0 + BC) - c0
-            _backward_block(q, k, v, do, lse, delta, P, BR, sq, hk, hk, 0, q0, k0, nq, nk - nq, c0, nc, dq_acc, ch,
-                            dk, dv, bufs)
+            _backward_block(
+                q, k, v, do, lse, delta, P, BR, sq, hk, hk, 0, q0, k0, nq, nk - nq, c0, nc, dq_acc, ch, dk, dv, bufs
+            )

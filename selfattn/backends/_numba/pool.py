@@ -73,8 +73,7 @@ class TaskPool:
     def _grow(self, helpers: int) -> None:
         with self._lock:
             while len(self._workers) < helpers:
-                t = threading.Thread(target=self._serve, name=f"selfattn-numba-{len(self._workers) + 1}",
-                                     daemon=True)
+                t = threading.Thread(target=self._serve, name=f"selfattn-numba-{len(self._workers) + 1}", daemon=True)
                 t.start()
                 self._workers.append(t)
 

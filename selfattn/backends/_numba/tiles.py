@@ -19,8 +19,20 @@ from numba.extending import intrinsic, overload
 from ... import _dropout
 
 __all__ = [
-    "FASTMATH", "OPTS", "cast_like", "fmix32", "row_hash", "dot_nt", "exp_shift_row", "query_task", "score_bias",
-    "softmax_tile", "dropout_tile", "dropout_grad", "ds_in_place", "finish_rows",
+    "FASTMATH",
+    "OPTS",
+    "cast_like",
+    "fmix32",
+    "row_hash",
+    "dot_nt",
+    "exp_shift_row",
+    "query_task",
+    "score_bias",
+    "softmax_tile",
+    "dropout_tile",
+    "dropout_grad",
+    "ds_in_place",
+    "finish_rows",
 ]
 
 _M32 = 0xFFFFFFFF
@@ -151,6 +163,7 @@ def _exp_shift_row_impl(srow, nc, mu):
     float64: ``math.exp``.
     """
     if srow.dtype == types.float32:
+
         def impl(srow, nc, mu):
             lo = np.float32(-87.33)
             hi = np.float32(88.37)
@@ -175,6 +188,7 @@ def _exp_shift_row_impl(srow, nc, mu):
                 srow[c] = e
                 tot += e
             return tot
+
         return impl
 
     def impl64(srow, nc, mu):
@@ -184,6 +198,7 @@ def _exp_shift_row_impl(srow, nc, mu):
             srow[c] = e
             tot += e
         return tot
+
     return impl64
 
 
@@ -201,6 +216,7 @@ def _softcap_row_impl(srow, drow, nc, cap, want_d):
     score; the loop vectorises); float64: ``math.tanh``.
     """
     if srow.dtype == types.float32:
+
         def impl(srow, drow, nc, cap, want_d):
             inv = np.float32(2.0) / cap
             for c in range(nc):
@@ -213,6 +229,7 @@ def _softcap_row_impl(srow, drow, nc, cap, want_d):
                 t = t if x == x else x
                 srow[c] = cap * t
                 drow[c] = np.float32(1.0) - t * t
+
         return impl
 
     def impl64(srow, drow, nc, cap, want_d):
@@ -221,6 +238,7 @@ def _softcap_row_impl(srow, drow, nc, cap, want_d):
             srow[c] = cap * t
             if want_d:
                 drow[c] = 1.0 - t * t
+
     return impl64
 
 

@@ -109,8 +109,13 @@ class _Runtime:
     @staticmethod
     def getDeviceProperties(device: int) -> dict:  # noqa: N802
         cc = int(os.environ.get("CUPY_STANDIN_CC", "90"))
-        return {"name": b"Stand-in GPU (SIMT emulator on the CPU)", "major": cc // 10, "minor": cc % 10,
-                "totalGlobalMem": 2**30, "multiProcessorCount": 1}
+        return {
+            "name": b"Stand-in GPU (SIMT emulator on the CPU)",
+            "major": cc // 10,
+            "minor": cc % 10,
+            "totalGlobalMem": 2**30,
+            "multiProcessorCount": 1,
+        }
 
     @staticmethod
     def driverGetVersion() -> int:  # noqa: N802
@@ -152,6 +157,7 @@ sys.modules["cupy.cuda"] = cuda
 
 
 # -- arrays ------------------------------------------------------------------------------
+
 
 class _Pointer:
     def __init__(self, ptr: int):
@@ -206,8 +212,7 @@ def asarray(a, dtype=None, order=None):
 
 
 def array(a, dtype=None, copy=True, order="K"):
-    return _wrap(_np.array(a.view(_np.ndarray) if isinstance(a, ndarray) else a, dtype=dtype, copy=copy,
-                           order=order))
+    return _wrap(_np.array(a.view(_np.ndarray) if isinstance(a, ndarray) else a, dtype=dtype, copy=copy, order=order))
 
 
 def asnumpy(a, stream=None):
@@ -287,6 +292,7 @@ class RawModule:
 
 
 # -- everything else is NumPy's, returning stand-in arrays ----------------------------
+
 
 def __getattr__(name: str):
     attr = getattr(_np, name)  # AttributeError for what NumPy lacks too

@@ -45,39 +45,69 @@ __all__ = [
     "shift_free",
     "DropoutFn",
     "BANDED_ROWS",
+    "GEMM_ROWS",
 ]
 
 #: Largest row block for banded (causal/window) calls: smaller blocks let the
 #: key range that the band leaves shrink with them.
 BANDED_ROWS = 256
 
+#: With a cache target, blocks keep at least this many query rows (see :func:`row_block`).
+GEMM_ROWS = 256
+
 DropoutFn = Callable[[Problem, int, int, int, int, int, int], Array]
 
 
 def row_block(
-    batch: int, q_heads: int, n: int, m: int, itemsize: int, budget_bytes: int, banded: bool
+    batch: int,
+    q_heads: int,
+    n: int,
+    m: int,
+    itemsize: int,
+    budget_bytes: int,
+    banded: bool,
+    cache_bytes: int | None = None,
+    min_rows: int = GEMM_ROWS,
 ) -> tuple[int, int]:
     """``(batches_per_block, rows_per_block)``: the one row-block rule of the blockwise paths.
 
     One score tile ``(bb, Hq, rows, M)`` stays within ``budget_bytes`` (at least
     one row of one batch entry); banded calls use at most :data:`BANDED_ROWS`
     rows; whole sequences of several batch entries share a block when they fit.
+
+    ``cache_bytes`` (CPU): aim for tiles of about that size, so the exp and the
+    reductions between the two products run from cache, but never fewer than
+    ``min_rows`` query rows (or N) while ``budget_bytes`` allows -- thinner
+    blocks make the products inefficient. Measured on a 2-core x86 VM with
+    ``cache_bytes`` = 2 MiB against a flat 32 MiB budget: 5x faster at
+    (8, 8, 128, 128, 32), 1.3-1.5x at N = M = 1024-2048, unchanged from 4096 up.
     """
     per_row = max(1, int(q_heads) * max(int(m), 1) * int(itemsize))
-    rows = max(1, min(int(n), int(budget_bytes) // per_row)) if n else 1
+    target = int(budget_bytes) if cache_bytes is None else min(int(budget_bytes), int(cache_bytes))
+    rows = target // per_row
+    if cache_bytes is not None:
+        rows = max(rows, min(int(n), int(min_rows)))
+    rows = max(1, min(int(n), rows, int(budget_bytes) // per_row)) if n else 1
     if banded:
         rows = min(rows, BANDED_ROWS)
-    bb = max(1, min(int(batch), int(budget_bytes) // (per_row * max(int(n), 1)))) if rows >= n else 1
+    bb = max(1, min(int(batch), target // (per_row * max(int(n), 1)))) if rows >= n else 1
     return bb, rows
 
 
-def blocks(pb: Problem, budget_bytes: int) -> Iterator[tuple[int, int, int, int]]:
-    """Yield ``(b0, b1, i0, i1)`` blocks whose score tile stays within ``budget_bytes``."""
+def blocks(pb: Problem, budget_bytes: int, cache_bytes: int | None = None) -> Iterator[tuple[int, int, int, int]]:
+    """Yield ``(b0, b1, i0, i1)`` blocks whose score tile stays within ``budget_bytes`` (see :func:`row_block`)."""
     B, N = pb.batch, pb.n
     if B == 0 or pb.q_heads == 0 or N == 0:
         return
     bb, rows = row_block(
-        B, pb.q_heads, N, pb.m, pb.compute_dtype.itemsize, budget_bytes, pb.lower is not None or pb.upper is not None
+        B,
+        pb.q_heads,
+        N,
+        pb.m,
+        pb.compute_dtype.itemsize,
+        budget_bytes,
+        pb.lower is not None or pb.upper is not None,
+        cache_bytes,
     )
     for b0 in range(0, B, bb):
         for i0 in range(0, N, rows):
@@ -159,6 +189,7 @@ def forward(
     *,
     block_bytes: int,
     dropout: DropoutFn,
+    cache_bytes: int | None = None,
     shift_free_ok: bool = False,
     ones_column: bool = False,
     reuse_buffer: bool = False,
@@ -168,14 +199,15 @@ def forward(
     Outputs are allocated before any work, so a result that cannot be
     allocated fails at once. Rows with nothing to attend get output 0, lse
     ``-inf`` and weights 0. ``shift_free_ok`` and ``ones_column`` enable the
-    CPU shortcuts described in the module docstring.
+    CPU shortcuts described in the module docstring; ``cache_bytes`` is
+    :func:`row_block`'s cache target.
     """
     B, Hq, Hkv, G, N, M, Dv = pb.batch, pb.q_heads, pb.kv_heads, pb.group, pb.n, pb.m, pb.dv
     cdt = pb.compute_dtype
     out = xp.zeros((B, Hq, N, Dv), dtype=pb.dtype)
     lse = xp.full((B, Hq, N), -np.inf, dtype=pb.lse_dtype) if pb.want_lse else None
     weights = xp.zeros((B, Hq, N, M), dtype=pb.dtype) if pb.return_weights else None
-    todo = list(blocks(pb, block_bytes))
+    todo = list(blocks(pb, block_bytes, cache_bytes))
     if not todo:
         return out, lse, weights
     buf = None
@@ -228,7 +260,15 @@ def forward(
 
 
 def backward(
-    pb: Problem, xp: Any, out: Array, lse: Array, grad_out: Array, *, block_bytes: int, dropout: DropoutFn
+    pb: Problem,
+    xp: Any,
+    out: Array,
+    lse: Array,
+    grad_out: Array,
+    *,
+    block_bytes: int,
+    dropout: DropoutFn,
+    cache_bytes: int | None = None,
 ) -> tuple[Array, Array, Array]:
     """``(dq, dk, dv)`` of the backend contract, recomputing probabilities block by block.
 
@@ -236,7 +276,7 @@ def backward(
     included), which is what lets the backward skip storing P. dK/dV of
     grouped-query heads are summed over the ``G*rows`` axis of each block.
     The backward keeps about three score-sized temporaries alive, so it uses a
-    third of ``block_bytes`` per block.
+    third of ``block_bytes`` (and of ``cache_bytes``) per block.
     """
     B, Hq, Hkv, G, N, M, D, Dv = pb.batch, pb.q_heads, pb.kv_heads, pb.group, pb.n, pb.m, pb.d, pb.dv
     cdt = pb.compute_dtype
@@ -248,7 +288,8 @@ def backward(
     lse_safe = xp.where(lse == -np.inf, np.inf, lse).astype(cdt)
     scale = cdt.type(pb.scale)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        for b0, b1, i0, i1 in blocks(pb, max(block_bytes // 3, 1)):
+        cache = None if cache_bytes is None else max(cache_bytes // 3, 1)
+        for b0, b1, i0, i1 in blocks(pb, max(block_bytes // 3, 1), cache):
             j0, j1 = pb.key_range(i0, i1)
             if j1 <= j0:
                 continue

@@ -3,9 +3,10 @@
 Every feature of the public API, forward and VJP, for float16 (computed in
 float32), float32 and float64. It runs the blockwise algorithm of
 :mod:`selfattn.backends._blockwise` (shared with the CuPy backend) with
-NumPy's CPU shortcuts switched on: temporary memory stays near
+NumPy's CPU shortcuts switched on: temporary memory stays below
 ``block_bytes`` (32 MiB by default) whatever N and M are, unless the caller
-asks for the full weights; all query heads of a block run as one batched
+asks for the full weights, and blocks aim at ``cache_bytes`` (2 MiB) so the
+softmax between the two products runs from cache; all query heads of a block run as one batched
 matmul, grouped-query heads share their key/value head without copying K or
 V; keys that causal/window masking excludes for a whole row block are sliced
 away before the matmul. Dropout multipliers come from
@@ -47,9 +48,12 @@ class NumpyBackend(Backend):
     priority = 100
     capabilities = Capabilities(array_type="numpy", features=frozenset(FEATURES))
 
-    def __init__(self, block_bytes: int = 32 * 2**20) -> None:
-        #: Budget for one block's score tile, in bytes (the backward uses a third of it per block).
+    def __init__(self, block_bytes: int = 32 * 2**20, cache_bytes: int | None = 2 * 2**20) -> None:
+        #: Most bytes one block's score tile may take (the backward uses a third of it per block).
         self.block_bytes = int(block_bytes)
+        #: Tile size to aim for so the softmax between the products runs from cache (None: fill
+        #: ``block_bytes``); blocks keep at least 256 query rows. See ``_blockwise.row_block``.
+        self.cache_bytes = None if cache_bytes is None else int(cache_bytes)
         self.version = np.__version__
 
     def info(self) -> dict[str, Any]:
@@ -64,6 +68,7 @@ class NumpyBackend(Backend):
             problem,
             np,
             block_bytes=self.block_bytes,
+            cache_bytes=self.cache_bytes,
             dropout=dropout_multipliers,
             shift_free_ok=big,
             ones_column=big,
@@ -74,7 +79,16 @@ class NumpyBackend(Backend):
         self, problem: Problem, out: np.ndarray, lse: np.ndarray, grad_out: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         run = _blockwise.backward_varlen if problem.is_varlen else _blockwise.backward
-        return run(problem, np, out, lse, grad_out, block_bytes=self.block_bytes, dropout=dropout_multipliers)
+        return run(
+            problem,
+            np,
+            out,
+            lse,
+            grad_out,
+            block_bytes=self.block_bytes,
+            cache_bytes=self.cache_bytes,
+            dropout=dropout_multipliers,
+        )
 
 
 #: The instance the dispatcher registers.

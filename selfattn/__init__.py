@@ -20,7 +20,7 @@ from ._api import (
     scaled_dot_product_attention_varlen_vjp,
     scaled_dot_product_attention_vjp,
 )
-from ._capabilities import DTYPES, FEATURES, Capabilities
+from ._capabilities import DTYPES, FEATURES, Capabilities, WorkRange
 from ._dispatch import BackendRecord, Explanation, get_backend, list_backends, set_backend, use_backend
 from ._errors import (
     BackendNotFoundError,
@@ -59,6 +59,7 @@ __all__ = [
     "Explanation",
     "Backend",
     "Capabilities",
+    "WorkRange",
     "FEATURES",
     "DTYPES",
     "SelfAttnError",

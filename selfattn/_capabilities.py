@@ -15,6 +15,7 @@ declaration drives
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from ._problem import Problem
 
-__all__ = ["FEATURES", "DTYPES", "Capabilities", "required_features"]
+__all__ = ["FEATURES", "DTYPES", "Capabilities", "WorkRange", "required_features"]
 
 #: Every optional feature of the public API, with what it means.
 FEATURES: Mapping[str, str] = {
@@ -46,6 +47,66 @@ DTYPES = ("float16", "float32", "float64")
 
 
 @dataclass(frozen=True)
+class WorkRange:
+    """Where a backend pays off, as data: automatic selection passes it over for calls outside.
+
+    A call is inside when any one of the rules holds (each rule left at its
+    default never holds, except ``min_flops = 0``, which takes everything):
+
+    * ``min_flops``: at least this many forward FLOPs (``Problem.flops``);
+    * ``min_flops_many_heads``: at least this many FLOPs when the call has at
+      least ``many_heads`` (batch x query head) problems of more than
+      ``decode_rows`` query rows each (many small heads, where a backend that
+      works head by head pays per head);
+    * ``min_keys_decode``: decode-like calls (at most ``decode_rows`` query rows)
+      with at least this many keys.
+
+    The numbers are measurements of one kind of machine, not laws: the Numba
+    backend's come from ``tools/crossover.py`` (see the README's Performance
+    section). An explicit choice (``backend=``, ``use_backend``,
+    ``set_backend``) ignores the work range.
+    """
+
+    min_flops: float = 0.0
+    min_flops_many_heads: float = math.inf
+    many_heads: int = 0
+    min_keys_decode: float = math.inf
+    decode_rows: int = 16
+
+    def covers(self, problem: Problem) -> bool:
+        """Whether ``problem`` is inside the range (cheap: it runs on every automatic call)."""
+        flops = problem.flops
+        if flops >= self.min_flops:
+            return True
+        qs = problem.query.shape  # (B, Hq, N, D)
+        if qs[2] <= self.decode_rows and problem.cu_seqlens_q is None:  # decode-like
+            return problem.key.shape[2] >= self.min_keys_decode
+        return flops >= self.min_flops_many_heads and qs[0] * qs[1] >= self.many_heads
+
+    def outside(self, problem: Problem) -> str | None:
+        """Why ``problem`` is outside the range (``"small problem (...)"``), or None when it is inside."""
+        if self.covers(problem):
+            return None
+        flops = problem.flops
+        decode = problem.n <= self.decode_rows and not problem.is_varlen
+        why = f"{flops:.3g} FLOP < {self.min_flops:.3g}"
+        if not decode and math.isfinite(self.min_flops_many_heads):
+            why += f", and not {self.many_heads}+ heads with {self.min_flops_many_heads:.3g}+ FLOP"
+        if decode and math.isfinite(self.min_keys_decode):
+            why += f", and a decode-like call with {problem.m} < {self.min_keys_decode:.0f} keys"
+        return f"small problem ({why}: the work range it declares, below which a later backend is faster)"
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "min_flops": self.min_flops,
+            "min_flops_many_heads": self.min_flops_many_heads,
+            "many_heads": self.many_heads,
+            "min_keys_decode": self.min_keys_decode,
+            "decode_rows": self.decode_rows,
+        }
+
+
+@dataclass(frozen=True)
 class Capabilities:
     """What one backend can do.
 
@@ -62,11 +123,14 @@ class Capabilities:
         Optional reason for each missing feature or dtype, shown in errors and in
         the support table.
     min_flops:
-        The work range where the backend pays off, as data: automatic selection
-        passes it over for calls of fewer forward FLOPs (``Problem.flops``)
-        when a later backend can run the call (e.g. a JIT backend whose thread
-        hand-off costs more than a tiny call). 0 means always. An explicit
-        choice (``backend=``, ``use_backend``, ``set_backend``) ignores it.
+        The simplest work range: automatic selection passes the backend over
+        for calls of fewer forward FLOPs (``Problem.flops``) when a later
+        backend can run the call (e.g. a JIT backend whose thread hand-off
+        costs more than a tiny call). 0 means always. An explicit choice
+        (``backend=``, ``use_backend``, ``set_backend``) ignores it.
+    work_range:
+        A richer :class:`WorkRange` (several rules); when given, it replaces
+        ``min_flops``.
     """
 
     array_type: str
@@ -74,6 +138,12 @@ class Capabilities:
     features: frozenset[str] = frozenset(FEATURES)
     notes: Mapping[str, str] = field(default_factory=dict)
     min_flops: float = 0.0
+    work_range: WorkRange | None = None
+
+    @property
+    def pays_off(self) -> WorkRange:
+        """The work range automatic selection applies: ``work_range``, else ``WorkRange(min_flops)``."""
+        return self.work_range if self.work_range is not None else WorkRange(min_flops=self.min_flops)
 
     def __post_init__(self) -> None:
         unknown = set(self.features) - set(FEATURES)
@@ -106,6 +176,7 @@ class Capabilities:
             "features": sorted(self.features, key=list(FEATURES).index),
             "notes": dict(self.notes),
             "min_flops": self.min_flops,
+            "work_range": self.pays_off.as_dict(),
         }
 
 

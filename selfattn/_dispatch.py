@@ -8,9 +8,9 @@ Selection precedence for a call (first match wins):
 3. ``selfattn.set_backend(name)``, else the ``SELFATTN_BACKEND`` environment
    variable;
 4. automatic: the first backend, by ascending priority (cupy 10, numba 20,
-   numpy 100, plugins 200 unless they say otherwise), that consumes this array
+   dask 30, numpy 100, plugins 200 unless they say otherwise), that consumes this array
    type, is available, declares every capability the call needs, and whose
-   declared work range (``Capabilities.min_flops``) holds the call's size --
+   declared work range (``Capabilities.min_flops`` / ``work_range``) holds the call's size --
    a smaller call goes to the next such backend (NumPy for a toy call: no
    JIT compile, no thread hand-off). The last able backend takes any size.
 
@@ -316,13 +316,8 @@ def get_backend(name: str) -> Backend:
 
 
 def _small(problem: Problem, caps: Capabilities) -> str | None:
-    """Why ``problem`` is below the work range ``caps`` declares (None when it is inside)."""
-    if problem.flops >= caps.min_flops:
-        return None
-    return (
-        f"small problem ({problem.flops:.3g} FLOP < {caps.min_flops:.3g}, the work range it declares: "
-        "below it a later backend is faster)"
-    )
+    """Why ``problem`` is outside the work range ``caps`` declares (None when it is inside)."""
+    return caps.pays_off.outside(problem)
 
 
 def select(
@@ -422,14 +417,13 @@ def select(
 def _by_size(problem: Problem, eligible: Sequence[Backend]) -> Backend:
     """The first eligible backend whose declared work range holds the problem.
 
-    A backend declares (``Capabilities.min_flops``) the smallest call where it
-    pays off; below it a later backend runs the call -- e.g. NumPy instead of a
-    JIT backend whose thread hand-off and compile cost more than a tiny call.
+    A backend declares (``Capabilities.min_flops`` or ``work_range``) where it
+    pays off; outside it a later backend runs the call -- e.g. NumPy instead of
+    a JIT backend whose thread hand-off and compile cost more than a tiny call.
     The last eligible backend always takes what no earlier one wants.
     """
-    flops = problem.flops
     for backend in eligible:
-        if flops >= backend.capabilities.min_flops:
+        if backend.capabilities.pays_off.covers(problem):
             return backend
     return eligible[-1]
 

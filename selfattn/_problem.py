@@ -317,10 +317,11 @@ class Problem:
 
         Counted before band skipping.
         """
+        qs, vs = self.query.shape, self.value.shape  # shapes read once: this runs on every automatic call
         if self.cu_seqlens_q is not None and self.cu_seqlens_k is not None:
             nm = float(np.dot(np.diff(self.cu_seqlens_q).astype(np.float64), np.diff(self.cu_seqlens_k)))
-            return 2.0 * self.q_heads * nm * (self.d + self.dv)
-        return 2.0 * self.batch * self.q_heads * self.n * self.m * (self.d + self.dv)
+            return 2.0 * qs[1] * nm * (qs[3] + vs[3])
+        return 2.0 * qs[0] * qs[1] * qs[2] * vs[2] * (qs[3] + vs[3])
 
     @property
     def is_varlen(self) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import os
 import sys
@@ -316,6 +317,52 @@ def test_runner_plot_option_writes_png(tmp_path, capsys):
     assert f"wrote {png}" in capsys.readouterr().out
 
 
+def test_runner_features_section(tmp_path, capsys):
+    """--features: per backend, packed varlen vs padded and softcap/ALiBi vs plain, relative to the reference row."""
+    out = tmp_path / "f.json"
+    argv = ["--tiny", "--repeat", "2", "--pause", "0", "--no-progress", "--backends", "numpy", "--no-pipeline"]
+    argv += ["--shapes", "tiny-prefill", "--features", "--json", str(out)]
+    if importlib.util.find_spec("matplotlib") is not None:
+        argv += ["--plot", str(tmp_path / "f.png")]
+    assert runner.main(argv) == 0
+    text = capsys.readouterr().out
+    assert "[features]" in text and "Feature rows (--features)" in text
+    data = json.loads(out.read_text())
+    feats = [r for r in data["results"] if r["section"] == "features"]
+    assert [r["backend"] for r in feats] == [
+        "numpy packed",
+        "numpy padded",
+        "numpy plain",
+        "numpy softcap",
+        "numpy alibi",
+        "numpy softcap+alibi",
+    ]
+    by = {r["backend"]: r for r in feats}
+    # "vs best" is relative to the group's reference row, which is therefore exactly 1
+    assert by["numpy padded"]["vs_best"] == by["numpy plain"]["vs_best"] == 1.0
+    assert by["numpy packed"]["vs_best"] == pytest.approx(
+        by["numpy packed"]["median_s"] / by["numpy padded"]["median_s"]
+    )
+    vs = shapes.VARLEN_TINY
+    assert by["numpy packed"]["kind"] == "varlen" and by["numpy packed"]["causal"] is True
+    assert by["numpy packed"]["gflops"] == pytest.approx(vs.flops() / by["numpy packed"]["median_s"] / 1e9)
+    assert by["numpy softcap"]["kind"] == "logits" and "max_abs_diff" in by["numpy softcap"]
+    assert all(r["agrees"] is None for r in feats)  # variants compute different things: not compared
+    if "--plot" in argv:
+        assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_varlen_set_lengths_are_skewed_and_deterministic():
+    vs = shapes.VARLEN
+    lens = vs.lengths()
+    assert len(lens) == 32 and lens.min() >= 64 and lens.max() == 4096
+    assert np.array_equal(lens, vs.lengths())
+    assert np.median(lens) < 1024  # most sequences are short: padding to the longest wastes most of the work
+    cu = vs.cu_seqlens()
+    assert cu[0] == 0 and cu[-1] == lens.sum() and np.all(np.diff(cu) == lens)
+    assert vs.flops(causal=False) == 2 * vs.flops() == 4.0 * vs.heads * vs.d * float((lens.astype(float) ** 2).sum())
+
+
 def test_runner_plot_without_matplotlib(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import raises ImportError
     assert runner.main(["--tiny", "--plot", str(tmp_path / "p.png")]) == 2
@@ -487,3 +534,15 @@ def test_numpy_baseline_prints_the_ratio():
     assert m, res.stdout
     t_be, t_mm, ratio = (float(x) for x in m.groups())
     assert ratio == pytest.approx(t_be / t_mm, rel=0.05, abs=0.01)
+
+
+def test_crossover_quick_rows():
+    """``python tools/crossover.py --quick``: one row per shape with the automatic pick, in both timing modes."""
+    pytest.importorskip("numba", reason="numba is not installed (pip install 'selfattn[numba]')")
+    for extra in ((), ("--layer",)):
+        res = _tool("crossover.py", "--quick", *extra)
+        assert res.returncode == 0, res.stderr
+        rows = [line for line in res.stdout.splitlines() if line.startswith("(") and not line.startswith("(B")]
+        assert len(rows) == 4, res.stdout
+        for row in rows:
+            assert row.split()[-1] in ("numpy", "numba"), row

@@ -498,7 +498,7 @@ def test_pair_tasks_pick_the_backend_by_the_pairs_own_size():
     small = _dask_tasks.problem(pair, *_qkv(1, 1, 1, 4, 4, 4), None, None)
     assert _dask_tasks.inner_backend(small, None).name == "numpy"
     if any(r.name == "numba" and r.available for r in selfattn.list_backends()):
-        large = _dask_tasks.problem(pair, *_qkv(1, 4, 4, 256, 256, 64), None, None)
+        large = _dask_tasks.problem(pair, *_qkv(1, 8, 8, 1024, 1024, 64), None, None)
         assert _dask_tasks.inner_backend(large, None).name == "numba"
 
 

@@ -30,13 +30,13 @@ def auto_numpy_backend(q=Q):
     """What automatic selection picks for plain float32 NumPy inputs of ``q``'s size.
 
     The first available NumPy-array backend whose declared work range holds the
-    call (``Capabilities.min_flops``), else the last able one.
+    call (``Capabilities.pays_off``), else the last able one.
     """
     from selfattn._problem import normalize
 
-    flops = normalize(q, q, q).flops
+    pb = normalize(q, q, q)
     able = [r for r in selfattn.list_backends() if r.available and r.capabilities.array_type == "numpy"]
-    return next((r.name for r in able if flops >= r.capabilities.min_flops), able[-1].name)
+    return next((r.name for r in able if r.capabilities.pays_off.outside(pb) is None), able[-1].name)
 
 
 @pytest.fixture(autouse=True)
@@ -262,10 +262,63 @@ def numba_work_range(monkeypatch):
     if not recs["numba"].available:
         pytest.skip("numba is not installed")
     be = selfattn.get_backend("numba")
-    monkeypatch.setattr(be, "capabilities", dataclasses.replace(be.capabilities, min_flops=1e6))
+    monkeypatch.setattr(be, "capabilities", dataclasses.replace(be.capabilities, min_flops=1e6, work_range=None))
     registry._cache.clear()
     yield be
     registry._cache.clear()
+
+
+@pytest.fixture
+def numba_rich_range(monkeypatch):
+    """Give the numba backend a WorkRange with every rule, small numbers, for the test."""
+    import dataclasses
+
+    recs = {r.name: r for r in selfattn.list_backends()}
+    if not recs["numba"].available:
+        pytest.skip("numba is not installed")
+    be = selfattn.get_backend("numba")
+    wr = selfattn.WorkRange(min_flops=1e7, min_flops_many_heads=1e5, many_heads=16, min_keys_decode=512, decode_rows=4)
+    monkeypatch.setattr(be, "capabilities", dataclasses.replace(be.capabilities, work_range=wr))
+    registry._cache.clear()
+    yield wr
+    registry._cache.clear()
+
+
+def test_work_range_rules(numba_rich_range):
+    z = np.zeros
+    # few heads, below min_flops: numpy; the same work in many heads: numba
+    few = z((1, 2, 64, 16), np.float32)  # 2*2*64*64*32 = 524288 FLOPs
+    many = z((16, 1, 20, 16), np.float32)  # 16 heads: 2*16*20*20*32 = 409600 FLOPs
+    assert selfattn.explain(few, few, few).backend == "numpy"
+    assert selfattn.explain(many, many, many).backend == "numba"
+    tiny_many = z((16, 1, 2, 16), np.float32)[:, :, :, :]  # 16 heads but decode-like rows: not the heads rule
+    assert selfattn.explain(tiny_many, tiny_many, tiny_many).backend == "numpy"
+    # decode-like: by the number of keys
+    q1 = z((1, 2, 1, 16), np.float32)
+    short, long = z((1, 2, 511, 16), np.float32), z((1, 2, 512, 16), np.float32)
+    assert selfattn.explain(q1, short, short).backend == "numpy"
+    assert selfattn.explain(q1, long, long).backend == "numba"
+    ex = selfattn.explain(q1, short, short)
+    assert any("decode-like call with 511 < 512 keys" in line for line in ex.trail), ex.trail
+    # large calls: by FLOPs
+    big = z((1, 2, 400, 16), np.float32)  # 2*2*400*400*32 = 2.05e7
+    assert selfattn.explain(big, big, big).backend == "numba"
+    assert numba_rich_range.outside(normalize_pb(big)) is None
+
+
+def normalize_pb(q):
+    from selfattn._problem import normalize
+
+    return normalize(q, q, q)
+
+
+def test_work_range_defaults_and_min_flops():
+    wr = selfattn.WorkRange()
+    assert wr.outside(normalize_pb(np.zeros((1, 1, 2, 2), np.float32))) is None  # min_flops 0: everything
+    caps = selfattn.Capabilities("numpy", min_flops=1e9)
+    assert caps.pays_off == selfattn.WorkRange(min_flops=1e9)
+    assert "small problem" in caps.pays_off.outside(normalize_pb(np.zeros((1, 1, 8, 8), np.float32)))
+    assert caps.as_dict()["work_range"]["min_flops"] == 1e9
 
 
 def _sized(n):

@@ -25,10 +25,15 @@ def kernel_path(request, monkeypatch):
     The BLAS-tile kernels run with tiny, odd tile sizes here (as stumpy's
     GPU tests shrink threads-per-block), so that the small inputs of these
     tests cross many query-tile and key-block boundaries; their default tile
-    sizes are exercised by ``test_blas_default_tiles``. The knobs are the
-    registered backend instance's attributes (monkeypatch restores them).
+    sizes are exercised by ``test_blas_default_tiles``. The thread thresholds
+    are lowered so that these small inputs run on every thread (the worker
+    pool's hand-off is under test too). The knobs are the registered backend
+    instance's attributes (monkeypatch restores them).
     """
     from selfattn.backends import numba_
+
+    monkeypatch.setattr(numba_.backend, "flops_per_thread", 1e3)
+    monkeypatch.setattr(numba_.backend, "bytes_per_thread", 1e3)
 
     if request.param == "blas":
         if numba_._blas.probe()[0] is None:
@@ -307,13 +312,22 @@ def test_import_does_not_import_numba():
 def test_automatic_selection_prefers_numba_above_its_work_range():
     from selfattn.backends import numba_
 
-    q, k, v = _inputs(np.random.default_rng(14), 1, 8, 8, 256, 256, 64)
-    assert selfattn._problem.normalize(q, k, v).flops >= numba_.MIN_FLOPS
-    assert selfattn.explain(q, k, v).backend == "numba"
-    # a toy call is below the declared work range: NumPy runs it (no compile, no thread hand-off)
-    t = _inputs(np.random.default_rng(14), 1, 2, 2, 8, 8, 4)
-    ex = selfattn.explain(*t)
-    assert ex.backend == "numpy" and any("small problem" in line for line in ex.trail)
+    rng = np.random.default_rng(14)
+    # large prefill, many small heads, long decode: inside the declared work range
+    big = _inputs(rng, 1, 8, 8, 1024, 1024, 64)
+    assert selfattn._problem.normalize(*big).flops >= numba_.MIN_FLOPS
+    many = _inputs(rng, 8, 8, 8, 128, 128, 32)
+    decode = (_inputs(rng, 1, 8, 8, 1, 1, 64)[0], *_inputs(rng, 1, 8, 8, 16384, 16384, 64)[1:])
+    for call in (big, many, decode):
+        assert selfattn.explain(*call).backend == "numba"
+    # a toy call, a few-head mid-size call and a short decode are outside: NumPy runs them
+    for call in (
+        _inputs(rng, 1, 2, 2, 8, 8, 4),
+        _inputs(rng, 1, 4, 4, 256, 256, 64),
+        (_inputs(rng, 1, 8, 8, 1, 1, 64)[0], *_inputs(rng, 1, 8, 8, 2048, 2048, 64)[1:]),
+    ):
+        ex = selfattn.explain(*call)
+        assert ex.backend == "numpy" and any("small problem" in line for line in ex.trail)
 
 
 def test_concurrent_python_threads():

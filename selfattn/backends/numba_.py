@@ -49,23 +49,31 @@ from typing import Any
 
 import numpy as np
 
-from .._capabilities import FEATURES, Capabilities
+from .._capabilities import FEATURES, Capabilities, WorkRange
 from .._problem import Problem, normalize, normalize_varlen
 from ._base import Backend
 from ._numba.args import KernelParams, as3, kernel_params
 from ._numba.pool import run_tasks
 
-__all__ = ["NumbaBackend", "backend", "thread_budget", "FAMILIES", "MIN_FLOPS"]
+__all__ = ["NumbaBackend", "backend", "thread_budget", "FAMILIES", "MIN_FLOPS", "WORK_RANGE"]
 
 _log = logging.getLogger("selfattn")
 
-#: The work range where this backend pays off (``Capabilities.min_flops``): below
-#: it, automatic selection runs NumPy, which needs no compiled kernel and no
-#: thread hand-off. Measured side by side on the 2-core VM (``tools/crossover.py``).
-MIN_FLOPS = 4.0e6
-#: A call gets one more thread per this many forward FLOPs: below ~0.3 ms of
-#: work per thread the hand-off (waking a sleeping worker) costs more than it saves.
-FLOPS_PER_THREAD = 8.0e6
+#: The work range where this backend pays off (``Capabilities.work_range``), measured side by
+#: side against the NumPy backend on a 2-core x86 VM (``tools/crossover.py``; the README's
+#: Performance section has the table). Outside it automatic selection runs NumPy, which needs no
+#: compiled kernel and no thread hand-off and whose batched BLAS products are as fast or faster:
+#: prefill-like calls below ~1e9 FLOPs with few heads, and decode-like calls below 16k keys
+#: (NumPy's matrix-vector products stream K/V at full memory bandwidth). Inside: large calls,
+#: many (>= 32) small heads (NumPy pays per head), long decode (keys split across threads).
+MIN_FLOPS = 1.0e9
+WORK_RANGE = WorkRange(min_flops=MIN_FLOPS, min_flops_many_heads=1.6e7, many_heads=32, min_keys_decode=16384)
+#: Default thread thresholds (instance attributes ``flops_per_thread`` / ``bytes_per_thread``):
+#: one more thread per this much work. Measured: below ~5 ms of single-thread work a second
+#: thread did not pay for waking it (and the BLAS-tile kernels scale poorly on small tiles).
+FLOPS_PER_THREAD = 2.5e8
+#: Decode-like calls (memory-bound) get one more thread per this many bytes of K and V.
+BYTES_PER_THREAD = 32 * 2**20
 #: The BLAS-tile kernels run from this much work (B*Hq*N*M*D) and this many query
 #: rows; below, the fused ones win (per-call BLAS overhead, thin products).
 GEMM_MIN_WORK = 1 << 24
@@ -273,12 +281,14 @@ class NumbaBackend(Backend):
     :meth:`plan`), ``"fused"`` or ``"blas"``. ``fused_tiles`` (query rows,
     keys) and ``blas_tiles`` (forward rows, forward keys, backward rows,
     backward keys) are the tile sizes, run-time arguments of the kernels
-    (tests shrink them so small inputs cross many tiles).
+    (tests shrink them so small inputs cross many tiles). ``flops_per_thread``
+    and ``bytes_per_thread`` set how much work (FLOPs; K/V bytes for decode-like
+    calls) earns one more thread (tests lower them to exercise the pool).
     """
 
     name = "numba"
     priority = 20
-    capabilities = Capabilities(array_type="numpy", features=frozenset(FEATURES), min_flops=MIN_FLOPS)
+    capabilities = Capabilities(array_type="numpy", features=frozenset(FEATURES), work_range=WORK_RANGE)
 
     def __init__(
         self,
@@ -291,6 +301,8 @@ class NumbaBackend(Backend):
         self.kernels = kernels
         self.fused_tiles = tuple(int(x) for x in fused_tiles)
         self.blas_tiles = tuple(int(x) for x in blas_tiles)
+        self.flops_per_thread = FLOPS_PER_THREAD
+        self.bytes_per_thread = BYTES_PER_THREAD
         self._version: str | None = None
 
     @property
@@ -338,10 +350,19 @@ class NumbaBackend(Backend):
         want = (4 * nthreads + tiles - 1) // tiles
         return int(max(1, min(want, pb.m // (2 * bc), 64)))
 
-    @staticmethod
-    def _threads_for(pb: Problem) -> int:
-        """Threads for this call: Numba's count, the budget, and one per FLOPS_PER_THREAD of work."""
-        return max(1, min(_numba_threads(), int(pb.flops // FLOPS_PER_THREAD)))
+    def _threads_for(self, pb: Problem, work: float = 1.0) -> int:
+        """Threads for this call: Numba's count, the budget, and one per unit of work.
+
+        ``work`` scales the FLOPs (the backward does about 3x the forward's).
+        Decode-like calls (at most ``WORK_RANGE.decode_rows`` query rows) are
+        memory-bound: one thread per ``bytes_per_thread`` of K and V instead.
+        """
+        if pb.n <= WORK_RANGE.decode_rows and not pb.is_varlen:
+            kv = pb.batch * pb.kv_heads * pb.m * (pb.d + pb.dv) * pb.compute_dtype.itemsize
+            want = work * kv / self.bytes_per_thread
+        else:
+            want = work * pb.flops / self.flops_per_thread
+        return max(1, min(_numba_threads(), int(want)))
 
     def plan(self, pb: Problem) -> str:
         """One line: which kernel family and how many threads this call would use (for ``explain``)."""
@@ -487,7 +508,7 @@ class NumbaBackend(Backend):
         P = kernel_params(pb)
         br, bc = self.fused_tiles
         seq, first = self._varlen_tiles(pb.cu_seqlens_k, bc)
-        nthreads = max(1, min(_numba_threads(), int(3 * pb.flops // FLOPS_PER_THREAD)))
+        nthreads = self._threads_for(pb, work=3.0)
         nchunk = 1 if Hkv >= 2 * nthreads else max(1, min(len(seq), (2 * nthreads + Hkv - 1) // Hkv))
         dq_acc = np.zeros((nchunk, Hq, N, D), cdt)
         dk3 = np.zeros_like(k3)
@@ -542,7 +563,7 @@ class NumbaBackend(Backend):
         lse3 = np.asarray(lse, dtype=cdt).reshape(B * Hq, N)
         lse3 = np.where(lse3 == -np.inf, np.inf, lse3).astype(cdt)
         P = kernel_params(pb)
-        nthreads = max(1, min(_numba_threads(), int(3 * pb.flops // FLOPS_PER_THREAD)))
+        nthreads = self._threads_for(pb, work=3.0)
         blas = self._use_blas(pb)
         if blas:
             _, _, rows, block = self.blas_tiles

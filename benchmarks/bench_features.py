@@ -1,7 +1,8 @@
 """Packed variable-length batches against padding, and the cost of soft-capping and ALiBi.
 
-* ``Varlen``: 32 sequences with lengths drawn once from a skewed (log-normal)
-  distribution clipped to 64-4096 tokens, 4 heads, D = 64, float32, causal:
+* ``Varlen``: ``selfattn._bench.shapes.VARLEN`` -- 32 sequences with lengths drawn once from a skewed
+  (log-normal) distribution clipped to 64-4096 tokens, 4 heads, D = 64, float32, causal (the same set as
+  ``python -m selfattn bench --features``):
   the packed call (``scaled_dot_product_attention_varlen``) against the
   padded call (B = 32, N = M = the longest, key-padding mask). Time and peak
   memory. The padded call does ``32·max N²`` work, the packed one ``Σ Nᵦ²``.
@@ -16,28 +17,23 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._compat import backend_names, require_backend
+from ._compat import backend_names, require_backend, shapes
 
 _VARLEN: dict = {}
 _WARM: set = set()
 
 
-def varlen_lengths(count: int = 32, lo: int = 64, hi: int = 4096, seed: int = 0) -> np.ndarray:
-    """Skewed sequence lengths: log-normal (median ~500) clipped to ``[lo, hi]``, the longest set to ``hi``."""
-    rng = np.random.default_rng(seed)
-    lens = np.clip(rng.lognormal(mean=np.log(500), sigma=1.0, size=count), lo, hi).astype(np.int64)
-    lens[int(np.argmax(lens))] = hi
-    return lens
-
-
-def _varlen_inputs(heads: int = 4, d: int = 64):
+def _varlen_inputs():
+    """Packed ``(q, k, v, cu)`` and padded ``(qp, kp, vp, key_mask)`` of ``shapes.VARLEN`` (built once)."""
     if "inputs" not in _VARLEN:
-        lens = varlen_lengths()
-        cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+        vs = getattr(shapes, "VARLEN", None)
+        if vs is None:  # a commit whose shapes module predates the varlen set
+            raise NotImplementedError("shapes.VARLEN is not defined at this commit")
+        lens, cu = vs.lengths(), vs.cu_seqlens()
         total, longest = int(cu[-1]), int(lens.max())
         rng = np.random.default_rng(1)
-        q, k, v = (rng.standard_normal((heads, total, d), dtype=np.float32) for _ in range(3))
-        qp, kp, vp = (np.zeros((len(lens), heads, longest, d), np.float32) for _ in range(3))
+        q, k, v = (rng.standard_normal((vs.heads, total, vs.d), dtype=np.float32) for _ in range(3))
+        qp, kp, vp = (np.zeros((len(lens), vs.heads, longest, vs.d), np.float32) for _ in range(3))
         for b in range(len(lens)):
             for dst, src in ((qp, q), (kp, k), (vp, v)):
                 dst[b, :, : lens[b]] = src[:, cu[b] : cu[b + 1]]

@@ -12,6 +12,12 @@ Two sections:
   :class:`selfattn.nn.TransformerEncoderLayer` forwards at tutorial sizes and a
   toy attention call, timed back to back with no pause, as a user's loop runs
   them (the layer's own NumPy matrix products, then attention).
+* **features** (``--features``) -- a packed variable-length batch
+  (:func:`selfattn.scaled_dot_product_attention_varlen`, 32 skewed sequences)
+  against the same batch padded with a key mask, and plain attention against
+  ``softcap``, ALiBi and both, per backend that declares them. Rows are
+  ``BACKEND VARIANT``; "vs best" is relative to the group's reference row
+  (``padded``, ``plain``) instead of the fastest one.
 
 Every row reports the median and the interquartile range of its timed calls,
 GFLOP/s and the ratio to this machine's ``numpy.matmul`` (measured at the
@@ -162,6 +168,69 @@ def _select(args) -> tuple[list, list]:
     return attention, ([] if args.no_pipeline else pipeline)
 
 
+class _NoPick:
+    """Stands in for an :class:`~selfattn.Explanation` where a group compares variants, not backends."""
+
+    backend = None
+    error = None
+
+
+def _feature_groups(backends, args) -> list[tuple[dict, list, float, str]]:
+    """``(base row, candidates, flops, reference label)`` per feature group: varlen vs padded, logit options.
+
+    One group per backend (NumPy-array backends; the packed call takes NumPy
+    arrays) and feature, so the reference row is that backend's own plain call.
+    """
+    import selfattn
+
+    groups: list[tuple[dict, list, float, str]] = []
+    vs = _shapes.VARLEN_TINY if args.tiny else (_shapes.VARLEN_QUICK if args.quick else _shapes.VARLEN)
+    lens, cu = vs.lengths(), vs.cu_seqlens()
+    total, longest = int(cu[-1]), int(lens.max())
+    rng = np.random.default_rng(1)
+    q, k, v = (rng.standard_normal((vs.heads, total, vs.d), dtype=np.float32).astype(args.dtype) for _ in range(3))
+    padded = [np.zeros((len(lens), vs.heads, longest, vs.d), args.dtype) for _ in range(3)]
+    for b in range(len(lens)):
+        for dst, src in zip(padded, (q, k, v), strict=True):
+            dst[b, :, : lens[b]] = src[:, cu[b] : cu[b + 1]]
+    key_mask = (np.arange(longest)[None, :] < lens[:, None])[:, None, None, :]
+    logits = _shapes.LOGITS_TINY if args.tiny else (_shapes.LOGITS_QUICK if args.quick else _shapes.LOGITS)
+    lq, lk, lv = _shapes.make_inputs(logits, args.dtype)
+    slopes = (2.0 ** -np.arange(1, logits.heads + 1)).astype(np.float32)  # ALiBi's geometric slopes
+    variants: dict[str, dict[str, Any]] = {"plain": {}, "softcap": {"softcap": 30.0}, "alibi": {"alibi_slopes": slopes}}
+    variants["softcap+alibi"] = {**variants["softcap"], **variants["alibi"]}
+    for rec in backends:
+        caps = rec.capabilities
+        if getattr(caps, "array_type", "numpy") != "numpy":
+            continue
+        name = rec.name
+        if {"varlen", "bool_mask", "causal"} <= set(caps.features):
+
+            def packed(name=name):
+                return selfattn.scaled_dot_product_attention_varlen(q, k, v, cu, cu, causal=True, backend=name)
+
+            def pad(name=name):
+                qp, kp, vp = padded
+                return selfattn.scaled_dot_product_attention(qp, kp, vp, mask=key_mask, causal=True, backend=name)
+
+            cands = [_Candidate(f"{name} packed", packed, np.asarray, True)]
+            cands.append(_Candidate(f"{name} padded", pad, np.asarray, True))
+            base = {"section": "features", "shape": f"{vs.name} {name}", "kind": "varlen", "dims": vs.label}
+            groups.append((base, cands, vs.flops(causal=True), f"{name} padded"))
+        usable = [lab for lab in variants if all(f in caps.features for f in lab.split("+") if f != "plain")]
+        if len(usable) > 1:
+            cands = []
+            for lab in usable:
+
+                def call(name=name, kw=variants[lab]):
+                    return selfattn.scaled_dot_product_attention(lq, lk, lv, backend=name, **kw)
+
+                cands.append(_Candidate(f"{name} {lab}", call, np.asarray, True))
+            base = {"section": "features", "shape": f"{logits.name} {name}", "kind": "logits", "dims": logits.label}
+            groups.append((base, cands, logits.flops(), f"{name} plain"))
+    return groups
+
+
 @dataclass
 class _Candidate:
     """One row of a group: a backend (or the automatic choice) and its zero-argument call."""
@@ -250,12 +319,14 @@ def _rounds_for(budget: float | None, round_s: float, rounds: tuple[int, int]) -
     return max(lo, min(hi, int(budget / round_s)))
 
 
-def _measure_group(cands, explanation, base_row, flops, rounds, pause, ceiling, tol, tick, budget=None):
+def _measure_group(cands, explanation, base_row, flops, rounds, pause, ceiling, tol, tick, budget=None, reference=None):
     """First calls, agreement with numpy, interleaved timing and peak memory of one group; returns its rows.
 
     ``rounds`` is ``(fewest, most)``; with ``budget`` (seconds) the group gets as
     many rounds as fit in it, judged from one warm-up call of each candidate,
     else the most. ``tick(n)`` advances the progress bar (``most + 1`` per candidate).
+    ``reference`` (a candidate label): "vs best" is relative to that row instead
+    of the fastest, and results are not compared with a ``numpy`` row.
     """
     most = rounds[1]
     pick = explanation.backend
@@ -279,7 +350,7 @@ def _measure_group(cands, explanation, base_row, flops, rounds, pause, ceiling, 
             rows.append(row)
             tick(most + 1)
             continue
-        if cand.label == "numpy":
+        if cand.label == "numpy" and reference is None:
             ref = result
         if ref is None or cand.label == "numpy":
             row["max_abs_diff"], row["agrees"] = None, None
@@ -324,6 +395,8 @@ def _measure_group(cands, explanation, base_row, flops, rounds, pause, ceiling, 
             row["ratio_to_matmul"] = row["gflops"] / ceiling
         named = [r["median_s"] for c, r in ok if c.label != _AUTO]
         best = min(named) if named else None
+        if reference is not None:
+            best = next((r["median_s"] for c, r in ok if c.label == reference), None)
         for _, row in ok:
             row["vs_best"] = row["median_s"] / best if best else None
     return rows
@@ -376,9 +449,11 @@ def run(args, out: TextIO | None = None) -> dict:
     # machine would otherwise take minutes)
     pipe_rounds = (max(3, args.repeat // 3), 3 * args.repeat)
     pipe_budget = 1.5 if (args.quick or args.tiny) else 4.0
+    features = _feature_groups(backends, args) if args.features else []
     total = len(attention) * (len(backends) + 1) * (args.repeat + 1) + len(pipeline) * (len(layer_backends) + 1) * (
         pipe_rounds[1] + 1
     )
+    total += sum(len(cands) for _, cands, _, _ in features) * (args.repeat + 1)
     tol = TOLERANCE[args.dtype]
 
     rows = []
@@ -430,6 +505,21 @@ def run(args, out: TextIO | None = None) -> dict:
             advance(0, f"pipeline {step.name}")
             rows += _measure_group(
                 cands, expl, base, step.flops(args.causal), pipe_rounds, 0.0, ceiling, tol, advance, budget=pipe_budget
+            )
+        for base, cands, flops, reference in features:
+            advance(0, f"features {base['shape']}")
+            base = dict(base, dtype=args.dtype, causal=base["kind"] == "varlen")
+            rows += _measure_group(
+                cands,
+                _NoPick(),
+                base,
+                flops,
+                (args.repeat, args.repeat),
+                args.pause,
+                ceiling,
+                tol,
+                advance,
+                reference=reference,
             )
 
     timed = [r for r in rows if r["backend"] == _AUTO and r.get("vs_best") is not None]
@@ -592,7 +682,15 @@ def _legend(report: dict) -> list[str]:
         f"  Pipeline rows: {m['pipeline_rounds'][0]}-{m['pipeline_rounds'][1]} rounds (as many as fit in about "
         f"{m['pipeline_budget_s']:g} s per row group), back to back, no pause, as a user's loop runs them (the "
         "layer's own NumPy matrix products, then attention).",
-    ]
+    ] + (
+        [
+            "  Feature rows (--features): timed like attention rows; 'vs best' is relative to the group's reference "
+            "row (BACKEND padded, BACKEND plain); GFLOP/s counts useful work only (varlen: 4·H·D·sum(N_b^2)/2, "
+            "causal) for both layouts."
+        ]
+        if any(r["section"] == "features" for r in report["results"])
+        else []
+    )
 
 
 def _summary(report: dict) -> list[str]:
@@ -643,7 +741,7 @@ def render(report: dict, out: TextIO | None = None, fancy: bool | None = None) -
             file=buf, highlight=False, soft_wrap=False, width=400, no_color=True, force_terminal=False, emoji=False
         )
     console.print(_header(report), markup=False)
-    for section in ("attention", "pipeline"):
+    for section in ("attention", "pipeline", "features"):
         rows = [r for r in report["results"] if r["section"] == section]
         if not rows:
             continue
@@ -681,6 +779,8 @@ _FAMILY_TITLES = {
     "gqa": "GQA (grouped K/V heads)",
     "long": "long sequences",
     "pipeline": "pipeline (layers, toy)",
+    "varlen": "packed variable-length batch vs padded (useful GFLOP/s)",
+    "logits": "softcap / ALiBi vs plain",
 }
 
 
@@ -703,10 +803,15 @@ def plot(report: dict, path: str) -> list[str]:
     families += sorted({r["kind"] for r in timed} - set(families))
     if not families:
         raise ValueError("nothing was timed: no panel to draw")
-    labels = report["backends"] + [_AUTO]
-    colors = {name: f"C{i}" for i, name in enumerate(labels)}
+
+    def series(row: dict) -> str:
+        """The bar's legend entry: the backend, or for feature rows ('numba packed') the variant."""
+        return row["backend"].split(" ", 1)[1] if row.get("section") == "features" else row["backend"]
+
+    labels = list(dict.fromkeys([*report["backends"], _AUTO, *(series(r) for r in timed)]))
+    colors = {name: f"C{i % 10}" for i, name in enumerate(labels)}
     groups_of = {fam: list(dict.fromkeys(r["shape"] for r in timed if r["kind"] == fam)) for fam in families}
-    heights = [0.6 + 0.5 * len(labels) * len(groups_of[fam]) / 2 for fam in families]
+    heights = [0.6 + 0.25 * sum(r["kind"] == fam for r in timed) for fam in families]  # rows (bars) per panel
     fig, axes = plt.subplots(
         len(families),
         1,
@@ -716,40 +821,35 @@ def plot(report: dict, path: str) -> list[str]:
         layout="constrained",
     )
     mm = report["machine"]["matmul_gflops"]
-    bar_h = 0.8 / len(labels)
     for ax, fam in zip(axes[:, 0], families, strict=True):
         rows = [r for r in timed if r["kind"] == fam]
         groups = groups_of[fam]
-        for j, name in enumerate(labels):
-            ys, xs, lo, hi = [], [], [], []
-            for g, shape in enumerate(groups):
-                row = next((r for r in rows if r["shape"] == shape and r["backend"] == name), None)
-                if row is None:
-                    continue
+        ticks = []
+        for g, shape in enumerate(groups):
+            members = sorted((r for r in rows if r["shape"] == shape), key=lambda r: labels.index(series(r)))
+            bar_h = 0.8 / len(members)
+            for j, row in enumerate(members):
+                name = series(row)
                 gflop = row["gflops"] * row["median_s"]
-                ys.append(g + (j - (len(labels) - 1) / 2) * bar_h)
-                xs.append(row["gflops"])
                 # the slower quartile gives the lower rate; max() absorbs rounding when a quartile is the median
-                lo.append(max(0.0, row["gflops"] - gflop / row["p75_s"]))
-                hi.append(max(0.0, gflop / row["p25_s"] - row["gflops"]))
-            if ys:
+                lo = max(0.0, row["gflops"] - gflop / row["p75_s"])
+                hi = max(0.0, gflop / row["p25_s"] - row["gflops"])
                 ax.barh(
-                    ys,
-                    xs,
+                    [g + (j - (len(members) - 1) / 2) * bar_h],
+                    [row["gflops"]],
                     bar_h,
-                    xerr=[lo, hi],
+                    xerr=[[lo], [hi]],
                     capsize=2,
                     color=colors[name],
                     label=name,
                     hatch="//" if name == _AUTO else None,
                     edgecolor="black" if name == _AUTO else None,
                 )
-        ticks = []
-        for shape in groups:
-            first = next(r for r in rows if r["shape"] == shape)
-            auto = next((r for r in rows if r["shape"] == shape and r["backend"] == _AUTO), None)
+            first = members[0]
+            auto = next((r for r in members if r["backend"] == _AUTO), None)
             pick = f"\n(auto -> {auto['picks']})" if auto is not None and auto.get("picks") else ""
-            ticks.append(first["dims"].replace(": ", ":\n", 1) + pick)
+            owner = f"\n{first['backend'].split(' ', 1)[0]}" if first.get("section") == "features" else ""
+            ticks.append(first["dims"].replace(": ", ":\n", 1) + owner + pick)
         ax.set_yticks(range(len(groups)))
         ax.set_yticklabels(ticks, fontsize=7)
         ax.invert_yaxis()
@@ -760,8 +860,9 @@ def plot(report: dict, path: str) -> list[str]:
         ax.set_xlabel("GFLOP/s (forward; bar = median, whiskers = IQR)", fontsize=8)
         ax.set_title(_FAMILY_TITLES.get(fam, fam), fontsize=10, loc="left")
         ax.grid(True, axis="x", alpha=0.3)
-    handles, names = axes[0, 0].get_legend_handles_labels()
-    for ax in axes[1:, 0]:  # a family may lack a backend the first one had
+    handles: list = []
+    names: list[str] = []
+    for ax in axes[:, 0]:  # one entry per series, whichever panel draws it first
         for h, n in zip(*ax.get_legend_handles_labels(), strict=True):
             if n not in names:
                 handles.append(h)
@@ -773,7 +874,7 @@ def plot(report: dict, path: str) -> list[str]:
         f"reference (dashed): numpy.matmul {m['matmul_n']}² {m['matmul_dtype']} = {mm:.1f} GFLOP/s",
         fontsize=9,
     )
-    fig.legend(handles, names, loc="outside lower center", ncol=len(names), fontsize=8)
+    fig.legend(handles, names, loc="outside lower center", ncol=min(len(names), 6), fontsize=8)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return families
@@ -789,6 +890,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backends", help="comma-separated backend names (default: all available)")
     p.add_argument("--shapes", help="comma-separated shape or pipeline-step names (see selfattn._bench.shapes)")
     p.add_argument("--no-pipeline", action="store_true", help="skip the pipeline section")
+    p.add_argument(
+        "--features",
+        action="store_true",
+        help="add the features section: packed varlen vs padded, softcap/ALiBi vs plain (slow without --quick)",
+    )
     p.add_argument("--dtype", default="float32", choices=sorted(TOLERANCE))
     p.add_argument("--causal", action="store_true", help="causal attention")
     p.add_argument(

@@ -27,6 +27,13 @@ __all__ = [
     "BENCH_TINY",
     "PIPELINE",
     "PIPELINE_TINY",
+    "Varlen",
+    "VARLEN",
+    "VARLEN_QUICK",
+    "VARLEN_TINY",
+    "LOGITS",
+    "LOGITS_QUICK",
+    "LOGITS_TINY",
     "BY_NAME",
     "get",
     "make_inputs",
@@ -202,6 +209,72 @@ PIPELINE_TINY = (
     Pipeline("tiny-encoder", "encoder", 2, 8, 16, 2, ff=32),
     Pipeline("toy", "attention", 2, 10, 8, 8),
 )
+
+
+@dataclass(frozen=True)
+class Varlen:
+    """A packed variable-length batch: ``count`` sequences of skewed lengths in ``[lo, hi]``, causal self-attention.
+
+    Lengths are log-normal (median ``median`` tokens, sigma 1), clipped to
+    ``[lo, hi]``, drawn once from ``seed``; the longest is set to ``hi`` so the
+    padded layout is always ``count x hi`` -- the usual serving/training mix of
+    many short sequences and a few long ones. Queries, keys and values use
+    ``heads`` heads of width ``d``, heads first (``(heads, total, d)``), as
+    :func:`selfattn.scaled_dot_product_attention_varlen` takes them.
+    """
+
+    name: str
+    count: int
+    lo: int
+    hi: int
+    heads: int = 4
+    d: int = 64
+    median: float = 500.0
+    seed: int = 0
+
+    kind = "varlen"
+
+    def lengths(self):
+        """The sequence lengths, an int64 NumPy array of ``count`` entries."""
+        import numpy as np
+
+        rng = np.random.default_rng(self.seed)
+        lens = np.clip(rng.lognormal(np.log(self.median), 1.0, size=self.count), self.lo, self.hi).astype(np.int64)
+        lens[int(np.argmax(lens))] = self.hi
+        return lens
+
+    def cu_seqlens(self):
+        """``[0, cumsum(lengths)]`` (int64), the ``cu_seqlens`` of the packed call."""
+        import numpy as np
+
+        return np.concatenate([[0], np.cumsum(self.lengths())]).astype(np.int64)
+
+    def flops(self, causal: bool = True) -> float:
+        """Useful forward FLOPs ``4·H·D·Σ Nᵦ²`` (halved for causal): the same for the packed and the padded call."""
+        f = 4.0 * self.heads * self.d * float((self.lengths().astype(float) ** 2).sum())
+        return f / 2.0 if causal else f
+
+    @property
+    def label(self) -> str:
+        total = int(self.lengths().sum())
+        return f"{self.name}({self.count} seqs {self.lo}-{self.hi}, total {total}, H{self.heads},D{self.d})"
+
+    def __str__(self) -> str:
+        return self.label
+
+
+#: ``bench --features``: packed against padded (32 skewed sequences up to 4096 tokens, as in the asv suite) ...
+VARLEN = Varlen("varlen-skewed", 32, 64, 4096)
+#: ... and under ``--quick`` (up to 1024 tokens).
+VARLEN_QUICK = Varlen("varlen-quick", 32, 32, 1024, median=250.0)
+#: ... and under ``--tiny`` (tests).
+VARLEN_TINY = Varlen("varlen-tiny", 6, 4, 48, heads=2, d=8, median=12.0)
+#: ``bench --features``: plain attention against softcap / ALiBi / both (the overhead target's shape) ...
+LOGITS = Shape("logits-4k", "prefill", 1, 8, 4096, 4096, 64)
+#: ... under ``--quick`` ...
+LOGITS_QUICK = Shape("logits-1k", "prefill", 1, 8, 1024, 1024, 64)
+#: ... and under ``--tiny``.
+LOGITS_TINY = Shape("logits-tiny", "prefill", 1, 2, 40, 40, 8)
 
 BY_NAME = {
     s.name: s for s in (TINY, *ASV_SHAPES, *BENCH_QUICK, *BENCH_STANDARD, *BENCH_TINY, *PIPELINE, *PIPELINE_TINY)

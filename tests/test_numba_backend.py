@@ -536,3 +536,19 @@ def test_blas_tile_kernels_reported_and_refused_without_a_limitable_blas(monkeyp
     assert "no BLAS it can limit" in numba_.backend.info()["blas_tile_kernels"]
     rng = np.random.default_rng(21)
     _check_forward(*_inputs(rng, 1, 4, 4, 256, 256, 64))  # still correct, on the fused kernels
+
+
+def test_alibi_keeps_the_shift_free_shortcut_only_when_exact():
+    """ALiBi biases are <= 0 for slopes >= 0; every row of a whole N <= M call keeps a bias-0 key."""
+    from selfattn._problem import normalize
+    from selfattn.backends.numba_ import _alibi_keeps_bound
+
+    rng = np.random.default_rng(3)
+    q, k, v = _inputs(rng, 1, 2, 2, 8, 12, 4)
+    pos, neg = np.array([0.5, 0.25]), np.array([0.5, -0.25])
+    assert _alibi_keeps_bound(normalize(q, k, v))  # no ALiBi
+    assert _alibi_keeps_bound(normalize(q, k, v, alibi_slopes=pos, causal=True))
+    assert not _alibi_keeps_bound(normalize(q, k, v, alibi_slopes=neg))
+    assert not _alibi_keeps_bound(normalize(k, q, q, alibi_slopes=pos))  # N > M: early rows lack the key
+    chunk = normalize(q, k, v, alibi_slopes=pos).chunk(rows=(0, 2), keys=(8, 12))  # distant keys only
+    assert chunk.is_chunk and not _alibi_keeps_bound(chunk)

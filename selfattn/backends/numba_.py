@@ -186,6 +186,21 @@ def _shift_free_bound(v3: np.ndarray, cdt: np.dtype) -> float:
     return max(0.0, min(cap, room))
 
 
+def _alibi_keeps_bound(pb: Problem) -> bool:
+    """Whether the forward's shift-free shortcut stays exact with this call's ALiBi biases (True without ALiBi).
+
+    The shortcut needs every score below the bound (biases ``-slope * |distance|``
+    are <= 0 for slopes >= 0) and each row's sum of ``exp`` away from 0: a whole
+    call with N <= M gives every query its zero-distance key ``j = i + M - N``
+    inside the band (causal and windows keep it), whose bias is 0. A chunk of a
+    larger call (Dask, split-KV) may hold only distant keys, so it takes the
+    general path, as do negative slopes.
+    """
+    if pb.alibi is None:
+        return True
+    return pb.n <= pb.m and not pb.is_chunk and bool(np.all(np.asarray(pb.alibi) >= 0))
+
+
 def _query_tile(bh: int, n: int, nthreads: int, largest: int) -> int:
     """Query rows per BLAS-tile task: ``largest``, or fewer so every thread gets two tasks.
 
@@ -459,7 +474,7 @@ class NumbaBackend(Backend):
         cdt = q3.dtype
         fwd, knorm = _kernel("blas.forward_gemm"), _kernel("blas.key_norm_max")
         kmax = np.empty(k3.shape[0], cdt)
-        safe = 0.0 if (P.mask_kind == 2 or P.has_alibi) else _shift_free_bound(v3, cdt)
+        safe = 0.0 if (P.mask_kind == 2 or not _alibi_keeps_bound(pb)) else _shift_free_bound(v3, cdt)
         rows = _query_tile(BH, N, nthreads, gq)
         args = (q3, k3, v3, P, kmax, safe, rows, gk, out3, lse3)
         _announce("blas-forward", cdt, [(knorm, (0, 0, k3, kmax)), (fwd, (0, 0) + args)])

@@ -86,7 +86,8 @@ def forward_gemm(t0, t1, q, k, v, P, kmax, safe, GQ, GK, out, lse):
     neither overflows nor underflows and the shift is 0 for the whole row.
     ``kmax[kvh]`` is the largest key norm of that head; ``safe`` is chosen by
     the host so that ``M * exp(safe) * max|v|`` stays far below the dtype's
-    largest value, and is 0 (off) with additive masks or ALiBi biases.
+    largest value, and is 0 (off) with additive masks, and with ALiBi biases
+    unless every row keeps a zero-distance key (``numba_._alibi_keeps_bound``).
     Writes the normalised output (times ``dscale``) to ``out`` ``(BH, N, Dv)``
     and the log-sum-exp to ``lse`` ``(BH, N)`` (``-inf`` where nothing is
     attended).

@@ -222,13 +222,19 @@ def _softcap_row_impl(srow, drow, nc, cap, want_d):
             for c in range(nc):
                 drow[c] = srow[c] * inv
             exp_shift_row(drow, nc, np.float32(0.0))
-            for c in range(nc):
-                x = srow[c]
-                e = drow[c]
-                t = np.float32(1.0) - np.float32(2.0) / (e + np.float32(1.0))
-                t = t if x == x else x
-                srow[c] = cap * t
-                drow[c] = np.float32(1.0) - t * t
+            if want_d:  # two loops, not a branch per element: each vectorises
+                for c in range(nc):
+                    x = srow[c]
+                    e = drow[c]
+                    t = np.float32(1.0) - np.float32(2.0) / (e + np.float32(1.0))
+                    t = t if x == x else x
+                    srow[c] = cap * t
+                    drow[c] = np.float32(1.0) - t * t
+            else:
+                for c in range(nc):
+                    x = srow[c]
+                    t = np.float32(1.0) - np.float32(2.0) / (drow[c] + np.float32(1.0))
+                    srow[c] = cap * (t if x == x else x)
 
         return impl
 

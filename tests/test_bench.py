@@ -546,3 +546,18 @@ def test_crossover_quick_rows():
         assert len(rows) == 4, res.stdout
         for row in rows:
             assert row.split()[-1] in ("numpy", "numba"), row
+
+
+def test_pipeline_benchmark_runs_auto_and_each_backend(bench_path):
+    bp = importlib.import_module("benchmarks.bench_pipeline")
+    assert "auto" in bp.PipelineForward.params[0]
+    assert bp.PipelineForward.params[1] == [p.name for p in shapes.PIPELINE]
+    for backend in ("numpy", "auto"):
+        b = bp.PipelineForward()
+        b.setup(backend, "mha-small")
+        b.time_forward(backend, "mha-small")
+        b.setup(backend, "toy")
+        b.time_forward(backend, "toy")
+    a = bp.AutoChoice()
+    a.setup("decode")
+    a.time_forward_auto("decode")

@@ -93,7 +93,7 @@ def test_device_script_dry_run(tmp_path):
     ]
     assert all(s["status"] == "passed" for s in results["steps"]), [(s["name"], s["status"]) for s in results["steps"]]
     steps = {s["name"]: s for s in results["steps"]}
-    assert steps["smoke"]["summary"].startswith("smoke: 15 passed, 0 failed, 1 skipped")  # one device: no mismatch
+    assert steps["smoke"]["summary"].startswith("smoke: 17 passed, 0 failed, 1 skipped")  # one device: no mismatch
     assert "ERROR SUMMARY: 0 errors" in steps["memcheck"]["summary"]
     assert "--no-pool" in steps["racecheck"]["command"] and "--tool racecheck" in steps["racecheck"]["command"]
     assert "collected" in steps["gpu-tests"]["summary"] and "collected" in steps["conformance"]["summary"]

@@ -66,6 +66,7 @@ class Case:
     layout: str = "contiguous"  # or "strided", "misaligned"
     what: str = "forward"  # or "weights", "vjp", "devices"
     zero_query: bool = False
+    alibi: bool = False  # ALiBi slopes 2^-1 .. 2^-Hq (numpy for the oracle, cupy for the backend)
 
 
 def _seed_keeping(p: float, rows: int, cols: int, at_least: int = 2) -> int:
@@ -156,6 +157,23 @@ CASES = [
         dict(causal=True, dropout_p=0.1, dropout_seed=9),
         what="vjp",
     ),
+    Case(
+        "tc-d64-softcap-alibi",
+        "float16",
+        (1, 2, 1, 70, 150, 64, 64),
+        (TC(64),),
+        dict(causal=True, softcap=20.0),
+        alibi=True,
+    ),
+    Case(
+        "cuda-core-f32-softcap-alibi-vjp",
+        "float32",
+        (1, 2, 1, 70, 90, 32, 32),
+        (CORE("float32", 32),),
+        dict(softcap=15.0, window=(30, 30)),
+        alibi=True,
+        what="vjp",
+    ),
     Case("devices-mismatch", "float32", (1, 1, 1, 8, 8, 16, 16), (), what="devices"),
 ]
 
@@ -217,6 +235,10 @@ def run_case(cupy, case: Case, seed: int) -> str:
         raise AssertionError("a key on device 1 with a query on device 0 was not refused")
     dq, dk, dv = (_to_device(cupy, x, case.layout) for x in (q, k, v))
     dmask = None if mask is None else cupy.asarray(mask)
+    dev_opts = dict(opts)
+    if case.alibi:
+        slopes = (2.0 ** -np.arange(1, case.shape[1] + 1)).astype(np.float32)
+        opts["alibi_slopes"], dev_opts["alibi_slopes"] = slopes, cupy.asarray(slopes)
     be = CupyBackend(**case.settings)
     launched = _recording(be)
     ref_out, ref_lse, ref_w = reference.forward(q, k, v, mask=mask, **opts)
@@ -228,12 +250,14 @@ def run_case(cupy, case: Case, seed: int) -> str:
         return_lse=True,
         return_weights=case.what == "weights",
         needs_vjp=case.what == "vjp",
-        **opts,
+        **dev_opts,
     )
     out, lse, weights = be.forward(pb)
     checked = ["out"]
     # The conformance suite's rule: per element, each output at its own dtype (selfattn.testing.cases).
-    smax = reference.score_max(q, k, mask=mask, scale=opts.get("scale"))
+    smax = reference.score_max(
+        q, k, mask=mask, scale=opts.get("scale"), softcap=opts.get("softcap"), alibi_slopes=opts.get("alibi_slopes")
+    )
     g = np.random.default_rng(seed + 1).standard_normal(ref_out.shape).astype(case.dtype)
     bounds = reference.rounding_bounds(q, k, v, g, mask=mask, **opts)
     assert_close(out.get(), ref_out, case.dtype, "out", score_max=smax, bound=bounds["out"])

@@ -73,6 +73,16 @@ class WorkRange:
     min_keys_decode: float = math.inf
     decode_rows: int = 16
 
+    def __post_init__(self) -> None:
+        for name in ("min_flops", "min_flops_many_heads", "min_keys_decode"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"WorkRange.{name} must be a number >= 0 (math.inf: never), got {value!r}")
+        for name in ("many_heads", "decode_rows"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"WorkRange.{name} must be an int >= 0, got {value!r}")
+
     def covers(self, problem: Problem) -> bool:
         """Whether ``problem`` is inside the range (cheap: it runs on every automatic call)."""
         flops = problem.flops

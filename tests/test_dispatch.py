@@ -365,3 +365,11 @@ def test_the_last_able_backend_takes_any_size(numba_work_range, monkeypatch):
         assert selfattn.explain(*_sized(8)).backend == "numba"
     finally:
         registry.reset()
+
+
+@pytest.mark.parametrize(
+    "kw", [dict(min_flops=-1), dict(min_flops="1e9"), dict(many_heads=1.5), dict(decode_rows=-2), dict(many_heads=True)]
+)
+def test_work_range_rejects_bad_values(kw):
+    with pytest.raises(ValueError, match=f"WorkRange.{next(iter(kw))}"):
+        selfattn.WorkRange(**kw)

@@ -85,6 +85,8 @@ class WorkRange:
 
     def covers(self, problem: Problem) -> bool:
         """Whether ``problem`` is inside the range (cheap: it runs on every automatic call)."""
+        if self.min_flops <= 0.0:  # everything (the common case: no declared range)
+            return True
         flops = problem.flops
         if flops >= self.min_flops:
             return True
@@ -153,7 +155,8 @@ class Capabilities:
     @property
     def pays_off(self) -> WorkRange:
         """The work range automatic selection applies: ``work_range``, else ``WorkRange(min_flops)``."""
-        return self.work_range if self.work_range is not None else WorkRange(min_flops=self.min_flops)
+        rng: WorkRange = self.__dict__["_pays_off"]
+        return rng
 
     def __post_init__(self) -> None:
         unknown = set(self.features) - set(FEATURES)
@@ -164,6 +167,9 @@ class Capabilities:
             raise ValueError(f"unknown capability dtype(s) {sorted(unknown)}; known: {list(DTYPES)}")
         object.__setattr__(self, "features", frozenset(self.features))
         object.__setattr__(self, "dtypes", frozenset(self.dtypes))
+        # Built once: automatic selection asks for it on every call.
+        rng = self.work_range if self.work_range is not None else WorkRange(min_flops=self.min_flops)
+        object.__setattr__(self, "_pays_off", rng)
 
     def missing(self, array_type: str, dtype: str, features: Iterable[str]) -> list[str]:
         """Return human-readable reasons why a call needing these cannot run (empty if it can)."""

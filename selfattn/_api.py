@@ -60,6 +60,23 @@ FOREIGN_KEYWORDS: dict[str, str] = {
         "sequences and call scaled_dot_product_attention_varlen"
     ),
     "dropout_rng": "use dropout_seed= (an int; the pattern is a pure function of it)",
+    # flash_attn_varlen_func
+    "max_seqlen_q": "not needed: selfattn reads the sequence lengths from cu_seqlens_q; drop the argument",
+    "max_seqlen_k": "not needed: selfattn reads the sequence lengths from cu_seqlens_k; drop the argument",
+}
+
+#: What the packed variable-length functions say instead, where their options differ.
+_VARLEN_FOREIGN: dict[str, str] = {
+    "return_attn_probs": (
+        "use return_lse=True for the log-sum-exp; packed batches do not return the weights (call "
+        "scaled_dot_product_attention on one sequence with return_weights=True for them)"
+    ),
+    "need_weights": (
+        "packed batches do not return the weights (call scaled_dot_product_attention on one sequence "
+        "with return_weights=True for them)"
+    ),
+    "attn_mask": "packed sequences take no mask: cu_seqlens_q/cu_seqlens_k delimit them; use causal= or window=",
+    "key_padding_mask": "packed sequences have no padding: cu_seqlens_q/cu_seqlens_k delimit them",
 }
 
 _OWN_KEYWORDS = (
@@ -81,6 +98,8 @@ def _refuse_keywords(func: str, unexpected: dict[str, Any], own: tuple[str, ...]
     """Raise the TypeError Python would, naming the selfattn equivalent of a foreign keyword."""
     name = next(iter(unexpected))
     msg = f"{func}() got an unexpected keyword argument {name!r}"
+    if "varlen" in func and name in _VARLEN_FOREIGN:
+        raise TypeError(f"{msg}: {_VARLEN_FOREIGN[name]}")
     if name in FOREIGN_KEYWORDS:
         raise TypeError(f"{msg}: {FOREIGN_KEYWORDS[name]}")
     close = difflib.get_close_matches(name, own, n=1)

@@ -291,6 +291,25 @@ def test_pytorch_and_flash_attention_keywords_name_the_equivalent(name, value, p
             fn(Q, K, V, **{name: value})
 
 
+VARLEN_FOREIGN = [
+    ("max_seqlen_q", 7, r"reads the sequence lengths from cu_seqlens_q"),
+    ("max_seqlen_k", 7, r"reads the sequence lengths from cu_seqlens_k"),
+    ("softmax_scale", 0.1, r"use scale="),
+    ("return_attn_probs", True, r"return_lse=True.*packed batches do not return the weights"),
+    ("attn_mask", None, r"packed sequences take no mask: cu_seqlens_q/cu_seqlens_k delimit them"),
+    ("is_causal", True, r"causal=True.*bottom-right"),
+]
+
+
+@pytest.mark.parametrize("name, value, pattern", VARLEN_FOREIGN, ids=[r[0] for r in VARLEN_FOREIGN])
+def test_flash_attention_varlen_keywords_name_the_equivalent(name, value, pattern):
+    q = np.ones((2, 5, 8), np.float32)
+    cu = np.array([0, 2, 5])
+    for fn in (selfattn.scaled_dot_product_attention_varlen, selfattn.scaled_dot_product_attention_varlen_vjp):
+        with pytest.raises(TypeError, match=rf"unexpected keyword argument '{name}': .*{pattern}"):
+            fn(q, q, q, cu, cu, **{name: value})
+
+
 def test_misspelled_keyword_suggests_the_right_one():
     with pytest.raises(TypeError, match=r"unexpected keyword argument 'causl'; did you mean 'causal'\?"):
         _call(causl=True)

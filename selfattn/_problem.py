@@ -584,6 +584,11 @@ def _normalize_mask(
     return mk4, mask_index
 
 
+def _dask_holds_numpy(*arrays: Any) -> bool:
+    """Whether every Dask array among ``arrays`` has NumPy chunks (its ``_meta`` is a NumPy array)."""
+    return all(isinstance(getattr(x, "_meta", None), np.ndarray) for x in arrays if not isinstance(x, np.ndarray))
+
+
 def normalize(
     query: Any,
     key: Any,
@@ -608,11 +613,22 @@ def normalize(
     copies or modifies ``query``, ``key`` or ``value``.
     """
     libs = {name: _check_array(name, x) for name, x in (("query", query), ("key", key), ("value", value))}
+    if set(libs.values()) == {"dask", "numpy"} and _dask_holds_numpy(query, key, value):
+        # As Dask's own operations do: a NumPy array beside Dask arrays becomes a one-chunk Dask
+        # array (a view, never a copy); the Dask backend rechunks it to its pair grid.
+        query, key, value = (_as_dask(x) for x in (query, key, value))
+        libs = dict.fromkeys(libs, "dask")
     if len(set(libs.values())) > 1:
+        hint = (
+            "wrap the others with dask.array.from_array(...) (NumPy arrays beside NumPy-backed Dask arrays are "
+            "wrapped automatically)"
+            if "dask" in libs.values()
+            else "convert them all with numpy.asarray or cupy.asarray"
+        )
         raise TypeError(
             "query, key and value must come from one array library, got "
             + ", ".join(f"{k}={v}" for k, v in libs.items())
-            + "; convert them all with numpy.asarray or cupy.asarray"
+            + f"; {hint}"
         )
     lib = libs["query"]
     if not (query.dtype == key.dtype == value.dtype):

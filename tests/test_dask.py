@@ -513,3 +513,30 @@ def test_benchmark_module_imports(monkeypatch):
     monkeypatch.syspath_prepend(str(pathlib.Path(__file__).resolve().parents[1]))
     bench = importlib.import_module("benchmarks.bench_dask")
     assert {"DaskWorkers", "DaskWorkerScaling", "DaskThreads", "DaskThreadsRatio", "DaskMemory"} <= set(vars(bench))
+
+
+def test_numpy_arrays_beside_dask_arrays_are_wrapped_as_dask_does():
+    """A NumPy key/value (or grad_out) with a Dask query: one-chunk Dask arrays, same results, never copied."""
+    q, k, v = _qkv()
+    dq = da.from_array(q, chunks=(1, 2, 16, 8))
+    out = selfattn.scaled_dot_product_attention(dq, k, v, causal=True)
+    assert isinstance(out, da.Array)
+    ref = reference.forward(q, k, v, causal=True)[0]
+    assert_close(out.compute(), ref, "float64", "out")
+    out2, backward = selfattn.scaled_dot_product_attention_vjp(q, da.from_array(k), v)
+    assert isinstance(out2, da.Array)
+    g = _rand(out2.shape, np.float64, 9)
+    grads = backward(g)  # a NumPy grad_out for a Dask output
+    assert all(isinstance(x, da.Array) for x in grads)
+    for name, got, exp in zip(("dq", "dk", "dv"), dask.compute(*grads), reference.vjp(q, k, v, g), strict=True):
+        assert_close(got, exp, "float64", name)
+
+
+def test_mixed_dask_and_other_libraries_say_how_to_wrap(monkeypatch):
+    """Beside Dask arrays whose chunks are not NumPy (CuPy), a NumPy array is not wrapped: the error says how."""
+    import selfattn._problem as problem
+
+    q, k, v = _qkv()
+    monkeypatch.setattr(problem, "_dask_holds_numpy", lambda *arrays: False)  # as for CuPy-backed Dask arrays
+    with pytest.raises(TypeError, match=r"query=dask, key=numpy, value=numpy; wrap the others with dask.array"):
+        selfattn.scaled_dot_product_attention(da.from_array(q), k, v)

@@ -29,16 +29,7 @@ def _varlen_inputs():
         vs = getattr(shapes, "VARLEN", None)
         if vs is None:  # a commit whose shapes module predates the varlen set
             raise NotImplementedError("shapes.VARLEN is not defined at this commit")
-        lens, cu = vs.lengths(), vs.cu_seqlens()
-        total, longest = int(cu[-1]), int(lens.max())
-        rng = np.random.default_rng(1)
-        q, k, v = (rng.standard_normal((vs.heads, total, vs.d), dtype=np.float32) for _ in range(3))
-        qp, kp, vp = (np.zeros((len(lens), vs.heads, longest, vs.d), np.float32) for _ in range(3))
-        for b in range(len(lens)):
-            for dst, src in ((qp, q), (kp, k), (vp, v)):
-                dst[b, :, : lens[b]] = src[:, cu[b] : cu[b + 1]]
-        key_mask = (np.arange(longest)[None, :] < lens[:, None])[:, None, None, :]
-        _VARLEN["inputs"] = (q, k, v, cu, qp, kp, vp, key_mask)
+        _VARLEN["inputs"] = vs.inputs("float32")
     return _VARLEN["inputs"]
 
 

@@ -6,11 +6,9 @@ import difflib
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-
 from ._dispatch import Explanation, select
 from ._memory import format_bytes, require
-from ._problem import Array, Problem, array_library, normalize, normalize_varlen
+from ._problem import Array, Problem, _as_dask, _dask_holds_numpy, array_library, normalize, normalize_varlen
 
 __all__ = [
     "scaled_dot_product_attention",
@@ -331,10 +329,8 @@ def _with_backward(
                 f"grad_out must be a {pb.array_type} array like the output, got {type(grad_out).__name__}; "
                 "convert it first (e.g. numpy.asarray(grad_out))"
             )
-        if lib == "numpy" and pb.array_type == "dask" and isinstance(getattr(out, "_meta", None), np.ndarray):
-            import dask.array as da
-
-            grad_out = da.from_array(grad_out, chunks=-1)  # as the forward wraps NumPy inputs (no copy)
+        if lib == "numpy" and pb.array_type == "dask" and _dask_holds_numpy(out):
+            grad_out = _as_dask(grad_out)  # as normalize() wraps NumPy inputs (no copy)
             lib = "dask"
         if lib != pb.array_type:
             raise TypeError(f"grad_out is a {lib} array but the output is a {pb.array_type} array")

@@ -90,17 +90,21 @@ class WorkRange:
         flops = problem.flops
         if flops >= self.min_flops:
             return True
-        qs = problem.query.shape  # (B, Hq, N, D)
-        if qs[2] <= self.decode_rows and problem.cu_seqlens_q is None:  # decode-like
+        if self.decode_like(problem):
             return problem.key.shape[2] >= self.min_keys_decode
+        qs = problem.query.shape  # (B, Hq, N, D)
         return flops >= self.min_flops_many_heads and qs[0] * qs[1] >= self.many_heads
+
+    def decode_like(self, problem: Problem) -> bool:
+        """At most ``decode_rows`` query rows (a packed varlen batch never is: its N is the total)."""
+        return problem.query.shape[2] <= self.decode_rows and problem.cu_seqlens_q is None
 
     def outside(self, problem: Problem) -> str | None:
         """Why ``problem`` is outside the range (``"small problem (...)"``), or None when it is inside."""
         if self.covers(problem):
             return None
         flops = problem.flops
-        decode = problem.n <= self.decode_rows and not problem.is_varlen
+        decode = self.decode_like(problem)
         why = f"{flops:.3g} FLOP < {self.min_flops:.3g}"
         if not decode and math.isfinite(self.min_flops_many_heads):
             why += f", and not {self.many_heads}+ heads with {self.min_flops_many_heads:.3g}+ FLOP"

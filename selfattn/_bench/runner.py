@@ -185,15 +185,7 @@ def _feature_groups(backends, args) -> list[tuple[dict, list, float, str]]:
 
     groups: list[tuple[dict, list, float, str]] = []
     vs = _shapes.VARLEN_TINY if args.tiny else (_shapes.VARLEN_QUICK if args.quick else _shapes.VARLEN)
-    lens, cu = vs.lengths(), vs.cu_seqlens()
-    total, longest = int(cu[-1]), int(lens.max())
-    rng = np.random.default_rng(1)
-    q, k, v = (rng.standard_normal((vs.heads, total, vs.d), dtype=np.float32).astype(args.dtype) for _ in range(3))
-    padded = [np.zeros((len(lens), vs.heads, longest, vs.d), args.dtype) for _ in range(3)]
-    for b in range(len(lens)):
-        for dst, src in zip(padded, (q, k, v), strict=True):
-            dst[b, :, : lens[b]] = src[:, cu[b] : cu[b + 1]]
-    key_mask = (np.arange(longest)[None, :] < lens[:, None])[:, None, None, :]
+    q, k, v, cu, *padded, key_mask = vs.inputs(args.dtype)
     logits = _shapes.LOGITS_TINY if args.tiny else (_shapes.LOGITS_QUICK if args.quick else _shapes.LOGITS)
     lq, lk, lv = _shapes.make_inputs(logits, args.dtype)
     slopes = (2.0 ** -np.arange(1, logits.heads + 1)).astype(np.float32)  # ALiBi's geometric slopes

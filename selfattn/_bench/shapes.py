@@ -249,6 +249,25 @@ class Varlen:
 
         return np.concatenate([[0], np.cumsum(self.lengths())]).astype(np.int64)
 
+    def inputs(self, dtype="float32", seed: int = 1):
+        """``(q, k, v, cu, q_pad, k_pad, v_pad, key_mask)``: the packed arrays and the same batch padded.
+
+        Packed: ``(heads, total, d)`` standard normal; padded: ``(count, heads, hi, d)`` with zeros
+        past each sequence and ``key_mask`` ``(count, 1, 1, hi)`` True on real keys.
+        """
+        import numpy as np
+
+        lens, cu = self.lengths(), self.cu_seqlens()
+        total, longest = int(cu[-1]), int(lens.max())
+        rng = np.random.default_rng(seed)
+        packed = [rng.standard_normal((self.heads, total, self.d), dtype=np.float32).astype(dtype) for _ in range(3)]
+        padded = [np.zeros((len(lens), self.heads, longest, self.d), dtype) for _ in range(3)]
+        for b in range(len(lens)):
+            for dst, src in zip(padded, packed, strict=True):
+                dst[b, :, : lens[b]] = src[:, cu[b] : cu[b + 1]]
+        key_mask = (np.arange(longest)[None, :] < lens[:, None])[:, None, None, :]
+        return (*packed, cu, *padded, key_mask)
+
     def flops(self, causal: bool = True) -> float:
         """Useful forward FLOPs ``4·H·D·Σ Nᵦ²`` (halved for causal): the same for the packed and the padded call."""
         f = 4.0 * self.heads * self.d * float((self.lengths().astype(float) ** 2).sum())

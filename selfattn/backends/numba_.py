@@ -372,7 +372,7 @@ class NumbaBackend(Backend):
         Decode-like calls (at most ``WORK_RANGE.decode_rows`` query rows) are
         memory-bound: one thread per ``bytes_per_thread`` of K and V instead.
         """
-        if pb.n <= WORK_RANGE.decode_rows and not pb.is_varlen:
+        if WORK_RANGE.decode_like(pb):
             kv = pb.batch * pb.kv_heads * pb.m * (pb.d + pb.dv) * pb.compute_dtype.itemsize
             want = work * kv / self.bytes_per_thread
         else:

@@ -221,6 +221,14 @@ def score_max(query, key, *, mask=None, scale=None, softcap=None, alibi_slopes=N
     measures how large the logits of a call are, which is what rounding
     errors in a backend's softmax grow with (see
     :func:`selfattn.testing.cases.logit_headroom`). Non-finite entries are ignored.
+
+    With ``softcap`` the scaled scores are rounded *before* the cap: a score
+    computed as a cancelling sum of large terms carries an error of about
+    ``eps * |raw scores|`` that ``tanh`` passes on near 0 (slope 1), however
+    small the capped logits are. So the uncapped magnitude counts too
+    (measured: a float32 call with raw logits ~100 and ``softcap = 1`` gave the
+    NumPy backend an lse error 1.18x the tolerance computed from the capped
+    logits, 4.0; a hypothesis draw found it).
     """
     q, k = np.asarray(query, np.float64), np.asarray(key, np.float64)
     if q.ndim == 2:
@@ -232,7 +240,10 @@ def score_max(query, key, *, mask=None, scale=None, softcap=None, alibi_slopes=N
     n, m = q.shape[-2], k.shape[-2]
     with np.errstate(invalid="ignore", over="ignore"):
         s = q @ np.swapaxes(np.repeat(k, group, axis=-3), -1, -2) * scale
+        raw = 0.0
         if softcap is not None:
+            finite = np.abs(s[np.isfinite(s)])
+            raw = float(finite.max()) if finite.size else 0.0
             s = softcap * np.tanh(s / softcap)
         if alibi_slopes is not None:
             slopes = np.asarray(alibi_slopes, np.float64)
@@ -240,7 +251,7 @@ def score_max(query, key, *, mask=None, scale=None, softcap=None, alibi_slopes=N
         if mask is not None and np.asarray(mask).dtype != bool:
             s = s + np.asarray(mask, np.float64)  # broadcasts like the scores (2-D inputs too)
     s = np.abs(s[np.isfinite(s)])
-    return float(s.max()) if s.size else 0.0
+    return max(float(s.max()) if s.size else 0.0, raw)
 
 
 def _sequences(cu_seqlens_q, cu_seqlens_k):

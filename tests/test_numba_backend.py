@@ -18,11 +18,11 @@ numba = pytest.importorskip("numba", reason="numba is not installed (pip install
 BACKEND = "numba"
 
 
-@pytest.fixture(autouse=True, params=["fused", "blas"])
+@pytest.fixture(autouse=True, params=["fused", "blas", "simd"])
 def kernel_path(request, monkeypatch):
-    """Run every test on both kernel families: the fused loop kernels and the BLAS-tile ones.
+    """Run every test on every kernel family: the fused loop kernels, the BLAS-tile ones and the SIMD ones.
 
-    The BLAS-tile kernels run with tiny, odd tile sizes here (as stumpy's
+    The BLAS-tile and SIMD kernels run with tiny, odd tile sizes here (as stumpy's
     GPU tests shrink threads-per-block), so that the small inputs of these
     tests cross many query-tile and key-block boundaries; their default tile
     sizes are exercised by ``test_blas_default_tiles``. The thread thresholds
@@ -39,6 +39,8 @@ def kernel_path(request, monkeypatch):
         if numba_._blas.probe()[0] is None:
             pytest.skip("the BLAS-tile kernels need scipy and threadpoolctl (pip install 'selfattn[numba]')")
         monkeypatch.setattr(numba_.backend, "blas_tiles", SMALL_TILES)
+    if request.param == "simd":
+        monkeypatch.setattr(numba_.backend, "simd_tiles", SIMD_SMALL_TILES)
     monkeypatch.setattr(numba_.backend, "kernels", request.param)
     return request.param
 
@@ -46,6 +48,8 @@ def kernel_path(request, monkeypatch):
 #: Tile sizes of the BLAS-tile kernels under test (forward rows, keys; backward rows, keys):
 #: small and not multiples of each other.
 SMALL_TILES = (24, 40, 20, 36)
+#: The SIMD kernels' (rows a multiple of the micro-kernel's 4, keys rounded up to the vector width).
+SIMD_SMALL_TILES = (12, 16, 8, 16)
 TOL = {np.float16: (3e-3, 3e-3), np.float32: (2e-5, 2e-5), np.float64: (1e-11, 1e-11)}
 
 
@@ -367,14 +371,15 @@ def test_automatic_kernel_choice(kernel_path, monkeypatch):
     rng = np.random.default_rng(16)
     big = selfattn._problem.normalize(*_inputs(rng, 1, 4, 4, 256, 256, 64))
     small = selfattn._problem.normalize(*_inputs(rng, 1, 2, 2, 8, 8, 4))
-    assert be._use_blas(big) == (numba_._blas.probe()[0] is not None)
-    assert not be._use_blas(small)
+    assert be._family(big) == "simd"
+    assert be._family(small) == "fused"
     few_rows = selfattn._problem.normalize(*_inputs(rng, 8, 8, 8, numba_.GEMM_MIN_ROWS - 1, 4096, 64))
-    assert not be._use_blas(few_rows)  # enough work, but thin products: fused
-    assert not be._use_blas(big, nsplit=4)  # decode-like: the key split wins
-    assert "blas kernels" in be.plan(big) and "fused kernels" in be.plan(small)
+    assert be._family(few_rows) == "fused"  # enough work, but thin products
+    assert be._family(big, nsplit=4) == "fused"  # decode-like: the key split wins
+    assert "simd (" in be.plan(big) and "fused kernels" in be.plan(small)
     monkeypatch.setattr(numba_._blas, "_state", (None, "scipy not installed"))  # as without scipy
-    assert not be._use_blas(big)
+    assert be._family(big) == "simd"  # the SIMD kernels need no BLAS
+    assert numba_.NumbaBackend(kernels="blas")._family(big) == "fused"  # nothing to hand products to
     q, k, v = _inputs(rng, 1, 4, 4, 256, 256, 64)
     _check_forward(q, k, v)
 
@@ -436,14 +441,15 @@ def test_large_logits_take_the_max_shift_path(kernel_path):
         assert np.all(np.isfinite(out))
 
 
-def test_blas_default_tiles(kernel_path, monkeypatch):
+def test_default_tiles(kernel_path, monkeypatch):
     # The production tile sizes, on shapes that still cross a few tiles and blocks.
     from selfattn.backends import numba_
 
-    if kernel_path != "blas":
-        pytest.skip("BLAS-tile kernels only")
-    monkeypatch.setattr(numba_.backend, "blas_tiles", numba_.NumbaBackend().blas_tiles)
-    gq, gk, _, gkb = numba_.backend.blas_tiles
+    if kernel_path == "fused":
+        pytest.skip("BLAS-tile and SIMD kernels only")
+    attr = f"{kernel_path}_tiles"
+    monkeypatch.setattr(numba_.backend, attr, getattr(numba_.NumbaBackend(), attr))
+    gq, gk, _, gkb = getattr(numba_.backend, attr)
     rng = np.random.default_rng(19)
     n = gq + 37
     m = gk + gkb + 11
@@ -453,14 +459,14 @@ def test_blas_default_tiles(kernel_path, monkeypatch):
         _check_vjp(q, k, v, **kw)
 
 
-def test_blas_conformance_cases(kernel_path):
-    # Every conformance case through the BLAS-tile kernels with tiny tiles
+def test_tile_kernel_conformance_cases(kernel_path):
+    # Every conformance case through the BLAS-tile and SIMD kernels with tiny tiles
     # (the conformance suite itself runs whichever path the shapes select).
     from selfattn.testing.cases import generate_cases
     from selfattn.testing.check import check_case
 
-    if kernel_path != "blas":
-        pytest.skip("BLAS-tile kernels only (test_conformance.py covers the default choice)")
+    if kernel_path == "fused":
+        pytest.skip("BLAS-tile and SIMD kernels only (test_conformance.py covers the default choice)")
     cases = generate_cases()
     assert len(cases) > 100
     for case in cases:

@@ -79,6 +79,9 @@ BYTES_PER_THREAD = 32 * 2**20
 GEMM_MIN_WORK = 1 << 24
 GEMM_MIN_ROWS = 48
 
+#: Values of ``NumbaBackend(kernels=...)``.
+KERNEL_CHOICES = ("auto", "simd", "fused", "blas")
+
 _budget: contextvars.ContextVar[int | None] = contextvars.ContextVar("selfattn_numba_threads", default=None)
 
 
@@ -201,14 +204,19 @@ def _alibi_keeps_bound(pb: Problem) -> bool:
     return pb.n <= pb.m and not pb.is_chunk and bool(np.all(np.asarray(pb.alibi) >= 0))
 
 
-def _query_tile(bh: int, n: int, nthreads: int, largest: int) -> int:
-    """Query rows per BLAS-tile task: ``largest``, or fewer so every thread gets two tasks.
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
 
-    Never below 32 rows (smaller tiles make BLAS inefficient) and a multiple of 8.
+
+def _query_tile(bh: int, n: int, nthreads: int, largest: int, multiple: int = 8, smallest: int = 32) -> int:
+    """Query rows per BLAS-tile or SIMD task: ``largest``, or fewer so every thread gets two tasks.
+
+    Never below ``smallest`` rows (smaller tiles make BLAS inefficient) and a
+    multiple of ``multiple`` (the SIMD kernels need whole micro-kernel row blocks).
     """
     per_bh = -(-2 * nthreads // max(bh, 1))  # tiles each batch·head must give
     rows = -(-n // per_bh)
-    return int(min(largest, max(32, -(-rows // 8) * 8)))
+    return int(_round_up(min(largest, max(smallest, _round_up(rows, multiple))), multiple))
 
 
 # -- compile announcements and the kernel families ---------------------------------------------------------------
@@ -231,6 +239,12 @@ FAMILIES: dict[str, Family] = {
             ("fused.forward", "fused.merge_splits"),
         ),
         Family("fused-backward", "fused loop backward", ("fused.backward",)),
+        Family(
+            "simd-forward",
+            "SIMD forward: own vector micro-kernels, no BLAS (prefill-like calls)",
+            ("simd.forward", "simd.prepare_keys"),
+        ),
+        Family("simd-backward", "SIMD backward", ("simd.backward",)),
         Family("blas-forward", "BLAS-tile forward (prefill-like calls)", ("blas.forward_gemm", "blas.key_norm_max")),
         Family("blas-backward", "BLAS-tile backward", ("blas.backward_gemm",)),
         Family("weights", "attention weights (return_weights=True)", ("fused.weights",)),
@@ -289,6 +303,14 @@ def _announce(family: str, dtype: np.dtype, calls: list[tuple[Any, tuple[Any, ..
             print(msg, file=sys.stderr, flush=True)
 
 
+def _simd_isa() -> str:
+    """The vector instruction set the SIMD kernels are built for here (e.g. "avx512f, 16 float32 lanes")."""
+    from ._numba.microkernel import vector_isa
+
+    name, n = vector_isa()
+    return f"{name}, {n} float32 lanes"
+
+
 class NumbaBackend(Backend):
     """FlashAttention-style CPU kernels compiled with Numba (see the module docstring).
 
@@ -310,12 +332,14 @@ class NumbaBackend(Backend):
         kernels: str = "auto",
         fused_tiles: tuple[int, int] = (64, 64),
         blas_tiles: tuple[int, int, int, int] = (256, 512, 512, 256),
+        simd_tiles: tuple[int, int, int, int] = (64, 256, 64, 128),
     ) -> None:
-        if kernels not in ("auto", "fused", "blas"):
-            raise ValueError(f"kernels must be 'auto', 'fused' or 'blas', got {kernels!r}")
+        if kernels not in KERNEL_CHOICES:
+            raise ValueError(f"kernels must be one of {', '.join(map(repr, KERNEL_CHOICES))}, got {kernels!r}")
         self.kernels = kernels
         self.fused_tiles = tuple(int(x) for x in fused_tiles)
         self.blas_tiles = tuple(int(x) for x in blas_tiles)
+        self.simd_tiles = tuple(int(x) for x in simd_tiles)
         self.flops_per_thread = FLOPS_PER_THREAD
         self.bytes_per_thread = BYTES_PER_THREAD
         self._version: str | None = None
@@ -348,13 +372,23 @@ class NumbaBackend(Backend):
         return d
 
     # -- planning --------------------------------------------------------------------------------------------------
-    def _use_blas(self, pb: Problem, nsplit: int = 1) -> bool:
-        if self.kernels == "fused" or _blas.probe()[0] is None:
-            return False
+    def _family(self, pb: Problem, nsplit: int = 1) -> str:
+        """The kernel family of this call: ``"fused"``, ``"blas"`` or ``"simd"``.
+
+        ``kernels="auto"``: the SIMD kernels for prefill-like calls with enough
+        work (at least ``GEMM_MIN_ROWS`` query rows and ``GEMM_MIN_WORK``),
+        the fused ones otherwise (small, thin and decode-like calls, which
+        split the keys). ``"blas"`` falls back to the fused kernels where no
+        limitable BLAS is installed.
+        """
+        if self.kernels == "fused":
+            return "fused"
+        if self.kernels == "simd":
+            return "simd"
         if self.kernels == "blas":
-            return True
+            return "blas" if _blas.probe()[0] is not None else "fused"
         work = pb.batch * pb.q_heads * pb.n * pb.m * pb.d
-        return nsplit == 1 and pb.n >= GEMM_MIN_ROWS and work >= GEMM_MIN_WORK
+        return "simd" if nsplit == 1 and pb.n >= GEMM_MIN_ROWS and work >= GEMM_MIN_WORK else "fused"
 
     def _nsplit(self, pb: Problem, nthreads: int) -> int:
         """Key splits per query tile: enough tasks for every thread on decode-like shapes."""
@@ -386,7 +420,9 @@ class NumbaBackend(Backend):
             where = "inline on the calling thread" if nthreads == 1 else f"{nthreads} threads"
             return f"fused varlen kernels over {pb.num_sequences} packed sequences, {where}"
         nsplit = self._nsplit(pb, nthreads)
-        fam = "blas" if self._use_blas(pb, nsplit) else "fused"
+        fam = self._family(pb, nsplit)
+        if fam == "simd":
+            fam = f"simd ({_simd_isa()})"
         extra = f", keys split {nsplit} ways (flash-decoding)" if nsplit > 1 and fam == "fused" else ""
         where = "inline on the calling thread" if nthreads == 1 else f"{nthreads} threads"
         return f"{fam} kernels, {where}{extra}"
@@ -411,8 +447,11 @@ class NumbaBackend(Backend):
         P = kernel_params(pb)
         nthreads = self._threads_for(pb)
         nsplit = self._nsplit(pb, nthreads)
-        if self._use_blas(pb, nsplit):
+        fam = self._family(pb, nsplit)
+        if fam == "blas":
             self._forward_blas(pb, q3, k3, v3, P, nthreads, out3, lse3)
+        elif fam == "simd":
+            self._forward_simd(pb, q3, k3, v3, P, nthreads, out3, lse3)
         else:
             self._forward_fused(pb, q3, k3, v3, P, nthreads, nsplit, out3, lse3)
         w = None
@@ -481,6 +520,36 @@ class NumbaBackend(Backend):
         with _blas.single_threaded():
             run_tasks(lambda t0, t1: knorm(t0, t1, k3, kmax), k3.shape[0], nthreads)
             run_tasks(lambda t0, t1: fwd(t0, t1, *args), BH * ((N + rows - 1) // rows), nthreads)
+
+    def _forward_simd(
+        self,
+        pb: Problem,
+        q3: np.ndarray,
+        k3: np.ndarray,
+        v3: np.ndarray,
+        P: KernelParams,
+        nthreads: int,
+        out3: np.ndarray,
+        lse3: np.ndarray,
+    ) -> None:
+        from ._numba.microkernel import ROWS, lanes
+
+        br, bc, _, _ = self.simd_tiles
+        BH, N = q3.shape[0], q3.shape[1]
+        cdt = q3.dtype
+        W = lanes(cdt.itemsize)
+        from ._numba.simd import key_columns
+
+        fwd, prep = _kernel("simd.forward"), _kernel("simd.prepare_keys")
+        kmax = np.empty(k3.shape[0], cdt)
+        kt = np.empty((k3.shape[0], k3.shape[2], key_columns(k3.shape[1], W)), cdt)
+        safe = 0.0 if (P.mask_kind == 2 or not _alibi_keeps_bound(pb)) else _shift_free_bound(v3, cdt)
+        rows = _query_tile(BH, N, nthreads, br, multiple=ROWS, smallest=ROWS)
+        args = (q3, kt, v3, P, kmax, safe, rows, _round_up(bc, W), W, out3, lse3)
+        _announce("simd-forward", cdt, [(prep, (0, 0, k3, kt, kmax)), (fwd, (0, 0) + args)])
+        # No BLAS runs here, so no BLAS thread limit is needed (unlike _forward_blas).
+        run_tasks(lambda t0, t1: prep(t0, t1, k3, kt, kmax), k3.shape[0], nthreads)
+        run_tasks(lambda t0, t1: fwd(t0, t1, *args), BH * ((N + rows - 1) // rows), nthreads)
 
     def _varlen_tiles(self, cu: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray]:
         """``(sequence, first local row)`` of every tile of ``rows`` rows, sequence by sequence."""
@@ -579,9 +648,16 @@ class NumbaBackend(Backend):
         lse3 = np.where(lse3 == -np.inf, np.inf, lse3).astype(cdt)
         P = kernel_params(pb)
         nthreads = self._threads_for(pb, work=3.0)
-        blas = self._use_blas(pb)
-        if blas:
+        fam = self._family(pb)
+        W = 1
+        if fam == "blas":
             _, _, rows, block = self.blas_tiles
+        elif fam == "simd":
+            from ._numba.microkernel import ROWS, lanes
+
+            W = lanes(cdt.itemsize)
+            _, _, rows, block = self.simd_tiles
+            rows, block = _round_up(rows, ROWS), _round_up(block, W)
         else:
             rows, block = self.fused_tiles
         nkb = (M + block - 1) // block
@@ -591,7 +667,12 @@ class NumbaBackend(Backend):
         dk3 = np.empty((B * Hkv, M, D), cdt)
         dv3 = np.empty((B * Hkv, M, Dv), cdt)
         args = (q3, k3, v3, do3, lse3, delta, P, rows, block, nchunk, dq_acc, dk3, dv3)
-        if blas:
+        if fam == "simd":
+            kern = _kernel("simd.backward")
+            sargs = args[:9] + (W,) + args[9:]
+            _announce("simd-backward", cdt, [(kern, (0, 0) + sargs)])
+            run_tasks(lambda t0, t1: kern(t0, t1, *sargs), tasks * nchunk, nthreads, chunks_per_thread=1)
+        elif fam == "blas":
             kern = _kernel("blas.backward_gemm")
             _announce("blas-backward", cdt, [(kern, (0, 0) + args)])
             with _blas.single_threaded():
@@ -619,7 +700,7 @@ def _family_problem(family: str, dtype: str) -> tuple[NumbaBackend, Problem, str
     n = 70
     q = rng.standard_normal((1, 2, n, 16)).astype(dtype)
     k = rng.standard_normal((1, 2, n, 16)).astype(dtype)
-    kernels = "blas" if family.startswith("blas") else "fused"
+    kernels = family.split("-")[0] if family.startswith(("blas", "simd")) else "fused"
     be = NumbaBackend(kernels=kernels)
     if family == "varlen":
         cu = np.array([0, 30, n], np.int64)
@@ -707,7 +788,24 @@ def _family_calls(family: str, dtype: str) -> list[tuple[Any, tuple[Any, ...]]]:
             (_kernel("blas.key_norm_max"), (0, 0, k3, kmax)),
             (_kernel("blas.forward_gemm"), (0, 0, q3, k3, v3, P, kmax, 0.0, 64, 64, out3, lse3)),
         ]
+    if family == "simd-forward":
+        from ._numba.microkernel import lanes
+
+        from ._numba.simd import key_columns
+
+        kmax = np.empty(k3.shape[0], cdt)
+        W = lanes(cdt.itemsize)
+        kt = np.empty((k3.shape[0], k3.shape[2], key_columns(k3.shape[1], W)), cdt)
+        return [
+            (_kernel("simd.prepare_keys"), (0, 0, k3, kt, kmax)),
+            (_kernel("simd.forward"), (0, 0, q3, kt, v3, P, kmax, 0.0, 64, 64, W, out3, lse3)),
+        ]
     dq = np.empty((1, BH, N, q3.shape[2]), cdt)
     dk, dv = np.empty_like(k3), np.empty_like(v3)
+    if family == "simd-backward":
+        from ._numba.microkernel import lanes
+
+        args = (0, 0, q3, k3, v3, out3, lse3, lse3, P, 64, 64, lanes(cdt.itemsize), 1, dq, dk, dv)
+        return [(_kernel("simd.backward"), args)]
     args = (0, 0, q3, k3, v3, out3, lse3, lse3, P, 64, 64, 1, dq, dk, dv)
     return [(_kernel("blas.backward_gemm" if family == "blas-backward" else "fused.backward"), args)]

@@ -17,6 +17,8 @@ from numba import types
 from numba.extending import intrinsic, overload
 
 from ... import _dropout
+from .microkernel import row_max
+from .opts import FASTMATH, INLINE, OPTS
 
 __all__ = [
     "FASTMATH",
@@ -42,13 +44,7 @@ _MUL_COL = _dropout.MUL_COL
 _F1 = int(_dropout.FMIX_1)
 _F2 = int(_dropout.FMIX_2)
 
-#: Reassociation lets LLVM vectorise the reductions; no nnan/ninf: -inf and NaN
-#: carry meaning here (masked scores, NaN propagation).
-FASTMATH = {"contract", "reassoc"}
-#: Options of every kernel: serial (the host runs task ranges on its own
-#: threads), GIL released, cached on disk.
-OPTS = dict(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy", boundscheck=False)
-_INLINE = dict(OPTS, inline="always")
+_INLINE = INLINE
 
 
 @nb.njit(**_INLINE)
@@ -363,9 +359,7 @@ def softmax_tile(s, nr, nc, mrow, lrow, o, Dv, bounded, ninf, zero):
         if bounded:
             lrow[r] += exp_shift_row(srow, nc, zero)
             continue
-        mx = ninf
-        for c in range(nc):
-            mx = srow[c] if srow[c] > mx else mx
+        mx = row_max(srow, nc, ninf)
         mold = mrow[r]
         mnew = mx if mx > mold else mold
         muse = zero if mnew == ninf else mnew

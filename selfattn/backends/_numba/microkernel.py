@@ -1,0 +1,306 @@
+"""Register-blocked tile products emitted as LLVM vector code (the SIMD family's inner loops).
+
+LLVM does not find the register blocking of a matrix product by itself in
+Numba code (plain loops reach 4-10 GFLOP/s on a core that does ~100), so the
+micro-kernel is written directly in LLVM IR through
+:func:`numba.extending.intrinsic`: ``R`` rows x ``NV`` vectors of ``W``
+lanes of ``C`` live in vector registers for the whole reduction, each step
+loads ``NV`` vectors of one row of ``B`` and broadcasts one scalar of ``A``
+per row, and updates the accumulators with ``llvm.fma`` on ``<W x float>``
+(``<W/2 x double>`` for float64). The backend's code generator lowers those
+to ``vfmadd...ps zmm`` (AVX-512), ``ymm`` (AVX2) or NEON ``fmla``; a vector
+type wider than the hardware is split by LLVM, so the choice of ``W`` never
+affects results, only speed.
+
+:func:`gemm` is the one product every SIMD kernel uses:
+``C[:nr, :ncol] (+)= A[:nr, :kred] @ B[:kred, :ncol]`` where ``A`` is read
+through arbitrary element strides (so ``A`` may be a transposed view of a
+score tile, which is how ``P^T dO`` and ``dS^T Q`` avoid a transposed copy)
+and ``B``/``C`` are row-major with a leading dimension. Row counts must be
+multiples of ``R`` and column counts multiples of ``W`` (callers pad their
+scratch tiles); reads of ``A`` and ``B`` stay inside ``[:nr]``/``[:kred]``.
+
+The vector width is chosen once, at import, from the host CPU that Numba
+compiles for (``llvmlite.binding.get_host_cpu_features``): 16 float32 lanes
+with AVX-512F, 8 with AVX2/FMA, 4 otherwise (SSE, NEON). Numba's disk cache
+keys machine code on the CPU name and features, so a cache built on another
+CPU is not reused.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numba as nb
+from llvmlite import binding as llb
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from .opts import INLINE, OPTS
+
+__all__ = ["LANES32", "ROWS", "VECS", "lanes", "gemm", "row_max", "vector_isa"]
+
+
+def vector_isa() -> tuple[str, int]:
+    """``(name, float32 lanes)`` of the widest vector FMA the host CPU offers to Numba.
+
+    ``SELFATTN_SIMD_LANES`` (4, 8 or 16) overrides the choice (tests and
+    benchmarks use it to compare widths; every width gives the same results).
+    """
+    forced = os.environ.get("SELFATTN_SIMD_LANES")
+    if forced:
+        n = int(forced)
+        if n not in (4, 8, 16):
+            raise ValueError(f"SELFATTN_SIMD_LANES must be 4, 8 or 16, got {forced!r}")
+        return f"forced {n} lanes", n
+    try:
+        feats = llb.get_host_cpu_features()
+    except Exception:  # pragma: no cover - llvmlite cannot query this CPU
+        feats = {}
+    if feats.get("avx512f"):
+        return "avx512f", 16
+    if feats.get("avx2") and feats.get("fma"):
+        return "avx2+fma", 8
+    if feats.get("neon"):
+        return "neon", 4
+    return "sse/generic", 4
+
+
+#: float32 lanes per vector register on this host (float64: half as many).
+LANES32 = vector_isa()[1]
+#: Rows of C held in registers per micro-kernel call.
+ROWS = 8
+#: Most vectors per row of C held in registers (``ROWS * VECS`` = 24 accumulators,
+#: which with the ``B`` vectors and one broadcast fits AVX-512's 32 registers).
+VECS = 3
+
+
+def lanes(dtype_bytes: int) -> int:
+    """Lanes of one vector for elements of ``dtype_bytes`` bytes."""
+    return LANES32 * 4 // dtype_bytes
+
+
+def _micro(nrows: int, nvec: int):
+    """The ``nrows x nvec``-vector micro-kernel as a Numba intrinsic (one per shape, typed per dtype).
+
+    ``_k(a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, kred, acc)``:
+    ``C[r, j] (+)= sum_d A[a_off + r*ars + d*aks] * B[b_off + d*ldb + j]``
+    for ``r < nrows``, ``j < nvec*W``; offsets and strides in elements;
+    ``acc`` False overwrites ``C``.
+    """
+
+    @intrinsic
+    def _k(typingctx, a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, kred, acc):
+        arrs = (a, b, c)
+        if not all(isinstance(x, types.Array) for x in arrs):
+            return None
+        dt = a.dtype
+        if dt not in (types.float32, types.float64) or b.dtype != dt or c.dtype != dt:
+            return None
+        ints = (a_off, ars, aks, b_off, ldb, c_off, ldc, kred)
+        if not all(isinstance(x, types.Integer) for x in ints) or not isinstance(acc, types.Boolean):
+            return None
+        sig = types.void(a, types.intp, types.intp, types.intp, b, types.intp, types.intp, c, types.intp,
+                         types.intp, types.intp, types.boolean)
+        width = lanes(8 if dt == types.float64 else 4)
+
+        def codegen(context, builder, signature, args):
+            fty = context.get_value_type(dt)
+            vty = ir.VectorType(fty, width)
+            i32 = ir.IntType(32)
+            intp = context.get_value_type(types.intp)
+            a_arr = context.make_array(signature.args[0])(context, builder, args[0])
+            b_arr = context.make_array(signature.args[4])(context, builder, args[4])
+            c_arr = context.make_array(signature.args[7])(context, builder, args[7])
+            a_off, ars, aks = args[1], args[2], args[3]
+            b_off, ldb = args[5], args[6]
+            c_off, ldc, kred, accf = args[8], args[9], args[10], args[11]
+            pa = builder.gep(a_arr.data, [a_off])
+            pb = builder.gep(b_arr.data, [b_off])
+            pc = builder.gep(c_arr.data, [c_off])
+            fname = f"llvm.fma.v{width}{'f64' if dt == types.float64 else 'f32'}"
+            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty, vty, vty]), fname)
+            esize = dt.bitwidth // 8
+            zero_v = ir.Constant(vty, [ir.Constant(fty, 0.0)] * width)
+            splat_mask = ir.Constant(ir.VectorType(i32, width), [0] * width)
+            undef_v = ir.Constant(vty, ir.Undefined)
+
+            def vptr(base, offset):
+                return builder.bitcast(builder.gep(base, [offset]), vty.as_pointer())
+
+            def c_off_of(r, j):
+                return builder.add(builder.mul(ir.Constant(intp, r), ldc), ir.Constant(intp, j * width))
+
+            # Initial accumulators: C (accumulate) or zeros.
+            init = []
+            with builder.if_else(builder.icmp_unsigned("!=", accf, ir.Constant(accf.type, 0))) as (then, other):
+                with then:
+                    bb_then = builder.block
+                    loaded = [builder.load(vptr(pc, c_off_of(r, j)), align=esize)
+                              for r in range(nrows) for j in range(nvec)]
+                    bb_then = builder.block
+                with other:
+                    bb_else = builder.block
+            for idx in range(nrows * nvec):
+                phi = builder.phi(vty)
+                phi.add_incoming(loaded[idx], bb_then)
+                phi.add_incoming(zero_v, bb_else)
+                init.append(phi)
+            pre = builder.block
+            loop = builder.append_basic_block("mk.loop")
+            done = builder.append_basic_block("mk.done")
+            zero_i = ir.Constant(intp, 0)
+            builder.cbranch(builder.icmp_signed(">", kred, zero_i), loop, done)
+            builder.position_at_end(loop)
+            d = builder.phi(intp)
+            d.add_incoming(zero_i, pre)
+            accs = []
+            for idx in range(nrows * nvec):
+                phi = builder.phi(vty)
+                phi.add_incoming(init[idx], pre)
+                accs.append(phi)
+            brow = builder.mul(d, ldb)
+            bv = [builder.load(vptr(pb, builder.add(brow, ir.Constant(intp, j * width))), align=esize)
+                  for j in range(nvec)]
+            acol = builder.mul(d, aks)
+            new = []
+            for r in range(nrows):
+                aoff = builder.add(builder.mul(ir.Constant(intp, r), ars), acol)
+                x = builder.load(builder.gep(pa, [aoff]), align=esize)
+                xs = builder.shuffle_vector(builder.insert_element(undef_v, x, ir.Constant(i32, 0)), undef_v,
+                                            splat_mask)
+                for j in range(nvec):
+                    new.append(builder.call(fma, [xs, bv[j], accs[r * nvec + j]]))
+            d_next = builder.add(d, ir.Constant(intp, 1))
+            d.add_incoming(d_next, builder.block)
+            for idx in range(nrows * nvec):
+                accs[idx].add_incoming(new[idx], builder.block)
+            builder.cbranch(builder.icmp_signed("<", d_next, kred), loop, done)
+            loop_end = builder.block
+            builder.position_at_end(done)
+            results = []
+            for idx in range(nrows * nvec):  # phis first: LLVM wants them at the top of the block
+                res = builder.phi(vty)
+                res.add_incoming(init[idx], pre)
+                res.add_incoming(new[idx], loop_end)
+                results.append(res)
+            for r in range(nrows):
+                for j in range(nvec):
+                    builder.store(results[r * nvec + j], vptr(pc, c_off_of(r, j)), align=esize)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return _k
+
+
+# One intrinsic per (rows, vectors). Measured on one core (AVX-512, float32,
+# 96 x 256 x 64 and 96 x 64 x 256 products): 8 x 3 vectors 167-173 GFLOP/s,
+# 8 x 2 138-163, 4 x 4 114-160, 6 x 4 137-151 (single-threaded sgemm 2048^2:
+# ~150). Short reductions (D = 64) favour many accumulators per B load.
+_K8_3 = _micro(ROWS, 3)
+_K8_2 = _micro(ROWS, 2)
+_K8_1 = _micro(ROWS, 1)
+assert ROWS == 8 and VECS == 3  # the dispatch in gemm below is written for these
+
+
+@nb.njit(**INLINE)
+def _panel(a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, kred, acc, nv):
+    if nv == 3:
+        _K8_3(a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, kred, acc)
+    elif nv == 2:
+        _K8_2(a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, kred, acc)
+    else:
+        _K8_1(a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, kred, acc)
+
+
+@nb.njit(**OPTS)
+def gemm(a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, nr, ncol, kred, acc, width):
+    """``C[:nr, :ncol] (+)= A[:nr, :kred] @ B[:kred, :ncol]`` with the vector micro-kernels.
+
+    ``A[r, d] = a.flat[a_off + r*ars + d*aks]``, ``B[d, j] = b.flat[b_off +
+    d*ldb + j]``, ``C[r, j] = c.flat[c_off + r*ldc + j]`` (arrays
+    C-contiguous; offsets/strides in elements). ``nr`` must be a multiple of
+    :data:`ROWS` and ``ncol`` a multiple of ``width`` (this dtype's
+    :func:`lanes`). ``acc`` False overwrites ``C``. Column panels go
+    outermost so a panel of ``B`` (``kred`` rows) stays in L1 while every
+    row block of ``A`` passes over it; panels are 3 vectors wide, ending
+    with 2 + 2 rather than 3 + 1 (a 1-vector panel reuses each broadcast once).
+    """
+    rem = ncol // width
+    j0 = 0
+    while rem > 0:
+        nv = 3 if (rem >= 5 or rem == 3) else (2 if rem >= 2 else 1)
+        for r0 in range(0, nr, ROWS):
+            _panel(a, a_off + r0 * ars, ars, aks, b, b_off + j0, ldb, c, c_off + r0 * ldc + j0, ldc, kred, acc, nv)
+        j0 += nv * width
+        rem -= nv
+
+
+@intrinsic
+def _vmax(typingctx, a, off, nvec, init):
+    """``max(init, a[off : off + nvec*W])`` with ``llvm.maxnum`` on vectors (NaN entries are skipped, as by maxnum)."""
+    if not isinstance(a, types.Array) or a.dtype not in (types.float32, types.float64) or init != a.dtype:
+        return None
+    if not isinstance(off, types.Integer) or not isinstance(nvec, types.Integer):
+        return None
+    dt = a.dtype
+    width = lanes(8 if dt == types.float64 else 4)
+    sig = dt(a, types.intp, types.intp, dt)
+
+    def codegen(context, builder, signature, args):
+        fty = context.get_value_type(dt)
+        vty = ir.VectorType(fty, width)
+        intp = context.get_value_type(types.intp)
+        suffix = f"v{width}{'f64' if dt == types.float64 else 'f32'}"
+        vmax = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty, vty]), f"llvm.maxnum.{suffix}")
+        red = cgutils.get_or_insert_function(builder.module, ir.FunctionType(fty, [vty]),
+                                             f"llvm.vector.reduce.fmax.{suffix}")
+        smax = cgutils.get_or_insert_function(builder.module, ir.FunctionType(fty, [fty, fty]),
+                                              f"llvm.maxnum.{'f64' if dt == types.float64 else 'f32'}")
+        arr = context.make_array(signature.args[0])(context, builder, args[0])
+        base = builder.gep(arr.data, [args[1]])
+        nvec, init = args[2], args[3]
+        start = ir.Constant(vty, [ir.Constant(fty, float("-inf"))] * width)
+        pre = builder.block
+        loop = builder.append_basic_block("vmax.loop")
+        done = builder.append_basic_block("vmax.done")
+        zero = ir.Constant(intp, 0)
+        builder.cbranch(builder.icmp_signed(">", nvec, zero), loop, done)
+        builder.position_at_end(loop)
+        i = builder.phi(intp)
+        acc = builder.phi(vty)
+        i.add_incoming(zero, pre)
+        acc.add_incoming(start, pre)
+        ptr = builder.bitcast(builder.gep(base, [builder.mul(i, ir.Constant(intp, width))]), vty.as_pointer())
+        nxt = builder.call(vmax, [acc, builder.load(ptr, align=dt.bitwidth // 8)])
+        inext = builder.add(i, ir.Constant(intp, 1))
+        i.add_incoming(inext, builder.block)
+        acc.add_incoming(nxt, builder.block)
+        end = builder.block
+        builder.cbranch(builder.icmp_signed("<", inext, nvec), loop, done)
+        builder.position_at_end(done)
+        res = builder.phi(vty)
+        res.add_incoming(start, pre)
+        res.add_incoming(nxt, end)
+        return builder.call(smax, [builder.call(red, [res]), init])
+
+    return sig, codegen
+
+
+@nb.njit(**INLINE)
+def row_max(srow, nc, init):
+    """``max(init, srow[:nc])`` ignoring NaN entries (as ``x > m ? x : m`` does), vectorised.
+
+    ``srow`` is a C-contiguous 1-D array (a row of a tile). LLVM does not
+    vectorise the compare-and-select loop (NaN semantics), so full vectors
+    go through ``llvm.maxnum``.
+    """
+    width = LANES32 * 4 // srow.itemsize
+    nv = nc // width
+    m = _vmax(srow, 0, nv, init)
+    for c in range(nv * width, nc):
+        m = srow[c] if srow[c] > m else m
+    return m

@@ -1,0 +1,319 @@
+"""SIMD kernels: the FlashAttention structure with our own vector micro-kernels, no BLAS.
+
+The BLAS-tile kernels (:mod:`~selfattn.backends._numba.blas`) top out near
+0.8 of ``numpy.matmul``: their products are thin (inner dimension D = 64),
+and every score tile is packed again by BLAS before ``P @ V``. These kernels
+keep the same tasks, online softmax and band handling but do both products
+with :func:`~selfattn.backends._numba.microkernel.gemm`, whose accumulators
+stay in vector registers:
+
+* ``S = (q*scale) K^T``: the scaled query tile (``BR x D``, L1) times a
+  block of the transposed keys (:func:`prepare_keys` transposes each head
+  once per call), written to the score tile ``s`` (``BR x BC``, L2);
+* scale/soft-cap/ALiBi/mask/band (:func:`~selfattn.backends._numba.tiles.score_bias`)
+  and the online softmax with the vectorised exp, on ``s`` in place;
+* ``O += P V``: ``P`` is read straight from ``s`` by scalar broadcasts (no
+  copy, no re-packing) against rows of ``V`` read in place.
+
+The backward's five products (``S``, ``dP = dO V^T``, ``dV += (P*Z)^T dO``,
+``dK += dS^T (q*scale)``, ``dQ += dS K``) use the same micro-kernel; the
+transposed operands ``P^T`` and ``dS^T`` are read through strides, not
+copied.
+
+Tiles are padded (rows to :data:`~selfattn.backends._numba.microkernel.ROWS`,
+columns to the vector width) inside scratch buffers; padded results are never
+read back. Serial over task ranges ``[t0, t1)``, GIL released, no BLAS (so no
+thread limit on any BLAS is needed while they run); arguments follow
+:mod:`selfattn.backends._numba.args`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba as nb
+import numpy as np
+
+from .microkernel import ROWS, gemm
+from .opts import INLINE, OPTS
+from .tiles import (
+    cast_like,
+    dropout_grad,
+    dropout_tile,
+    ds_in_place,
+    exp_shift_row,
+    finish_rows,
+    query_task,
+    score_bias,
+    softmax_tile,
+)
+
+__all__ = ["prepare_keys", "key_columns", "forward", "backward", "BR", "BC", "BRB", "BCB"]
+
+#: Query rows per forward task (the host may pass fewer so every thread gets work; a multiple of ROWS).
+BR = 64
+#: Keys per forward block: the 64 x 256 float32 score tile (64 KiB) and the packed K^T block stay in L2.
+BC = 256
+#: Query rows per backward tile.
+BRB = 64
+#: Keys per backward block.
+BCB = 128
+
+
+@nb.njit(**INLINE)
+def _up(n, m):
+    return (n + m - 1) // m * m
+
+
+@nb.njit(**OPTS)
+def _pack_t(src, row0, nrow, ncol, dst, ld):
+    """``dst[c*ld + r] = src[row0 + r, c]`` for ``r < nrow``, ``c < ncol``; columns ``nrow..ld`` zeroed."""
+    for c in range(ncol):
+        base = c * ld
+        for r in range(nrow, ld):
+            dst[base + r] = 0.0
+    for r in range(nrow):
+        srow = src[row0 + r]
+        for c in range(ncol):
+            dst[c * ld + r] = srow[c]
+
+
+@nb.njit(**OPTS)
+def _pack(src, row0, nrow, ncol, dst, ld, nrow_pad):
+    """``dst[r*ld + c] = src[row0 + r, c]``; columns ``ncol..ld`` and rows ``nrow..nrow_pad`` zeroed."""
+    for r in range(nrow):
+        srow = src[row0 + r]
+        base = r * ld
+        for c in range(ncol):
+            dst[base + c] = srow[c]
+        for c in range(ncol, ld):
+            dst[base + c] = 0.0
+    for i in range(nrow * ld, nrow_pad * ld):
+        dst[i] = 0.0
+
+
+def key_columns(m: int, width: int) -> int:
+    """Columns of :func:`prepare_keys`' transposed keys: ``m`` rounded up to ``width``, plus ``width``.
+
+    A key block may start anywhere (blocks are cut at the band's edges) and
+    its product reads whole vectors, so up to ``width - 1`` columns past the
+    last key are read; they are zeros.
+    """
+    return -(-m // width) * width + width
+
+
+@nb.njit(**OPTS)
+def prepare_keys(t0, t1, k, kt, kmax):
+    """Per key/value head ``t``: ``kt[t] = k[t].T`` (zero-padded columns) and ``kmax[t]`` = its largest key norm.
+
+    ``k`` ``(BKV, M, D)``, ``kt`` ``(BKV, D, Mp)`` with ``Mp`` from
+    :func:`key_columns`. The forward reads ``K^T`` blocks as the ``B`` operand
+    of ``S = Q K^T`` in place, so each key is transposed once per call instead
+    of once per query tile. Norms are accumulated in float64; NaN keys give
+    NaN (which disables the shift-free shortcut).
+    """
+    M, D = k.shape[1], k.shape[2]
+    Mp = kt.shape[2]
+    for t in range(t0, t1):
+        best = 0.0
+        # Blocks of 16 keys: reads of k rows and writes of kt rows stay within a few cache lines.
+        for j0 in range(0, M, 16):
+            j1 = min(M, j0 + 16)
+            for j in range(j0, j1):
+                acc = 0.0
+                for dd in range(D):
+                    x = k[t, j, dd]
+                    acc += np.float64(x) * np.float64(x)
+                if acc > best or acc != acc:  # once NaN, it sticks
+                    best = acc
+            for dd in range(D):
+                for j in range(j0, j1):
+                    kt[t, dd, j] = k[t, j, dd]
+        for dd in range(D):
+            for j in range(M, Mp):
+                kt[t, dd, j] = 0.0
+        kmax[t] = math.sqrt(best)
+
+
+@nb.njit(**OPTS)
+def forward(t0, t1, q, kt, v, P, kmax, safe, BR, BC, W, out, lse):
+    """Online-softmax forward on the vector micro-kernels; tasks are (bh, tile of ``BR`` rows).
+
+    Same contract as :func:`selfattn.backends._numba.blas.forward_gemm`
+    (including the shift-free shortcut with ``kmax``/``safe`` and the blocks
+    cut at the band's edges); ``W`` is the vector width in lanes of this
+    dtype, ``BR`` a multiple of ``ROWS`` and ``BC`` of ``W``. Writes ``out``
+    ``(BH, N, Dv)`` and ``lse`` ``(BH, N)`` (``-inf`` where nothing is attended).
+    """
+    BH, N, D = q.shape
+    M = v.shape[1]
+    Mp = kt.shape[2]
+    Dv = v.shape[2]
+    G = P.Hq // P.Hkv
+    nqb = (N + BR - 1) // BR
+    dt = q.dtype
+    Dvw = _up(Dv, W)
+    v_in_place = Dvw == Dv
+    qs = np.zeros(BR * D, dt)
+    ktflat = kt.reshape(kt.size)
+    sbuf = np.zeros(BR * BC, dt)
+    vp = np.zeros(1 if v_in_place else BC * Dvw, dt)
+    obuf = np.zeros(BR * Dvw, dt)
+    dcap_buf = np.zeros(BR * BC if P.softcap > 0.0 else 1, dt)
+    mrow = np.empty(BR, dt)
+    lrow = np.empty(BR, dt)
+    vflat = v.reshape(v.size)
+    zero = cast_like(0.0, qs[0])
+    ninf = cast_like(-np.inf, zero)
+    sc = cast_like(P.scale, zero)
+    capped_small = P.softcap > 0.0 and P.softcap * 1.001 <= safe
+    for t in range(t0, t1):
+        bh, b, h, kvh, i0, i1, j0, j1 = query_task(t, nqb, BR, N, M, G, P)
+        nr = i1 - i0
+        nrp = _up(nr, ROWS)
+        o = obuf.reshape((BR, Dvw))
+        for i in range(nrp * Dvw):
+            obuf[i] = zero
+        for r in range(nr):
+            mrow[r] = ninf
+            lrow[r] = zero
+        bounded = safe > 0.0
+        for r in range(nr):
+            nrm = zero
+            for dd in range(D):
+                x = q[bh, i0 + r, dd] * sc
+                qs[r * D + dd] = x
+                nrm += x * x
+            if not (math.sqrt(nrm) * kmax[kvh] * 1.001 <= safe):
+                bounded = False
+        for i in range(nr * D, nrp * D):
+            qs[i] = zero
+        bounded = bounded or capped_small
+        if bounded:
+            for r in range(nr):
+                mrow[r] = zero
+        e0 = min(max(j0, i1 - 1 + P.off - P.lo), j1)
+        e1 = max(min(j1, i0 + P.off + P.up + 1), e0)
+        c1 = j0
+        while c1 < j1:
+            c0 = c1
+            c1 = min(c0 + BC, e0 if c0 < e0 else (e1 if c0 < e1 else j1))
+            nc = c1 - c0
+            ncw = _up(nc, W)
+            s = sbuf[: nrp * ncw].reshape((nrp, ncw))
+            dcap = dcap_buf[: nr * ncw].reshape((nr, ncw)) if P.softcap > 0.0 else dcap_buf[:1].reshape((1, 1))
+            gemm(qs, 0, D, 1, ktflat, kvh * D * Mp + c0, Mp, sbuf, 0, ncw, nrp, ncw, D, False, W)
+            score_bias(s, nr, nc, i0, c0, b, h, P.off, P, dcap, False)
+            softmax_tile(s, nr, nc, mrow, lrow, o, Dv, bounded, ninf, zero)
+            if P.thr > 0:
+                dropout_tile(s, nr, nc, i0, c0, b, h, P)
+            if v_in_place:
+                gemm(sbuf, 0, ncw, 1, vflat, (kvh * M + c0) * Dv, Dv, obuf, 0, Dvw, nrp, Dvw, nc, True, W)
+            else:
+                _pack(v[kvh], c0, nc, Dv, vp, Dvw, nc)
+                gemm(sbuf, 0, ncw, 1, vp, 0, Dvw, obuf, 0, Dvw, nrp, Dvw, nc, True, W)
+        finish_rows(o, mrow, lrow, nr, Dv, j1 <= j0, P.dscale, out, lse, bh, i0)
+
+
+@nb.njit(**OPTS)
+def backward(t0, t1, q, k, v, do, lse, delta, P, BRB, BCB, W, nchunk, dq_acc, dk, dv):
+    """FlashAttention-2 backward on the vector micro-kernels; tasks are (kv head, key chunk).
+
+    Same contract as :func:`selfattn.backends._numba.blas.backward_gemm`
+    (``lse`` holds ``+inf`` for rows that attend nothing; dQ of chunk ``ch``
+    goes to ``dq_acc[ch]``, summed by the host). ``BRB`` must be a multiple of
+    ``ROWS``, ``BCB`` of ``W``.
+    """
+    BH, N, D = q.shape
+    BKV, M, Dv = v.shape
+    G = P.Hq // P.Hkv
+    nkb = (M + BCB - 1) // BCB
+    per = (nkb + nchunk - 1) // nchunk
+    dt = q.dtype
+    Dw = _up(D, W)
+    Dvw = _up(Dv, W)
+    k_in_place = Dw == D
+    qs = np.zeros(BRB * Dw, dt)
+    dob = np.zeros(BRB * Dvw, dt)
+    kt = np.zeros(D * BCB, dt)
+    vt = np.zeros(Dv * BCB, dt)
+    kp = np.zeros(1 if k_in_place else BCB * Dw, dt)
+    sbuf = np.zeros(BRB * BCB, dt)
+    dpbuf = np.zeros(BRB * BCB, dt)
+    zbuf = np.zeros(BRB * BCB if P.thr > 0 else 1, dt)
+    dcap_buf = np.zeros(BRB * BCB if P.softcap > 0.0 else 1, dt)
+    dka = np.zeros(BCB * Dw, dt)
+    dva = np.zeros(BCB * Dvw, dt)
+    dqt = np.zeros(BRB * Dw, dt)
+    kflat = k.reshape(k.size)
+    zero = cast_like(0.0, qs[0])
+    sc = cast_like(P.scale, zero)
+    capped = P.softcap > 0.0
+    for t in range(t0, t1):
+        ch = t % nchunk
+        kvh = t // nchunk
+        b = kvh // P.Hkv
+        hk = kvh - b * P.Hkv
+        for kbi in range(ch * per, min(nkb, (ch + 1) * per)):
+            c0 = kbi * BCB
+            c1 = min(M, c0 + BCB)
+            nc = c1 - c0
+            ncw = _up(nc, W)
+            ncr = _up(nc, ROWS)
+            _pack_t(k[kvh], c0, nc, D, kt, ncw)
+            _pack_t(v[kvh], c0, nc, Dv, vt, ncw)
+            if not k_in_place:
+                _pack(k[kvh], c0, nc, D, kp, Dw, nc)
+            for i in range(ncr * Dw):
+                dka[i] = zero
+            for i in range(ncr * Dvw):
+                dva[i] = zero
+            ilo = max(0, c0 - P.off - P.up)
+            ihi = min(N, c1 - 1 - P.off + P.lo + 1)
+            for g in range(G):
+                h = hk * G + g
+                bh = b * P.Hq + h
+                for i0 in range(ilo, ihi, BRB):
+                    i1 = min(ihi, i0 + BRB)
+                    nr = i1 - i0
+                    nrp = _up(nr, ROWS)
+                    for r in range(nr):
+                        for dd in range(D):
+                            qs[r * Dw + dd] = q[bh, i0 + r, dd] * sc
+                        for dd in range(D, Dw):
+                            qs[r * Dw + dd] = zero
+                    for i in range(nr * Dw, nrp * Dw):
+                        qs[i] = zero
+                    _pack(do[bh], i0, nr, Dv, dob, Dvw, nrp)
+                    s = sbuf[: nrp * ncw].reshape((nrp, ncw))
+                    dp = dpbuf[: nrp * ncw].reshape((nrp, ncw))
+                    dcap = dcap_buf[: nr * ncw].reshape((nr, ncw)) if capped else dcap_buf[:1].reshape((1, 1))
+                    gemm(qs, 0, Dw, 1, kt, 0, ncw, sbuf, 0, ncw, nrp, ncw, D, False, W)
+                    score_bias(s, nr, nc, i0, c0, b, h, P.off, P, dcap, True)
+                    gemm(dob, 0, Dvw, 1, vt, 0, ncw, dpbuf, 0, ncw, nrp, ncw, Dv, False, W)
+                    for r in range(nr):
+                        exp_shift_row(s[r], nc, lse[bh, i0 + r])
+                    # dV += (P*Z)^T dO: P^T read through strides (rows = keys).
+                    if P.thr > 0:
+                        pz = zbuf[: nrp * ncw].reshape((nrp, ncw))
+                        dropout_grad(s, dp, pz, False, nr, nc, i0, c0, b, h, P)
+                        gemm(zbuf, 0, 1, ncw, dob, 0, Dvw, dva, 0, Dvw, ncr, Dvw, nr, True, W)
+                    else:
+                        gemm(sbuf, 0, 1, ncw, dob, 0, Dvw, dva, 0, Dvw, ncr, Dvw, nr, True, W)
+                    ds_in_place(s, dp, nr, nc, delta, bh, i0, dcap, capped)
+                    # dK += dS^T (q*scale)
+                    gemm(sbuf, 0, 1, ncw, qs, 0, Dw, dka, 0, Dw, ncr, Dw, nr, True, W)
+                    # dQ += dS K * scale
+                    if k_in_place:
+                        gemm(sbuf, 0, ncw, 1, kflat, (kvh * M + c0) * D, D, dqt, 0, Dw, nrp, Dw, nc, False, W)
+                    else:
+                        gemm(sbuf, 0, ncw, 1, kp, 0, Dw, dqt, 0, Dw, nrp, Dw, nc, False, W)
+                    for r in range(nr):
+                        dqrow = dq_acc[ch, bh, i0 + r]
+                        for dd in range(D):
+                            dqrow[dd] += dqt[r * Dw + dd] * sc
+            for c in range(nc):
+                for dd in range(D):
+                    dk[kvh, c0 + c, dd] = dka[c * Dw + dd]
+                for e in range(Dv):
+                    dv[kvh, c0 + c, e] = dva[c * Dvw + e]

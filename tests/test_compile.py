@@ -39,11 +39,11 @@ else:
     chosen = "numba"
 misses = {}
 if "numba" in sys.modules:
-    from selfattn.backends._numba import blas, fused
+    from selfattn.backends._numba import fused, simd
     for name in ("forward", "merge_splits"):
         misses[f"fused.{name}"] = sum(getattr(fused, name).stats.cache_misses.values())
-    for name in ("forward_gemm", "key_norm_max"):
-        misses[f"blas.{name}"] = sum(getattr(blas, name).stats.cache_misses.values())
+    for name in ("forward", "prepare_keys"):
+        misses[f"simd.{name}"] = sum(getattr(simd, name).stats.cache_misses.values())
 print(json.dumps({"chosen": chosen, "numba_imported": "numba" in sys.modules, "log": log.getvalue(),
                   "misses": misses}))
 """

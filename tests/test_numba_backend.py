@@ -373,7 +373,7 @@ def test_automatic_kernel_choice(kernel_path, monkeypatch):
     small = selfattn._problem.normalize(*_inputs(rng, 1, 2, 2, 8, 8, 4))
     assert be._family(big) == "simd"
     assert be._family(small) == "fused"
-    few_rows = selfattn._problem.normalize(*_inputs(rng, 8, 8, 8, numba_.GEMM_MIN_ROWS - 1, 4096, 64))
+    few_rows = selfattn._problem.normalize(*_inputs(rng, 8, 8, 8, numba_.SIMD_MIN_ROWS - 1, 4096, 64))
     assert be._family(few_rows) == "fused"  # enough work, but thin products
     assert be._family(big, nsplit=4) == "fused"  # decode-like: the key split wins
     assert "simd (" in be.plan(big) and "fused kernels" in be.plan(small)
@@ -526,7 +526,7 @@ def test_blas_tile_kernels_reported_and_refused_without_a_limitable_blas(monkeyp
 
     ctl, why = numba_._blas.probe()
     info = numba_.backend.info()["blas_tile_kernels"]
-    assert info == "yes" if ctl is not None else why in info
+    assert info.startswith("yes") if ctl is not None else why in info
     # A BLAS threadpoolctl cannot limit would be oversubscribed: the probe must refuse it.
     threadpoolctl = pytest.importorskip("threadpoolctl")
 
@@ -542,6 +542,139 @@ def test_blas_tile_kernels_reported_and_refused_without_a_limitable_blas(monkeyp
     assert "no BLAS it can limit" in numba_.backend.info()["blas_tile_kernels"]
     rng = np.random.default_rng(21)
     _check_forward(*_inputs(rng, 1, 4, 4, 256, 256, 64))  # still correct, on the fused kernels
+
+
+# -- the SIMD family's building blocks ---------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_microkernel_gemm_matches_numpy(dtype):
+    """Every panel split (3, 2+2, 3+2, 1 vectors), strided (transposed) A, offsets, accumulate or not."""
+    from selfattn.backends._numba import microkernel as mk
+
+    W = mk.lanes(np.dtype(dtype).itemsize)
+    rng = np.random.default_rng(30)
+    for nvec in (1, 2, 3, 4, 5, 7):
+        nr, ncol, kred = 2 * mk.ROWS, nvec * W, 13
+        a = rng.standard_normal((nr + 3, kred + 2)).astype(dtype)
+        b = rng.standard_normal((kred + 1, ncol + W)).astype(dtype)
+        want = a[3 : 3 + nr, 2:] @ b[1:, W:]
+        c = np.full((nr, ncol + 5), 7.0, dtype)
+        lda, ldb, ldc = a.shape[1], b.shape[1], c.shape[1]
+        mk.gemm(a.ravel(), 3 * lda + 2, lda, 1, b.ravel(), ldb + W, ldb, c.ravel(), 0, ldc, nr, ncol, kred, False, W)
+        np.testing.assert_allclose(c[:, :ncol], want, rtol=1e-5, atol=1e-5)
+        assert np.all(c[:, ncol:] == 7.0)  # nothing written past the columns asked for
+        mk.gemm(a.ravel(), 3 * lda + 2, lda, 1, b.ravel(), ldb + W, ldb, c.ravel(), 0, ldc, nr, ncol, kred, True, W)
+        np.testing.assert_allclose(c[:, :ncol], 2 * want, rtol=1e-5, atol=1e-5)
+        at = np.ascontiguousarray(a[3 : 3 + nr, 2:].T)  # A read through strides: row stride 1
+        ct = np.zeros((nr, ncol), dtype)
+        mk.gemm(at.ravel(), 0, 1, nr, b.ravel(), ldb + W, ldb, ct.ravel(), 0, ncol, nr, ncol, kred, False, W)
+        np.testing.assert_allclose(ct, want, rtol=1e-5, atol=1e-5)
+    c0 = np.full((mk.ROWS, W), 3.0, dtype)  # an empty reduction leaves C (acc) or zeroes it
+    mk.gemm(a.ravel(), 0, 1, 1, b.ravel(), 0, 1, c0.ravel(), 0, W, mk.ROWS, W, 0, True, W)
+    assert np.all(c0 == 3.0)
+    mk.gemm(a.ravel(), 0, 1, 1, b.ravel(), 0, 1, c0.ravel(), 0, W, mk.ROWS, W, 0, False, W)
+    assert np.all(c0 == 0.0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_row_max_skips_nan_like_the_scalar_loop(dtype):
+    from selfattn.backends._numba.microkernel import LANES32, row_max
+
+    @numba.njit
+    def rmax(x, n):
+        return row_max(x, n, x.dtype.type(-np.inf))
+
+    rng = np.random.default_rng(31)
+    for n in (0, 1, LANES32 - 1, LANES32, 3 * LANES32 + 5):
+        x = rng.standard_normal(n + 4).astype(dtype)
+        if n > 2:
+            x[1] = np.nan
+        want = np.nanmax(x[:n]) if n else -np.inf
+        assert rmax(x, n) == want
+    assert rmax(np.full(2 * LANES32, np.nan, dtype), 2 * LANES32) == -np.inf  # as `x > m ? x : m` gives
+    assert rmax(np.full(LANES32, -np.inf, dtype), LANES32) == -np.inf
+
+
+@pytest.mark.skipif(__import__("platform").machine() not in ("x86_64", "AMD64"), reason="checks x86 assembly")
+def test_microkernel_compiles_to_vector_fmas():
+    # The point of the SIMD family: the tile products must be packed FMAs on the
+    # widest vectors the host has (zmm with AVX-512, ymm with AVX2), not scalar code.
+    import re
+
+    from selfattn.backends._numba import microkernel as mk
+
+    @numba.njit
+    def prod(a, b, c, n):
+        mk.gemm(a, 0, n, 1, b, 0, 3 * mk.LANES32, c, 0, 3 * mk.LANES32, mk.ROWS, 3 * mk.LANES32, n, False, mk.LANES32)
+
+    a = np.ones(mk.ROWS * 8, np.float32)
+    b = np.ones(8 * 3 * mk.LANES32, np.float32)
+    c = np.zeros(mk.ROWS * 3 * mk.LANES32, np.float32)
+    prod(a, b, c, 8)
+    assert np.all(c == 8.0)
+    asm = "\n".join(prod.inspect_asm().values())
+    reg = {16: "zmm", 8: "ymm", 4: "xmm"}[mk.LANES32]
+    fmas = re.findall(rf"vfmadd\w*ps\s+%{reg}", asm)
+    assert len(fmas) >= mk.ROWS * 3, f"expected packed FMAs on {reg} registers, found {len(fmas)}"
+
+
+def test_simd_lanes_follow_the_host_and_can_be_forced(monkeypatch):
+    from selfattn.backends._numba.microkernel import vector_isa
+
+    name, n = vector_isa()
+    assert n in (4, 8, 16) and name
+    monkeypatch.setenv("SELFATTN_SIMD_LANES", "8")
+    assert vector_isa() == ("forced 8 lanes", 8)
+    monkeypatch.setenv("SELFATTN_SIMD_LANES", "5")
+    with pytest.raises(ValueError, match="SELFATTN_SIMD_LANES"):
+        vector_isa()
+
+
+def test_simd_width_does_not_change_results(tmp_path):
+    # Another vector width (AVX2's 8 lanes, or 4) compiles other micro-kernels: same numbers.
+    import subprocess
+    import sys
+
+    from selfattn.backends._numba.microkernel import LANES32
+
+    other = 8 if LANES32 != 8 else 4
+    code = (
+        "import numpy as np, selfattn\n"
+        "from selfattn.backends import numba_\n"
+        "numba_.backend.kernels = 'simd'\n"
+        "rng = np.random.default_rng(5)\n"
+        "q, k, v = (rng.standard_normal((1, 2, 77, 40)).astype(np.float32) for _ in range(3))\n"
+        "o = selfattn.scaled_dot_product_attention(q, k, v, causal=True, backend='numba')\n"
+        "r = selfattn.scaled_dot_product_attention(q, k, v, causal=True, backend='numpy')\n"
+        "print(float(np.abs(o - r).max()))\n"
+    )
+    env = dict(__import__("os").environ, SELFATTN_SIMD_LANES=str(other), NUMBA_CACHE_DIR=str(tmp_path))
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert float(res.stdout.split()[-1]) < 2e-5
+
+
+def test_simd_kernels_leave_every_blas_alone(kernel_path):
+    # The SIMD kernels call no BLAS, so (unlike the BLAS-tile ones) they change no BLAS thread setting.
+    pytest.importorskip("threadpoolctl")
+    from selfattn.backends import numba_
+
+    if kernel_path != "simd":
+        pytest.skip("SIMD kernels only")
+    rng = np.random.default_rng(32)
+    q, k, v = _inputs(rng, 1, 2, 2, 200, 300, 32)
+    seen = []
+    real = numba_._blas.single_threaded
+
+    def spy():
+        seen.append(1)
+        return real()
+
+    before = _blas_threads()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(numba_._blas, "single_threaded", spy)
+        _check_forward(q, k, v, causal=True)
+        _check_vjp(q, k, v)
+    assert not seen and _blas_threads() == before
 
 
 def test_alibi_keeps_the_shift_free_shortcut_only_when_exact():

@@ -40,7 +40,7 @@ from numba.extending import intrinsic
 
 from .opts import INLINE, OPTS
 
-__all__ = ["LANES32", "ROWS", "VECS", "lanes", "gemm", "row_max", "vector_isa"]
+__all__ = ["LANES32", "ROWS", "VECS", "lanes", "gemm", "row_max", "exp_shift_vectors", "vector_isa"]
 
 
 def vector_isa() -> tuple[str, int]:
@@ -102,8 +102,20 @@ def _micro(nrows: int, nvec: int):
         ints = (a_off, ars, aks, b_off, ldb, c_off, ldc, kred)
         if not all(isinstance(x, types.Integer) for x in ints) or not isinstance(acc, types.Boolean):
             return None
-        sig = types.void(a, types.intp, types.intp, types.intp, b, types.intp, types.intp, c, types.intp,
-                         types.intp, types.intp, types.boolean)
+        sig = types.void(
+            a,
+            types.intp,
+            types.intp,
+            types.intp,
+            b,
+            types.intp,
+            types.intp,
+            c,
+            types.intp,
+            types.intp,
+            types.intp,
+            types.boolean,
+        )
         width = lanes(8 if dt == types.float64 else 4)
 
         def codegen(context, builder, signature, args):
@@ -138,8 +150,9 @@ def _micro(nrows: int, nvec: int):
             with builder.if_else(builder.icmp_unsigned("!=", accf, ir.Constant(accf.type, 0))) as (then, other):
                 with then:
                     bb_then = builder.block
-                    loaded = [builder.load(vptr(pc, c_off_of(r, j)), align=esize)
-                              for r in range(nrows) for j in range(nvec)]
+                    loaded = [
+                        builder.load(vptr(pc, c_off_of(r, j)), align=esize) for r in range(nrows) for j in range(nvec)
+                    ]
                     bb_then = builder.block
                 with other:
                     bb_else = builder.block
@@ -162,15 +175,18 @@ def _micro(nrows: int, nvec: int):
                 phi.add_incoming(init[idx], pre)
                 accs.append(phi)
             brow = builder.mul(d, ldb)
-            bv = [builder.load(vptr(pb, builder.add(brow, ir.Constant(intp, j * width))), align=esize)
-                  for j in range(nvec)]
+            bv = [
+                builder.load(vptr(pb, builder.add(brow, ir.Constant(intp, j * width))), align=esize)
+                for j in range(nvec)
+            ]
             acol = builder.mul(d, aks)
             new = []
             for r in range(nrows):
                 aoff = builder.add(builder.mul(ir.Constant(intp, r), ars), acol)
                 x = builder.load(builder.gep(pa, [aoff]), align=esize)
-                xs = builder.shuffle_vector(builder.insert_element(undef_v, x, ir.Constant(i32, 0)), undef_v,
-                                            splat_mask)
+                xs = builder.shuffle_vector(
+                    builder.insert_element(undef_v, x, ir.Constant(i32, 0)), undef_v, splat_mask
+                )
                 for j in range(nvec):
                     new.append(builder.call(fma, [xs, bv[j], accs[r * nvec + j]]))
             d_next = builder.add(d, ir.Constant(intp, 1))
@@ -256,10 +272,12 @@ def _vmax(typingctx, a, off, nvec, init):
         intp = context.get_value_type(types.intp)
         suffix = f"v{width}{'f64' if dt == types.float64 else 'f32'}"
         vmax = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty, vty]), f"llvm.maxnum.{suffix}")
-        red = cgutils.get_or_insert_function(builder.module, ir.FunctionType(fty, [vty]),
-                                             f"llvm.vector.reduce.fmax.{suffix}")
-        smax = cgutils.get_or_insert_function(builder.module, ir.FunctionType(fty, [fty, fty]),
-                                              f"llvm.maxnum.{'f64' if dt == types.float64 else 'f32'}")
+        red = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(fty, [vty]), f"llvm.vector.reduce.fmax.{suffix}"
+        )
+        smax = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(fty, [fty, fty]), f"llvm.maxnum.{'f64' if dt == types.float64 else 'f32'}"
+        )
         arr = context.make_array(signature.args[0])(context, builder, args[0])
         base = builder.gep(arr.data, [args[1]])
         nvec, init = args[2], args[3]
@@ -304,3 +322,106 @@ def row_max(srow, nc, init):
     for c in range(nv * width, nc):
         m = srow[c] if srow[c] > m else m
     return m
+
+
+#: float32 exp: Cody-Waite range reduction and a degree-5 polynomial (the
+#: constants of :func:`selfattn.backends._numba.tiles.exp_shift_row`).
+_EXP_LO, _EXP_HI = -87.33, 88.37
+_LOG2E, _LN2_HI, _LN2_LO = 1.44269504088896341, 0.693359375, 2.12194440e-4
+_EXP_POLY = (0.008375128731131554, 0.04190078377723694, 0.16666415333747864, 0.49999120831489563, 1.0, 1.0)
+
+
+@intrinsic
+def _vexp(typingctx, a, nvec, mu):
+    """``a[:nvec*W] = exp(a - mu)`` on float32 vectors; returns the sum (see :func:`exp_shift_vectors`)."""
+    if not isinstance(a, types.Array) or a.dtype != types.float32 or mu != types.float32:
+        return None
+    if not isinstance(nvec, types.Integer):
+        return None
+    width = LANES32
+    sig = types.float32(a, types.intp, types.float32)
+
+    def codegen(context, builder, signature, args):
+        f32 = ir.FloatType()
+        i32 = ir.IntType(32)
+        vty = ir.VectorType(f32, width)
+        ity = ir.VectorType(i32, width)
+        intp = context.get_value_type(types.intp)
+        suffix = f"v{width}f32"
+        fnty2 = ir.FunctionType(vty, [vty, vty])
+        fnty1 = ir.FunctionType(vty, [vty])
+        fnty3 = ir.FunctionType(vty, [vty, vty, vty])
+        vmin = cgutils.get_or_insert_function(builder.module, fnty2, f"llvm.minnum.{suffix}")
+        vmax = cgutils.get_or_insert_function(builder.module, fnty2, f"llvm.maxnum.{suffix}")
+        rint = cgutils.get_or_insert_function(builder.module, fnty1, f"llvm.rint.{suffix}")
+        fma = cgutils.get_or_insert_function(builder.module, fnty3, f"llvm.fma.{suffix}")
+        red = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(f32, [f32, vty]), f"llvm.vector.reduce.fadd.{suffix}"
+        )
+
+        def splat(x):
+            return ir.Constant(vty, [ir.Constant(f32, x)] * width)
+
+        arr = context.make_array(signature.args[0])(context, builder, args[0])
+        nvec, mu = args[1], args[2]
+        undef = ir.Constant(vty, ir.Undefined)
+        muv = builder.shuffle_vector(
+            builder.insert_element(undef, mu, ir.Constant(i32, 0)),
+            undef,
+            ir.Constant(ir.VectorType(i32, width), [0] * width),
+        )
+        pre = builder.block
+        loop = builder.append_basic_block("vexp.loop")
+        done = builder.append_basic_block("vexp.done")
+        zero = ir.Constant(intp, 0)
+        builder.cbranch(builder.icmp_signed(">", nvec, zero), loop, done)
+        builder.position_at_end(loop)
+        i = builder.phi(intp)
+        tot = builder.phi(vty)
+        i.add_incoming(zero, pre)
+        tot.add_incoming(splat(0.0), pre)
+        ptr = builder.bitcast(builder.gep(arr.data, [builder.mul(i, ir.Constant(intp, width))]), vty.as_pointer())
+        x0 = builder.fsub(builder.load(ptr, align=4), muv)
+        x = builder.call(vmin, [builder.call(vmax, [x0, splat(_EXP_LO)]), splat(_EXP_HI)])
+        fn = builder.call(rint, [builder.fmul(x, splat(_LOG2E))])
+        r = builder.call(fma, [builder.fneg(fn), splat(_LN2_HI), x])
+        r = builder.call(fma, [fn, splat(_LN2_LO), r])
+        p = splat(_EXP_POLY[0])
+        for coef in _EXP_POLY[1:]:
+            p = builder.call(fma, [p, r, splat(coef)])
+        # 2**fn from its exponent bits; 0 below the range (so exp(-inf) = 0); NaN stays NaN
+        bits = builder.shl(
+            builder.add(builder.fptosi(fn, ity), ir.Constant(ity, [127] * width)), ir.Constant(ity, [23] * width)
+        )
+        two_n = builder.bitcast(bits, vty)
+        e = builder.fmul(p, two_n)
+        e = builder.select(builder.fcmp_ordered(">=", x0, splat(_EXP_LO)), e, splat(0.0))
+        e = builder.select(builder.fcmp_unordered("uno", x0, x0), x0, e)
+        builder.store(e, ptr, align=4)
+        nxt = builder.fadd(tot, e)
+        inext = builder.add(i, ir.Constant(intp, 1))
+        end = builder.block
+        i.add_incoming(inext, end)
+        tot.add_incoming(nxt, end)
+        builder.cbranch(builder.icmp_signed("<", inext, nvec), loop, done)
+        builder.position_at_end(done)
+        res = builder.phi(vty)
+        res.add_incoming(splat(0.0), pre)
+        res.add_incoming(nxt, end)
+        return builder.call(red, [ir.Constant(f32, 0.0), res])
+
+    return sig, codegen
+
+
+@nb.njit(**INLINE)
+def exp_shift_vectors(srow, nc, mu):
+    """``srow[:n] = exp(srow[:n] - mu)`` for the largest ``n <= nc`` of whole vectors; returns ``(sum, n)``.
+
+    float32 only, at the full vector width (LLVM's own vectoriser stops at
+    256-bit vectors on CPUs where it prefers them; this does not). Same
+    algorithm and constants as the scalar loop of ``tiles.exp_shift_row``,
+    which finishes the tail. ``exp(-inf) = 0``, NaN stays NaN, arguments
+    below -87.33 give 0.
+    """
+    nv = nc // LANES32
+    return _vexp(srow, nv, mu), nv * LANES32

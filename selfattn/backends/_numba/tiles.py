@@ -17,7 +17,7 @@ from numba import types
 from numba.extending import intrinsic, overload
 
 from ... import _dropout
-from .microkernel import row_max
+from .microkernel import exp_shift_vectors, row_max
 from .opts import FASTMATH, INLINE, OPTS
 
 __all__ = [
@@ -163,8 +163,9 @@ def _exp_shift_row_impl(srow, nc, mu):
         def impl(srow, nc, mu):
             lo = np.float32(-87.33)
             hi = np.float32(88.37)
-            tot = np.float32(0.0)
-            for c in range(nc):
+            # Whole vectors through the explicit vector code, the tail here.
+            tot, c0 = exp_shift_vectors(srow, nc, mu)
+            for c in range(c0, nc):
                 x0 = srow[c] - mu
                 x = min(max(x0, lo), hi)
                 fn = np.rint(x * np.float32(1.44269504088896341))

@@ -521,6 +521,29 @@ def test_float32_exp_vectorizes():
     assert any("fmadd" in p or "roundps" in p for p in packed), sorted(packed)
 
 
+@pytest.mark.skipif(__import__("platform").machine() not in ("x86_64", "AMD64"), reason="checks x86 assembly")
+def test_float64_exp_is_accurate_and_vectorized():
+    # float64 softmax used one scalar math.exp per score (most of a float64 forward's time).
+    import re
+
+    from selfattn.backends._numba.tiles import FASTMATH, exp_shift_row
+
+    @numba.njit(fastmath=FASTMATH)
+    def row(a, mu):
+        return exp_shift_row(a, a.shape[0], mu)
+
+    a = np.concatenate([np.linspace(-700.0, 5.0, 1001), [-np.inf, np.nan, -800.0, 0.0]])
+    b = a.copy()
+    total = row(b, 1.5)
+    want = np.exp(a - 1.5)
+    ok = np.isfinite(a) & (a > -700)
+    np.testing.assert_allclose(b[ok], want[ok], rtol=1e-15, atol=0)
+    assert b[-4] == 0.0 and np.isnan(b[-3]) and b[-2] == 0.0  # exp(-inf) = 0, NaN kept, underflow to 0
+    assert np.isnan(total)  # the NaN reaches the row sum
+    asm = "\n".join(row.inspect_asm().values())
+    assert re.search(r"vfmadd\w*pd\s+%[yz]mm", asm), "float64 exp is not packed"
+
+
 def test_blas_tile_kernels_reported_and_refused_without_a_limitable_blas(monkeypatch):
     from selfattn.backends import numba_
 

@@ -19,6 +19,7 @@ __all__ = [
     "median_time",
     "interleaved_samples",
     "interleaved_medians",
+    "block_samples",
     "spread",
     "matmul_call",
     "matmul_gflops",
@@ -95,6 +96,48 @@ def interleaved_medians(
 ) -> list[float]:
     """Median wall time in seconds of each callable in ``fns``, timed as :func:`interleaved_samples` does."""
     return [statistics.median(ts) for ts in interleaved_samples(fns, rounds=rounds, warmup=warmup, pause=pause)]
+
+
+def block_samples(
+    fns: Sequence[Callable[[], object]],
+    *,
+    blocks: int = 5,
+    calls: int = 3,
+    pause: float = 0.3,
+    warmup: int = 1,
+    min_time: float = 0.0,
+) -> list[list[float]]:
+    """Per-call wall times of each callable in ``fns``, timed in blocks: one list of block medians per callable.
+
+    A round gives every function one block, in order: ``pause`` seconds of
+    sleep (so the previous library's spinning threads -- OpenBLAS, OpenMP,
+    PyTorch's pool -- have gone quiet), one untimed call (wakes this library's
+    own threads), then ``calls`` calls back to back; the block's median call
+    time is one sample. Libraries with their own thread pools are compared
+    this way (each measured as a loop of its own calls runs) rather than
+    alternating call by call, where one runtime's threads tax the next's.
+    ``blocks`` rounds; ``warmup`` untimed calls of each function first. With
+    ``min_time > 0`` a block keeps calling until that many seconds passed
+    (at least ``calls`` calls): on a VM a core that idled through the pause
+    runs the first few milliseconds slowly, which dominates short calls.
+    """
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    out: list[list[float]] = [[] for _ in fns]
+    for _ in range(blocks):
+        for fn, ts in zip(fns, out, strict=True):
+            if pause > 0:
+                time.sleep(pause)
+            fn()
+            per: list[float] = []
+            start = time.perf_counter()
+            while len(per) < calls or time.perf_counter() - start < min_time:
+                t0 = time.perf_counter()
+                fn()
+                per.append(time.perf_counter() - t0)
+            ts.append(statistics.median(per))
+    return out
 
 
 def spread(samples: Sequence[float]) -> dict[str, float]:

@@ -339,7 +339,7 @@ class NumbaBackend(Backend):
         kernels: str = "auto",
         fused_tiles: tuple[int, int] = (64, 64),
         blas_tiles: tuple[int, int, int, int] = (256, 512, 512, 256),
-        simd_tiles: tuple[int, int, int, int] = (64, 256, 64, 128),
+        simd_tiles: tuple[int, int, int, int] = (256, 128, 64, 128),
     ) -> None:
         if kernels not in KERNEL_CHOICES:
             raise ValueError(f"kernels must be one of {', '.join(map(repr, KERNEL_CHOICES))}, got {kernels!r}")
@@ -545,8 +545,11 @@ class NumbaBackend(Backend):
         lse3: np.ndarray,
     ) -> None:
         from ._numba.microkernel import ROWS, lanes
+        from ._numba.simd import BR_BAND
 
         br, bc, _, _ = self.simd_tiles
+        if pb.lower is not None or pb.upper is not None:  # causal or a window: short tasks waste less
+            br = min(br, BR_BAND)
         BH, N = q3.shape[0], q3.shape[1]
         cdt = q3.dtype
         W = lanes(cdt.itemsize)

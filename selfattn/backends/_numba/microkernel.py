@@ -29,6 +29,7 @@ CPU is not reused.
 
 from __future__ import annotations
 
+import math
 import os
 
 import numba as nb
@@ -331,37 +332,86 @@ _LOG2E, _LN2_HI, _LN2_LO = 1.44269504088896341, 0.693359375, 2.12194440e-4
 _EXP_POLY = (0.008375128731131554, 0.04190078377723694, 0.16666415333747864, 0.49999120831489563, 1.0, 1.0)
 
 
+#: float64 exp: fdlibm's two-part ln2, Taylor polynomial to r**12/12! on |r| <= ln2/2
+#: (truncation below 2e-16 relative); clamped to [-708, 709] so 2**n stays a normal number.
+_EXP64_LO, _EXP64_HI = -708.0, 709.0
+_LN2_HI64, _LN2_LO64 = 6.93147180369123816490e-01, 1.90821492927058770002e-10
+_EXP64_POLY = tuple(1.0 / math.factorial(k) for k in range(12, -1, -1))
+
+
+def _exp_ir(builder, x0, width, f64=False):
+    """LLVM IR for ``exp(x0)`` on a ``<width x float>`` (``<width x double>`` with ``f64``).
+
+    float32: the algorithm of ``tiles.exp_shift_row`` (arguments below -87.33
+    give 0, above 88.37 the value at 88.37). float64: arguments below -708
+    give 0, above 709 the value at 709. ``exp(-inf) = 0``; NaN stays NaN.
+    """
+    fty = ir.DoubleType() if f64 else ir.FloatType()
+    vty = ir.VectorType(fty, width)
+    ibits = 64 if f64 else 32
+    ity = ir.VectorType(ir.IntType(ibits), width)
+    mod = builder.module
+    suffix = f"v{width}{'f64' if f64 else 'f32'}"
+    fnty2 = ir.FunctionType(vty, [vty, vty])
+    vmin = cgutils.get_or_insert_function(mod, fnty2, f"llvm.minnum.{suffix}")
+    vmax = cgutils.get_or_insert_function(mod, fnty2, f"llvm.maxnum.{suffix}")
+    rint = cgutils.get_or_insert_function(mod, ir.FunctionType(vty, [vty]), f"llvm.rint.{suffix}")
+    fma = cgutils.get_or_insert_function(mod, ir.FunctionType(vty, [vty, vty, vty]), f"llvm.fma.{suffix}")
+
+    def splat(x):
+        return ir.Constant(vty, [ir.Constant(fty, x)] * width)
+
+    lo, hi = (_EXP64_LO, _EXP64_HI) if f64 else (_EXP_LO, _EXP_HI)
+    ln2_hi, ln2_lo = (_LN2_HI64, _LN2_LO64) if f64 else (_LN2_HI, -_LN2_LO)
+    poly = _EXP64_POLY if f64 else _EXP_POLY
+    x = builder.call(vmin, [builder.call(vmax, [x0, splat(lo)]), splat(hi)])
+    fn = builder.call(rint, [builder.fmul(x, splat(_LOG2E))])
+    nfn = builder.fneg(fn)
+    r = builder.call(fma, [nfn, splat(ln2_hi), x])
+    r = builder.call(fma, [nfn, splat(ln2_lo), r])
+    p = splat(poly[0])
+    for coef in poly[1:]:
+        p = builder.call(fma, [p, r, splat(coef)])
+    # 2**fn from its exponent bits; 0 below the range; NaN stays NaN
+    bias, shift = (1023, 52) if f64 else (127, 23)
+    bits = builder.shl(
+        builder.add(builder.fptosi(fn, ity), ir.Constant(ity, [bias] * width)), ir.Constant(ity, [shift] * width)
+    )
+    e = builder.fmul(p, builder.bitcast(bits, vty))
+    e = builder.select(builder.fcmp_ordered(">=", x0, splat(lo)), e, splat(0.0))
+    return builder.select(builder.fcmp_unordered("uno", x0, x0), x0, e)
+
+
+def _reduce_add(builder, vec, width, f64=False):
+    """The horizontal sum of a ``<width x float>`` (``double`` with ``f64``)."""
+    fty = ir.DoubleType() if f64 else ir.FloatType()
+    vty = ir.VectorType(fty, width)
+    red = cgutils.get_or_insert_function(
+        builder.module,
+        ir.FunctionType(fty, [fty, vty]),
+        f"llvm.vector.reduce.fadd.v{width}{'f64' if f64 else 'f32'}",
+    )
+    return builder.call(red, [ir.Constant(fty, 0.0), vec])
+
+
 @intrinsic
 def _vexp(typingctx, a, nvec, mu):
-    """``a[:nvec*W] = exp(a - mu)`` on float32 vectors; returns the sum (see :func:`exp_shift_vectors`)."""
-    if not isinstance(a, types.Array) or a.dtype != types.float32 or mu != types.float32:
+    """``a[:nvec*W] = exp(a - mu)`` on vectors; returns the sum (see :func:`exp_shift_vectors`)."""
+    if not isinstance(a, types.Array) or a.dtype not in (types.float32, types.float64) or mu != a.dtype:
         return None
     if not isinstance(nvec, types.Integer):
         return None
-    width = LANES32
-    sig = types.float32(a, types.intp, types.float32)
+    dt = a.dtype
+    f64 = dt == types.float64
+    width = lanes(8 if f64 else 4)
+    sig = dt(a, types.intp, dt)
 
     def codegen(context, builder, signature, args):
-        f32 = ir.FloatType()
+        fty = context.get_value_type(dt)
         i32 = ir.IntType(32)
-        vty = ir.VectorType(f32, width)
-        ity = ir.VectorType(i32, width)
+        vty = ir.VectorType(fty, width)
         intp = context.get_value_type(types.intp)
-        suffix = f"v{width}f32"
-        fnty2 = ir.FunctionType(vty, [vty, vty])
-        fnty1 = ir.FunctionType(vty, [vty])
-        fnty3 = ir.FunctionType(vty, [vty, vty, vty])
-        vmin = cgutils.get_or_insert_function(builder.module, fnty2, f"llvm.minnum.{suffix}")
-        vmax = cgutils.get_or_insert_function(builder.module, fnty2, f"llvm.maxnum.{suffix}")
-        rint = cgutils.get_or_insert_function(builder.module, fnty1, f"llvm.rint.{suffix}")
-        fma = cgutils.get_or_insert_function(builder.module, fnty3, f"llvm.fma.{suffix}")
-        red = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(f32, [f32, vty]), f"llvm.vector.reduce.fadd.{suffix}"
-        )
-
-        def splat(x):
-            return ir.Constant(vty, [ir.Constant(f32, x)] * width)
-
+        zero_v = ir.Constant(vty, [ir.Constant(fty, 0.0)] * width)
         arr = context.make_array(signature.args[0])(context, builder, args[0])
         nvec, mu = args[1], args[2]
         undef = ir.Constant(vty, ir.Undefined)
@@ -379,25 +429,10 @@ def _vexp(typingctx, a, nvec, mu):
         i = builder.phi(intp)
         tot = builder.phi(vty)
         i.add_incoming(zero, pre)
-        tot.add_incoming(splat(0.0), pre)
+        tot.add_incoming(zero_v, pre)
         ptr = builder.bitcast(builder.gep(arr.data, [builder.mul(i, ir.Constant(intp, width))]), vty.as_pointer())
-        x0 = builder.fsub(builder.load(ptr, align=4), muv)
-        x = builder.call(vmin, [builder.call(vmax, [x0, splat(_EXP_LO)]), splat(_EXP_HI)])
-        fn = builder.call(rint, [builder.fmul(x, splat(_LOG2E))])
-        r = builder.call(fma, [builder.fneg(fn), splat(_LN2_HI), x])
-        r = builder.call(fma, [fn, splat(_LN2_LO), r])
-        p = splat(_EXP_POLY[0])
-        for coef in _EXP_POLY[1:]:
-            p = builder.call(fma, [p, r, splat(coef)])
-        # 2**fn from its exponent bits; 0 below the range (so exp(-inf) = 0); NaN stays NaN
-        bits = builder.shl(
-            builder.add(builder.fptosi(fn, ity), ir.Constant(ity, [127] * width)), ir.Constant(ity, [23] * width)
-        )
-        two_n = builder.bitcast(bits, vty)
-        e = builder.fmul(p, two_n)
-        e = builder.select(builder.fcmp_ordered(">=", x0, splat(_EXP_LO)), e, splat(0.0))
-        e = builder.select(builder.fcmp_unordered("uno", x0, x0), x0, e)
-        builder.store(e, ptr, align=4)
+        e = _exp_ir(builder, builder.fsub(builder.load(ptr, align=dt.bitwidth // 8), muv), width, f64)
+        builder.store(e, ptr, align=dt.bitwidth // 8)
         nxt = builder.fadd(tot, e)
         inext = builder.add(i, ir.Constant(intp, 1))
         end = builder.block
@@ -406,9 +441,9 @@ def _vexp(typingctx, a, nvec, mu):
         builder.cbranch(builder.icmp_signed("<", inext, nvec), loop, done)
         builder.position_at_end(done)
         res = builder.phi(vty)
-        res.add_incoming(splat(0.0), pre)
+        res.add_incoming(zero_v, pre)
         res.add_incoming(nxt, end)
-        return builder.call(red, [ir.Constant(f32, 0.0), res])
+        return _reduce_add(builder, res, width, f64)
 
     return sig, codegen
 
@@ -417,11 +452,13 @@ def _vexp(typingctx, a, nvec, mu):
 def exp_shift_vectors(srow, nc, mu):
     """``srow[:n] = exp(srow[:n] - mu)`` for the largest ``n <= nc`` of whole vectors; returns ``(sum, n)``.
 
-    float32 only, at the full vector width (LLVM's own vectoriser stops at
-    256-bit vectors on CPUs where it prefers them; this does not). Same
-    algorithm and constants as the scalar loop of ``tiles.exp_shift_row``,
-    which finishes the tail. ``exp(-inf) = 0``, NaN stays NaN, arguments
-    below -87.33 give 0.
+    float32 and float64, at the host's full vector width (LLVM's own
+    vectoriser stops at 256-bit vectors on CPUs where it prefers them, and
+    does not vectorise ``math.exp`` at all). float32: the algorithm and
+    constants of the scalar loop of ``tiles.exp_shift_row``, which finishes
+    the tail. float64: see :data:`_EXP64_POLY` (relative error about 2 ulp).
+    ``exp(-inf) = 0``, NaN stays NaN.
     """
-    nv = nc // LANES32
-    return _vexp(srow, nv, mu), nv * LANES32
+    width = LANES32 * 4 // srow.itemsize
+    nv = nc // width
+    return _vexp(srow, nv, mu), nv * width

@@ -48,12 +48,19 @@ from .tiles import (
     softmax_tile,
 )
 
-__all__ = ["prepare_keys", "key_columns", "forward", "backward", "BR", "BC", "BRB", "BCB"]
+__all__ = ["prepare_keys", "key_columns", "forward", "backward", "BR", "BR_BAND", "BC", "BRB", "BCB"]
 
 #: Query rows per forward task (the host may pass fewer so every thread gets work; a multiple of ROWS).
-BR = 64
-#: Keys per forward block: the 64 x 256 float32 score tile (64 KiB) and the packed K^T block stay in L2.
-BC = 256
+#: Longer tasks reuse each K^T/V block over more rows: measured 1 thread, (1,2,4096,64) f32,
+#: 64 rows 99-103 GFLOP/s, 128: 105-113, 256: 112-114, 384: 118 (noise ~3%).
+BR = 256
+#: Query rows per forward task for causal/windowed calls: the diagonal block of each task computes
+#: about BR^2/2 scores the band throws away (measured (1,8,1024,64) f32 causal, 1 thread: 64 rows
+#: 12.1 ms, 256 rows 13.9 ms).
+BR_BAND = 64
+#: Keys per block: the V block (128 x 64 float32, 32 KiB) stays in L1 across the P @ V row
+#: blocks; the 256 x 128 score tile (128 KiB) in L2.
+BC = 128
 #: Query rows per backward tile.
 BRB = 64
 #: Keys per backward block.
@@ -95,7 +102,7 @@ def _pack(src, row0, nrow, ncol, dst, ld, nrow_pad):
 def key_columns(m: int, width: int) -> int:
     """Columns of :func:`prepare_keys`' transposed keys: ``m`` rounded up to ``width``, plus ``width``.
 
-    A key block may start anywhere (blocks are cut at the band's edges) and
+    A key block may start anywhere (blocks start at the band's first key) and
     its product reads whole vectors, so up to ``width - 1`` columns past the
     last key are read; they are zeros.
     """
@@ -140,8 +147,8 @@ def forward(t0, t1, q, kt, v, P, kmax, safe, BR, BC, W, out, lse):
     """Online-softmax forward on the vector micro-kernels; tasks are (bh, tile of ``BR`` rows).
 
     Same contract as :func:`selfattn.backends._numba.blas.forward_gemm`
-    (including the shift-free shortcut with ``kmax``/``safe`` and the blocks
-    cut at the band's edges); ``W`` is the vector width in lanes of this
+    (including the shift-free shortcut with ``kmax``/``safe``; blocks of
+    ``BC`` keys from the band's first key); ``W`` is the vector width in lanes of this
     dtype, ``BR`` a multiple of ``ROWS`` and ``BC`` of ``W``. Writes ``out``
     ``(BH, N, Dv)`` and ``lse`` ``(BH, N)`` (``-inf`` where nothing is attended).
     """
@@ -192,12 +199,13 @@ def forward(t0, t1, q, kt, v, P, kmax, safe, BR, BC, W, out, lse):
         if bounded:
             for r in range(nr):
                 mrow[r] = zero
-        e0 = min(max(j0, i1 - 1 + P.off - P.lo), j1)
-        e1 = max(min(j1, i0 + P.off + P.up + 1), e0)
+        # Whole blocks of BC keys from the band's first key: a block that crosses the band's
+        # edge is masked by score_bias (two fills per row); cutting blocks at the edges instead
+        # (as the BLAS-tile forward does) left ragged slivers, each a full pass over the rows.
         c1 = j0
         while c1 < j1:
             c0 = c1
-            c1 = min(c0 + BC, e0 if c0 < e0 else (e1 if c0 < e1 else j1))
+            c1 = min(c0 + BC, j1)
             nc = c1 - c0
             ncw = _up(nc, W)
             s = sbuf[: nrp * ncw].reshape((nrp, ncw))

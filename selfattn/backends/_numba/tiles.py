@@ -156,7 +156,8 @@ def _exp_shift_row_impl(srow, nc, mu):
     ``2**n`` built from its exponent bits; one branch-free loop that LLVM
     vectorises (min/max clamps, ``vroundps``, ``vcvttps2dq``, five FMAs).
     exp(-inf) is exactly 0, NaN stays NaN and arguments below -87.33 give 0.
-    float64: ``math.exp``.
+    float64: whole vectors by the same reduction with a degree-12 Taylor
+    polynomial (``microkernel.exp_shift_vectors``), the tail by ``math.exp``.
     """
     if srow.dtype == types.float32:
 
@@ -189,8 +190,8 @@ def _exp_shift_row_impl(srow, nc, mu):
         return impl
 
     def impl64(srow, nc, mu):
-        tot = 0.0
-        for c in range(nc):
+        tot, c0 = exp_shift_vectors(srow, nc, mu)
+        for c in range(c0, nc):
             e = math.exp(srow[c] - mu)
             srow[c] = e
             tot += e
@@ -333,13 +334,15 @@ def score_bias(s, nr, nc, i0, c0, b, h, off, P, dcap, want_dcap):
     if not (c0 >= i1 - 1 + off - P.lo and c1 - 1 <= i0 + off + P.up):
         for r in range(nr):
             i = i0 + r
-            jlo = i + off - P.lo
-            jhi = i + off + P.up
+            # Keys outside [i+off-lo, i+off+up] form a run at each end of the row: two fills,
+            # not a compare per score.
+            lo_end = min(nc, max(0, i + off - P.lo - c0))
+            hi_start = max(lo_end, min(nc, i + off + P.up + 1 - c0))
             srow = s[r]
-            for c in range(nc):
-                j = c0 + c
-                if j < jlo or j > jhi:
-                    srow[c] = neg
+            for c in range(lo_end):
+                srow[c] = neg
+            for c in range(hi_start, nc):
+                srow[c] = neg
 
 
 @nb.njit(**OPTS)

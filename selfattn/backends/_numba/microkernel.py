@@ -73,6 +73,8 @@ def vector_isa() -> tuple[str, int]:
 LANES32 = vector_isa()[1]
 #: Rows of C held in registers per micro-kernel call.
 ROWS = 8
+#: Bytes of B that the product keeps in L1 across row blocks (most cores have 32-48 KiB of L1d).
+B_IN_L1 = 32 * 1024
 #: Most vectors per row of C held in registers (``ROWS * VECS`` = 24 accumulators,
 #: which with the ``B`` vectors and one broadcast fits AVX-512's 32 registers).
 VECS = 3
@@ -246,6 +248,18 @@ def gemm(a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, nr, ncol, kred, acc, 
     row block of ``A`` passes over it; panels are 3 vectors wide, ending
     with 2 + 2 rather than 3 + 1 (a 1-vector panel reuses each broadcast once).
     """
+    if kred * ncol * a.itemsize <= B_IN_L1:
+        # B fits in L1 next to a row block of A: rows outermost, so A (whose
+        # broadcast loads stall worst on an L1 miss) is read from L1 too.
+        for r0 in range(0, nr, ROWS):
+            rem = ncol // width
+            j0 = 0
+            while rem > 0:
+                nv = 3 if (rem >= 5 or rem == 3) else (2 if rem >= 2 else 1)
+                _panel(a, a_off + r0 * ars, ars, aks, b, b_off + j0, ldb, c, c_off + r0 * ldc + j0, ldc, kred, acc, nv)
+                j0 += nv * width
+                rem -= nv
+        return
     rem = ncol // width
     j0 = 0
     while rem > 0:

@@ -105,6 +105,31 @@ def test_interleaved_samples_pause_and_wake(monkeypatch):
     assert events == ["a", "b", "a", "b"]  # back to back: no sleep, no wake-up call
 
 
+def test_block_samples_pause_wake_and_blocks(monkeypatch):
+    from selfattn._bench import timing
+
+    events = []
+    monkeypatch.setattr(timing.time, "sleep", lambda s: events.append(("sleep", s)))
+    fns = [lambda: events.append("a"), lambda: events.append("b")]
+    samples = timing.block_samples(fns, blocks=2, calls=3, pause=0.3, warmup=1)
+    block = [("sleep", 0.3), "a", "a", "a", "a", ("sleep", 0.3), "b", "b", "b", "b"]  # pause, wake, 3 timed
+    assert events == ["a", "b"] + block * 2
+    assert [len(t) for t in samples] == [2, 2]  # one median per block
+
+    # min_time keeps a block going: a "call" that advances a fake clock by 0.1 s runs 3 times for 0.25 s
+    clock = [0.0]
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
+
+    def slow():
+        clock[0] += 0.1
+
+    calls = []
+    timing.block_samples([lambda: (slow(), calls.append(1))], blocks=1, calls=1, pause=0, warmup=0, min_time=0.25)
+    assert len(calls) == 1 + 3  # the wake-up call, then until 0.25 s had passed
+    out = timing.block_samples([slow], blocks=2, calls=2, pause=0, warmup=0)
+    assert out == [[pytest.approx(0.1), pytest.approx(0.1)]]
+
+
 def test_rounds_fit_the_budget():
     assert runner._rounds_for(None, 0.5, (3, 9)) == 9
     assert runner._rounds_for(1.5, 0.01, (3, 9)) == 9  # cheap calls: the most rounds
@@ -518,9 +543,12 @@ def test_numba_targets_table_and_exit_status():
         "time / non-causal",
         "decode 1x8x1x64",
         "backward 1x8x1024x64 time / forward",
+        "GFLOP/s vs f64 matmul",
         "peak memory",
     ):
         assert any(name in row for row in rows), name
+    has_torch = importlib.util.find_spec("torch") is not None
+    assert any("time / torch" in row for row in rows) == has_torch, out
     failed = any(row.rstrip().endswith("FAIL") for row in rows)
     assert res.returncode == (1 if failed else 0), out
 

@@ -5,7 +5,7 @@ Usage (from a checkout, with the test plugins on the path as in the test run)::
     python tools/conformance_errors.py                     # summary per dtype x output x backend
     python tools/conformance_errors.py --per-case          # also one row per case, one column per backend
     python tools/conformance_errors.py --property 2000     # also 2000 draws of the property test
-    python tools/conformance_errors.py --backend numpy --backend numba:blas
+    python tools/conformance_errors.py --backend numpy --backend numba:simd
 
 For each output (out, lse, weights, dq, dk, dv) it reports
 
@@ -17,9 +17,10 @@ For each output (out, lse, weights, dq, dk, dv) it reports
 * ``need``: the smallest ``atol`` with which every element would pass the current rule
   (its ``rtol``, headroom and bound kept) -- the number the table in ``cases.py`` is set from.
 
-``numba:fused`` and ``numba:blas`` force one of the Numba backend's kernel families (the
-BLAS-tile one with the small tile sizes tests/test_numba_backend.py uses, so that small
-cases cross tile boundaries); plain ``numba`` lets the backend choose, as users get it.
+``numba:fused``, ``numba:simd`` and ``numba:blas`` force one of the Numba backend's kernel
+families (the SIMD and BLAS-tile ones with the small tile sizes tests/test_numba_backend.py
+uses, so that small cases cross tile boundaries); plain ``numba`` lets the backend choose, as
+users get it.
 """
 
 from __future__ import annotations
@@ -47,16 +48,17 @@ OLD_TOLERANCES = {
     "float32": {"out": 2e-5, "grad": 2e-4},
     "float16": {"out": 4e-3, "grad": 2e-2},
 }
-#: The Numba BLAS-tile kernels' tile sizes under test (as tests/test_numba_backend.py).
+#: The Numba BLAS-tile and SIMD kernels' tile sizes under test (as tests/test_numba_backend.py).
 SMALL_TILES = (24, 40, 20, 36)
+SIMD_SMALL_TILES = (12, 16, 8, 16)
 
 
 @contextlib.contextmanager
 def numba_family(family: str | None):
-    """Run the Numba backend's ``"fused"`` or ``"blas"`` kernels on every call inside the block (None: its choice).
+    """Run one of the Numba backend's kernel families on every call inside the block (None: its choice).
 
-    Sets the registered backend object's ``kernels`` (and, for ``"blas"``, small
-    ``blas_tiles``) and restores them afterwards.
+    Sets the registered backend object's ``kernels`` (and, for ``"blas"`` and
+    ``"simd"``, small tiles) and restores them afterwards.
     """
     if family is None:
         yield
@@ -64,14 +66,18 @@ def numba_family(family: str | None):
     from selfattn.backends import numba_
 
     be = numba_.backend
-    saved = (be.kernels, be.blas_tiles)
+    saved = (be.kernels, be.blas_tiles, getattr(be, "simd_tiles", None))
     be.kernels = family
     if family == "blas":
         be.blas_tiles = SMALL_TILES
+    if family == "simd":
+        be.simd_tiles = SIMD_SMALL_TILES
     try:
         yield
     finally:
-        be.kernels, be.blas_tiles = saved
+        be.kernels, be.blas_tiles = saved[:2]
+        if saved[2] is not None:
+            be.simd_tiles = saved[2]
 
 
 def old_usage(what: str, actual, expected, dtype: str, large: bool) -> float:
@@ -177,7 +183,7 @@ def _backends(requested: list[str]) -> list[tuple[str, str, str | None]]:
             if not rec.available:
                 print(f"# {rec.name}: not measured ({rec.reason})", file=sys.stderr)
             elif rec.name == "numba":
-                specs += ["numba:fused", "numba:blas"]
+                specs += ["numba:fused", "numba:simd", "numba:blas"]
             else:
                 specs.append(rec.name)
     out = []
@@ -245,7 +251,9 @@ def per_case(records: list, labels: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backend", action="append", default=[], help="NAME or numba:fused / numba:blas (repeatable)")
+    parser.add_argument(
+        "--backend", action="append", default=[], help="NAME or numba:fused / numba:simd / numba:blas (repeatable)"
+    )
     parser.add_argument("--per-case", action="store_true", help="also print one row per case (a column per backend)")
     parser.add_argument("--property", type=int, default=0, metavar="N", help="also measure N property-test draws")
     args = parser.parse_args(argv)

@@ -106,7 +106,7 @@ def main(argv=None) -> int:
 
     def timed(*fns):
         """Block medians of each call (see the module docstring)."""
-        return block_samples(list(fns), blocks=blocks, calls=calls, min_time=0.25)
+        return block_samples(list(fns), blocks=blocks, calls=calls, min_time=0.05 if args.quick else 0.25)
 
     def ratio_cell(a, b):
         """Median ratio a/b over blocks and its min-max, as text."""
@@ -275,11 +275,15 @@ def main(argv=None) -> int:
                 compile_lines = [f"compile probe failed: {exc}"]
 
     mm = float(np.median(mm_rates))
-    from selfattn.backends.numba_ import _simd_isa
+    try:
+        from selfattn.backends.numba_ import _simd_isa
 
+        isa = _simd_isa()
+    except ImportError:  # a selfattn without the SIMD kernels (e.g. measuring an older commit)
+        isa = "n/a"
     print(
         f"selfattn {selfattn.__version__} numba {numba.__version__}, threads={numba.get_num_threads()}, "
-        f"cpus={os.cpu_count()}, kernels={args.kernels}, simd: {_simd_isa()}"
+        f"cpus={os.cpu_count()}, kernels={args.kernels}, simd: {isa}"
         + (f", torch {torch.__version__}" if torch is not None else "")
     )
     print(

@@ -41,7 +41,17 @@ from numba.extending import intrinsic
 
 from .opts import INLINE, OPTS
 
-__all__ = ["LANES32", "ROWS", "VECS", "lanes", "gemm", "row_max", "exp_shift_vectors", "vector_isa"]
+__all__ = [
+    "LANES32",
+    "ROWS",
+    "VECS",
+    "lanes",
+    "gemm",
+    "row_max",
+    "exp_shift_vectors",
+    "exp_vectors_in_range",
+    "vector_isa",
+]
 
 
 def vector_isa() -> tuple[str, int]:
@@ -353,12 +363,14 @@ _LN2_HI64, _LN2_LO64 = 6.93147180369123816490e-01, 1.90821492927058770002e-10
 _EXP64_POLY = tuple(1.0 / math.factorial(k) for k in range(12, -1, -1))
 
 
-def _exp_ir(builder, x0, width, f64=False):
+def _exp_ir(builder, x0, width, f64=False, checked=True):
     """LLVM IR for ``exp(x0)`` on a ``<width x float>`` (``<width x double>`` with ``f64``).
 
     float32: the algorithm of ``tiles.exp_shift_row`` (arguments below -87.33
     give 0, above 88.37 the value at 88.37). float64: arguments below -708
     give 0, above 709 the value at 709. ``exp(-inf) = 0``; NaN stays NaN.
+    ``checked=False`` drops the clamps and the two selects (6 of ~20 vector
+    instructions): only for finite arguments known to lie inside the range.
     """
     fty = ir.DoubleType() if f64 else ir.FloatType()
     vty = ir.VectorType(fty, width)
@@ -378,7 +390,7 @@ def _exp_ir(builder, x0, width, f64=False):
     lo, hi = (_EXP64_LO, _EXP64_HI) if f64 else (_EXP_LO, _EXP_HI)
     ln2_hi, ln2_lo = (_LN2_HI64, _LN2_LO64) if f64 else (_LN2_HI, -_LN2_LO)
     poly = _EXP64_POLY if f64 else _EXP_POLY
-    x = builder.call(vmin, [builder.call(vmax, [x0, splat(lo)]), splat(hi)])
+    x = builder.call(vmin, [builder.call(vmax, [x0, splat(lo)]), splat(hi)]) if checked else x0
     fn = builder.call(rint, [builder.fmul(x, splat(_LOG2E))])
     nfn = builder.fneg(fn)
     r = builder.call(fma, [nfn, splat(ln2_hi), x])
@@ -392,6 +404,8 @@ def _exp_ir(builder, x0, width, f64=False):
         builder.add(builder.fptosi(fn, ity), ir.Constant(ity, [bias] * width)), ir.Constant(ity, [shift] * width)
     )
     e = builder.fmul(p, builder.bitcast(bits, vty))
+    if not checked:
+        return e
     e = builder.select(builder.fcmp_ordered(">=", x0, splat(lo)), e, splat(0.0))
     return builder.select(builder.fcmp_unordered("uno", x0, x0), x0, e)
 
@@ -408,58 +422,65 @@ def _reduce_add(builder, vec, width, f64=False):
     return builder.call(red, [ir.Constant(fty, 0.0), vec])
 
 
-@intrinsic
-def _vexp(typingctx, a, nvec, mu):
-    """``a[:nvec*W] = exp(a - mu)`` on vectors; returns the sum (see :func:`exp_shift_vectors`)."""
-    if not isinstance(a, types.Array) or a.dtype not in (types.float32, types.float64) or mu != a.dtype:
-        return None
-    if not isinstance(nvec, types.Integer):
-        return None
-    dt = a.dtype
-    f64 = dt == types.float64
-    width = lanes(8 if f64 else 4)
-    sig = dt(a, types.intp, dt)
+def _make_vexp(checked: bool):
+    @intrinsic
+    def _vexp(typingctx, a, nvec, mu):
+        """``a[:nvec*W] = exp(a - mu)`` on vectors; returns the sum (see :func:`exp_shift_vectors`)."""
+        if not isinstance(a, types.Array) or a.dtype not in (types.float32, types.float64) or mu != a.dtype:
+            return None
+        if not isinstance(nvec, types.Integer):
+            return None
+        dt = a.dtype
+        f64 = dt == types.float64
+        width = lanes(8 if f64 else 4)
+        sig = dt(a, types.intp, dt)
 
-    def codegen(context, builder, signature, args):
-        fty = context.get_value_type(dt)
-        i32 = ir.IntType(32)
-        vty = ir.VectorType(fty, width)
-        intp = context.get_value_type(types.intp)
-        zero_v = ir.Constant(vty, [ir.Constant(fty, 0.0)] * width)
-        arr = context.make_array(signature.args[0])(context, builder, args[0])
-        nvec, mu = args[1], args[2]
-        undef = ir.Constant(vty, ir.Undefined)
-        muv = builder.shuffle_vector(
-            builder.insert_element(undef, mu, ir.Constant(i32, 0)),
-            undef,
-            ir.Constant(ir.VectorType(i32, width), [0] * width),
-        )
-        pre = builder.block
-        loop = builder.append_basic_block("vexp.loop")
-        done = builder.append_basic_block("vexp.done")
-        zero = ir.Constant(intp, 0)
-        builder.cbranch(builder.icmp_signed(">", nvec, zero), loop, done)
-        builder.position_at_end(loop)
-        i = builder.phi(intp)
-        tot = builder.phi(vty)
-        i.add_incoming(zero, pre)
-        tot.add_incoming(zero_v, pre)
-        ptr = builder.bitcast(builder.gep(arr.data, [builder.mul(i, ir.Constant(intp, width))]), vty.as_pointer())
-        e = _exp_ir(builder, builder.fsub(builder.load(ptr, align=dt.bitwidth // 8), muv), width, f64)
-        builder.store(e, ptr, align=dt.bitwidth // 8)
-        nxt = builder.fadd(tot, e)
-        inext = builder.add(i, ir.Constant(intp, 1))
-        end = builder.block
-        i.add_incoming(inext, end)
-        tot.add_incoming(nxt, end)
-        builder.cbranch(builder.icmp_signed("<", inext, nvec), loop, done)
-        builder.position_at_end(done)
-        res = builder.phi(vty)
-        res.add_incoming(zero_v, pre)
-        res.add_incoming(nxt, end)
-        return _reduce_add(builder, res, width, f64)
+        def codegen(context, builder, signature, args):
+            fty = context.get_value_type(dt)
+            i32 = ir.IntType(32)
+            vty = ir.VectorType(fty, width)
+            intp = context.get_value_type(types.intp)
+            zero_v = ir.Constant(vty, [ir.Constant(fty, 0.0)] * width)
+            arr = context.make_array(signature.args[0])(context, builder, args[0])
+            nvec, mu = args[1], args[2]
+            undef = ir.Constant(vty, ir.Undefined)
+            muv = builder.shuffle_vector(
+                builder.insert_element(undef, mu, ir.Constant(i32, 0)),
+                undef,
+                ir.Constant(ir.VectorType(i32, width), [0] * width),
+            )
+            pre = builder.block
+            loop = builder.append_basic_block("vexp.loop")
+            done = builder.append_basic_block("vexp.done")
+            zero = ir.Constant(intp, 0)
+            builder.cbranch(builder.icmp_signed(">", nvec, zero), loop, done)
+            builder.position_at_end(loop)
+            i = builder.phi(intp)
+            tot = builder.phi(vty)
+            i.add_incoming(zero, pre)
+            tot.add_incoming(zero_v, pre)
+            ptr = builder.bitcast(builder.gep(arr.data, [builder.mul(i, ir.Constant(intp, width))]), vty.as_pointer())
+            e = _exp_ir(builder, builder.fsub(builder.load(ptr, align=dt.bitwidth // 8), muv), width, f64, checked)
+            builder.store(e, ptr, align=dt.bitwidth // 8)
+            nxt = builder.fadd(tot, e)
+            inext = builder.add(i, ir.Constant(intp, 1))
+            end = builder.block
+            i.add_incoming(inext, end)
+            tot.add_incoming(nxt, end)
+            builder.cbranch(builder.icmp_signed("<", inext, nvec), loop, done)
+            builder.position_at_end(done)
+            res = builder.phi(vty)
+            res.add_incoming(zero_v, pre)
+            res.add_incoming(nxt, end)
+            return _reduce_add(builder, res, width, f64)
 
-    return sig, codegen
+        return sig, codegen
+
+    return _vexp
+
+
+_vexp = _make_vexp(True)
+_vexp_fast = _make_vexp(False)
 
 
 @nb.njit(**INLINE)
@@ -476,3 +497,19 @@ def exp_shift_vectors(srow, nc, mu):
     width = LANES32 * 4 // srow.itemsize
     nv = nc // width
     return _vexp(srow, nv, mu), nv * width
+
+
+@nb.njit(**INLINE)
+def exp_vectors_in_range(srow, nc, mu):
+    """``srow[:n] = exp(srow[:n] - mu)`` for whole vectors, *unchecked*; returns ``(sum, n)``.
+
+    As :func:`exp_shift_vectors`, without its range checks.
+
+    For score rows that hold only finite values well inside the exp's range
+    (the forward's shift-free shortcut on a block without masks, biases or
+    band edges: ``|s| <= 30`` in float32, ``300`` in float64): no clamps, no
+    NaN/-inf handling, about 30 % fewer instructions.
+    """
+    width = LANES32 * 4 // srow.itemsize
+    nv = nc // width
+    return _vexp_fast(srow, nv, mu), nv * width

@@ -678,16 +678,27 @@ class NumbaBackend(Backend):
         nkb = (M + block - 1) // block
         tasks = B * Hkv
         nchunk = 1 if tasks >= 2 * nthreads else max(1, min(nkb, (2 * nthreads + tasks - 1) // tasks))
-        dq_acc = np.zeros((nchunk, B * Hq, N, D), cdt)
         dk3 = np.empty((B * Hkv, M, D), cdt)
         dv3 = np.empty((B * Hkv, M, Dv), cdt)
-        args = (q3, k3, v3, do3, lse3, delta, P, rows, block, nchunk, dq_acc, dk3, dv3)
         if fam == "simd":
+            from ._numba.simd import backward_operands
+
+            # q*scale and dO read in place by every tile; dQ accumulated by the product itself.
+            qs, dop = backward_operands(q3, do3, float(P.scale), W)
+            dq_pad = np.zeros((nchunk, qs.shape[0], qs.shape[1]), cdt)
             kern = _kernel("simd.backward")
-            sargs = args[:9] + (W,) + args[9:]
+            sargs = (qs, k3, v3, dop, lse3, delta, P, rows, block, W, nchunk, dq_pad, dk3, dv3)
             _announce("simd-backward", cdt, [(kern, (0, 0) + sargs)])
             run_tasks(lambda t0, t1: kern(t0, t1, *sargs), tasks * nchunk, nthreads, chunks_per_thread=1)
-        elif fam == "blas":
+            dqp = dq_pad[0] if nchunk == 1 else dq_pad.sum(axis=0)
+            return (
+                dqp[: B * Hq * N, :D].reshape(B, Hq, N, D).astype(pb.dtype, copy=False),
+                dk3.reshape(B, Hkv, M, D).astype(pb.dtype, copy=False),
+                dv3.reshape(B, Hkv, M, Dv).astype(pb.dtype, copy=False),
+            )
+        dq_acc = np.zeros((nchunk, B * Hq, N, D), cdt)
+        args = (q3, k3, v3, do3, lse3, delta, P, rows, block, nchunk, dq_acc, dk3, dv3)
+        if fam == "blas":
             kern = _kernel("blas.backward_gemm")
             _announce("blas-backward", cdt, [(kern, (0, 0) + args)])
             with _blas.single_threaded():
@@ -818,8 +829,12 @@ def _family_calls(family: str, dtype: str) -> list[tuple[Any, tuple[Any, ...]]]:
     dk, dv = np.empty_like(k3), np.empty_like(v3)
     if family == "simd-backward":
         from ._numba.microkernel import lanes
+        from ._numba.simd import backward_operands
 
-        sargs = (0, 0, q3, k3, v3, out3, lse3, lse3, P, 64, 64, lanes(cdt.itemsize), 1, dq, dk, dv)
+        W = lanes(cdt.itemsize)
+        qs, dop = backward_operands(q3, out3, 1.0, W)
+        dqp = np.empty((1,) + qs.shape, cdt)
+        sargs = (0, 0, qs, k3, v3, dop, lse3, lse3, P, 64, 64, W, 1, dqp, dk, dv)
         return [(_kernel("simd.backward"), sargs)]
     args = (0, 0, q3, k3, v3, out3, lse3, lse3, P, 64, 64, 1, dq, dk, dv)
     return [(_kernel("blas.backward_gemm" if family == "blas-backward" else "fused.backward"), args)]

@@ -34,7 +34,7 @@ import math
 import numba as nb
 import numpy as np
 
-from .microkernel import ROWS, exp_vectors_in_range, gemm
+from .microkernel import B_IN_L1, ROWS, exp_vectors_in_range, gemm
 from .opts import INLINE, OPTS
 from .tiles import (
     cast_like,
@@ -48,7 +48,18 @@ from .tiles import (
     softmax_tile,
 )
 
-__all__ = ["prepare_keys", "key_columns", "forward", "backward", "BR", "BR_BAND", "BC", "BRB", "BCB"]
+__all__ = [
+    "prepare_keys",
+    "key_columns",
+    "backward_operands",
+    "forward",
+    "backward",
+    "BR",
+    "BR_BAND",
+    "BC",
+    "BRB",
+    "BCB",
+]
 
 #: Query rows per forward task (the host may pass fewer so every thread gets work; a multiple of ROWS).
 #: Longer tasks reuse each K^T/V block over more rows: measured 1 thread, (1,2,4096,64) f32,
@@ -107,6 +118,28 @@ def key_columns(m: int, width: int) -> int:
     last key are read; they are zeros.
     """
     return -(-m // width) * width + width
+
+
+def backward_operands(q3: np.ndarray, do3: np.ndarray, scale: float, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """The backward's row operands: ``q * scale`` and ``dO`` as ``(BH*N + ROWS, round_up(D, width))`` arrays.
+
+    Zero columns past ``D`` and ``ROWS`` zero rows at the end let every tile
+    of :func:`backward` read them in place (its products work on whole
+    micro-kernel row blocks and whole vectors). Scaling happens in the
+    compute dtype, as the kernels did per tile.
+    """
+    BH, N, D = q3.shape
+    Dv = do3.shape[2]
+    rows = BH * N
+    qs = np.empty((rows + ROWS, -(-D // width) * width), q3.dtype)
+    dop = np.empty((rows + ROWS, -(-Dv // width) * width), do3.dtype)
+    # One pass each (no zero-fill of what is overwritten): only the padding is zeroed.
+    np.multiply(q3.reshape(rows, D), q3.dtype.type(scale), out=qs[:rows, :D])
+    dop[:rows, :Dv] = do3.reshape(rows, Dv)
+    for a, used in ((qs, D), (dop, Dv)):
+        a[rows:] = 0
+        a[:rows, used:] = 0
+    return qs, dop
 
 
 @nb.njit(**OPTS)
@@ -231,28 +264,31 @@ def forward(t0, t1, q, kt, v, P, kmax, safe, BR, BC, W, out, lse):
 
 
 @nb.njit(**OPTS)
-def backward(t0, t1, q, k, v, do, lse, delta, P, BRB, BCB, W, nchunk, dq_acc, dk, dv):
+def backward(t0, t1, qs, k, v, dop, lse, delta, P, BRB, BCB, W, nchunk, dq_acc, dk, dv):
     """FlashAttention-2 backward on the vector micro-kernels; tasks are (kv head, key chunk).
 
     Same contract as :func:`selfattn.backends._numba.blas.backward_gemm`
-    (``lse`` holds ``+inf`` for rows that attend nothing; dQ of chunk ``ch``
-    goes to ``dq_acc[ch]``, summed by the host). ``BRB`` must be a multiple of
+    (``lse`` ``(BH, N)`` holds ``+inf`` for rows that attend nothing), with
+    the row operands prepared once per call by the host (:func:`backward_operands`):
+    ``qs`` = ``q * scale`` and ``dop`` = ``dO``, each ``(BH*N + ROWS, Dw)``
+    (``Dvw``) with zero columns past ``D`` (``Dv``) and ``ROWS`` spare rows,
+    so every tile reads them in place. dQ of chunk ``ch`` is accumulated by
+    the dQ product itself into ``dq_acc[ch]`` ``(BH*N + ROWS, Dw)`` (the host
+    sums the chunks and drops the padding). ``BRB`` must be a multiple of
     ``ROWS``, ``BCB`` of ``W``.
     """
-    BH, N, D = q.shape
+    N = lse.shape[1]
     BKV, M, Dv = v.shape
+    D = k.shape[2]
+    Dw = qs.shape[1]
+    Dvw = dop.shape[1]
     G = P.Hq // P.Hkv
     nkb = (M + BCB - 1) // BCB
     per = (nkb + nchunk - 1) // nchunk
-    dt = q.dtype
-    Dw = _up(D, W)
-    Dvw = _up(Dv, W)
-    k_in_place = Dw == D
-    qs = np.zeros(BRB * Dw, dt)
-    dob = np.zeros(BRB * Dvw, dt)
+    dt = qs.dtype
     kt = np.zeros(D * BCB, dt)
     vt = np.zeros(Dv * BCB, dt)
-    kp = np.zeros(1 if k_in_place else BCB * Dw, dt)
+    kps = np.zeros(BCB * Dw, dt)
     sbuf = np.zeros(BRB * BCB, dt)
     dpbuf = np.zeros(BRB * BCB, dt)
     zbuf = np.zeros(BRB * BCB if P.thr > 0 else 1, dt)
@@ -260,15 +296,22 @@ def backward(t0, t1, q, k, v, do, lse, delta, P, BRB, BCB, W, nchunk, dq_acc, dk
     dka = np.zeros(BCB * Dw, dt)
     dva = np.zeros(BCB * Dvw, dt)
     dqt = np.zeros(BRB * Dw, dt)
-    kflat = k.reshape(k.size)
-    zero = cast_like(0.0, qs[0])
+    qflat = qs.reshape(qs.size)
+    dflat = dop.reshape(dop.size)
+    zero = cast_like(0.0, qs[0, 0])
     sc = cast_like(P.scale, zero)
     capped = P.softcap > 0.0
+    # Accumulating dQ straight into dq_acc pays when the scaled K block stays in L1 (the
+    # product then runs row block by row block); a larger one (D = 128) goes column panel by
+    # column panel, and reading/writing dq_acc's rows once per panel cost more than the copy
+    # through dqt (measured (4,8,1024,128): 240 vs 192 ms).
+    direct_dq = BCB * Dw * qs.itemsize <= B_IN_L1
     for t in range(t0, t1):
         ch = t % nchunk
         kvh = t // nchunk
         b = kvh // P.Hkv
         hk = kvh - b * P.Hkv
+        dqc = dq_acc[ch].reshape(dq_acc[ch].size)
         for kbi in range(ch * per, min(nkb, (ch + 1) * per)):
             c0 = kbi * BCB
             c1 = min(M, c0 + BCB)
@@ -277,8 +320,12 @@ def backward(t0, t1, q, k, v, do, lse, delta, P, BRB, BCB, W, nchunk, dq_acc, dk
             ncr = _up(nc, ROWS)
             _pack_t(k[kvh], c0, nc, D, kt, ncw)
             _pack_t(v[kvh], c0, nc, Dv, vt, ncw)
-            if not k_in_place:
-                _pack(k[kvh], c0, nc, D, kp, Dw, nc)
+            # K * scale, for dQ += dS (K * scale) accumulated in place.
+            for c in range(nc):
+                for dd in range(D):
+                    kps[c * Dw + dd] = k[kvh, c0 + c, dd] * sc
+                for dd in range(D, Dw):
+                    kps[c * Dw + dd] = zero
             for i in range(ncr * Dw):
                 dka[i] = zero
             for i in range(ncr * Dvw):
@@ -292,41 +339,37 @@ def backward(t0, t1, q, k, v, do, lse, delta, P, BRB, BCB, W, nchunk, dq_acc, dk
                     i1 = min(ihi, i0 + BRB)
                     nr = i1 - i0
                     nrp = _up(nr, ROWS)
-                    for r in range(nr):
-                        for dd in range(D):
-                            qs[r * Dw + dd] = q[bh, i0 + r, dd] * sc
-                        for dd in range(D, Dw):
-                            qs[r * Dw + dd] = zero
-                    for i in range(nr * Dw, nrp * Dw):
-                        qs[i] = zero
-                    _pack(do[bh], i0, nr, Dv, dob, Dvw, nrp)
+                    rb = bh * N + i0  # first row of the tile in qs / dop / dq_acc
                     s = sbuf[: nrp * ncw].reshape((nrp, ncw))
                     dp = dpbuf[: nrp * ncw].reshape((nrp, ncw))
                     dcap = dcap_buf[: nr * ncw].reshape((nr, ncw)) if capped else dcap_buf[:1].reshape((1, 1))
-                    gemm(qs, 0, Dw, 1, kt, 0, ncw, sbuf, 0, ncw, nrp, ncw, D, False, W)
+                    gemm(qflat, rb * Dw, Dw, 1, kt, 0, ncw, sbuf, 0, ncw, nrp, ncw, D, False, W)
                     score_bias(s, nr, nc, i0, c0, b, h, P.off, P, dcap, True)
-                    gemm(dob, 0, Dvw, 1, vt, 0, ncw, dpbuf, 0, ncw, nrp, ncw, Dv, False, W)
+                    gemm(dflat, rb * Dvw, Dvw, 1, vt, 0, ncw, dpbuf, 0, ncw, nrp, ncw, Dv, False, W)
                     for r in range(nr):
                         exp_shift_row(s[r], nc, lse[bh, i0 + r])
-                    # dV += (P*Z)^T dO: P^T read through strides (rows = keys).
+                    # dV += (P*Z)^T dO: P^T read through strides (rows = keys), dO rows in place.
                     if P.thr > 0:
                         pz = zbuf[: nrp * ncw].reshape((nrp, ncw))
                         dropout_grad(s, dp, pz, False, nr, nc, i0, c0, b, h, P)
-                        gemm(zbuf, 0, 1, ncw, dob, 0, Dvw, dva, 0, Dvw, ncr, Dvw, nr, True, W)
+                        gemm(zbuf, 0, 1, ncw, dflat, rb * Dvw, Dvw, dva, 0, Dvw, ncr, Dvw, nr, True, W)
                     else:
-                        gemm(sbuf, 0, 1, ncw, dob, 0, Dvw, dva, 0, Dvw, ncr, Dvw, nr, True, W)
+                        gemm(sbuf, 0, 1, ncw, dflat, rb * Dvw, Dvw, dva, 0, Dvw, ncr, Dvw, nr, True, W)
                     ds_in_place(s, dp, nr, nc, delta, bh, i0, dcap, capped)
                     # dK += dS^T (q*scale)
-                    gemm(sbuf, 0, 1, ncw, qs, 0, Dw, dka, 0, Dw, ncr, Dw, nr, True, W)
-                    # dQ += dS K * scale
-                    if k_in_place:
-                        gemm(sbuf, 0, ncw, 1, kflat, (kvh * M + c0) * D, D, dqt, 0, Dw, nrp, Dw, nc, False, W)
+                    gemm(sbuf, 0, 1, ncw, qflat, rb * Dw, Dw, dka, 0, Dw, ncr, Dw, nr, True, W)
+                    # dQ += dS (K*scale). The micro-kernel writes whole blocks of ROWS rows; rows
+                    # past nr get dS = 0 (zeroed here), so adding them is a no-op -- as long as
+                    # they are this head's rows, which only this task touches. A tile whose
+                    # padding would reach the next head goes through dqt instead.
+                    for i in range(nr * ncw, nrp * ncw):
+                        sbuf[i] = zero
+                    if i0 + nrp <= N and direct_dq:
+                        gemm(sbuf, 0, ncw, 1, kps, 0, Dw, dqc, rb * Dw, Dw, nrp, Dw, nc, True, W)
                     else:
-                        gemm(sbuf, 0, ncw, 1, kp, 0, Dw, dqt, 0, Dw, nrp, Dw, nc, False, W)
-                    for r in range(nr):
-                        dqrow = dq_acc[ch, bh, i0 + r]
-                        for dd in range(D):
-                            dqrow[dd] += dqt[r * Dw + dd] * sc
+                        gemm(sbuf, 0, ncw, 1, kps, 0, Dw, dqt, 0, Dw, nrp, Dw, nc, False, W)
+                        for i in range(nr * Dw):
+                            dqc[rb * Dw + i] += dqt[i]
             for c in range(nc):
                 for dd in range(D):
                     dk[kvh, c0 + c, dd] = dka[c * Dw + dd]

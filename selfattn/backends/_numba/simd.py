@@ -113,7 +113,7 @@ def _pack(src, row0, nrow, ncol, dst, ld, nrow_pad):
 def key_columns(m: int, width: int) -> int:
     """Columns of :func:`prepare_keys`' transposed keys: ``m`` rounded up to ``width``, plus ``width``.
 
-    A key block may start anywhere (blocks start at the band's first key) and
+    A key block may start anywhere (the first block of a task takes the remainder) and
     its product reads whole vectors, so up to ``width - 1`` columns past the
     last key are read; they are zeros.
     """
@@ -181,7 +181,7 @@ def forward(t0, t1, q, kt, v, P, kmax, safe, BR, BC, W, out, lse):
 
     Same contract as :func:`selfattn.backends._numba.blas.forward_gemm`
     (including the shift-free shortcut with ``kmax``/``safe``; blocks of
-    ``BC`` keys from the band's first key); ``W`` is the vector width in lanes of this
+    ``BC`` keys ending at the band's last key); ``W`` is the vector width in lanes of this
     dtype, ``BR`` a multiple of ``ROWS`` and ``BC`` of ``W``. Writes ``out``
     ``(BH, N, Dv)`` and ``lse`` ``(BH, N)`` (``-inf`` where nothing is attended).
     """
@@ -233,13 +233,17 @@ def forward(t0, t1, q, kt, v, P, kmax, safe, BR, BC, W, out, lse):
         if bounded:
             for r in range(nr):
                 mrow[r] = zero
-        # Whole blocks of BC keys from the band's first key: a block that crosses the band's
-        # edge is masked by score_bias (two fills per row); cutting blocks at the edges instead
-        # (as the BLAS-tile forward does) left ragged slivers, each a full pass over the rows.
+        # Whole blocks of BC keys that end at the band's last key (the first block takes the
+        # remainder): a block that crosses the band's edge is masked by score_bias (two fills
+        # per row). Ending at j1 puts the causal diagonal at the end of one block, so at most
+        # BR x BR/2 masked scores are computed per task (blocks from j0 averaged about twice
+        # that); cutting blocks at the edges instead (as the BLAS-tile forward does) left
+        # ragged slivers, each a full pass over the rows.
+        first = (j1 - j0) % BC
         c1 = j0
         while c1 < j1:
             c0 = c1
-            c1 = min(c0 + BC, j1)
+            c1 = min(c0 + (first if (c0 == j0 and first > 0) else BC), j1)
             nc = c1 - c0
             ncw = _up(nc, W)
             s = sbuf[: nrp * ncw].reshape((nrp, ncw))

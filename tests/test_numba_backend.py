@@ -320,14 +320,15 @@ def test_automatic_selection_prefers_numba_above_its_work_range():
     # large prefill, many small heads, long decode: inside the declared work range
     big = _inputs(rng, 1, 8, 8, 1024, 1024, 64)
     assert selfattn._problem.normalize(*big).flops >= numba_.MIN_FLOPS
-    many = _inputs(rng, 8, 8, 8, 128, 128, 32)
+    mid = _inputs(rng, 1, 4, 4, 256, 256, 64)  # 6.7e7 FLOPs: the SIMD kernels beat NumPy here
+    many = _inputs(rng, 4, 8, 8, 32, 32, 16)  # 32 small heads, 2.1e6 FLOPs
     decode = (_inputs(rng, 1, 8, 8, 1, 1, 64)[0], *_inputs(rng, 1, 8, 8, 16384, 16384, 64)[1:])
-    for call in (big, many, decode):
+    for call in (big, mid, many, decode):
         assert selfattn.explain(*call).backend == "numba"
-    # a toy call, a few-head mid-size call and a short decode are outside: NumPy runs them
+    # a toy call, a few-head small call and a short decode are outside: NumPy runs them
     for call in (
         _inputs(rng, 1, 2, 2, 8, 8, 4),
-        _inputs(rng, 1, 4, 4, 256, 256, 64),
+        _inputs(rng, 1, 4, 4, 64, 64, 32),
         (_inputs(rng, 1, 8, 8, 1, 1, 64)[0], *_inputs(rng, 1, 8, 8, 2048, 2048, 64)[1:]),
     ):
         ex = selfattn.explain(*call)

@@ -64,14 +64,16 @@ __all__ = ["NumbaBackend", "backend", "thread_budget", "FAMILIES", "MIN_FLOPS", 
 _log = logging.getLogger("selfattn")
 
 #: The work range where this backend pays off (``Capabilities.work_range``), measured side by
-#: side against the NumPy backend on a 2-core x86 VM (``tools/crossover.py``; the README's
-#: Performance section has the table). Outside it automatic selection runs NumPy, which needs no
-#: compiled kernel and no thread hand-off and whose batched BLAS products are as fast or faster:
-#: prefill-like calls below ~1e9 FLOPs with few heads, and decode-like calls below 16k keys
-#: (NumPy's matrix-vector products stream K/V at full memory bandwidth). Inside: large calls,
-#: many (>= 32) small heads (NumPy pays per head), long decode (keys split across threads).
-MIN_FLOPS = 1.0e9
-WORK_RANGE = WorkRange(min_flops=MIN_FLOPS, min_flops_many_heads=1.6e7, many_heads=32, min_keys_decode=16384)
+#: side against the NumPy backend on a 2-core x86 VM (``tools/crossover.py``, plain and
+#: ``--layer``; the README's Performance section has the table). Outside it automatic selection
+#: runs NumPy, which needs no compiled kernel and no thread hand-off and whose batched BLAS
+#: products are as fast or faster: prefill-like calls below ~1e7 FLOPs (unless spread over 32+
+#: heads), and decode-like calls below 16k keys (NumPy's matrix-vector products stream K/V at
+#: full memory bandwidth). With the SIMD kernels Numba wins from there up (numba / numpy
+#: 0.60-0.97 between 1e7 and 1e9 FLOPs; with the BLAS-tile kernels it lost below ~1e9, which was
+#: the threshold until they were replaced).
+MIN_FLOPS = 1.0e7
+WORK_RANGE = WorkRange(min_flops=MIN_FLOPS, min_flops_many_heads=2.0e6, many_heads=32, min_keys_decode=16384)
 #: Default thread thresholds (instance attributes ``flops_per_thread`` / ``bytes_per_thread``):
 #: one more thread per this much work. Measured: below ~5 ms of single-thread work a second
 #: thread did not pay for waking it (and the BLAS-tile kernels scale poorly on small tiles).

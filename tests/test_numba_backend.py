@@ -645,6 +645,24 @@ def test_microkernel_compiles_to_vector_fmas():
     assert len(fmas) >= mk.ROWS * 3, f"expected packed FMAs on {reg} registers, found {len(fmas)}"
 
 
+def test_no_compile_per_shape_or_option(kernel_path):
+    # Sizes, tiles, head layouts and options are run-time arguments: every kernel keeps one
+    # specialisation per compute dtype (float16 computes in float32) however it is called.
+    from selfattn.backends._numba import blas, fused, simd
+
+    rng = np.random.default_rng(33)
+    for b, hq, hkv, n, m, d, dv in [(1, 2, 2, 70, 90, 16, 16), (2, 4, 2, 33, 129, 40, 24), (1, 1, 1, 9, 300, 64, 8)]:
+        for dtype in (np.float16, np.float32, np.float64):
+            q, k, v = _inputs(rng, b, hq, hkv, n, m, d, dv, dtype)
+            for kw in ({}, {"causal": True}, {"window": (7, 2), "dropout_p": 0.2, "dropout_seed": 1}):
+                out, vjp = selfattn.scaled_dot_product_attention_vjp(q, k, v, backend=BACKEND, **kw)
+                vjp(np.ones_like(out))
+    kernels = [fused.forward, fused.backward, blas.forward_gemm, blas.backward_gemm]
+    kernels += [simd.forward, simd.backward, simd.prepare_keys]
+    for kern in kernels:
+        assert len(kern.signatures) <= 2, (kern.__name__, kern.signatures)
+
+
 def test_simd_lanes_follow_the_host_and_can_be_forced(monkeypatch):
     from selfattn.backends._numba.microkernel import vector_isa
 

@@ -198,6 +198,14 @@ def _shift_free_bound(v3: np.ndarray, cdt: np.dtype) -> float:
     return max(0.0, min(cap, room))
 
 
+def _shift_free_safe(pb: Problem, P: KernelParams, v3: np.ndarray) -> float:
+    """The ``safe`` bound the BLAS-tile and SIMD forwards get: 0 (shortcut off) with additive
+    masks or ALiBi biases that break it, else :func:`_shift_free_bound`."""
+    if P.mask_kind == 2 or not _alibi_keeps_bound(pb):
+        return 0.0
+    return _shift_free_bound(v3, v3.dtype)
+
+
 def _alibi_keeps_bound(pb: Problem) -> bool:
     """Whether the forward's shift-free shortcut stays exact with this call's ALiBi biases (True without ALiBi).
 
@@ -314,9 +322,9 @@ def _announce(family: str, dtype: np.dtype, calls: list[tuple[Any, tuple[Any, ..
 
 def _simd_isa() -> str:
     """The vector instruction set the SIMD kernels are built for here (e.g. "avx512f, 16 float32 lanes")."""
-    from ._numba.microkernel import vector_isa
+    from ._numba.microkernel import ISA  # chosen once, at import: what the kernels were built for
 
-    name, n = vector_isa()
+    name, n = ISA
     return f"{name}, {n} float32 lanes"
 
 
@@ -527,7 +535,7 @@ class NumbaBackend(Backend):
         cdt = q3.dtype
         fwd, knorm = _kernel("blas.forward_gemm"), _kernel("blas.key_norm_max")
         kmax = np.empty(k3.shape[0], cdt)
-        safe = 0.0 if (P.mask_kind == 2 or not _alibi_keeps_bound(pb)) else _shift_free_bound(v3, cdt)
+        safe = _shift_free_safe(pb, P, v3)
         rows = _query_tile(BH, N, nthreads, gq)
         args = (q3, k3, v3, P, kmax, safe, rows, gk, out3, lse3)
         _announce("blas-forward", cdt, [(knorm, (0, 0, k3, kmax)), (fwd, (0, 0) + args)])
@@ -547,7 +555,7 @@ class NumbaBackend(Backend):
         lse3: np.ndarray,
     ) -> None:
         from ._numba.microkernel import ROWS, lanes
-        from ._numba.simd import BR_BAND
+        from ._numba.simd import BR_BAND, key_columns
 
         br, bc, _, _ = self.simd_tiles
         if pb.lower is not None or pb.upper is not None:  # causal or a window: short tasks waste less
@@ -555,12 +563,10 @@ class NumbaBackend(Backend):
         BH, N = q3.shape[0], q3.shape[1]
         cdt = q3.dtype
         W = lanes(cdt.itemsize)
-        from ._numba.simd import key_columns
-
         fwd, prep = _kernel("simd.forward"), _kernel("simd.prepare_keys")
         kmax = np.empty(k3.shape[0], cdt)
         kt = np.empty((k3.shape[0], k3.shape[2], key_columns(k3.shape[1], W)), cdt)
-        safe = 0.0 if (P.mask_kind == 2 or not _alibi_keeps_bound(pb)) else _shift_free_bound(v3, cdt)
+        safe = _shift_free_safe(pb, P, v3)
         rows = _query_tile(BH, N, nthreads, br, multiple=ROWS, smallest=ROWS)
         args = (q3, kt, v3, P, kmax, safe, rows, _round_up(bc, W), W, out3, lse3)
         _announce("simd-forward", cdt, [(prep, (0, 0, k3, kt, kmax)), (fwd, (0, 0) + args)])
@@ -693,23 +699,20 @@ class NumbaBackend(Backend):
             _announce("simd-backward", cdt, [(kern, (0, 0) + sargs)])
             run_tasks(lambda t0, t1: kern(t0, t1, *sargs), tasks * nchunk, nthreads, chunks_per_thread=1)
             dqp = dq_pad[0] if nchunk == 1 else dq_pad.sum(axis=0)
-            return (
-                dqp[: B * Hq * N, :D].reshape(B, Hq, N, D).astype(pb.dtype, copy=False),
-                dk3.reshape(B, Hkv, M, D).astype(pb.dtype, copy=False),
-                dv3.reshape(B, Hkv, M, Dv).astype(pb.dtype, copy=False),
-            )
-        dq_acc = np.zeros((nchunk, B * Hq, N, D), cdt)
-        args = (q3, k3, v3, do3, lse3, delta, P, rows, block, nchunk, dq_acc, dk3, dv3)
-        if fam == "blas":
-            kern = _kernel("blas.backward_gemm")
-            _announce("blas-backward", cdt, [(kern, (0, 0) + args)])
-            with _blas.single_threaded():
-                run_tasks(lambda t0, t1: kern(t0, t1, *args), tasks * nchunk, nthreads, chunks_per_thread=1)
+            dq3 = dqp[: B * Hq * N, :D]
         else:
-            kern = _kernel("fused.backward")
-            _announce("fused-backward", cdt, [(kern, (0, 0) + args)])
-            run_tasks(lambda t0, t1: kern(t0, t1, *args), tasks * nchunk, nthreads, chunks_per_thread=1)
-        dq3 = dq_acc[0] if nchunk == 1 else dq_acc.sum(axis=0)
+            dq_acc = np.zeros((nchunk, B * Hq, N, D), cdt)
+            args = (q3, k3, v3, do3, lse3, delta, P, rows, block, nchunk, dq_acc, dk3, dv3)
+            if fam == "blas":
+                kern = _kernel("blas.backward_gemm")
+                _announce("blas-backward", cdt, [(kern, (0, 0) + args)])
+                with _blas.single_threaded():
+                    run_tasks(lambda t0, t1: kern(t0, t1, *args), tasks * nchunk, nthreads, chunks_per_thread=1)
+            else:
+                kern = _kernel("fused.backward")
+                _announce("fused-backward", cdt, [(kern, (0, 0) + args)])
+                run_tasks(lambda t0, t1: kern(t0, t1, *args), tasks * nchunk, nthreads, chunks_per_thread=1)
+            dq3 = dq_acc[0] if nchunk == 1 else dq_acc.sum(axis=0)
         return (
             dq3.reshape(B, Hq, N, D).astype(pb.dtype, copy=False),
             dk3.reshape(B, Hkv, M, D).astype(pb.dtype, copy=False),

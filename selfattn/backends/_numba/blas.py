@@ -31,6 +31,7 @@ from .tiles import (
     ds_in_place,
     exp_shift_row,
     finish_rows,
+    key_norm_step,
     query_task,
     score_bias,
     softmax_tile,
@@ -58,16 +59,11 @@ def key_norm_max(t0, t1, k, res):
     Accumulated in float64; NaN keys give NaN (which then disables the
     shift-free shortcut of :func:`forward_gemm`). Tasks are key/value heads.
     """
-    M, D = k.shape[1], k.shape[2]
+    M = k.shape[1]
     for t in range(t0, t1):
         best = 0.0
         for j in range(M):
-            acc = 0.0
-            for dd in range(D):
-                x = np.float64(k[t, j, dd])
-                acc += x * x
-            if acc > best or acc != acc:  # once NaN, it sticks
-                best = acc
+            best = key_norm_step(best, k[t, j])
         res[t] = math.sqrt(best)
 
 

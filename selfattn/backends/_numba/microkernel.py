@@ -42,6 +42,7 @@ from numba.extending import intrinsic
 from .opts import INLINE, OPTS
 
 __all__ = [
+    "ISA",
     "LANES32",
     "ROWS",
     "VECS",
@@ -79,8 +80,10 @@ def vector_isa() -> tuple[str, int]:
     return "sse/generic", 4
 
 
+#: ``(name, float32 lanes)`` chosen for this process at import (:func:`vector_isa`).
+ISA = vector_isa()
 #: float32 lanes per vector register on this host (float64: half as many).
-LANES32 = vector_isa()[1]
+LANES32 = ISA[1]
 #: Rows of C held in registers per micro-kernel call.
 ROWS = 8
 #: Bytes of B that the product keeps in L1 across row blocks (most cores have 32-48 KiB of L1d).
@@ -134,7 +137,6 @@ def _micro(nrows: int, nvec: int):
         def codegen(context, builder, signature, args):
             fty = context.get_value_type(dt)
             vty = ir.VectorType(fty, width)
-            i32 = ir.IntType(32)
             intp = context.get_value_type(types.intp)
             a_arr = context.make_array(signature.args[0])(context, builder, args[0])
             b_arr = context.make_array(signature.args[4])(context, builder, args[4])
@@ -149,8 +151,6 @@ def _micro(nrows: int, nvec: int):
             fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty, vty, vty]), fname)
             esize = dt.bitwidth // 8
             zero_v = ir.Constant(vty, [ir.Constant(fty, 0.0)] * width)
-            splat_mask = ir.Constant(ir.VectorType(i32, width), [0] * width)
-            undef_v = ir.Constant(vty, ir.Undefined)
 
             def vptr(base, offset):
                 return builder.bitcast(builder.gep(base, [offset]), vty.as_pointer())
@@ -197,9 +197,7 @@ def _micro(nrows: int, nvec: int):
             for r in range(nrows):
                 aoff = builder.add(builder.mul(ir.Constant(intp, r), ars), acol)
                 x = builder.load(builder.gep(pa, [aoff]), align=esize)
-                xs = builder.shuffle_vector(
-                    builder.insert_element(undef_v, x, ir.Constant(i32, 0)), undef_v, splat_mask
-                )
+                xs = _broadcast(builder, x, vty)
                 for j in range(nvec):
                     new.append(builder.call(fma, [xs, bv[j], accs[r * nvec + j]]))
             d_next = builder.add(d, ir.Constant(intp, 1))
@@ -245,6 +243,12 @@ def _panel(a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, kred, acc, nv):
         _K8_1(a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, kred, acc)
 
 
+@nb.njit(**INLINE)
+def _panel_vectors(rem):
+    """Vectors in the next column panel when ``rem`` are left: 3, ending 2 + 2 rather than 3 + 1."""
+    return 3 if (rem >= 5 or rem == 3) else (2 if rem >= 2 else 1)
+
+
 @nb.njit(**OPTS)
 def gemm(a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, nr, ncol, kred, acc, width):
     """``C[:nr, :ncol] (+)= A[:nr, :kred] @ B[:kred, :ncol]`` with the vector micro-kernels.
@@ -265,7 +269,7 @@ def gemm(a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, nr, ncol, kred, acc, 
             rem = ncol // width
             j0 = 0
             while rem > 0:
-                nv = 3 if (rem >= 5 or rem == 3) else (2 if rem >= 2 else 1)
+                nv = _panel_vectors(rem)
                 _panel(a, a_off + r0 * ars, ars, aks, b, b_off + j0, ldb, c, c_off + r0 * ldc + j0, ldc, kred, acc, nv)
                 j0 += nv * width
                 rem -= nv
@@ -273,11 +277,49 @@ def gemm(a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, nr, ncol, kred, acc, 
     rem = ncol // width
     j0 = 0
     while rem > 0:
-        nv = 3 if (rem >= 5 or rem == 3) else (2 if rem >= 2 else 1)
+        nv = _panel_vectors(rem)
         for r0 in range(0, nr, ROWS):
             _panel(a, a_off + r0 * ars, ars, aks, b, b_off + j0, ldb, c, c_off + r0 * ldc + j0, ldc, kred, acc, nv)
         j0 += nv * width
         rem -= nv
+
+
+def _broadcast(builder, x, vty):
+    """A ``vty`` vector with ``x`` in every lane (insertelement + shufflevector; one vbroadcast)."""
+    undef = ir.Constant(vty, ir.Undefined)
+    lane0 = builder.insert_element(undef, x, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(lane0, undef, ir.Constant(ir.VectorType(ir.IntType(32), vty.count), [0] * vty.count))
+
+
+def _vector_fold(builder, base, nvec, vty, intp, start, step):
+    """Emit ``acc = start; for i < nvec: acc = step(&base[i*W] as <W x T>*, acc)``; returns the final ``acc``.
+
+    The loop skeleton of the row-wise vector intrinsics (``nvec`` may be 0:
+    then ``start`` comes back).
+    """
+    width = vty.count
+    pre = builder.block
+    loop = builder.append_basic_block("vfold.loop")
+    done = builder.append_basic_block("vfold.done")
+    zero = ir.Constant(intp, 0)
+    builder.cbranch(builder.icmp_signed(">", nvec, zero), loop, done)
+    builder.position_at_end(loop)
+    i = builder.phi(intp)
+    acc = builder.phi(vty)
+    i.add_incoming(zero, pre)
+    acc.add_incoming(start, pre)
+    ptr = builder.bitcast(builder.gep(base, [builder.mul(i, ir.Constant(intp, width))]), vty.as_pointer())
+    nxt = step(ptr, acc)
+    inext = builder.add(i, ir.Constant(intp, 1))
+    end = builder.block
+    i.add_incoming(inext, end)
+    acc.add_incoming(nxt, end)
+    builder.cbranch(builder.icmp_signed("<", inext, nvec), loop, done)
+    builder.position_at_end(done)
+    res = builder.phi(vty)
+    res.add_incoming(start, pre)
+    res.add_incoming(nxt, end)
+    return res
 
 
 @intrinsic
@@ -307,27 +349,12 @@ def _vmax(typingctx, a, off, nvec, init):
         base = builder.gep(arr.data, [args[1]])
         nvec, init = args[2], args[3]
         start = ir.Constant(vty, [ir.Constant(fty, float("-inf"))] * width)
-        pre = builder.block
-        loop = builder.append_basic_block("vmax.loop")
-        done = builder.append_basic_block("vmax.done")
-        zero = ir.Constant(intp, 0)
-        builder.cbranch(builder.icmp_signed(">", nvec, zero), loop, done)
-        builder.position_at_end(loop)
-        i = builder.phi(intp)
-        acc = builder.phi(vty)
-        i.add_incoming(zero, pre)
-        acc.add_incoming(start, pre)
-        ptr = builder.bitcast(builder.gep(base, [builder.mul(i, ir.Constant(intp, width))]), vty.as_pointer())
-        nxt = builder.call(vmax, [acc, builder.load(ptr, align=dt.bitwidth // 8)])
-        inext = builder.add(i, ir.Constant(intp, 1))
-        i.add_incoming(inext, builder.block)
-        acc.add_incoming(nxt, builder.block)
-        end = builder.block
-        builder.cbranch(builder.icmp_signed("<", inext, nvec), loop, done)
-        builder.position_at_end(done)
-        res = builder.phi(vty)
-        res.add_incoming(start, pre)
-        res.add_incoming(nxt, end)
+        esize = dt.bitwidth // 8
+
+        def step(ptr, acc):
+            return builder.call(vmax, [acc, builder.load(ptr, align=esize)])
+
+        res = _vector_fold(builder, base, nvec, vty, intp, start, step)
         return builder.call(smax, [builder.call(red, [res]), init])
 
     return sig, codegen
@@ -437,41 +464,20 @@ def _make_vexp(checked: bool):
 
         def codegen(context, builder, signature, args):
             fty = context.get_value_type(dt)
-            i32 = ir.IntType(32)
             vty = ir.VectorType(fty, width)
             intp = context.get_value_type(types.intp)
             zero_v = ir.Constant(vty, [ir.Constant(fty, 0.0)] * width)
             arr = context.make_array(signature.args[0])(context, builder, args[0])
             nvec, mu = args[1], args[2]
-            undef = ir.Constant(vty, ir.Undefined)
-            muv = builder.shuffle_vector(
-                builder.insert_element(undef, mu, ir.Constant(i32, 0)),
-                undef,
-                ir.Constant(ir.VectorType(i32, width), [0] * width),
-            )
-            pre = builder.block
-            loop = builder.append_basic_block("vexp.loop")
-            done = builder.append_basic_block("vexp.done")
-            zero = ir.Constant(intp, 0)
-            builder.cbranch(builder.icmp_signed(">", nvec, zero), loop, done)
-            builder.position_at_end(loop)
-            i = builder.phi(intp)
-            tot = builder.phi(vty)
-            i.add_incoming(zero, pre)
-            tot.add_incoming(zero_v, pre)
-            ptr = builder.bitcast(builder.gep(arr.data, [builder.mul(i, ir.Constant(intp, width))]), vty.as_pointer())
-            e = _exp_ir(builder, builder.fsub(builder.load(ptr, align=dt.bitwidth // 8), muv), width, f64, checked)
-            builder.store(e, ptr, align=dt.bitwidth // 8)
-            nxt = builder.fadd(tot, e)
-            inext = builder.add(i, ir.Constant(intp, 1))
-            end = builder.block
-            i.add_incoming(inext, end)
-            tot.add_incoming(nxt, end)
-            builder.cbranch(builder.icmp_signed("<", inext, nvec), loop, done)
-            builder.position_at_end(done)
-            res = builder.phi(vty)
-            res.add_incoming(zero_v, pre)
-            res.add_incoming(nxt, end)
+            muv = _broadcast(builder, mu, vty)
+            esize = dt.bitwidth // 8
+
+            def step(ptr, tot):
+                e = _exp_ir(builder, builder.fsub(builder.load(ptr, align=esize), muv), width, f64, checked)
+                builder.store(e, ptr, align=esize)
+                return builder.fadd(tot, e)
+
+            res = _vector_fold(builder, arr.data, nvec, vty, intp, zero_v, step)
             return _reduce_add(builder, res, width, f64)
 
         return sig, codegen

@@ -43,6 +43,7 @@ from .tiles import (
     ds_in_place,
     exp_shift_row,
     finish_rows,
+    key_norm_step,
     query_task,
     score_bias,
     softmax_tile,
@@ -160,12 +161,7 @@ def prepare_keys(t0, t1, k, kt, kmax):
         for j0 in range(0, M, 16):
             j1 = min(M, j0 + 16)
             for j in range(j0, j1):
-                acc = 0.0
-                for dd in range(D):
-                    x = k[t, j, dd]
-                    acc += np.float64(x) * np.float64(x)
-                if acc > best or acc != acc:  # once NaN, it sticks
-                    best = acc
+                best = key_norm_step(best, k[t, j])
             for dd in range(D):
                 for j in range(j0, j1):
                     kt[t, dd, j] = k[t, j, dd]

@@ -25,6 +25,7 @@ __all__ = [
     "OPTS",
     "cast_like",
     "fmix32",
+    "key_norm_step",
     "row_hash",
     "dot_nt",
     "exp_shift_row",
@@ -56,6 +57,20 @@ def fmix32(h):
     h = (h * _F2) & _M32
     h ^= h >> 16
     return h
+
+
+@nb.njit(**_INLINE)
+def key_norm_step(best, krow):
+    """``max(best, |krow|²)`` with ``|krow|²`` accumulated in float64; once either is NaN, NaN sticks.
+
+    The running step of the key-norm bound behind the forward's shift-free
+    shortcut (a NaN key makes the bound NaN, which disables the shortcut).
+    """
+    acc = 0.0
+    for dd in range(krow.shape[0]):
+        x = np.float64(krow[dd])
+        acc += x * x
+    return acc if (acc > best or acc != acc) else best
 
 
 @nb.njit(**_INLINE)

@@ -517,8 +517,9 @@ def test_float32_exp_vectorizes():
     np.testing.assert_allclose(a, expect, rtol=3e-7, atol=1e-38)
     assert abs(total - expect.sum()) <= 1e-6 * expect.sum()
     asm = "\n".join(row.inspect_asm().values())
-    packed = set(re.findall(r"\b(v?(?:roundps|cvttps2dq|cvtps2dq|fmadd\d+ps))\b", asm))
-    assert "cvttps2dq" in {p.lstrip("v") for p in packed}, sorted(packed)
+    packed = set(re.findall(r"\b(v?(?:roundps|rndscaleps|cvttps2dq|cvtps2dq|scalefps|fmadd\d+ps))\b", asm))
+    # 2**n on whole vectors: from exponent bits (a packed convert) or AVX-512's vscalefps
+    assert {"cvttps2dq", "scalefps"} & {p.lstrip("v") for p in packed}, sorted(packed)
     assert any("fmadd" in p or "roundps" in p for p in packed), sorted(packed)
 
 
@@ -543,6 +544,47 @@ def test_float64_exp_is_accurate_and_vectorized():
     assert np.isnan(total)  # the NaN reaches the row sum
     asm = "\n".join(row.inspect_asm().values())
     assert re.search(r"vfmadd\w*pd\s+%[xyz]mm", asm), "float64 exp is not packed (pd, not sd)"
+
+
+def test_exp2_vectors_are_accurate_and_scaled_in_one_instruction():
+    # The SIMD forward's interior tiles hold scores in base 2 (log2(e) folded into the query's
+    # scale) and take 2**(s - mu) on whole vectors: no clamps, no ln2 reduction, and on AVX-512
+    # one vscalef for the 2**n. As accurate as the natural exp; a partial vector is left alone.
+    import re
+
+    from selfattn.backends._numba import microkernel as mk
+
+    @numba.njit
+    def run(a, mu):
+        return mk.exp2_vectors_in_range(a, a.shape[0], mu)
+
+    for dtype, lim, ulps in ((np.float32, 44.0, 3), (np.float64, 440.0, 4)):
+        w = mk.lanes(np.dtype(dtype).itemsize)
+        x = np.linspace(-lim, lim, 50 * w + w - 1).astype(dtype)
+        y = x.copy()
+        total, n = run(y, dtype(0.75))
+        assert n == 50 * w and np.array_equal(y[n:], x[n:])
+        want = np.exp2((x[:n] - dtype(0.75)).astype(np.longdouble))  # the shift is a `dtype` subtraction
+        rel = np.abs((y[:n] - want) / want)
+        assert rel.max() <= ulps * np.finfo(dtype).eps, (dtype, float(rel.max()))
+        assert abs(total - want.sum()) <= 1e-6 * want.sum()
+        if mk._SCALEF and mk.LANES32 == 16:  # vscalef is used on 512-bit vectors
+            asm = "\n".join(run.inspect_asm().values())
+            suffix = "pd" if dtype == np.float64 else "ps"
+            assert re.search(rf"vscalef{suffix}\s+%zmm", asm), "2**n is not one vscalef"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("causal", [False, True])
+def test_shift_free_and_shifted_query_tiles_in_one_call(dtype, causal):
+    # Tiles whose scores are provably small skip the row maximum (the SIMD family then works in
+    # base 2); a tile with one large row takes the shifted softmax. Mixed in one call, across the
+    # band's edges, both give the reference's numbers and gradients.
+    rng = np.random.default_rng(41)
+    q, k, v = _inputs(rng, 1, 2, 2, 50, 67, 32, dtype=dtype)
+    q[0, 1, 20:26] *= 40  # scores near 200 on these rows: exp unshifted would overflow float32
+    _check_forward(q, k, v, causal=causal)
+    _check_vjp(q, k, v, causal=causal)
 
 
 def test_blas_tile_kernels_reported_and_refused_without_a_limitable_blas(monkeypatch):

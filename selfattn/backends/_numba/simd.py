@@ -11,7 +11,8 @@ stay in vector registers:
   block of the transposed keys (:func:`prepare_keys` transposes each head
   once per call), written to the score tile ``s`` (``BR x BC``, L2);
 * scale/soft-cap/ALiBi/mask/band (:func:`~selfattn.backends._numba.tiles.score_bias`)
-  and the online softmax with the vectorised exp, on ``s`` in place;
+  and the online softmax with the vectorised exp, on ``s`` in place (plain,
+  bounded tiles: ``2**s`` on scores computed in base 2, see :func:`forward`);
 * ``O += P V``: ``P`` is read straight from ``s`` by scalar broadcasts (no
   copy, no re-packing) against rows of ``V`` read in place.
 
@@ -34,7 +35,7 @@ import math
 import numba as nb
 import numpy as np
 
-from .microkernel import B_IN_L1, ROWS, exp_vectors_in_range, gemm
+from .microkernel import B_IN_L1, ROWS, exp2_vectors_in_range, gemm
 from .opts import INLINE, OPTS
 from .tiles import (
     cast_like,
@@ -61,6 +62,10 @@ __all__ = [
     "BRB",
     "BCB",
 ]
+
+#: log2(e) and ln(2): the forward's shift-free tiles work in base 2 (see :func:`forward`).
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
 
 #: Query rows per forward task (the host may pass fewer so every thread gets work; a multiple of ROWS).
 #: Longer tasks reuse each K^T/V block over more rows: measured 1 thread, (1,2,4096,64) f32,
@@ -180,6 +185,14 @@ def forward(t0, t1, q, kt, v, P, kmax, safe, BR, BC, W, out, lse):
     ``BC`` keys ending at the band's last key); ``W`` is the vector width in lanes of this
     dtype, ``BR`` a multiple of ``ROWS`` and ``BC`` of ``W``. Writes ``out``
     ``(BH, N, Dv)`` and ``lse`` ``(BH, N)`` (``-inf`` where nothing is attended).
+
+    A task with plain scores (no mask, ALiBi or soft-cap) whose rows pass the
+    shift-free bound computes them in base 2, ``q * (scale * log2(e))``:
+    tiles inside the band then take ``2**s`` unchecked
+    (:func:`~selfattn.backends._numba.microkernel.exp2_vectors_in_range`);
+    tiles on a band edge are multiplied by ``ln 2`` first and take the
+    natural path. The softmax's sums (and so ``out`` and ``lse``) are the
+    same quantities either way.
     """
     BH, N, D = q.shape
     M = v.shape[1]
@@ -204,6 +217,11 @@ def forward(t0, t1, q, kt, v, P, kmax, safe, BR, BC, W, out, lse):
     sc = cast_like(P.scale, zero)
     capped_small = P.softcap > 0.0 and P.softcap * 1.001 <= safe
     plain = P.softcap == 0.0 and not P.has_alibi and P.mask_kind == 0
+    # Plain scores are computed in base 2 (log2(e) folded into the query's scale) when the
+    # task is bounded: interior tiles then take 2**s, which needs neither the multiply by
+    # log2(e) nor the two-step ln2 reduction of exp (a third fewer vector instructions).
+    sc2 = cast_like(P.scale * _LOG2E, zero) if plain else sc
+    ln2 = cast_like(_LN2, zero)
     for t in range(t0, t1):
         bh, b, h, kvh, i0, i1, j0, j1 = query_task(t, nqb, BR, N, M, G, P)
         nr = i1 - i0
@@ -218,13 +236,18 @@ def forward(t0, t1, q, kt, v, P, kmax, safe, BR, BC, W, out, lse):
         for r in range(nr):
             nrm = zero
             for dd in range(D):
-                x = q[bh, i0 + r, dd] * sc
+                x = q[bh, i0 + r, dd] * sc2
                 qs[r * D + dd] = x
                 nrm += x * x
-            if not (math.sqrt(nrm) * kmax[kvh] * 1.001 <= safe):
+            if not (math.sqrt(nrm) * kmax[kvh] * 1.001 <= (safe * _LOG2E if plain else safe)):
                 bounded = False
         for i in range(nr * D, nrp * D):
             qs[i] = zero
+        base2 = plain and bounded
+        if plain and not bounded:  # rows too large for the shift-free shortcut: natural scores
+            for r in range(nr):
+                for dd in range(D):
+                    qs[r * D + dd] = q[bh, i0 + r, dd] * sc
         bounded = bounded or capped_small
         if bounded:
             for r in range(nr):
@@ -245,12 +268,17 @@ def forward(t0, t1, q, kt, v, P, kmax, safe, BR, BC, W, out, lse):
             s = sbuf[: nrp * ncw].reshape((nrp, ncw))
             dcap = dcap_buf[: nr * ncw].reshape((nr, ncw)) if P.softcap > 0.0 else dcap_buf[:1].reshape((1, 1))
             gemm(qs, 0, D, 1, ktflat, kvh * D * Mp + c0, Mp, sbuf, 0, ncw, nrp, ncw, D, False, W)
-            if plain and bounded and nc == ncw and c0 >= i1 - 1 + P.off - P.lo and c1 - 1 <= i0 + P.off + P.up:
+            if base2 and nc == ncw and c0 >= i1 - 1 + P.off - P.lo and c1 - 1 <= i0 + P.off + P.up:
                 # Plain scores inside the band and bounded: nothing to bias or mask, no shift,
-                # and the exp needs no range checks.
+                # and the exp (2**s, the scores being in base 2) needs no range checks.
                 for r in range(nr):
-                    lrow[r] += exp_vectors_in_range(s[r], nc, zero)[0]
+                    lrow[r] += exp2_vectors_in_range(s[r], nc, zero)[0]
             else:
+                if base2:  # back to natural-log scores for the band edges' masking and exp
+                    for r in range(nr):
+                        srow = s[r]
+                        for c in range(nc):
+                            srow[c] *= ln2
                 score_bias(s, nr, nc, i0, c0, b, h, P.off, P, dcap, False)
                 softmax_tile(s, nr, nc, mrow, lrow, o, Dv, bounded, ninf, zero)
             if P.thr > 0:

@@ -550,6 +550,7 @@ def test_exp2_vectors_are_accurate_and_scaled_in_one_instruction():
     # The SIMD forward's interior tiles hold scores in base 2 (log2(e) folded into the query's
     # scale) and take 2**(s - mu) on whole vectors: no clamps, no ln2 reduction, and on AVX-512
     # one vscalef for the 2**n. As accurate as the natural exp; a partial vector is left alone.
+    # Band-edge tiles use the masked variant, where -inf gives 0.
     import re
 
     from selfattn.backends._numba import microkernel as mk
@@ -557,6 +558,10 @@ def test_exp2_vectors_are_accurate_and_scaled_in_one_instruction():
     @numba.njit
     def run(a, mu):
         return mk.exp2_vectors_in_range(a, a.shape[0], mu)
+
+    @numba.njit
+    def masked(a, mu):
+        return mk.exp2_vectors_masked(a, a.shape[0], mu)
 
     for dtype, lim, ulps in ((np.float32, 44.0, 3), (np.float64, 440.0, 4)):
         w = mk.lanes(np.dtype(dtype).itemsize)
@@ -568,6 +573,14 @@ def test_exp2_vectors_are_accurate_and_scaled_in_one_instruction():
         rel = np.abs((y[:n] - want) / want)
         assert rel.max() <= ulps * np.finfo(dtype).eps, (dtype, float(rel.max()))
         assert abs(total - want.sum()) <= 1e-6 * want.sum()
+        # Band edges: masked (-inf) entries give exactly 0, the others the same values.
+        z = x.copy()
+        z[::7] = -np.inf
+        z0 = z.copy()
+        want_z = np.where(np.isinf(z[:n]), 0.0, y[:n])
+        total_z, nz = masked(z, dtype(0.75))
+        assert nz == n and np.array_equal(z[:n], want_z.astype(dtype)) and np.array_equal(z[n:], z0[n:])
+        assert abs(total_z - want_z.sum()) <= 1e-6 * want_z.sum()
         if mk._SCALEF and mk.LANES32 == 16:  # vscalef is used on 512-bit vectors
             asm = "\n".join(run.inspect_asm().values())
             suffix = "pd" if dtype == np.float64 else "ps"

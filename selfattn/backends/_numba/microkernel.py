@@ -51,6 +51,7 @@ __all__ = [
     "row_max",
     "exp_shift_vectors",
     "exp2_vectors_in_range",
+    "exp2_vectors_masked",
     "vector_isa",
 ]
 
@@ -469,26 +470,47 @@ _EXP2_POLY = tuple(c * math.log(2.0) ** (len(_EXP_POLY) - 1 - i) for i, c in enu
 _EXP2_POLY64 = tuple(c * math.log(2.0) ** (len(_EXP64_POLY) - 1 - i) for i, c in enumerate(_EXP64_POLY))
 
 
-def _exp2_ir(builder, x, width, f64=False):
-    """LLVM IR for ``2**x`` on a vector of finite ``x`` well inside the exponent range (unchecked).
+#: Smallest power of two the masked ``2**x`` builds (a normal number; below it the result is 0).
+_EXP2_LO, _EXP2_LO64 = -126.0, -1022.0
+
+
+def _exp2_ir(builder, x0, width, f64=False, masked=False):
+    """LLVM IR for ``2**x0`` on a vector of finite ``x0`` well inside the exponent range.
 
     ``n = rint(x)``, ``r = x - n`` (exact), a polynomial for ``2**r``
     (:data:`_EXP2_POLY`), times ``2**n``. For scores already multiplied by
     ``log2(e)`` this is ``exp`` with neither the multiply nor the two-step
     ``ln2`` reduction: 9-10 vector instructions instead of 14-15 (float32).
+    ``masked`` also takes ``-inf`` (a masked score), giving exactly 0
+    (arguments below -126, -1022 in float64, give 0 too): a clamp, a compare
+    and a select more. NaN is not handled.
     """
     fty = ir.DoubleType() if f64 else ir.FloatType()
     vty = ir.VectorType(fty, width)
     suffix = f"v{width}{'f64' if f64 else 'f32'}"
-    rint = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty]), f"llvm.rint.{suffix}")
-    fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty, vty, vty]), f"llvm.fma.{suffix}")
+    mod = builder.module
+    rint = cgutils.get_or_insert_function(mod, ir.FunctionType(vty, [vty]), f"llvm.rint.{suffix}")
+    fma = cgutils.get_or_insert_function(mod, ir.FunctionType(vty, [vty, vty, vty]), f"llvm.fma.{suffix}")
+
+    def splat(v):
+        return ir.Constant(vty, [ir.Constant(fty, v)] * width)
+
+    lo = splat(_EXP2_LO64 if f64 else _EXP2_LO)
+    if masked:
+        vmax = cgutils.get_or_insert_function(mod, ir.FunctionType(vty, [vty, vty]), f"llvm.maxnum.{suffix}")
+        x = builder.call(vmax, [x0, lo])
+    else:
+        x = x0
     fn = builder.call(rint, [x])
     r = builder.fsub(x, fn)
     poly = _EXP2_POLY64 if f64 else _EXP2_POLY
-    p = ir.Constant(vty, [ir.Constant(fty, poly[0])] * width)
+    p = splat(poly[0])
     for coef in poly[1:]:
-        p = builder.call(fma, [p, r, ir.Constant(vty, [ir.Constant(fty, coef)] * width)])
-    return _times_pow2(builder, p, fn, width, f64)
+        p = builder.call(fma, [p, r, splat(coef)])
+    e = _times_pow2(builder, p, fn, width, f64)
+    if masked:
+        e = builder.select(builder.fcmp_ordered(">=", x0, lo), e, splat(0.0))
+    return e
 
 
 def _reduce_add(builder, vec, width, f64=False):
@@ -503,9 +525,11 @@ def _reduce_add(builder, vec, width, f64=False):
     return builder.call(red, [ir.Constant(fty, 0.0), vec])
 
 
-def _make_row_exp(base2: bool):
-    """The vector loop of :func:`exp_shift_vectors` (``a = exp(a - mu)``, checked) or, with
-    ``base2``, of :func:`exp2_vectors_in_range` (``a = 2**(a - mu)``, unchecked); returns the sum.
+def _make_row_exp(kind: str):
+    """The vector loop ``a = f(a - mu)`` of the row exps; returns the sum.
+
+    ``kind``: ``"exp"`` (:func:`exp_shift_vectors`), ``"exp2"``
+    (:func:`exp2_vectors_in_range`) or ``"exp2_masked"`` (:func:`exp2_vectors_masked`).
     """
 
     @intrinsic
@@ -526,10 +550,13 @@ def _make_row_exp(base2: bool):
             arr = context.make_array(signature.args[0])(context, builder, args[0])
             muv = _broadcast(builder, args[2], vty)
             esize = dt.bitwidth // 8
-            exp = _exp2_ir if base2 else _exp_ir
 
             def step(ptr, tot):
-                e = exp(builder, builder.fsub(builder.load(ptr, align=esize), muv), width, f64)
+                x = builder.fsub(builder.load(ptr, align=esize), muv)
+                if kind == "exp":
+                    e = _exp_ir(builder, x, width, f64)
+                else:
+                    e = _exp2_ir(builder, x, width, f64, masked=kind == "exp2_masked")
                 builder.store(e, ptr, align=esize)
                 return builder.fadd(tot, e)
 
@@ -542,8 +569,9 @@ def _make_row_exp(base2: bool):
     return _k
 
 
-_vexp = _make_row_exp(False)
-_vexp2 = _make_row_exp(True)
+_vexp = _make_row_exp("exp")
+_vexp2 = _make_row_exp("exp2")
+_vexp2_masked = _make_row_exp("exp2_masked")
 
 
 @nb.njit(**INLINE)
@@ -575,3 +603,16 @@ def exp2_vectors_in_range(srow, nc, mu):
     width = LANES32 * 4 // srow.itemsize
     nv = nc // width
     return _vexp2(srow, nv, mu), nv * width
+
+
+@nb.njit(**INLINE)
+def exp2_vectors_masked(srow, nc, mu):
+    """As :func:`exp2_vectors_in_range`, for rows whose masked entries hold ``-inf`` (they give 0).
+
+    The band-edge tiles of the forward's base-2 tasks: finite entries as for
+    :func:`exp2_vectors_in_range`, ``-inf`` entries become exactly 0 (a clamp,
+    a compare and a select per vector more).
+    """
+    width = LANES32 * 4 // srow.itemsize
+    nv = nc // width
+    return _vexp2_masked(srow, nv, mu), nv * width

@@ -35,7 +35,7 @@ import math
 import numba as nb
 import numpy as np
 
-from .microkernel import B_IN_L1, ROWS, exp2_vectors_in_range, gemm
+from .microkernel import B_IN_L1, ROWS, exp2_vectors_in_range, exp2_vectors_masked, gemm
 from .opts import INLINE, OPTS
 from .tiles import (
     cast_like,
@@ -63,9 +63,8 @@ __all__ = [
     "BCB",
 ]
 
-#: log2(e) and ln(2): the forward's shift-free tiles work in base 2 (see :func:`forward`).
+#: log2(e): the forward's shift-free plain tasks work in base 2 (see :func:`forward`).
 _LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
 
 #: Query rows per forward task (the host may pass fewer so every thread gets work; a multiple of ROWS).
 #: Longer tasks reuse each K^T/V block over more rows: measured 1 thread, (1,2,4096,64) f32,
@@ -189,10 +188,11 @@ def forward(t0, t1, q, kt, v, P, kmax, safe, BR, BC, W, out, lse):
     A task with plain scores (no mask, ALiBi or soft-cap) whose rows pass the
     shift-free bound computes them in base 2, ``q * (scale * log2(e))``:
     tiles inside the band then take ``2**s`` unchecked
-    (:func:`~selfattn.backends._numba.microkernel.exp2_vectors_in_range`);
-    tiles on a band edge are multiplied by ``ln 2`` first and take the
-    natural path. The softmax's sums (and so ``out`` and ``lse``) are the
-    same quantities either way.
+    (:func:`~selfattn.backends._numba.microkernel.exp2_vectors_in_range`),
+    tiles on a band edge ``2**s`` with ``-inf`` outside the band
+    (:func:`~selfattn.backends._numba.microkernel.exp2_vectors_masked`). The
+    softmax's sums (and so ``out`` and ``lse``) are the same quantities as
+    in natural-log tasks.
     """
     BH, N, D = q.shape
     M = v.shape[1]
@@ -221,7 +221,6 @@ def forward(t0, t1, q, kt, v, P, kmax, safe, BR, BC, W, out, lse):
     # task is bounded: interior tiles then take 2**s, which needs neither the multiply by
     # log2(e) nor the two-step ln2 reduction of exp (a third fewer vector instructions).
     sc2 = cast_like(P.scale * _LOG2E, zero) if plain else sc
-    ln2 = cast_like(_LN2, zero)
     for t in range(t0, t1):
         bh, b, h, kvh, i0, i1, j0, j1 = query_task(t, nqb, BR, N, M, G, P)
         nr = i1 - i0
@@ -273,12 +272,16 @@ def forward(t0, t1, q, kt, v, P, kmax, safe, BR, BC, W, out, lse):
                 # and the exp (2**s, the scores being in base 2) needs no range checks.
                 for r in range(nr):
                     lrow[r] += exp2_vectors_in_range(s[r], nc, zero)[0]
+            elif base2:
+                # A band edge (or a partial vector) of a base-2 task: -inf outside the band and
+                # in the padding columns, then 2**s with the masked entries giving 0.
+                score_bias(s, nr, nc, i0, c0, b, h, P.off, P, dcap, False)
+                for r in range(nr):
+                    srow = s[r]
+                    for c in range(nc, ncw):
+                        srow[c] = ninf
+                    lrow[r] += exp2_vectors_masked(srow, ncw, zero)[0]
             else:
-                if base2:  # back to natural-log scores for the band edges' masking and exp
-                    for r in range(nr):
-                        srow = s[r]
-                        for c in range(nc):
-                            srow[c] *= ln2
                 score_bias(s, nr, nc, i0, c0, b, h, P.off, P, dcap, False)
                 softmax_tile(s, nr, nc, mrow, lrow, o, Dv, bounded, ninf, zero)
             if P.thr > 0:

@@ -588,6 +588,30 @@ def test_exp2_vectors_are_accurate_and_scaled_in_one_instruction():
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_prepare_keys_transposes_and_bounds(dtype):
+    # The SIMD forward's once-per-call pass over K and V: K^T in whole vector blocks
+    # (register shuffles) plus element-wise edges, zero padding, the key-norm bound and
+    # max|v| (non-finite values must show, so that the shift-free shortcut is refused).
+    from selfattn.backends._numba import microkernel as mk
+    from selfattn.backends._numba.simd import key_columns, prepare_keys
+
+    w = mk.lanes(np.dtype(dtype).itemsize)
+    rng = np.random.default_rng(12)
+    for m, d in [(3 * w, 2 * w), (3 * w + 5, 2 * w + 3), (w - 1, 5), (2 * w, w - 2)]:
+        k = rng.standard_normal((3, m, d)).astype(dtype)
+        v = rng.standard_normal((3, m, d + 1)).astype(dtype)
+        v[1, -1, -1] = np.nan
+        v[2, 0, 0] = -np.inf
+        kt = np.full((3, d, key_columns(m, w)), 7.0, dtype)
+        kmax, vmax = np.empty(3, dtype), np.empty(3)
+        prepare_keys(0, 3, k, v, kt, kmax, vmax)
+        np.testing.assert_array_equal(kt[:, :, :m], k.transpose(0, 2, 1))
+        assert np.all(kt[:, :, m:] == 0)
+        np.testing.assert_allclose(kmax, np.linalg.norm(k.astype(np.float64), axis=2).max(axis=1), rtol=1e-6)
+        assert vmax[0] == np.abs(v[0]).max() and not np.isfinite(vmax[1]) and not np.isfinite(vmax[2])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("causal", [False, True])
 def test_shift_free_and_shifted_query_tiles_in_one_call(dtype, causal):
     # Tiles whose scores are provably small skip the row maximum (the SIMD family then works in

@@ -191,17 +191,27 @@ def _shift_free_bound(v3: np.ndarray, cdt: np.dtype) -> float:
     (the shortcut is not taken; the general path handles them).
     """
     vmax = max(float(v3.max()), -float(v3.min())) if v3.size else 0.0  # no |v| temporary
+    return _shift_free_room(vmax, v3.shape[1], cdt)
+
+
+def _shift_free_room(vmax: float, m: int, cdt: np.dtype) -> float:
+    """:func:`_shift_free_bound` from ``vmax = max|v|`` (NaN or infinite: 0) and ``m`` keys."""
     if not math.isfinite(vmax):
         return 0.0
     cap = 30.0 if cdt == np.float32 else 300.0
-    room = math.log(float(np.finfo(cdt).max) / 1e3) - math.log(max(vmax, 1.0) * max(v3.shape[1], 1))
+    room = math.log(float(np.finfo(cdt).max) / 1e3) - math.log(max(vmax, 1.0) * max(m, 1))
     return max(0.0, min(cap, room))
 
 
+def _shift_free_allowed(pb: Problem, P: KernelParams) -> bool:
+    """Whether the shift-free shortcut may apply at all: not with additive masks or ALiBi biases that break it."""
+    return not (P.mask_kind == 2 or not _alibi_keeps_bound(pb))
+
+
 def _shift_free_safe(pb: Problem, P: KernelParams, v3: np.ndarray) -> float:
-    """The ``safe`` bound the BLAS-tile and SIMD forwards get: 0 (shortcut off) with additive
-    masks or ALiBi biases that break it, else :func:`_shift_free_bound`."""
-    if P.mask_kind == 2 or not _alibi_keeps_bound(pb):
+    """The ``safe`` bound the BLAS-tile forward gets: 0 (shortcut off) unless
+    :func:`_shift_free_allowed`, else :func:`_shift_free_bound`."""
+    if not _shift_free_allowed(pb, P):
         return 0.0
     return _shift_free_bound(v3, v3.dtype)
 
@@ -565,13 +575,18 @@ class NumbaBackend(Backend):
         W = lanes(cdt.itemsize)
         fwd, prep = _kernel("simd.forward"), _kernel("simd.prepare_keys")
         kmax = np.empty(k3.shape[0], cdt)
+        vmax = np.empty(k3.shape[0], np.float64)
         kt = np.empty((k3.shape[0], k3.shape[2], key_columns(k3.shape[1], W)), cdt)
-        safe = _shift_free_safe(pb, P, v3)
+        pargs = (k3, v3, kt, kmax, vmax)
         rows = _query_tile(BH, N, nthreads, br, multiple=ROWS, smallest=ROWS)
-        args = (q3, kt, v3, P, kmax, safe, rows, _round_up(bc, W), W, out3, lse3)
-        _announce("simd-forward", cdt, [(prep, (0, 0, k3, kt, kmax)), (fwd, (0, 0) + args)])
+        tail = (rows, _round_up(bc, W), W, out3, lse3)
+        # (0.0 stands for `safe`, known after the keys' pass: only the types matter here.)
+        _announce("simd-forward", cdt, [(prep, (0, 0) + pargs), (fwd, (0, 0, q3, kt, v3, P, kmax, 0.0) + tail)])
         # No BLAS runs here, so no BLAS thread limit is needed (unlike _forward_blas).
-        run_tasks(lambda t0, t1: prep(t0, t1, k3, kt, kmax), k3.shape[0], nthreads)
+        run_tasks(lambda t0, t1: prep(t0, t1, *pargs), k3.shape[0], nthreads)
+        # max|v| came with the keys' pass (two serial NumPy reductions over v cost as much).
+        safe = _shift_free_room(float(vmax.max()), v3.shape[1], cdt) if _shift_free_allowed(pb, P) else 0.0
+        args = (q3, kt, v3, P, kmax, safe) + tail
         run_tasks(lambda t0, t1: fwd(t0, t1, *args), BH * ((N + rows - 1) // rows), nthreads)
 
     def _varlen_tiles(self, cu: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray]:
@@ -827,7 +842,7 @@ def _family_calls(family: str, dtype: str) -> list[tuple[Any, tuple[Any, ...]]]:
         W = lanes(cdt.itemsize)
         kt = np.empty((k3.shape[0], k3.shape[2], key_columns(k3.shape[1], W)), cdt)
         return [
-            (_kernel("simd.prepare_keys"), (0, 0, k3, kt, kmax)),
+            (_kernel("simd.prepare_keys"), (0, 0, k3, v3, kt, kmax, np.empty(k3.shape[0], np.float64))),
             (_kernel("simd.forward"), (0, 0, q3, kt, v3, P, kmax, 0.0, 64, 64, W, out3, lse3)),
         ]
     dq = np.empty((1, BH, N, q3.shape[2]), cdt)

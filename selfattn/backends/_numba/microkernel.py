@@ -52,6 +52,7 @@ __all__ = [
     "exp_shift_vectors",
     "exp2_vectors_in_range",
     "exp2_vectors_masked",
+    "transpose_block",
     "vector_isa",
 ]
 
@@ -290,6 +291,69 @@ def gemm(a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, nr, ncol, kred, acc, 
         rem -= nv
 
 
+@intrinsic
+def _transpose_block(typingctx, src, s_off, lds, dst, d_off, ldd):
+    """``dst.flat[d_off + c*ldd + r] = src.flat[s_off + r*lds + c]`` for ``r, c < W`` (one vector width).
+
+    The ``W`` rows are loaded as vectors and transposed in registers by
+    ``log2(W)`` rounds of two-input shuffles (each round swaps the
+    off-diagonal blocks of every pair of rows ``h`` apart), then stored as
+    vectors: no scalar gathers. Both arrays C-contiguous, same dtype.
+    """
+    if not (isinstance(src, types.Array) and isinstance(dst, types.Array)):
+        return None
+    dt = src.dtype
+    if dt not in (types.float32, types.float64) or dst.dtype != dt:
+        return None
+    if not all(isinstance(x, types.Integer) for x in (s_off, lds, d_off, ldd)):
+        return None
+    width = lanes(8 if dt == types.float64 else 4)
+    sig = types.void(src, types.intp, types.intp, dst, types.intp, types.intp)
+
+    def codegen(context, builder, signature, args):
+        fty = context.get_value_type(dt)
+        vty = ir.VectorType(fty, width)
+        intp = context.get_value_type(types.intp)
+        esize = dt.bitwidth // 8
+        sarr = context.make_array(signature.args[0])(context, builder, args[0])
+        darr = context.make_array(signature.args[3])(context, builder, args[3])
+        ps = builder.gep(sarr.data, [args[1]])
+        pd = builder.gep(darr.data, [args[4]])
+
+        def vptr(base, i, ld):
+            return builder.bitcast(builder.gep(base, [builder.mul(ir.Constant(intp, i), ld)]), vty.as_pointer())
+
+        rows = [builder.load(vptr(ps, r, args[2]), align=esize) for r in range(width)]
+        i32 = ir.IntType(32)
+        h = width // 2
+        while h >= 1:
+            lo_mask = [c if c & h == 0 else width + c - h for c in range(width)]
+            hi_mask = [c + h if c & h == 0 else width + c for c in range(width)]
+            lo_c = ir.Constant(ir.VectorType(i32, width), lo_mask)
+            hi_c = ir.Constant(ir.VectorType(i32, width), hi_mask)
+            for i in range(width):
+                if i & h == 0:
+                    a, b = rows[i], rows[i + h]
+                    rows[i] = builder.shuffle_vector(a, b, lo_c)
+                    rows[i + h] = builder.shuffle_vector(a, b, hi_c)
+            h //= 2
+        for c in range(width):
+            builder.store(rows[c], vptr(pd, c, args[5]), align=esize)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@nb.njit(**INLINE)
+def transpose_block(src, s_off, lds, dst, d_off, ldd):
+    """Transpose one ``W x W`` block (``W`` = this dtype's :func:`lanes`) from ``src`` into ``dst``.
+
+    ``dst.flat[d_off + c*ldd + r] = src.flat[s_off + r*lds + c]`` for ``r, c < W``;
+    offsets and leading dimensions in elements, both arrays C-contiguous.
+    """
+    _transpose_block(src, s_off, lds, dst, d_off, ldd)
+
+
 def _broadcast(builder, x, vty):
     """A ``vty`` vector with ``x`` in every lane (insertelement + shufflevector; one vbroadcast)."""
     undef = ir.Constant(vty, ir.Undefined)
@@ -328,10 +392,24 @@ def _vector_fold(builder, base, nvec, vty, intp, start, step):
     return res
 
 
-@intrinsic
-def _vmax(typingctx, a, off, nvec, init):
-    """``max(init, a[off : off + nvec*W])`` with ``llvm.maxnum`` on vectors (NaN entries are skipped, as by maxnum)."""
-    if not isinstance(a, types.Array) or a.dtype not in (types.float32, types.float64) or init != a.dtype:
+def _make_vmax(absolute: bool):
+    """``max(init, a[off : off + nvec*W])`` (of ``|a|`` with ``absolute``) with ``llvm.maxnum`` on vectors.
+
+    NaN entries are skipped, as by maxnum.
+    """
+
+    @intrinsic
+    def _k(typingctx, a, off, nvec, init):
+        return _vmax_typing(a, off, nvec, init, absolute)
+
+    return _k
+
+
+def _vmax_typing(a, off, nvec, init, absolute):
+    """Typing and code generation of :func:`_make_vmax`'s intrinsics (``init``: any float, cast to the dtype)."""
+    if not isinstance(a, types.Array) or a.dtype not in (types.float32, types.float64):
+        return None
+    if not isinstance(init, types.Float):
         return None
     if not isinstance(off, types.Integer) or not isinstance(nvec, types.Integer):
         return None
@@ -357,13 +435,20 @@ def _vmax(typingctx, a, off, nvec, init):
         start = ir.Constant(vty, [ir.Constant(fty, float("-inf"))] * width)
         esize = dt.bitwidth // 8
 
+        fabs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty]), f"llvm.fabs.{suffix}")
+
         def step(ptr, acc):
-            return builder.call(vmax, [acc, builder.load(ptr, align=esize)])
+            x = builder.load(ptr, align=esize)
+            return builder.call(vmax, [acc, builder.call(fabs, [x]) if absolute else x])
 
         res = _vector_fold(builder, base, nvec, vty, intp, start, step)
         return builder.call(smax, [builder.call(red, [res]), init])
 
     return sig, codegen
+
+
+_vmax = _make_vmax(False)
+_vabsmax = _make_vmax(True)
 
 
 @nb.njit(**INLINE)
@@ -379,6 +464,18 @@ def row_max(srow, nc, init):
     m = _vmax(srow, 0, nv, init)
     for c in range(nv * width, nc):
         m = srow[c] if srow[c] > m else m
+    return m
+
+
+@nb.njit(**INLINE)
+def abs_max(a, n):
+    """``max(|a[:n]|)`` (0 for ``n = 0``) of a C-contiguous 1-D array, vectorised; NaN entries are skipped."""
+    width = LANES32 * 4 // a.itemsize
+    nv = n // width
+    m = _vabsmax(a, 0, nv, 0.0)
+    for c in range(nv * width, n):
+        x = abs(a[c])
+        m = x if x > m else m
     return m
 
 

@@ -35,7 +35,16 @@ import math
 import numba as nb
 import numpy as np
 
-from .microkernel import B_IN_L1, ROWS, exp2_vectors_in_range, exp2_vectors_masked, gemm
+from .microkernel import (
+    B_IN_L1,
+    LANES32,
+    ROWS,
+    abs_max,
+    exp2_vectors_in_range,
+    exp2_vectors_masked,
+    gemm,
+    transpose_block,
+)
 from .opts import INLINE, OPTS
 from .tiles import (
     cast_like,
@@ -148,31 +157,49 @@ def backward_operands(q3: np.ndarray, do3: np.ndarray, scale: float, width: int)
 
 
 @nb.njit(**OPTS)
-def prepare_keys(t0, t1, k, kt, kmax):
-    """Per key/value head ``t``: ``kt[t] = k[t].T`` (zero-padded columns) and ``kmax[t]`` = its largest key norm.
+def prepare_keys(t0, t1, k, v, kt, kmax, vmax):
+    """Per key/value head ``t``: ``kt[t] = k[t].T`` (zero-padded columns), ``kmax[t]`` = its largest
+    key norm and ``vmax[t]`` = its largest ``|v|``.
 
-    ``k`` ``(BKV, M, D)``, ``kt`` ``(BKV, D, Mp)`` with ``Mp`` from
-    :func:`key_columns`. The forward reads ``K^T`` blocks as the ``B`` operand
-    of ``S = Q K^T`` in place, so each key is transposed once per call instead
-    of once per query tile. Norms are accumulated in float64; NaN keys give
-    NaN (which disables the shift-free shortcut).
+    ``k`` ``(BKV, M, D)``, ``v`` ``(BKV, M, Dv)``, ``kt`` ``(BKV, D, Mp)`` with
+    ``Mp`` from :func:`key_columns`, all C-contiguous. The forward reads ``K^T``
+    blocks as the ``B`` operand of ``S = Q K^T`` in place, so each key is
+    transposed once per call instead of once per query tile; whole
+    ``W x W`` blocks go through :func:`~selfattn.backends._numba.microkernel.transpose_block`
+    (vector loads, shuffles and stores), the edges element by element. Norms
+    are accumulated in float64; a NaN key gives a NaN ``kmax`` and a NaN or
+    infinite value an infinite or NaN ``vmax`` (either disables the
+    shift-free shortcut). ``vmax`` is taken here, in the threads that read the
+    keys anyway, rather than by two serial NumPy reductions over ``v``.
     """
     M, D = k.shape[1], k.shape[2]
     Mp = kt.shape[2]
+    W = LANES32 * 4 // k.itemsize
+    kflat = k.reshape(k.size)
+    ktflat = kt.reshape(kt.size)
+    Dfull = D // W * W
+    Mfull = M // W * W
     for t in range(t0, t1):
         best = 0.0
-        # Blocks of 16 keys: reads of k rows and writes of kt rows stay within a few cache lines.
-        for j0 in range(0, M, 16):
-            j1 = min(M, j0 + 16)
-            for j in range(j0, j1):
-                best = key_norm_step(best, k[t, j])
-            for dd in range(D):
-                for j in range(j0, j1):
-                    kt[t, dd, j] = k[t, j, dd]
+        for j in range(M):
+            best = key_norm_step(best, k[t, j])
+        kmax[t] = math.sqrt(best)
+        # Whole blocks a row of W dims at a time (measured (32,1024,128) f32: 1.7 ms, keys
+        # outermost 2.6 ms, element by element 3.4 ms), then the edges.
+        for d0 in range(0, Dfull, W):
+            for j0 in range(0, Mfull, W):
+                transpose_block(kflat, (t * M + j0) * D + d0, D, ktflat, (t * D + d0) * Mp + j0, Mp)
         for dd in range(D):
+            for j in range(Mfull if dd < Dfull else 0, M):
+                kt[t, dd, j] = k[t, j, dd]
             for j in range(M, Mp):
                 kt[t, dd, j] = 0.0
-        kmax[t] = math.sqrt(best)
+        vrow = v[t].reshape(v[t].size)
+        # max|v| skips NaN (vector maxnum); a sum of v*0 is NaN iff some value is NaN or infinite.
+        probe = 0.0
+        for i in range(vrow.size):
+            probe += vrow[i] * 0.0
+        vmax[t] = abs_max(vrow, vrow.size) if probe == 0.0 else np.inf
 
 
 @nb.njit(**OPTS)

@@ -587,6 +587,50 @@ def test_exp2_vectors_are_accurate_and_scaled_in_one_instruction():
             assert re.search(rf"vscalef{suffix}\s+%zmm", asm), "2**n is not one vscalef"
 
 
+def test_scratch_arrays_are_reused_per_thread_and_bounded(monkeypatch):
+    # Work arrays that never leave a call are kept per thread (fresh pages cost a page fault
+    # per touch): the same role/shape/dtype gets the same array back, other threads and
+    # other shapes get their own, large arrays are not kept, the oldest go first.
+    import threading
+
+    from selfattn.backends._numba import scratch
+
+    scratch.clear()
+    a = scratch.scratch("t.a", (4, 5), np.float32)
+    assert a.shape == (4, 5) and a.dtype == np.float32 and a.flags.c_contiguous
+    assert scratch.scratch("t.a", (4, 5), np.float32) is a
+    assert scratch.scratch("t.a", (4, 5), np.float64) is not a
+    assert scratch.scratch("t.a", (5, 4), np.float32) is not a
+    other = []
+    th = threading.Thread(target=lambda: other.append(scratch.scratch("t.a", (4, 5), np.float32)))
+    th.start()
+    th.join()
+    assert other[0] is not a
+    monkeypatch.setattr(scratch, "MAX_BYTES", 100)
+    assert scratch.scratch("t.big", (100,), np.float32) is not scratch.scratch("t.big", (100,), np.float32)
+    scratch.clear()
+    first = scratch.scratch("t.0", (1,), np.float32)
+    for i in range(1, scratch.MAX_ARRAYS + 1):
+        scratch.scratch(f"t.{i}", (1,), np.float32)
+    assert scratch.scratch("t.0", (1,), np.float32) is not first  # evicted
+    scratch.clear()
+
+
+def test_repeated_calls_do_not_share_results(kernel_path):
+    # Reused work arrays must never leak into results: two calls of different inputs in a row
+    # keep their own outputs and gradients.
+    rng = np.random.default_rng(8)
+    q1, k1, v1 = _inputs(rng, 1, 2, 2, 40, 40, 16)
+    q2, k2, v2 = (x * 2 for x in (q1, k1, v1))
+    o1, f1 = selfattn.scaled_dot_product_attention_vjp(q1, k1, v1, backend=BACKEND)
+    g1 = f1(np.ones_like(o1))
+    keep = [x.copy() for x in (o1, *g1)]
+    o2, f2 = selfattn.scaled_dot_product_attention_vjp(q2, k2, v2, backend=BACKEND)
+    f2(np.ones_like(o2))
+    for a, b in zip((o1, *g1), keep, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_prepare_keys_transposes_and_bounds(dtype):
     # The SIMD forward's once-per-call pass over K and V: K^T in whole vector blocks

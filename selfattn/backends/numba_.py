@@ -58,6 +58,7 @@ from .._problem import Problem, normalize, normalize_varlen
 from ._base import Backend
 from ._numba.args import KernelParams, as3, kernel_params
 from ._numba.pool import run_tasks
+from ._numba.scratch import scratch
 
 __all__ = ["NumbaBackend", "backend", "thread_budget", "FAMILIES", "MIN_FLOPS", "WORK_RANGE"]
 
@@ -576,7 +577,7 @@ class NumbaBackend(Backend):
         fwd, prep = _kernel("simd.forward"), _kernel("simd.prepare_keys")
         kmax = np.empty(k3.shape[0], cdt)
         vmax = np.empty(k3.shape[0], np.float64)
-        kt = np.empty((k3.shape[0], k3.shape[2], key_columns(k3.shape[1], W)), cdt)
+        kt = scratch("simd.forward.kt", (k3.shape[0], k3.shape[2], key_columns(k3.shape[1], W)), cdt)
         pargs = (k3, v3, kt, kmax, vmax)
         rows = _query_tile(BH, N, nthreads, br, multiple=ROWS, smallest=ROWS)
         tail = (rows, _round_up(bc, W), W, out3, lse3)

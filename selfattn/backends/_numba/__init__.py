@@ -2,7 +2,9 @@
 
 * :mod:`.args` -- the host helper that builds kernel arguments (no Numba);
 * :mod:`.pool` -- the worker threads that run task ranges (no Numba);
+* :mod:`.scratch` -- per-thread work arrays reused across calls (no Numba);
 * :mod:`.tiles` -- tile primitives shared by the families;
 * :mod:`.fused` -- fused loop kernels (no BLAS);
-* :mod:`.blas` -- BLAS-tile kernels.
+* :mod:`.blas` -- BLAS-tile kernels;
+* :mod:`.microkernel`, :mod:`.simd` -- the SIMD family's vector micro-kernels and kernels.
 """

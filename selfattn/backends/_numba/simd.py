@@ -46,6 +46,7 @@ from .microkernel import (
     transpose_block,
 )
 from .opts import INLINE, OPTS
+from .scratch import scratch
 from .tiles import (
     cast_like,
     dropout_grad,
@@ -140,13 +141,15 @@ def backward_operands(q3: np.ndarray, do3: np.ndarray, scale: float, width: int)
     Zero columns past ``D`` and ``ROWS`` zero rows at the end let every tile
     of :func:`backward` read them in place (its products work on whole
     micro-kernel row blocks and whole vectors). Scaling happens in the
-    compute dtype, as the kernels did per tile.
+    compute dtype, as the kernels did per tile. The arrays are this thread's
+    reusable work arrays (:mod:`~selfattn.backends._numba.scratch`): valid
+    until its next call.
     """
     BH, N, D = q3.shape
     Dv = do3.shape[2]
     rows = BH * N
-    qs = np.empty((rows + ROWS, -(-D // width) * width), q3.dtype)
-    dop = np.empty((rows + ROWS, -(-Dv // width) * width), do3.dtype)
+    qs = scratch("simd.backward.qs", (rows + ROWS, -(-D // width) * width), q3.dtype)
+    dop = scratch("simd.backward.dop", (rows + ROWS, -(-Dv // width) * width), do3.dtype)
     # One pass each (no zero-fill of what is overwritten): only the padding is zeroed.
     np.multiply(q3.reshape(rows, D), q3.dtype.type(scale), out=qs[:rows, :D])
     dop[:rows, :Dv] = do3.reshape(rows, Dv)

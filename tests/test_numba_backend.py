@@ -255,6 +255,22 @@ def test_nan_propagates_in_query_rows_only():
     assert not np.isnan(w[~bad]).any()
 
 
+def test_nan_query_row_reaches_only_its_gradients():
+    # One NaN query: its own dq row and its head's dk/dv are NaN (every key's gradient sums over
+    # that row); other rows and heads stay finite (tiles without it may take the base-2 path).
+    rng = np.random.default_rng(11)
+    q, k, v = _inputs(rng, 1, 2, 2, 30, 40, 8)
+    q[0, 1, 7, 3] = np.nan
+    out, bwd = selfattn.scaled_dot_product_attention_vjp(q, k, v, backend=BACKEND)
+    dq, dk, dv = bwd(np.ones_like(out))
+    assert np.isnan(dq[0, 1, 7]).all()
+    rows = np.ones(30, bool)
+    rows[7] = False
+    assert np.isfinite(dq[0, 1, rows]).all() and np.isfinite(dq[0, 0]).all()
+    assert np.isnan(dk[0, 1]).all() and np.isnan(dv[0, 1]).all()
+    assert np.isfinite(dk[0, 0]).all() and np.isfinite(dv[0, 0]).all()
+
+
 def test_inputs_untouched_noncontiguous_readonly():
     rng = np.random.default_rng(11)
     base = rng.standard_normal((2, 4, 80, 24)).astype(np.float32)

@@ -579,8 +579,8 @@ def _exp2_ir(builder, x0, width, f64=False, masked=False):
     ``log2(e)`` this is ``exp`` with neither the multiply nor the two-step
     ``ln2`` reduction: 9-10 vector instructions instead of 14-15 (float32).
     ``masked`` also takes ``-inf`` (a masked score), giving exactly 0
-    (arguments below -126, -1022 in float64, give 0 too): a clamp, a compare
-    and a select more. NaN is not handled.
+    (arguments below -126, -1022 in float64, give 0 too), and keeps NaN: a
+    clamp, a compare and two selects more.
     """
     fty = ir.DoubleType() if f64 else ir.FloatType()
     vty = ir.VectorType(fty, width)
@@ -607,6 +607,7 @@ def _exp2_ir(builder, x0, width, f64=False, masked=False):
     e = _times_pow2(builder, p, fn, width, f64)
     if masked:
         e = builder.select(builder.fcmp_ordered(">=", x0, lo), e, splat(0.0))
+        e = builder.select(builder.fcmp_unordered("uno", x0, x0), x0, e)
     return e
 
 
@@ -706,9 +707,10 @@ def exp2_vectors_in_range(srow, nc, mu):
 def exp2_vectors_masked(srow, nc, mu):
     """As :func:`exp2_vectors_in_range`, for rows whose masked entries hold ``-inf`` (they give 0).
 
-    The band-edge tiles of the forward's base-2 tasks: finite entries as for
-    :func:`exp2_vectors_in_range`, ``-inf`` entries become exactly 0 (a clamp,
-    a compare and a select per vector more).
+    Finite entries below the range give 0 (no upper clamp: ``srow - mu`` must
+    stay below the exponent range's top), ``-inf`` exactly 0, NaN stays NaN
+    (a clamp, a compare and two selects per vector more). For the band-edge
+    tiles of the forward's base-2 tasks and the backward's ``P = 2**(S - lse)``.
     """
     width = LANES32 * 4 // srow.itemsize
     nv = nc // width

@@ -99,8 +99,8 @@ def _up(n, m):
 
 
 @nb.njit(**OPTS)
-def _pack_t(src, row0, nrow, ncol, dst, ld):
-    """``dst[c*ld + r] = src[row0 + r, c]`` for ``r < nrow``, ``c < ncol``; columns ``nrow..ld`` zeroed."""
+def _pack_t(src, row0, nrow, ncol, dst, ld, factor):
+    """``dst[c*ld + r] = src[row0 + r, c] * factor`` for ``r < nrow``, ``c < ncol``; columns ``nrow..ld`` zeroed."""
     for c in range(ncol):
         base = c * ld
         for r in range(nrow, ld):
@@ -108,7 +108,7 @@ def _pack_t(src, row0, nrow, ncol, dst, ld):
     for r in range(nrow):
         srow = src[row0 + r]
         for c in range(ncol):
-            dst[c * ld + r] = srow[c]
+            dst[c * ld + r] = srow[c] * factor
 
 
 @nb.njit(**OPTS)
@@ -336,7 +336,11 @@ def backward(t0, t1, qs, k, v, dop, lse, delta, P, BRB, BCB, W, nchunk, dq_acc, 
     so every tile reads them in place. dQ of chunk ``ch`` is accumulated by
     the dQ product itself into ``dq_acc[ch]`` ``(BH*N + ROWS, Dw)`` (the host
     sums the chunks and drops the padding). ``BRB`` must be a multiple of
-    ``ROWS``, ``BCB`` of ``W``.
+    ``ROWS``, ``BCB`` of ``W``. Tiles of plain calls (no soft-cap, ALiBi or
+    mask) whose rows have ``|lse| <= 30`` (300 in float64) compute ``S`` in
+    base 2 (a second packed ``K^T``, times ``log2 e``) and recompute
+    ``P = 2**(S - lse log2 e)`` with the masked vector ``2**s`` (``-inf``
+    gives 0, NaN stays NaN); the others recompute ``exp(S - lse)``.
     """
     N = lse.shape[1]
     BKV, M, Dv = v.shape
@@ -348,6 +352,7 @@ def backward(t0, t1, qs, k, v, dop, lse, delta, P, BRB, BCB, W, nchunk, dq_acc, 
     per = (nkb + nchunk - 1) // nchunk
     dt = qs.dtype
     kt = np.zeros(D * BCB, dt)
+    kt2 = np.zeros(D * BCB, dt)
     vt = np.zeros(Dv * BCB, dt)
     kps = np.zeros(BCB * Dw, dt)
     sbuf = np.zeros(BRB * BCB, dt)
@@ -361,7 +366,17 @@ def backward(t0, t1, qs, k, v, dop, lse, delta, P, BRB, BCB, W, nchunk, dq_acc, 
     dflat = dop.reshape(dop.size)
     zero = cast_like(0.0, qs[0, 0])
     sc = cast_like(P.scale, zero)
+    one = cast_like(1.0, zero)
+    ninf = cast_like(-np.inf, zero)
     capped = P.softcap > 0.0
+    # Plain scores (no soft-cap, ALiBi or mask: only band fills) of rows with |lse| <= lim are
+    # computed in base 2 (K^T packed times log2 e too), so P = 2**(S - lse log2 e) skips exp's
+    # multiply and ln2 reduction. Larger scores stay natural: in base 2 the cancellation
+    # S - lse loses log2(e) times more to rounding (measured: float32 gradients off by 5e-5
+    # relative at scores near 200).
+    base2 = P.softcap == 0.0 and not P.has_alibi and P.mask_kind == 0
+    l2e = cast_like(_LOG2E, zero)
+    lim = cast_like(30.0 if qs.itemsize == 4 else 300.0, zero)
     # Accumulating dQ straight into dq_acc pays when the scaled K block stays in L1 (the
     # product then runs row block by row block); a larger one (D = 128) goes column panel by
     # column panel, and reading/writing dq_acc's rows once per panel cost more than the copy
@@ -379,8 +394,10 @@ def backward(t0, t1, qs, k, v, dop, lse, delta, P, BRB, BCB, W, nchunk, dq_acc, 
             nc = c1 - c0
             ncw = _up(nc, W)
             ncr = _up(nc, ROWS)
-            _pack_t(k[kvh], c0, nc, D, kt, ncw)
-            _pack_t(v[kvh], c0, nc, Dv, vt, ncw)
+            _pack_t(k[kvh], c0, nc, D, kt, ncw, one)
+            if base2:
+                _pack_t(k[kvh], c0, nc, D, kt2, ncw, l2e)
+            _pack_t(v[kvh], c0, nc, Dv, vt, ncw, one)
             # K * scale, for dQ += dS (K * scale) accumulated in place.
             for c in range(nc):
                 for dd in range(D):
@@ -404,11 +421,24 @@ def backward(t0, t1, qs, k, v, dop, lse, delta, P, BRB, BCB, W, nchunk, dq_acc, 
                     s = sbuf[: nrp * ncw].reshape((nrp, ncw))
                     dp = dpbuf[: nrp * ncw].reshape((nrp, ncw))
                     dcap = dcap_buf[: nr * ncw].reshape((nr, ncw)) if capped else dcap_buf[:1].reshape((1, 1))
-                    gemm(qflat, rb * Dw, Dw, 1, kt, 0, ncw, sbuf, 0, ncw, nrp, ncw, D, False, W)
+                    b2 = base2
+                    for r in range(nr):
+                        if not (abs(lse[bh, i0 + r]) <= lim):
+                            b2 = False
+                    gemm(qflat, rb * Dw, Dw, 1, kt2 if b2 else kt, 0, ncw, sbuf, 0, ncw, nrp, ncw, D, False, W)
                     score_bias(s, nr, nc, i0, c0, b, h, P.off, P, dcap, True)
                     gemm(dflat, rb * Dvw, Dvw, 1, vt, 0, ncw, dpbuf, 0, ncw, nrp, ncw, Dv, False, W)
-                    for r in range(nr):
-                        exp_shift_row(s[r], nc, lse[bh, i0 + r])
+                    if b2:
+                        # S is in base 2 (K^T packed times log2 e): P = 2**(S - lse*log2 e); the
+                        # padding columns are set to -inf so whole vectors give 0 there.
+                        for r in range(nr):
+                            srow = s[r]
+                            for c in range(nc, ncw):
+                                srow[c] = ninf
+                            exp2_vectors_masked(srow, ncw, lse[bh, i0 + r] * l2e)
+                    else:
+                        for r in range(nr):
+                            exp_shift_row(s[r], nc, lse[bh, i0 + r])
                     # dV += (P*Z)^T dO: P^T read through strides (rows = keys), dO rows in place.
                     if P.thr > 0:
                         pz = zbuf[: nrp * ncw].reshape((nrp, ncw))

@@ -470,10 +470,12 @@ def test_default_tiles(kernel_path, monkeypatch):
     rng = np.random.default_rng(19)
     n = gq + 37
     m = gk + gkb + 11
-    q, k, v = _inputs(rng, 1, 4, 2, n, m, 16)
-    for kw in ({}, {"causal": True}, {"window": (300, 5)}, {"dropout_p": 0.25, "dropout_seed": 3}):
-        _check_forward(q, k, v, **kw)
-        _check_vjp(q, k, v, **kw)
+    # D = 128 also takes the SIMD forward's shorter key blocks (simd.key_block).
+    for d in (16, 128):
+        q, k, v = _inputs(rng, 1, 4, 2, n, m, d)
+        for kw in ({}, {"causal": True}, {"window": (300, 5)}, {"dropout_p": 0.25, "dropout_seed": 3}):
+            _check_forward(q, k, v, **kw)
+            _check_vjp(q, k, v, **kw)
 
 
 def test_tile_kernel_conformance_cases(kernel_path):
@@ -601,6 +603,17 @@ def test_exp2_vectors_are_accurate_and_scaled_in_one_instruction():
             asm = "\n".join(run.inspect_asm().values())
             suffix = "pd" if dtype == np.float64 else "ps"
             assert re.search(rf"vscalef{suffix}\s+%zmm", asm), "2**n is not one vscalef"
+
+
+def test_key_block_keeps_the_transposed_key_block_in_l1():
+    from selfattn.backends._numba.microkernel import B_IN_L1
+    from selfattn.backends._numba.simd import key_block
+
+    assert key_block(128, 64, 4) == 128  # float32 D = 64: 32 KiB, as measured best
+    assert key_block(128, 128, 4) == 64 and key_block(128, 64, 8) == 64
+    assert key_block(128, 512, 4) == 64  # never below 64 keys
+    assert key_block(16, 128, 4) == 16  # small (test) tiles are kept
+    assert all(key_block(128, d, 4) * d * 4 <= B_IN_L1 for d in (8, 32, 64, 128))
 
 
 def test_scratch_arrays_are_reused_per_thread_and_bounded(monkeypatch):

@@ -566,7 +566,7 @@ class NumbaBackend(Backend):
         lse3: np.ndarray,
     ) -> None:
         from ._numba.microkernel import ROWS, lanes
-        from ._numba.simd import BR_BAND, key_columns
+        from ._numba.simd import BR_BAND, key_block, key_columns
 
         br, bc, _, _ = self.simd_tiles
         if pb.lower is not None or pb.upper is not None:  # causal or a window: short tasks waste less
@@ -580,7 +580,7 @@ class NumbaBackend(Backend):
         kt = scratch("simd.forward.kt", (k3.shape[0], k3.shape[2], key_columns(k3.shape[1], W)), cdt)
         pargs = (k3, v3, kt, kmax, vmax)
         rows = _query_tile(BH, N, nthreads, br, multiple=ROWS, smallest=ROWS)
-        tail = (rows, _round_up(bc, W), W, out3, lse3)
+        tail = (rows, _round_up(key_block(bc, k3.shape[2], cdt.itemsize), W), W, out3, lse3)
         # (0.0 stands for `safe`, known after the keys' pass: only the types matter here.)
         _announce("simd-forward", cdt, [(prep, (0, 0) + pargs), (fwd, (0, 0, q3, kt, v3, P, kmax, 0.0) + tail)])
         # No BLAS runs here, so no BLAS thread limit is needed (unlike _forward_blas).

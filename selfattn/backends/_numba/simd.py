@@ -86,7 +86,7 @@ BR = 256
 #: 12.1 ms, 256 rows 13.9 ms).
 BR_BAND = 64
 #: Keys per block: the V block (128 x 64 float32, 32 KiB) stays in L1 across the P @ V row
-#: blocks; the 256 x 128 score tile (128 KiB) in L2.
+#: blocks; the 256 x 128 score tile (128 KiB) in L2. Larger heads take fewer (:func:`key_block`).
 BC = 128
 #: Query rows per backward tile.
 BRB = 64

@@ -616,6 +616,42 @@ def test_key_block_keeps_the_transposed_key_block_in_l1():
     assert all(key_block(128, d, 4) * d * 4 <= B_IN_L1 for d in (8, 32, 64, 128))
 
 
+@pytest.mark.parametrize("tiles", [(64, 16, 16, 16), (24, 32, 8, 32), (8, 64, 8, 16)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(causal=True),
+        dict(window=(20, 5)),
+        dict(window=(3, 0)),
+        dict(causal=True, dropout_p=0.3, dropout_seed=4),
+        dict(window=(0, 9), softcap=4.0),
+    ],
+    ids=["causal", "window", "narrow", "dropout", "softcap"],
+)
+def test_simd_band_edge_products_stop_at_the_diagonal(kernel_path, monkeypatch, tiles, dtype, case):
+    # The SIMD forward multiplies a block cut by the band's upper edge row block by row block,
+    # each only up to its last row's last key (row blocks before the block attend none of it:
+    # tasks of more rows than keys per block). The backward reads K in place when D is whole
+    # vectors (else a padded copy), and accumulates dK/dV straight into the results for blocks
+    # of whole row blocks (else through its own buffers, zeros where no row attends).
+    if kernel_path != "simd":
+        pytest.skip("SIMD kernels only")
+    from selfattn.backends import numba_
+
+    monkeypatch.setattr(numba_.backend, "simd_tiles", tiles)
+    rng = np.random.default_rng(11)
+    for n, m, d, dv in ((130, 130, 16, 16), (70, 131, 24, 20), (137, 61, 32, 48)):
+        q, k, v = _inputs(rng, 1, 4, 2, n, m, d, dv, dtype=dtype)
+        if case.get("dropout_p"):
+            out = selfattn.scaled_dot_product_attention(q, k, v, backend=BACKEND, **case)
+            ro = selfattn.scaled_dot_product_attention(q, k, v, backend="numpy", **case)
+            _close(out, ro, dtype, "dropout out")
+            continue
+        _check_forward(q, k, v, **case)
+        _check_vjp(q, k, v, **case)
+
+
 def test_scratch_arrays_are_reused_per_thread_and_bounded(monkeypatch):
     # Work arrays that never leave a call are kept per thread (fresh pages cost a page fault
     # per touch): the same role/shape/dtype gets the same array back, other threads and

@@ -311,8 +311,46 @@ def forward(t0, t1, q, kt, v, P, kmax, safe, BR, BC, W, out, lse):
             ncw = _up(nc, W)
             s = sbuf[: nrp * ncw].reshape((nrp, ncw))
             dcap = dcap_buf[: nr * ncw].reshape((nr, ncw)) if P.softcap > 0.0 else dcap_buf[:1].reshape((1, 1))
-            gemm(qs, 0, D, 1, ktflat, kvh * D * Mp + c0, Mp, sbuf, 0, ncw, nrp, ncw, D, False, W)
-            if base2 and nc == ncw and c0 >= i1 - 1 + P.off - P.lo and c1 - 1 <= i0 + P.off + P.up:
+            kto = kvh * D * Mp + c0  # the block's first column of K^T
+            interior = nc == ncw and c0 >= i1 - 1 + P.off - P.lo and c1 - 1 <= i0 + P.off + P.up
+            if base2 and not interior and c1 - 1 > i0 + P.off + P.up:
+                # The band's upper edge (the causal diagonal) cuts this block: each block of
+                # ROWS rows multiplies only the keys up to its last row's last key, in whole
+                # vectors for S (the rest of its row stays unread) and exactly for P V -- the
+                # triangle past the diagonal is not computed. Same sums in the same order as
+                # the whole-tile products (the skipped terms were exact zeros).
+                for rb0 in range(0, nrp, ROWS):
+                    ke = min(nc, i0 + rb0 + ROWS + P.off + P.up - c0)
+                    if ke <= 0:
+                        continue
+                    kw = _up(ke, W)
+                    gemm(qs, rb0 * D, D, 1, ktflat, kto, Mp, sbuf, rb0 * ncw, ncw, ROWS, kw, D, False, W)
+                    for r in range(rb0, min(nr, rb0 + ROWS)):
+                        i = i0 + r
+                        lo_end = min(nc, max(0, i + P.off - P.lo - c0))
+                        hi_start = max(lo_end, min(nc, i + P.off + P.up + 1 - c0))
+                        srow = s[r]
+                        for c in range(lo_end):
+                            srow[c] = ninf
+                        for c in range(hi_start, kw):
+                            srow[c] = ninf
+                        lrow[r] += exp2_vectors_masked(srow, kw, zero)[0]
+                if P.thr > 0:
+                    dropout_tile(s, nr, nc, i0, c0, b, h, P)
+                if not v_in_place:
+                    _pack(v[kvh], c0, nc, Dv, vp, Dvw, nc)
+                for rb0 in range(0, nrp, ROWS):
+                    ke = min(nc, i0 + rb0 + ROWS + P.off + P.up - c0)
+                    if ke <= 0:
+                        continue
+                    if v_in_place:
+                        vb, vb_off, ldv = vflat, (kvh * M + c0) * Dv, Dv
+                    else:
+                        vb, vb_off, ldv = vp, 0, Dvw
+                    gemm(sbuf, rb0 * ncw, ncw, 1, vb, vb_off, ldv, obuf, rb0 * Dvw, Dvw, ROWS, Dvw, ke, True, W)
+                continue
+            gemm(qs, 0, D, 1, ktflat, kto, Mp, sbuf, 0, ncw, nrp, ncw, D, False, W)
+            if base2 and interior:
                 # Plain scores inside the band and bounded: nothing to bias or mask, no shift,
                 # and the exp (2**s, the scores being in base 2) needs no range checks.
                 for r in range(nr):

@@ -100,19 +100,6 @@ def _up(n, m):
 
 
 @nb.njit(**OPTS)
-def _pack_t(src, row0, nrow, ncol, dst, ld, factor):
-    """``dst[c*ld + r] = src[row0 + r, c] * factor`` for ``r < nrow``, ``c < ncol``; columns ``nrow..ld`` zeroed."""
-    for c in range(ncol):
-        base = c * ld
-        for r in range(nrow, ld):
-            dst[base + r] = 0.0
-    for r in range(nrow):
-        srow = src[row0 + r]
-        for c in range(ncol):
-            dst[c * ld + r] = srow[c] * factor
-
-
-@nb.njit(**OPTS)
 def _pack(src, row0, nrow, ncol, dst, ld, nrow_pad):
     """``dst[r*ld + c] = src[row0 + r, c]``; columns ``ncol..ld`` and rows ``nrow..nrow_pad`` zeroed."""
     for r in range(nrow):
@@ -156,22 +143,49 @@ def backward_operands(q3: np.ndarray, do3: np.ndarray, scale: float, width: int)
     Zero columns past ``D`` and ``ROWS`` zero rows at the end let every tile
     of :func:`backward` read them in place (its products work on whole
     micro-kernel row blocks and whole vectors). Scaling happens in the
-    compute dtype, as the kernels did per tile. The arrays are this thread's
-    reusable work arrays (:mod:`~selfattn.backends._numba.scratch`): valid
-    until its next call.
+    compute dtype, as the forward scales its query tiles: the recomputed
+    scores are then the forward's, bit for bit, where both work in natural
+    log (what keeps ``exp(S - lse)`` accurate at large scores). The arrays
+    are this thread's reusable work arrays
+    (:mod:`~selfattn.backends._numba.scratch`): valid until its next call.
     """
     BH, N, D = q3.shape
     Dv = do3.shape[2]
     rows = BH * N
-    qs = scratch("simd.backward.qs", (rows + ROWS, -(-D // width) * width), q3.dtype)
+    qp = scratch("simd.backward.qs", (rows + ROWS, -(-D // width) * width), q3.dtype)
     dop = scratch("simd.backward.dop", (rows + ROWS, -(-Dv // width) * width), do3.dtype)
     # One pass each (no zero-fill of what is overwritten): only the padding is zeroed.
-    np.multiply(q3.reshape(rows, D), q3.dtype.type(scale), out=qs[:rows, :D])
+    np.multiply(q3.reshape(rows, D), q3.dtype.type(scale), out=qp[:rows, :D])
     dop[:rows, :Dv] = do3.reshape(rows, Dv)
-    for a, used in ((qs, D), (dop, Dv)):
+    for a, used in ((qp, D), (dop, Dv)):
         a[rows:] = 0
         a[:rows, used:] = 0
-    return qs, dop
+    return qp, dop
+
+
+@nb.njit(**OPTS)
+def _transpose_into(src, s_off, lds, nrow, ncol, dst, ldd):
+    """``dst[c*ldd + r] = src.flat[s_off + r*lds + c]`` for ``r < nrow``, ``c < ncol``; ``dst[c*ldd + r] = 0``
+    for ``nrow <= r < ldd``.
+
+    Whole ``W x W`` blocks go through
+    :func:`~selfattn.backends._numba.microkernel.transpose_block` (register
+    shuffles), the edges element by element: the backward transposes a block
+    of keys and of values per key block, and the scalar loop (a strided store
+    per element) cost ~2 % of the backward.
+    """
+    TW = LANES32 * 4 // src.itemsize
+    rfull = nrow // TW * TW
+    cfull = ncol // TW * TW
+    for c0 in range(0, cfull, TW):
+        for r0 in range(0, rfull, TW):
+            transpose_block(src, s_off + r0 * lds + c0, lds, dst, c0 * ldd + r0, ldd)
+    for r in range(nrow):
+        for c in range(cfull if r < rfull else 0, ncol):
+            dst[c * ldd + r] = src[s_off + r * lds + c]
+    for c in range(ncol):
+        for r in range(nrow, ldd):
+            dst[c * ldd + r] = 0.0
 
 
 @nb.njit(**OPTS)
@@ -378,32 +392,39 @@ def forward(t0, t1, q, kt, v, P, kmax, safe, BR, BC, W, out, lse):
 
 
 @nb.njit(**OPTS)
-def backward(t0, t1, qs, k, v, dop, lse, delta, P, BRB, BCB, W, nchunk, dq_acc, dk, dv):
+def backward(t0, t1, qp, k, v, dop, lse, delta, P, BRB, BCB, W, nchunk, dq_acc, dk, dv):
     """FlashAttention-2 backward on the vector micro-kernels; tasks are (kv head, key chunk).
 
     Same contract as :func:`selfattn.backends._numba.blas.backward_gemm`
     (``lse`` ``(BH, N)`` holds ``+inf`` for rows that attend nothing), with
     the row operands prepared once per call by the host (:func:`backward_operands`):
-    ``qs`` = ``q * scale`` and ``dop`` = ``dO``, each ``(BH*N + ROWS, Dw)``
+    ``qp`` = ``q * scale`` and ``dop`` = ``dO``, each ``(BH*N + ROWS, Dw)``
     (``Dvw``) with zero columns past ``D`` (``Dv``) and ``ROWS`` spare rows,
     so every tile reads them in place. dQ of chunk ``ch`` is accumulated by
     the dQ product itself into ``dq_acc[ch]`` ``(BH*N + ROWS, Dw)`` (the host
     sums the chunks and drops the padding). ``BRB`` must be a multiple of
-    ``ROWS``, ``BCB`` of ``W``. Tiles of plain calls (no soft-cap, ALiBi or
-    mask) whose rows have ``|lse| <= 30`` (300 in float64) compute ``S`` in
-    base 2 (a second packed ``K^T``, times ``log2 e``) and recompute
-    ``P = 2**(S - lse log2 e)`` with the masked vector ``2**s`` (``-inf``
-    gives 0, NaN stays NaN); the others recompute ``exp(S - lse)``.
+    ``ROWS``, ``BCB`` of ``W``.
+
+    Each key block's ``K^T`` and ``V^T`` are transposed by register shuffles,
+    ``K * scale`` (for ``dQ += dS (K scale)``) by one vector pass. Key blocks
+    whose key count is a multiple of ``ROWS`` (and whose heads are whole
+    vectors) accumulate ``dK``/``dV`` straight into ``dk``/``dv``, the block's
+    first tile overwriting; others go through the task's own buffers. Tiles
+    of plain calls (no soft-cap, ALiBi or mask) whose rows have
+    ``|lse| <= 30`` (300 in float64) compute ``S`` in base 2 (a second
+    ``K^T``, times ``log2 e``) and recompute ``P = 2**(S - lse log2 e)`` with
+    the masked vector ``2**s`` (``-inf`` gives 0, NaN stays NaN); the others
+    recompute ``exp(S - lse)`` from the forward's own scores.
     """
     N = lse.shape[1]
     BKV, M, Dv = v.shape
     D = k.shape[2]
-    Dw = qs.shape[1]
+    Dw = qp.shape[1]
     Dvw = dop.shape[1]
     G = P.Hq // P.Hkv
     nkb = (M + BCB - 1) // BCB
     per = (nkb + nchunk - 1) // nchunk
-    dt = qs.dtype
+    dt = qp.dtype
     kt = np.zeros(D * BCB, dt)
     kt2 = np.zeros(D * BCB, dt)
     vt = np.zeros(Dv * BCB, dt)
@@ -415,26 +436,30 @@ def backward(t0, t1, qs, k, v, dop, lse, delta, P, BRB, BCB, W, nchunk, dq_acc, 
     dka = np.zeros(BCB * Dw, dt)
     dva = np.zeros(BCB * Dvw, dt)
     dqt = np.zeros(BRB * Dw, dt)
-    qflat = qs.reshape(qs.size)
+    qflat = qp.reshape(qp.size)
     dflat = dop.reshape(dop.size)
-    zero = cast_like(0.0, qs[0, 0])
+    kflat = k.reshape(k.size)
+    vflat = v.reshape(v.size)
+    dkflat = dk.reshape(dk.size)
+    dvflat = dv.reshape(dv.size)
+    zero = cast_like(0.0, qp[0, 0])
     sc = cast_like(P.scale, zero)
-    one = cast_like(1.0, zero)
     ninf = cast_like(-np.inf, zero)
     capped = P.softcap > 0.0
     # Plain scores (no soft-cap, ALiBi or mask: only band fills) of rows with |lse| <= lim are
-    # computed in base 2 (K^T packed times log2 e too), so P = 2**(S - lse log2 e) skips exp's
-    # multiply and ln2 reduction. Larger scores stay natural: in base 2 the cancellation
-    # S - lse loses log2(e) times more to rounding (measured: float32 gradients off by 5e-5
-    # relative at scores near 200).
+    # computed in base 2 (K^T packed times log2 e too), so P = 2**(S - lse log2 e) skips
+    # exp's multiply and ln2 reduction. Larger scores stay natural: in base 2 the
+    # cancellation S - lse loses log2(e) times more to rounding (measured: float32 gradients
+    # off by 5e-5 relative at scores near 200) -- and so must be the forward's scores bit for
+    # bit: (q*scale) K^T, not q (K^T*scale).
     base2 = P.softcap == 0.0 and not P.has_alibi and P.mask_kind == 0
     l2e = cast_like(_LOG2E, zero)
-    lim = cast_like(30.0 if qs.itemsize == 4 else 300.0, zero)
+    lim = cast_like(30.0 if qp.itemsize == 4 else 300.0, zero)
     # Accumulating dQ straight into dq_acc pays when the scaled K block stays in L1 (the
     # product then runs row block by row block); a larger one (D = 128) goes column panel by
     # column panel, and reading/writing dq_acc's rows once per panel cost more than the copy
     # through dqt (measured (4,8,1024,128): 240 vs 192 ms).
-    direct_dq = BCB * Dw * qs.itemsize <= B_IN_L1
+    direct_dq = BCB * Dw * qp.itemsize <= B_IN_L1
     for t in range(t0, t1):
         ch = t % nchunk
         kvh = t // nchunk
@@ -447,20 +472,31 @@ def backward(t0, t1, qs, k, v, dop, lse, delta, P, BRB, BCB, W, nchunk, dq_acc, 
             nc = c1 - c0
             ncw = _up(nc, W)
             ncr = _up(nc, ROWS)
-            _pack_t(k[kvh], c0, nc, D, kt, ncw, one)
+            kv0 = kvh * M + c0  # first key of the block in k / v / dk / dv (as rows)
+            _transpose_into(kflat, kv0 * D, D, nc, D, kt, ncw)
+            _transpose_into(vflat, kv0 * Dv, Dv, nc, Dv, vt, ncw)
             if base2:
-                _pack_t(k[kvh], c0, nc, D, kt2, ncw, l2e)
-            _pack_t(v[kvh], c0, nc, Dv, vt, ncw, one)
-            # K * scale, for dQ += dS (K * scale) accumulated in place.
-            for c in range(nc):
-                for dd in range(D):
-                    kps[c * Dw + dd] = k[kvh, c0 + c, dd] * sc
-                for dd in range(D, Dw):
-                    kps[c * Dw + dd] = zero
-            for i in range(ncr * Dw):
-                dka[i] = zero
-            for i in range(ncr * Dvw):
-                dva[i] = zero
+                for i in range(D * ncw):
+                    kt2[i] = kt[i] * l2e
+            # K * scale, for dQ += dS (K * scale): one contiguous (vectorised) pass when D is
+            # whole vectors, else row by row with zero padding.
+            if Dw == D:
+                for i in range(nc * D):
+                    kps[i] = kflat[kv0 * D + i] * sc
+            else:
+                for c in range(nc):
+                    for dd in range(D):
+                        kps[c * Dw + dd] = k[kvh, c0 + c, dd] * sc
+                    for dd in range(D, Dw):
+                        kps[c * Dw + dd] = zero
+            # dK/dV of a block of whole micro-kernel rows go straight into dk/dv (the first
+            # tile overwrites); others through dka/dva, whose padding rows are dropped.
+            direct_kv = nc == ncr and Dw == D and Dvw == Dv
+            if direct_kv:
+                kacc, kacc_off, vacc, vacc_off = dkflat, kv0 * D, dvflat, kv0 * Dv
+            else:
+                kacc, kacc_off, vacc, vacc_off = dka, 0, dva, 0
+            acc_kv = False
             ilo = max(0, c0 - P.off - P.up)
             ihi = min(N, c1 - 1 - P.off + P.lo + 1)
             for g in range(G):
@@ -470,7 +506,7 @@ def backward(t0, t1, qs, k, v, dop, lse, delta, P, BRB, BCB, W, nchunk, dq_acc, 
                     i1 = min(ihi, i0 + BRB)
                     nr = i1 - i0
                     nrp = _up(nr, ROWS)
-                    rb = bh * N + i0  # first row of the tile in qs / dop / dq_acc
+                    rb = bh * N + i0  # first row of the tile in qp / dop / dq_acc
                     s = sbuf[: nrp * ncw].reshape((nrp, ncw))
                     dp = dpbuf[: nrp * ncw].reshape((nrp, ncw))
                     dcap = dcap_buf[: nr * ncw].reshape((nr, ncw)) if capped else dcap_buf[:1].reshape((1, 1))
@@ -482,8 +518,8 @@ def backward(t0, t1, qs, k, v, dop, lse, delta, P, BRB, BCB, W, nchunk, dq_acc, 
                     score_bias(s, nr, nc, i0, c0, b, h, P.off, P, dcap, True)
                     gemm(dflat, rb * Dvw, Dvw, 1, vt, 0, ncw, dpbuf, 0, ncw, nrp, ncw, Dv, False, W)
                     if b2:
-                        # S is in base 2 (K^T packed times log2 e): P = 2**(S - lse*log2 e); the
-                        # padding columns are set to -inf so whole vectors give 0 there.
+                        # S is in base 2: P = 2**(S - lse*log2 e); the padding columns are set
+                        # to -inf so whole vectors give 0 there.
                         for r in range(nr):
                             srow = s[r]
                             for c in range(nc, ncw):
@@ -496,14 +532,15 @@ def backward(t0, t1, qs, k, v, dop, lse, delta, P, BRB, BCB, W, nchunk, dq_acc, 
                     if P.thr > 0:
                         pz = zbuf[: nrp * ncw].reshape((nrp, ncw))
                         dropout_grad(s, dp, pz, False, nr, nc, i0, c0, b, h, P)
-                        gemm(zbuf, 0, 1, ncw, dflat, rb * Dvw, Dvw, dva, 0, Dvw, ncr, Dvw, nr, True, W)
+                        gemm(zbuf, 0, 1, ncw, dflat, rb * Dvw, Dvw, vacc, vacc_off, Dvw, ncr, Dvw, nr, acc_kv, W)
                     else:
-                        gemm(sbuf, 0, 1, ncw, dflat, rb * Dvw, Dvw, dva, 0, Dvw, ncr, Dvw, nr, True, W)
+                        gemm(sbuf, 0, 1, ncw, dflat, rb * Dvw, Dvw, vacc, vacc_off, Dvw, ncr, Dvw, nr, acc_kv, W)
                     ds_in_place(s, dp, nr, nc, delta, bh, i0, dcap, capped)
                     # dK += dS^T (q*scale)
-                    gemm(sbuf, 0, 1, ncw, qflat, rb * Dw, Dw, dka, 0, Dw, ncr, Dw, nr, True, W)
-                    # dQ += dS (K*scale). The micro-kernel writes whole blocks of ROWS rows; rows
-                    # past nr get dS = 0 (zeroed here), so adding them is a no-op -- as long as
+                    gemm(sbuf, 0, 1, ncw, qflat, rb * Dw, Dw, kacc, kacc_off, Dw, ncr, Dw, nr, acc_kv, W)
+                    acc_kv = True
+                    # dQ += dS (K*scale). The micro-kernel writes whole blocks of ROWS rows; rows past
+                    # nr get dS = 0 (zeroed here), so adding them is a no-op -- as long as
                     # they are this head's rows, which only this task touches. A tile whose
                     # padding would reach the next head goes through dqt instead.
                     for i in range(nr * ncw, nrp * ncw):
@@ -514,8 +551,15 @@ def backward(t0, t1, qs, k, v, dop, lse, delta, P, BRB, BCB, W, nchunk, dq_acc, 
                         gemm(sbuf, 0, ncw, 1, kps, 0, Dw, dqt, 0, Dw, nrp, Dw, nc, False, W)
                         for i in range(nr * Dw):
                             dqc[rb * Dw + i] += dqt[i]
-            for c in range(nc):
-                for dd in range(D):
-                    dk[kvh, c0 + c, dd] = dka[c * Dw + dd]
-                for e in range(Dv):
-                    dv[kvh, c0 + c, e] = dva[c * Dvw + e]
+            if direct_kv:
+                if not acc_kv:  # no row attends this block
+                    for i in range(nc * D):
+                        dkflat[kv0 * D + i] = zero
+                    for i in range(nc * Dv):
+                        dvflat[kv0 * Dv + i] = zero
+            else:
+                for c in range(nc):
+                    for dd in range(D):
+                        dk[kvh, c0 + c, dd] = dka[c * Dw + dd] if acc_kv else zero
+                    for e in range(Dv):
+                        dv[kvh, c0 + c, e] = dva[c * Dvw + e] if acc_kv else zero

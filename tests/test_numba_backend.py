@@ -625,16 +625,18 @@ def test_key_block_keeps_the_transposed_key_block_in_l1():
         dict(window=(20, 5)),
         dict(window=(3, 0)),
         dict(causal=True, dropout_p=0.3, dropout_seed=4),
+        dict(window=(20, 5), dropout_p=0.3, dropout_seed=5),
         dict(window=(0, 9), softcap=4.0),
     ],
-    ids=["causal", "window", "narrow", "dropout", "softcap"],
+    ids=["causal", "window", "narrow", "dropout", "window-dropout", "softcap"],
 )
 def test_simd_band_edge_products_stop_at_the_diagonal(kernel_path, monkeypatch, tiles, dtype, case):
     # The SIMD forward multiplies a block cut by the band's upper edge row block by row block,
     # each only up to its last row's last key (row blocks before the block attend none of it:
-    # tasks of more rows than keys per block). The backward reads K in place when D is whole
-    # vectors (else a padded copy), and accumulates dK/dV straight into the results for blocks
-    # of whole row blocks (else through its own buffers, zeros where no row attends).
+    # tasks of more rows than keys per block). The backward trims a tile's keys to those its
+    # last row reaches, and accumulates dK/dV straight into the results for blocks of whole
+    # row blocks with whole-vector heads (else through its own buffers); the block's first
+    # tile overwrites, so keys it does not reach must come out zero before later tiles add.
     if kernel_path != "simd":
         pytest.skip("SIMD kernels only")
     from selfattn.backends import numba_
@@ -643,10 +645,13 @@ def test_simd_band_edge_products_stop_at_the_diagonal(kernel_path, monkeypatch, 
     rng = np.random.default_rng(11)
     for n, m, d, dv in ((130, 130, 16, 16), (70, 131, 24, 20), (137, 61, 32, 48)):
         q, k, v = _inputs(rng, 1, 4, 2, n, m, d, dv, dtype=dtype)
-        if case.get("dropout_p"):
-            out = selfattn.scaled_dot_product_attention(q, k, v, backend=BACKEND, **case)
-            ro = selfattn.scaled_dot_product_attention(q, k, v, backend="numpy", **case)
+        if case.get("dropout_p"):  # the same keep-masks on both backends: compare with NumPy's
+            out, f = selfattn.scaled_dot_product_attention_vjp(q, k, v, backend=BACKEND, **case)
+            ro, rf = selfattn.scaled_dot_product_attention_vjp(q, k, v, backend="numpy", **case)
+            g = rng.standard_normal(out.shape).astype(dtype)
             _close(out, ro, dtype, "dropout out")
+            for name, a, r in zip(("dq", "dk", "dv"), f(g), rf(g), strict=True):
+                _close(a, r, dtype, f"dropout {name}")
             continue
         _check_forward(q, k, v, **case)
         _check_vjp(q, k, v, **case)

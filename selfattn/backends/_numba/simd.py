@@ -406,7 +406,9 @@ def backward(t0, t1, qp, k, v, dop, lse, delta, P, BRB, BCB, W, nchunk, dq_acc, 
     ``ROWS``, ``BCB`` of ``W``.
 
     Each key block's ``K^T`` and ``V^T`` are transposed by register shuffles,
-    ``K * scale`` (for ``dQ += dS (K scale)``) by one vector pass. Key blocks
+    ``K * scale`` (for ``dQ += dS (K scale)``) by one vector pass. A tile
+    works on the block's keys up to its last row's band edge (the causal
+    diagonal's far side is attended by none of its rows). Key blocks
     whose key count is a multiple of ``ROWS`` (and whose heads are whole
     vectors) accumulate ``dK``/``dV`` straight into ``dk``/``dv``, the block's
     first tile overwriting; others go through the task's own buffers. Tiles
@@ -507,48 +509,65 @@ def backward(t0, t1, qp, k, v, dop, lse, delta, P, BRB, BCB, W, nchunk, dq_acc, 
                     nr = i1 - i0
                     nrp = _up(nr, ROWS)
                     rb = bh * N + i0  # first row of the tile in qp / dop / dq_acc
-                    s = sbuf[: nrp * ncw].reshape((nrp, ncw))
-                    dp = dpbuf[: nrp * ncw].reshape((nrp, ncw))
-                    dcap = dcap_buf[: nr * ncw].reshape((nr, ncw)) if capped else dcap_buf[:1].reshape((1, 1))
+                    # Keys past the last row's band edge are attended by no row of this tile (the
+                    # causal diagonal's far side): the tile works on the block's first nt keys.
+                    nt = min(nc, i1 + P.off + P.up - c0)
+                    ntw = _up(nt, W)
+                    ntr = _up(nt, ROWS)
+                    s = sbuf[: nrp * ntw].reshape((nrp, ntw))
+                    dp = dpbuf[: nrp * ntw].reshape((nrp, ntw))
+                    dcap = dcap_buf[: nr * ntw].reshape((nr, ntw)) if capped else dcap_buf[:1].reshape((1, 1))
                     b2 = base2
                     for r in range(nr):
                         if not (abs(lse[bh, i0 + r]) <= lim):
                             b2 = False
-                    gemm(qflat, rb * Dw, Dw, 1, kt2 if b2 else kt, 0, ncw, sbuf, 0, ncw, nrp, ncw, D, False, W)
-                    score_bias(s, nr, nc, i0, c0, b, h, P.off, P, dcap, True)
-                    gemm(dflat, rb * Dvw, Dvw, 1, vt, 0, ncw, dpbuf, 0, ncw, nrp, ncw, Dv, False, W)
+                    gemm(qflat, rb * Dw, Dw, 1, kt2 if b2 else kt, 0, ncw, sbuf, 0, ntw, nrp, ntw, D, False, W)
+                    score_bias(s, nr, nt, i0, c0, b, h, P.off, P, dcap, True)
+                    gemm(dflat, rb * Dvw, Dvw, 1, vt, 0, ncw, dpbuf, 0, ntw, nrp, ntw, Dv, False, W)
                     if b2:
-                        # S is in base 2: P = 2**(S - lse*log2 e); the padding columns are set
-                        # to -inf so whole vectors give 0 there.
+                        # S is in base 2: P = 2**(S - lse*log2 e); columns past nt are set to -inf
+                        # so whole vectors give 0 there.
                         for r in range(nr):
                             srow = s[r]
-                            for c in range(nc, ncw):
+                            for c in range(nt, ntw):
                                 srow[c] = ninf
-                            exp2_vectors_masked(srow, ncw, lse[bh, i0 + r] * l2e)
+                            exp2_vectors_masked(srow, ntw, lse[bh, i0 + r] * l2e)
                     else:
                         for r in range(nr):
-                            exp_shift_row(s[r], nc, lse[bh, i0 + r])
+                            srow = s[r]
+                            exp_shift_row(srow, nt, lse[bh, i0 + r])
+                            for c in range(nt, ntw):  # keys of the block past nt, or padding: P = 0
+                                srow[c] = zero
                     # dV += (P*Z)^T dO: P^T read through strides (rows = keys), dO rows in place.
                     if P.thr > 0:
-                        pz = zbuf[: nrp * ncw].reshape((nrp, ncw))
-                        dropout_grad(s, dp, pz, False, nr, nc, i0, c0, b, h, P)
-                        gemm(zbuf, 0, 1, ncw, dflat, rb * Dvw, Dvw, vacc, vacc_off, Dvw, ncr, Dvw, nr, acc_kv, W)
+                        pz = zbuf[: nrp * ntw].reshape((nrp, ntw))
+                        dropout_grad(s, dp, pz, False, nr, nt, i0, c0, b, h, P)
+                        for r in range(nr):
+                            for c in range(nt, ntw):
+                                pz[r, c] = zero
+                        gemm(zbuf, 0, 1, ntw, dflat, rb * Dvw, Dvw, vacc, vacc_off, Dvw, ntr, Dvw, nr, acc_kv, W)
                     else:
-                        gemm(sbuf, 0, 1, ncw, dflat, rb * Dvw, Dvw, vacc, vacc_off, Dvw, ncr, Dvw, nr, acc_kv, W)
-                    ds_in_place(s, dp, nr, nc, delta, bh, i0, dcap, capped)
+                        gemm(sbuf, 0, 1, ntw, dflat, rb * Dvw, Dvw, vacc, vacc_off, Dvw, ntr, Dvw, nr, acc_kv, W)
+                    ds_in_place(s, dp, nr, nt, delta, bh, i0, dcap, capped)
                     # dK += dS^T (q*scale)
-                    gemm(sbuf, 0, 1, ncw, qflat, rb * Dw, Dw, kacc, kacc_off, Dw, ncr, Dw, nr, acc_kv, W)
+                    gemm(sbuf, 0, 1, ntw, qflat, rb * Dw, Dw, kacc, kacc_off, Dw, ntr, Dw, nr, acc_kv, W)
+                    if not acc_kv:
+                        # The block's first tile overwrote dK/dV rows [0, ntr) only: the rest start at 0.
+                        for i in range(ntr * Dw, ncr * Dw):
+                            kacc[kacc_off + i] = zero
+                        for i in range(ntr * Dvw, ncr * Dvw):
+                            vacc[vacc_off + i] = zero
                     acc_kv = True
                     # dQ += dS (K*scale). The micro-kernel writes whole blocks of ROWS rows; rows past
                     # nr get dS = 0 (zeroed here), so adding them is a no-op -- as long as
                     # they are this head's rows, which only this task touches. A tile whose
                     # padding would reach the next head goes through dqt instead.
-                    for i in range(nr * ncw, nrp * ncw):
+                    for i in range(nr * ntw, nrp * ntw):
                         sbuf[i] = zero
                     if i0 + nrp <= N and direct_dq:
-                        gemm(sbuf, 0, ncw, 1, kps, 0, Dw, dqc, rb * Dw, Dw, nrp, Dw, nc, True, W)
+                        gemm(sbuf, 0, ntw, 1, kps, 0, Dw, dqc, rb * Dw, Dw, nrp, Dw, nt, True, W)
                     else:
-                        gemm(sbuf, 0, ncw, 1, kps, 0, Dw, dqt, 0, Dw, nrp, Dw, nc, False, W)
+                        gemm(sbuf, 0, ntw, 1, kps, 0, Dw, dqt, 0, Dw, nrp, Dw, nt, False, W)
                         for i in range(nr * Dw):
                             dqc[rb * Dw + i] += dqt[i]
             if direct_kv:

@@ -19,7 +19,8 @@ stay in vector registers:
 The backward's five products (``S``, ``dP = dO V^T``, ``dV += (P*Z)^T dO``,
 ``dK += dS^T (q*scale)``, ``dQ += dS K``) use the same micro-kernel; the
 transposed operands ``P^T`` and ``dS^T`` are read through strides, not
-copied.
+copied. Neither direction computes the far side of the causal diagonal
+beyond what whole vectors (forward) or a tile's last row (backward) need.
 
 Tiles are padded (rows to :data:`~selfattn.backends._numba.microkernel.ROWS`,
 columns to the vector width) inside scratch buffers; padded results are never
@@ -249,9 +250,11 @@ def forward(t0, t1, q, kt, v, P, kmax, safe, BR, BC, W, out, lse):
     tiles inside the band then take ``2**s`` unchecked
     (:func:`~selfattn.backends._numba.microkernel.exp2_vectors_in_range`),
     tiles on a band edge ``2**s`` with ``-inf`` outside the band
-    (:func:`~selfattn.backends._numba.microkernel.exp2_vectors_masked`). The
-    softmax's sums (and so ``out`` and ``lse``) are the same quantities as
-    in natural-log tasks.
+    (:func:`~selfattn.backends._numba.microkernel.exp2_vectors_masked`); a
+    tile cut by the band's upper edge (the causal diagonal) runs row block
+    by row block, each stopping at its last attended key. The softmax's sums
+    (and so ``out`` and ``lse``) are the same quantities as in natural-log
+    tasks.
     """
     BH, N, D = q.shape
     M = v.shape[1]

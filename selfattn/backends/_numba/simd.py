@@ -49,6 +49,7 @@ from .microkernel import (
 from .opts import INLINE, OPTS
 from .scratch import scratch
 from .tiles import (
+    band_fill_row,
     cast_like,
     dropout_grad,
     dropout_tile,
@@ -153,40 +154,42 @@ def backward_operands(q3: np.ndarray, do3: np.ndarray, scale: float, width: int)
     BH, N, D = q3.shape
     Dv = do3.shape[2]
     rows = BH * N
-    qp = scratch("simd.backward.qs", (rows + ROWS, -(-D // width) * width), q3.dtype)
+    qs = scratch("simd.backward.qs", (rows + ROWS, -(-D // width) * width), q3.dtype)
     dop = scratch("simd.backward.dop", (rows + ROWS, -(-Dv // width) * width), do3.dtype)
     # One pass each (no zero-fill of what is overwritten): only the padding is zeroed.
-    np.multiply(q3.reshape(rows, D), q3.dtype.type(scale), out=qp[:rows, :D])
+    np.multiply(q3.reshape(rows, D), q3.dtype.type(scale), out=qs[:rows, :D])
     dop[:rows, :Dv] = do3.reshape(rows, Dv)
-    for a, used in ((qp, D), (dop, Dv)):
+    for a, used in ((qs, D), (dop, Dv)):
         a[rows:] = 0
         a[:rows, used:] = 0
-    return qp, dop
+    return qs, dop
 
 
 @nb.njit(**OPTS)
-def _transpose_into(src, s_off, lds, nrow, ncol, dst, ldd):
-    """``dst[c*ldd + r] = src.flat[s_off + r*lds + c]`` for ``r < nrow``, ``c < ncol``; ``dst[c*ldd + r] = 0``
-    for ``nrow <= r < ldd``.
+def _transpose_into(src, s_off, lds, nrow, ncol, dst, d_off, ldd):
+    """``dst[d_off + c*ldd + r] = src[s_off + r*lds + c]`` for ``r < nrow``, ``c < ncol``, and
+    ``dst[d_off + c*ldd + r] = 0`` for ``nrow <= r < ldd`` (both arrays flat).
 
     Whole ``W x W`` blocks go through
     :func:`~selfattn.backends._numba.microkernel.transpose_block` (register
-    shuffles), the edges element by element: the backward transposes a block
-    of keys and of values per key block, and the scalar loop (a strided store
-    per element) cost ~2 % of the backward.
+    shuffles), a row of ``W`` columns at a time (measured for the keys' pass,
+    (32,1024,128) f32: 1.7 ms, rows outermost 2.6 ms, element by element
+    3.4 ms), then the edges element by element. The keys' pass transposes
+    each head's keys with it, the backward each block of keys and values
+    (its scalar loop, a strided store per element, cost ~2 % of the backward).
     """
     TW = LANES32 * 4 // src.itemsize
     rfull = nrow // TW * TW
     cfull = ncol // TW * TW
     for c0 in range(0, cfull, TW):
         for r0 in range(0, rfull, TW):
-            transpose_block(src, s_off + r0 * lds + c0, lds, dst, c0 * ldd + r0, ldd)
+            transpose_block(src, s_off + r0 * lds + c0, lds, dst, d_off + c0 * ldd + r0, ldd)
     for r in range(nrow):
         for c in range(cfull if r < rfull else 0, ncol):
-            dst[c * ldd + r] = src[s_off + r * lds + c]
+            dst[d_off + c * ldd + r] = src[s_off + r * lds + c]
     for c in range(ncol):
         for r in range(nrow, ldd):
-            dst[c * ldd + r] = 0.0
+            dst[d_off + c * ldd + r] = 0.0
 
 
 @nb.njit(**OPTS)
@@ -207,26 +210,14 @@ def prepare_keys(t0, t1, k, v, kt, kmax, vmax):
     """
     M, D = k.shape[1], k.shape[2]
     Mp = kt.shape[2]
-    W = LANES32 * 4 // k.itemsize
     kflat = k.reshape(k.size)
     ktflat = kt.reshape(kt.size)
-    Dfull = D // W * W
-    Mfull = M // W * W
     for t in range(t0, t1):
         best = 0.0
         for j in range(M):
             best = key_norm_step(best, k[t, j])
         kmax[t] = math.sqrt(best)
-        # Whole blocks a row of W dims at a time (measured (32,1024,128) f32: 1.7 ms, keys
-        # outermost 2.6 ms, element by element 3.4 ms), then the edges.
-        for d0 in range(0, Dfull, W):
-            for j0 in range(0, Mfull, W):
-                transpose_block(kflat, (t * M + j0) * D + d0, D, ktflat, (t * D + d0) * Mp + j0, Mp)
-        for dd in range(D):
-            for j in range(Mfull if dd < Dfull else 0, M):
-                kt[t, dd, j] = k[t, j, dd]
-            for j in range(M, Mp):
-                kt[t, dd, j] = 0.0
+        _transpose_into(kflat, t * M * D, D, M, D, ktflat, t * D * Mp, Mp)
         vrow = v[t].reshape(v[t].size)
         # max|v| skips NaN (vector maxnum); a sum of v*0 is NaN iff some value is NaN or infinite.
         probe = 0.0
@@ -343,27 +334,20 @@ def forward(t0, t1, q, kt, v, P, kmax, safe, BR, BC, W, out, lse):
                     kw = _up(ke, W)
                     gemm(qs, rb0 * D, D, 1, ktflat, kto, Mp, sbuf, rb0 * ncw, ncw, ROWS, kw, D, False, W)
                     for r in range(rb0, min(nr, rb0 + ROWS)):
-                        i = i0 + r
-                        lo_end = min(nc, max(0, i + P.off - P.lo - c0))
-                        hi_start = max(lo_end, min(nc, i + P.off + P.up + 1 - c0))
                         srow = s[r]
-                        for c in range(lo_end):
-                            srow[c] = ninf
-                        for c in range(hi_start, kw):
-                            srow[c] = ninf
+                        band_fill_row(srow, i0 + r, c0, nc, kw, P.off, P)
                         lrow[r] += exp2_vectors_masked(srow, kw, zero)[0]
                 if P.thr > 0:
                     dropout_tile(s, nr, nc, i0, c0, b, h, P)
-                if not v_in_place:
+                if v_in_place:
+                    vb, vb_off, ldv = vflat, (kvh * M + c0) * Dv, Dv
+                else:
                     _pack(v[kvh], c0, nc, Dv, vp, Dvw, nc)
+                    vb, vb_off, ldv = vp, 0, Dvw
                 for rb0 in range(0, nrp, ROWS):
                     ke = min(nc, i0 + rb0 + ROWS + P.off + P.up - c0)
                     if ke <= 0:
                         continue
-                    if v_in_place:
-                        vb, vb_off, ldv = vflat, (kvh * M + c0) * Dv, Dv
-                    else:
-                        vb, vb_off, ldv = vp, 0, Dvw
                     gemm(sbuf, rb0 * ncw, ncw, 1, vb, vb_off, ldv, obuf, rb0 * Dvw, Dvw, ROWS, Dvw, ke, True, W)
                 continue
             gemm(qs, 0, D, 1, ktflat, kto, Mp, sbuf, 0, ncw, nrp, ncw, D, False, W)
@@ -395,13 +379,13 @@ def forward(t0, t1, q, kt, v, P, kmax, safe, BR, BC, W, out, lse):
 
 
 @nb.njit(**OPTS)
-def backward(t0, t1, qp, k, v, dop, lse, delta, P, BRB, BCB, W, nchunk, dq_acc, dk, dv):
+def backward(t0, t1, qs, k, v, dop, lse, delta, P, BRB, BCB, W, nchunk, dq_acc, dk, dv):
     """FlashAttention-2 backward on the vector micro-kernels; tasks are (kv head, key chunk).
 
     Same contract as :func:`selfattn.backends._numba.blas.backward_gemm`
     (``lse`` ``(BH, N)`` holds ``+inf`` for rows that attend nothing), with
     the row operands prepared once per call by the host (:func:`backward_operands`):
-    ``qp`` = ``q * scale`` and ``dop`` = ``dO``, each ``(BH*N + ROWS, Dw)``
+    ``qs`` = ``q * scale`` and ``dop`` = ``dO``, each ``(BH*N + ROWS, Dw)``
     (``Dvw``) with zero columns past ``D`` (``Dv``) and ``ROWS`` spare rows,
     so every tile reads them in place. dQ of chunk ``ch`` is accumulated by
     the dQ product itself into ``dq_acc[ch]`` ``(BH*N + ROWS, Dw)`` (the host
@@ -424,12 +408,12 @@ def backward(t0, t1, qp, k, v, dop, lse, delta, P, BRB, BCB, W, nchunk, dq_acc, 
     N = lse.shape[1]
     BKV, M, Dv = v.shape
     D = k.shape[2]
-    Dw = qp.shape[1]
+    Dw = qs.shape[1]
     Dvw = dop.shape[1]
     G = P.Hq // P.Hkv
     nkb = (M + BCB - 1) // BCB
     per = (nkb + nchunk - 1) // nchunk
-    dt = qp.dtype
+    dt = qs.dtype
     kt = np.zeros(D * BCB, dt)
     kt2 = np.zeros(D * BCB, dt)
     vt = np.zeros(Dv * BCB, dt)
@@ -441,13 +425,13 @@ def backward(t0, t1, qp, k, v, dop, lse, delta, P, BRB, BCB, W, nchunk, dq_acc, 
     dka = np.zeros(BCB * Dw, dt)
     dva = np.zeros(BCB * Dvw, dt)
     dqt = np.zeros(BRB * Dw, dt)
-    qflat = qp.reshape(qp.size)
+    qflat = qs.reshape(qs.size)
     dflat = dop.reshape(dop.size)
     kflat = k.reshape(k.size)
     vflat = v.reshape(v.size)
     dkflat = dk.reshape(dk.size)
     dvflat = dv.reshape(dv.size)
-    zero = cast_like(0.0, qp[0, 0])
+    zero = cast_like(0.0, qs[0, 0])
     sc = cast_like(P.scale, zero)
     ninf = cast_like(-np.inf, zero)
     capped = P.softcap > 0.0
@@ -459,12 +443,12 @@ def backward(t0, t1, qp, k, v, dop, lse, delta, P, BRB, BCB, W, nchunk, dq_acc, 
     # bit: (q*scale) K^T, not q (K^T*scale).
     base2 = P.softcap == 0.0 and not P.has_alibi and P.mask_kind == 0
     l2e = cast_like(_LOG2E, zero)
-    lim = cast_like(30.0 if qp.itemsize == 4 else 300.0, zero)
+    lim = cast_like(30.0 if qs.itemsize == 4 else 300.0, zero)
     # Accumulating dQ straight into dq_acc pays when the scaled K block stays in L1 (the
     # product then runs row block by row block); a larger one (D = 128) goes column panel by
     # column panel, and reading/writing dq_acc's rows once per panel cost more than the copy
     # through dqt (measured (4,8,1024,128): 240 vs 192 ms).
-    direct_dq = BCB * Dw * qp.itemsize <= B_IN_L1
+    direct_dq = BCB * Dw * qs.itemsize <= B_IN_L1
     for t in range(t0, t1):
         ch = t % nchunk
         kvh = t // nchunk
@@ -478,8 +462,8 @@ def backward(t0, t1, qp, k, v, dop, lse, delta, P, BRB, BCB, W, nchunk, dq_acc, 
             ncw = _up(nc, W)
             ncr = _up(nc, ROWS)
             kv0 = kvh * M + c0  # first key of the block in k / v / dk / dv (as rows)
-            _transpose_into(kflat, kv0 * D, D, nc, D, kt, ncw)
-            _transpose_into(vflat, kv0 * Dv, Dv, nc, Dv, vt, ncw)
+            _transpose_into(kflat, kv0 * D, D, nc, D, kt, 0, ncw)
+            _transpose_into(vflat, kv0 * Dv, Dv, nc, Dv, vt, 0, ncw)
             if base2:
                 for i in range(D * ncw):
                     kt2[i] = kt[i] * l2e
@@ -511,7 +495,7 @@ def backward(t0, t1, qp, k, v, dop, lse, delta, P, BRB, BCB, W, nchunk, dq_acc, 
                     i1 = min(ihi, i0 + BRB)
                     nr = i1 - i0
                     nrp = _up(nr, ROWS)
-                    rb = bh * N + i0  # first row of the tile in qp / dop / dq_acc
+                    rb = bh * N + i0  # first row of the tile in qs / dop / dq_acc
                     # Keys past the last row's band edge are attended by no row of this tile (the
                     # causal diagonal's far side): the tile works on the block's first nt keys.
                     nt = min(nc, i1 + P.off + P.up - c0)

@@ -23,6 +23,7 @@ from .opts import FASTMATH, INLINE, OPTS
 __all__ = [
     "FASTMATH",
     "OPTS",
+    "band_fill_row",
     "cast_like",
     "fmix32",
     "key_norm_step",
@@ -293,6 +294,23 @@ def query_task(t, nqb, rows, N, M, G, P):
     return bh, b, h, kvh, i0, i1, j0, j1
 
 
+@nb.njit(**_INLINE)
+def band_fill_row(srow, i, c0, nc, end, off, P):
+    """``-inf`` in ``srow[:end]`` wherever row ``i`` may not attend key ``c0 + c`` (``c < nc``); ``srow[nc:end]`` too.
+
+    Keys outside ``[i+off-lo, i+off+up]`` form a run at each end of the row:
+    two fills, not a compare per score. ``end > nc`` also fills padding
+    columns past the row's last key.
+    """
+    neg = -np.inf
+    lo_end = min(nc, max(0, i + off - P.lo - c0))
+    hi_start = max(lo_end, min(nc, i + off + P.up + 1 - c0))
+    for c in range(lo_end):
+        srow[c] = neg
+    for c in range(hi_start, end):
+        srow[c] = neg
+
+
 @nb.njit(**OPTS)
 def score_bias(s, nr, nc, i0, c0, b, h, off, P, dcap, want_dcap):
     """Turn a tile of scaled scores into the logits the softmax sees, in the API's order.
@@ -348,16 +366,7 @@ def score_bias(s, nr, nc, i0, c0, b, h, off, P, dcap, want_dcap):
     c1 = c0 + nc
     if not (c0 >= i1 - 1 + off - P.lo and c1 - 1 <= i0 + off + P.up):
         for r in range(nr):
-            i = i0 + r
-            # Keys outside [i+off-lo, i+off+up] form a run at each end of the row: two fills,
-            # not a compare per score.
-            lo_end = min(nc, max(0, i + off - P.lo - c0))
-            hi_start = max(lo_end, min(nc, i + off + P.up + 1 - c0))
-            srow = s[r]
-            for c in range(lo_end):
-                srow[c] = neg
-            for c in range(hi_start, nc):
-                srow[c] = neg
+            band_fill_row(s[r], i0 + r, c0, nc, nc, off, P)
 
 
 @nb.njit(**OPTS)

@@ -606,14 +606,48 @@ def test_exp2_vectors_are_accurate_and_scaled_in_one_instruction():
 
 
 def test_key_block_keeps_the_transposed_key_block_in_l1():
-    from selfattn.backends._numba.microkernel import B_IN_L1
+    from selfattn.backends._numba.microkernel import B_IN_L1, LANES32
     from selfattn.backends._numba.simd import key_block
 
+    w32 = LANES32
     assert key_block(128, 64, 4) == 128  # float32 D = 64: 32 KiB, as measured best
-    assert key_block(128, 128, 4) == 64 and key_block(128, 64, 8) == 64
-    assert key_block(128, 512, 4) == 64  # never below 64 keys
-    assert key_block(16, 128, 4) == 16  # small (test) tiles are kept
-    assert all(key_block(128, d, 4) * d * 4 <= B_IN_L1 for d in (8, 32, 64, 128))
+    # Halved to 64 keys; four float32 vectors of them (AVX-512) become three (one 3-vector panel).
+    assert key_block(128, 128, 4) == (48 if 4 * w32 == 64 else 64)
+    assert key_block(128, 160, 4) == (48 if 4 * w32 == 64 else 64)
+    assert key_block(128, 64, 8) == 64  # float64: 64 keys are eight vectors, kept
+    assert key_block(128, 512, 4) == 64  # never below 64 keys (three vectors would not fit L1 either)
+    assert key_block(16, 128, 4) == 16 and key_block(64, 128, 4) == 64  # tiles not halved are kept
+    assert all(key_block(128, d, 4) * d * 4 <= B_IN_L1 for d in (8, 32, 64, 128, 160))
+
+
+def test_simd_backward_takes_the_short_key_block_only_where_it_fits_l1(monkeypatch):
+    """The backward's key block: the forward's (key_block) where its K^T fits L1, else the default."""
+    from selfattn.backends import numba_
+    from selfattn.backends._numba.microkernel import B_IN_L1, lanes
+    from selfattn.backends._numba.simd import key_block
+
+    seen = []
+    real = numba_._kernel
+
+    def spy(path):
+        k = real(path)
+        if path != "simd.backward":
+            return k
+        return lambda *a: (seen.append(a[10]), k(*a))[1]  # a[10]: BCB
+
+    monkeypatch.setattr(numba_, "_kernel", spy)
+    bk = numba_.NumbaBackend(kernels="simd")
+    rng = np.random.default_rng(5)
+    for dtype, d in ((np.float32, 64), (np.float32, 128), (np.float64, 64), (np.float64, 128)):
+        q, k, v = (rng.standard_normal((1, 2, 40, d)).astype(dtype) for _ in range(3))
+        pb = selfattn._problem.normalize(q, k, v, needs_vjp=True)
+        o, lse, _ = bk.forward(pb)
+        seen.clear()
+        bk.backward(pb, o, lse, np.ones_like(o))
+        it = np.dtype(dtype).itemsize
+        short = key_block(128, d, it)
+        want = short if short * d * it <= B_IN_L1 else 128
+        assert seen and all(b == -(-want // lanes(it)) * lanes(it) for b in seen), (dtype, d, seen)
 
 
 @pytest.mark.parametrize("tiles", [(64, 16, 16, 16), (24, 32, 8, 32), (8, 64, 8, 16)])

@@ -116,17 +116,29 @@ def _pack(src, row0, nrow, ncol, dst, ld, nrow_pad):
 
 
 def key_block(bc: int, d: int, itemsize: int) -> int:
-    """Keys per forward block for head size ``d``: ``bc``, halved (not below 64) until a block of
-    ``K^T`` (``d x bc``) fits the micro-kernel's L1 budget.
+    """Keys per block for head size ``d``: ``bc``, halved (not below 64) until a block of
+    ``K^T`` (``d x bc``) fits the micro-kernel's L1 budget; a halved block of exactly
+    four vectors then becomes three.
 
     At the default 128 keys a float32 D = 128 or float64 D = 64 block is 64 KiB, so the
     product ran column panel by column panel with its broadcast operand from L2; 64 keys
     measured 3-4 % faster on both ((4,8,1024,128) float32, (1,8,2048,64) float64, 2 threads,
-    11 alternating blocks; 32 keys 5-6 % slower). Smaller ``bc`` (tests' tiles) are kept.
+    11 alternating blocks; 32 keys 5-6 % slower). Four vectors of keys (float32 on AVX-512,
+    64 < D <= 170) make the ``S`` product two 2-vector column panels, whose micro-kernel
+    reuses each broadcast of ``q`` half as often as the 3-vector one: 48 keys (one 3-vector
+    panel) measured 0.92-0.95x the forward's time at D = 128 ((4,8,1024,128),
+    (1,8,2048,128), (1,8,512,128), 13 alternating blocks) and 0.93-0.96x the backward's
+    ((2,8,1024,128)); neutral at D = 96 (1.00x). Not generalised to "whole 3-vector panels":
+    96 keys at float32 D = 32 measured 1.02x, 24 keys at float64 D = 128 1.07x.
+    Smaller ``bc`` (tests' tiles) are kept.
     """
-    while bc > 64 and bc * d * itemsize > B_IN_L1:
-        bc //= 2
-    return bc
+    w = LANES32 * 4 // itemsize
+    b = bc
+    while b > 64 and b * d * itemsize > B_IN_L1:
+        b //= 2
+    if b < bc and b == 4 * w and 3 * w * d * itemsize <= B_IN_L1:
+        b = 3 * w
+    return b
 
 
 def key_columns(m: int, width: int) -> int:

@@ -123,13 +123,15 @@ def key_block(bc: int, d: int, itemsize: int) -> int:
     At the default 128 keys a float32 D = 128 or float64 D = 64 block is 64 KiB, so the
     product ran column panel by column panel with its broadcast operand from L2; 64 keys
     measured 3-4 % faster on both ((4,8,1024,128) float32, (1,8,2048,64) float64, 2 threads,
-    11 alternating blocks; 32 keys 5-6 % slower). Four vectors of keys (float32 on AVX-512,
-    64 < D <= 170) make the ``S`` product two 2-vector column panels, whose micro-kernel
-    reuses each broadcast of ``q`` half as often as the 3-vector one: 48 keys (one 3-vector
-    panel) measured 0.92-0.95x the forward's time at D = 128 ((4,8,1024,128),
-    (1,8,2048,128), (1,8,512,128), 13 alternating blocks) and 0.93-0.96x the backward's
-    ((2,8,1024,128)); neutral at D = 96 (1.00x). Not generalised to "whole 3-vector panels":
-    96 keys at float32 D = 32 measured 1.02x, 24 keys at float64 D = 128 1.07x.
+    11 alternating blocks; 32 keys 5-6 % slower). Where that halving leaves four vectors of
+    keys (float32 on AVX-512, 64 < D <= 170), 48 keys measured 0.92-0.95x the forward's time
+    at D = 128 ((4,8,1024,128), (1,8,2048,128), (1,8,512,128), 13 alternating blocks) and
+    0.93-1.02x the backward's; neutral at D = 96 (1.00x). The ``S`` product is then one
+    3-vector column panel instead of two 2-vector ones, but that alone is ~3 % of the product
+    in isolation (znver4: 95.6 vs 93.0 GFLOP/s); the rest is presumably the smaller K^T and V
+    blocks (24 instead of 32 KiB each) alternating in L1 (not isolated). Not generalised to
+    whole 3-vector panels: 96 keys at float32 D = 32 measured 1.02x, 24 keys at float64
+    D = 128 1.07x.
     Smaller ``bc`` (tests' tiles) are kept.
     """
     w = LANES32 * 4 // itemsize

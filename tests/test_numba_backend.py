@@ -564,45 +564,78 @@ def test_float64_exp_is_accurate_and_vectorized():
     assert re.search(r"vfmadd\w*pd\s+%[xyz]mm", asm), "float64 exp is not packed (pd, not sd)"
 
 
-def test_exp2_vectors_are_accurate_and_scaled_in_one_instruction():
+def test_exp2_is_accurate_and_scaled_in_one_instruction():
     # The SIMD forward's interior tiles hold scores in base 2 (log2(e) folded into the query's
-    # scale) and take 2**(s - mu) on whole vectors: no clamps, no ln2 reduction, and on AVX-512
-    # one vscalef for the 2**n. As accurate as the natural exp; a partial vector is left alone.
-    # Band-edge tiles use the masked variant, where -inf gives 0.
+    # scale) and take 2**s on the product's accumulators (gemm_exp2): no clamps, no ln2
+    # reduction, and on AVX-512 one vscalef for the 2**n. As accurate as the natural exp. Band-edge
+    # tiles use the masked row variant, where -inf gives 0 and a partial vector is left alone.
     import re
 
     from selfattn.backends._numba import microkernel as mk
 
     @numba.njit
-    def run(a, mu):
-        return mk.exp2_vectors_in_range(a, a.shape[0], mu)
-
-    @numba.njit
     def masked(a, mu):
         return mk.exp2_vectors_masked(a, a.shape[0], mu)
 
+    # Compiled here, not loaded from Numba's disk cache (whose entries carry no assembly text).
+    fused = numba.njit(mk.gemm_exp2.py_func)
+
     for dtype, lim, ulps in ((np.float32, 44.0, 3), (np.float64, 440.0, 4)):
         w = mk.lanes(np.dtype(dtype).itemsize)
-        x = np.linspace(-lim, lim, 50 * w + w - 1).astype(dtype)
-        y = x.copy()
-        total, n = run(y, dtype(0.75))
-        assert n == 50 * w and np.array_equal(y[n:], x[n:])
-        want = np.exp2((x[:n] - dtype(0.75)).astype(np.longdouble))  # the shift is a `dtype` subtraction
-        rel = np.abs((y[:n] - want) / want)
+        n = 50 * w
+        x = np.linspace(-lim, lim, n + w - 1).astype(dtype)
+        # Unchecked 2**x through the fused product: C = 2**(1 * x) row by row (kred = 1, exact products).
+        ones = np.ones(mk.ROWS, dtype)
+        c = np.full(mk.ROWS * n, np.nan, dtype)
+        rs = np.zeros(mk.ROWS * w, dtype)
+        fused(ones, 0, 1, 1, x[:n].copy(), 0, n, c, 0, n, mk.ROWS, n, 1, w, rs, 0)
+        want = np.exp2(x[:n].astype(np.longdouble))
+        y = c.reshape(mk.ROWS, n)
+        rel = np.abs((y - want) / want)
         assert rel.max() <= ulps * np.finfo(dtype).eps, (dtype, float(rel.max()))
-        assert abs(total - want.sum()) <= 1e-6 * want.sum()
-        # Band edges: masked (-inf) entries give exactly 0, the others the same values.
+        assert np.all(np.abs(rs.reshape(mk.ROWS, w).sum(1) - want.sum()) <= 1e-6 * want.sum())
+        # Band edges: masked (-inf) entries give exactly 0, the others 2**(x - mu).
         z = x.copy()
         z[::7] = -np.inf
         z0 = z.copy()
-        want_z = np.where(np.isinf(z[:n]), 0.0, y[:n])
+        want_z = np.where(np.isinf(z[:n]), 0.0, np.exp2((z[:n] - dtype(0.75)).astype(np.longdouble)))
         total_z, nz = masked(z, dtype(0.75))
-        assert nz == n and np.array_equal(z[:n], want_z.astype(dtype)) and np.array_equal(z[n:], z0[n:])
+        assert nz == n and np.array_equal(z[n:], z0[n:])
+        fin = want_z > 0
+        assert np.all(z[:n][~fin] == 0) and np.abs(z[:n][fin] / want_z[fin] - 1).max() <= ulps * np.finfo(dtype).eps
         assert abs(total_z - want_z.sum()) <= 1e-6 * want_z.sum()
         if mk._SCALEF and mk.LANES32 == 16:  # vscalef is used on 512-bit vectors
-            asm = "\n".join(run.inspect_asm().values())
             suffix = "pd" if dtype == np.float64 else "ps"
-            assert re.search(rf"vscalef{suffix}\s+%zmm", asm), "2**n is not one vscalef"
+            for fn in (masked, fused):
+                asm = "\n".join(fn.inspect_asm().values())
+                assert re.search(rf"vscalef{suffix}\s+%zmm", asm), "2**n is not one vscalef"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gemm_exp2_matches_numpy(dtype):
+    """The fused product + 2**x: every panel width, both loop orders (B in L1 or not), offsets, row sums."""
+    from selfattn.backends._numba import microkernel as mk
+
+    rng = np.random.default_rng(23)
+    w = mk.lanes(np.dtype(dtype).itemsize)
+    for nr, nvec, kred in ((8, 1, 5), (16, 2, 64), (24, 3, 64), (8, 5, 7), (16, 8, 64), (8, 8, 3000)):
+        ncol = nvec * w
+        a = (rng.standard_normal((nr, kred)) / np.sqrt(kred)).astype(dtype)
+        b = rng.standard_normal((kred, ncol)).astype(dtype)
+        # B (kred x ncol) is read at offset 3 inside a wider array with leading dimension ncol + w.
+        bb = np.zeros(3 + kred * (ncol + w), dtype)
+        bb[3:].reshape(kred, ncol + w)[:, :ncol] = b
+        c = np.full(5 + nr * (ncol + w), np.nan, dtype)
+        rs = np.full(2 + nr * w, 0.5, dtype)
+        mk.gemm_exp2(a.ravel(), 0, kred, 1, bb, 3, ncol + w, c, 5, ncol + w, nr, ncol, kred, w, rs, 2)
+        want = np.exp2(a.astype(np.float64) @ b.astype(np.float64))
+        got = c[5:].reshape(nr, ncol + w)[:, :ncol]
+        tol = 2e-6 if dtype == np.float32 else 1e-13
+        np.testing.assert_allclose(got, want, rtol=tol * (1 + kred / 64))
+        sums = rs[2:].reshape(nr, w).sum(1) - 0.5 * w
+        np.testing.assert_allclose(sums, want.sum(1), rtol=tol * (1 + kred / 64))
+        assert np.all(rs[:2] == 0.5) and np.all(np.isnan(c[:5]))  # nothing written before the offsets
+        assert np.all(np.isnan(c[5:].reshape(nr, ncol + w)[:, ncol:]))  # nor past ncol
 
 
 def test_key_block_keeps_the_transposed_key_block_in_l1():

@@ -48,9 +48,9 @@ __all__ = [
     "VECS",
     "lanes",
     "gemm",
+    "gemm_exp2",
     "row_max",
     "exp_shift_vectors",
-    "exp2_vectors_in_range",
     "exp2_vectors_masked",
     "transpose_block",
     "vector_isa",
@@ -105,129 +105,153 @@ def lanes(dtype_bytes: int) -> int:
     return LANES32 * 4 // dtype_bytes
 
 
-def _micro(nrows: int, nvec: int):
+def _micro_typing(a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, kred, acc, rs=None, rs_off=None):
+    """The signature of a micro-kernel call, or None when the argument types do not fit."""
+    arrs = (a, b, c) if rs is None else (a, b, c, rs)
+    if not all(isinstance(x, types.Array) for x in arrs):
+        return None
+    dt = a.dtype
+    if dt not in (types.float32, types.float64) or any(x.dtype != dt for x in arrs):
+        return None
+    ints = (a_off, ars, aks, b_off, ldb, c_off, ldc, kred) + (() if rs is None else (rs_off,))
+    if not all(isinstance(x, types.Integer) for x in ints) or not isinstance(acc, types.Boolean):
+        return None
+    i = types.intp
+    base = (a, i, i, i, b, i, i, c, i, i, i, types.boolean)
+    return types.void(*(base if rs is None else base + (rs, i)))
+
+
+def _micro(nrows: int, nvec: int, exp2: bool = False):
     """The ``nrows x nvec``-vector micro-kernel as a Numba intrinsic (one per shape, typed per dtype).
 
     ``_k(a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, kred, acc)``:
     ``C[r, j] (+)= sum_d A[a_off + r*ars + d*aks] * B[b_off + d*ldb + j]``
     for ``r < nrows``, ``j < nvec*W``; offsets and strides in elements;
     ``acc`` False overwrites ``C``.
+
+    With ``exp2`` the intrinsic takes two more arguments, ``rs, rs_off``, and
+    stores ``2**x`` of each result instead (:func:`_exp2_ir` unchecked: for
+    finite results well inside the exponent range), adding row ``r``'s
+    vectors of ``2**x`` lane-wise into ``rs[rs_off + r*W : rs_off + (r+1)*W]``:
+    the exp of the forward's interior base-2 tiles applied to the
+    accumulators while they are still in registers.
     """
+    if exp2:
+
+        @intrinsic
+        def _ke(typingctx, a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, kred, acc, rs, rs_off):
+            sig = _micro_typing(a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, kred, acc, rs, rs_off)
+            return None if sig is None else (sig, _micro_codegen(nrows, nvec, a.dtype, True))
+
+        return _ke
 
     @intrinsic
     def _k(typingctx, a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, kred, acc):
-        arrs = (a, b, c)
-        if not all(isinstance(x, types.Array) for x in arrs):
-            return None
-        dt = a.dtype
-        if dt not in (types.float32, types.float64) or b.dtype != dt or c.dtype != dt:
-            return None
-        ints = (a_off, ars, aks, b_off, ldb, c_off, ldc, kred)
-        if not all(isinstance(x, types.Integer) for x in ints) or not isinstance(acc, types.Boolean):
-            return None
-        sig = types.void(
-            a,
-            types.intp,
-            types.intp,
-            types.intp,
-            b,
-            types.intp,
-            types.intp,
-            c,
-            types.intp,
-            types.intp,
-            types.intp,
-            types.boolean,
-        )
-        width = lanes(8 if dt == types.float64 else 4)
-
-        def codegen(context, builder, signature, args):
-            fty = context.get_value_type(dt)
-            vty = ir.VectorType(fty, width)
-            intp = context.get_value_type(types.intp)
-            a_arr = context.make_array(signature.args[0])(context, builder, args[0])
-            b_arr = context.make_array(signature.args[4])(context, builder, args[4])
-            c_arr = context.make_array(signature.args[7])(context, builder, args[7])
-            a_off, ars, aks = args[1], args[2], args[3]
-            b_off, ldb = args[5], args[6]
-            c_off, ldc, kred, accf = args[8], args[9], args[10], args[11]
-            pa = builder.gep(a_arr.data, [a_off])
-            pb = builder.gep(b_arr.data, [b_off])
-            pc = builder.gep(c_arr.data, [c_off])
-            fname = f"llvm.fma.v{width}{'f64' if dt == types.float64 else 'f32'}"
-            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty, vty, vty]), fname)
-            esize = dt.bitwidth // 8
-            zero_v = ir.Constant(vty, [ir.Constant(fty, 0.0)] * width)
-
-            def vptr(base, offset):
-                return builder.bitcast(builder.gep(base, [offset]), vty.as_pointer())
-
-            def c_off_of(r, j):
-                return builder.add(builder.mul(ir.Constant(intp, r), ldc), ir.Constant(intp, j * width))
-
-            # Initial accumulators: C (accumulate) or zeros.
-            init = []
-            with builder.if_else(builder.icmp_unsigned("!=", accf, ir.Constant(accf.type, 0))) as (then, other):
-                with then:
-                    bb_then = builder.block
-                    loaded = [
-                        builder.load(vptr(pc, c_off_of(r, j)), align=esize) for r in range(nrows) for j in range(nvec)
-                    ]
-                    bb_then = builder.block
-                with other:
-                    bb_else = builder.block
-            for idx in range(nrows * nvec):
-                phi = builder.phi(vty)
-                phi.add_incoming(loaded[idx], bb_then)
-                phi.add_incoming(zero_v, bb_else)
-                init.append(phi)
-            pre = builder.block
-            loop = builder.append_basic_block("mk.loop")
-            done = builder.append_basic_block("mk.done")
-            zero_i = ir.Constant(intp, 0)
-            builder.cbranch(builder.icmp_signed(">", kred, zero_i), loop, done)
-            builder.position_at_end(loop)
-            d = builder.phi(intp)
-            d.add_incoming(zero_i, pre)
-            accs = []
-            for idx in range(nrows * nvec):
-                phi = builder.phi(vty)
-                phi.add_incoming(init[idx], pre)
-                accs.append(phi)
-            brow = builder.mul(d, ldb)
-            bv = [
-                builder.load(vptr(pb, builder.add(brow, ir.Constant(intp, j * width))), align=esize)
-                for j in range(nvec)
-            ]
-            acol = builder.mul(d, aks)
-            new = []
-            for r in range(nrows):
-                aoff = builder.add(builder.mul(ir.Constant(intp, r), ars), acol)
-                x = builder.load(builder.gep(pa, [aoff]), align=esize)
-                xs = _broadcast(builder, x, vty)
-                for j in range(nvec):
-                    new.append(builder.call(fma, [xs, bv[j], accs[r * nvec + j]]))
-            d_next = builder.add(d, ir.Constant(intp, 1))
-            d.add_incoming(d_next, builder.block)
-            for idx in range(nrows * nvec):
-                accs[idx].add_incoming(new[idx], builder.block)
-            builder.cbranch(builder.icmp_signed("<", d_next, kred), loop, done)
-            loop_end = builder.block
-            builder.position_at_end(done)
-            results = []
-            for idx in range(nrows * nvec):  # phis first: LLVM wants them at the top of the block
-                res = builder.phi(vty)
-                res.add_incoming(init[idx], pre)
-                res.add_incoming(new[idx], loop_end)
-                results.append(res)
-            for r in range(nrows):
-                for j in range(nvec):
-                    builder.store(results[r * nvec + j], vptr(pc, c_off_of(r, j)), align=esize)
-            return context.get_dummy_value()
-
-        return sig, codegen
+        sig = _micro_typing(a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, kred, acc)
+        return None if sig is None else (sig, _micro_codegen(nrows, nvec, a.dtype, False))
 
     return _k
+
+
+def _micro_codegen(nrows: int, nvec: int, dt, exp2: bool):
+    """The code generator of :func:`_micro`'s intrinsic for element type ``dt`` (see there)."""
+    width = lanes(8 if dt == types.float64 else 4)
+
+    def codegen(context, builder, signature, args):
+        fty = context.get_value_type(dt)
+        vty = ir.VectorType(fty, width)
+        intp = context.get_value_type(types.intp)
+        a_arr = context.make_array(signature.args[0])(context, builder, args[0])
+        b_arr = context.make_array(signature.args[4])(context, builder, args[4])
+        c_arr = context.make_array(signature.args[7])(context, builder, args[7])
+        a_off, ars, aks = args[1], args[2], args[3]
+        b_off, ldb = args[5], args[6]
+        c_off, ldc, kred, accf = args[8], args[9], args[10], args[11]
+        pa = builder.gep(a_arr.data, [a_off])
+        pb = builder.gep(b_arr.data, [b_off])
+        pc = builder.gep(c_arr.data, [c_off])
+        fname = f"llvm.fma.v{width}{'f64' if dt == types.float64 else 'f32'}"
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty, vty, vty]), fname)
+        esize = dt.bitwidth // 8
+        zero_v = ir.Constant(vty, [ir.Constant(fty, 0.0)] * width)
+
+        def vptr(base, offset):
+            return builder.bitcast(builder.gep(base, [offset]), vty.as_pointer())
+
+        def c_off_of(r, j):
+            return builder.add(builder.mul(ir.Constant(intp, r), ldc), ir.Constant(intp, j * width))
+
+        # Initial accumulators: C (accumulate) or zeros.
+        init = []
+        with builder.if_else(builder.icmp_unsigned("!=", accf, ir.Constant(accf.type, 0))) as (then, other):
+            with then:
+                bb_then = builder.block
+                loaded = [
+                    builder.load(vptr(pc, c_off_of(r, j)), align=esize) for r in range(nrows) for j in range(nvec)
+                ]
+                bb_then = builder.block
+            with other:
+                bb_else = builder.block
+        for idx in range(nrows * nvec):
+            phi = builder.phi(vty)
+            phi.add_incoming(loaded[idx], bb_then)
+            phi.add_incoming(zero_v, bb_else)
+            init.append(phi)
+        pre = builder.block
+        loop = builder.append_basic_block("mk.loop")
+        done = builder.append_basic_block("mk.done")
+        zero_i = ir.Constant(intp, 0)
+        builder.cbranch(builder.icmp_signed(">", kred, zero_i), loop, done)
+        builder.position_at_end(loop)
+        d = builder.phi(intp)
+        d.add_incoming(zero_i, pre)
+        accs = []
+        for idx in range(nrows * nvec):
+            phi = builder.phi(vty)
+            phi.add_incoming(init[idx], pre)
+            accs.append(phi)
+        brow = builder.mul(d, ldb)
+        bv = [builder.load(vptr(pb, builder.add(brow, ir.Constant(intp, j * width))), align=esize) for j in range(nvec)]
+        acol = builder.mul(d, aks)
+        new = []
+        for r in range(nrows):
+            aoff = builder.add(builder.mul(ir.Constant(intp, r), ars), acol)
+            x = builder.load(builder.gep(pa, [aoff]), align=esize)
+            xs = _broadcast(builder, x, vty)
+            for j in range(nvec):
+                new.append(builder.call(fma, [xs, bv[j], accs[r * nvec + j]]))
+        d_next = builder.add(d, ir.Constant(intp, 1))
+        d.add_incoming(d_next, builder.block)
+        for idx in range(nrows * nvec):
+            accs[idx].add_incoming(new[idx], builder.block)
+        builder.cbranch(builder.icmp_signed("<", d_next, kred), loop, done)
+        loop_end = builder.block
+        builder.position_at_end(done)
+        results = []
+        for idx in range(nrows * nvec):  # phis first: LLVM wants them at the top of the block
+            res = builder.phi(vty)
+            res.add_incoming(init[idx], pre)
+            res.add_incoming(new[idx], loop_end)
+            results.append(res)
+        if exp2:
+            rs_arr = context.make_array(signature.args[12])(context, builder, args[12])
+            prs = builder.gep(rs_arr.data, [args[13]])
+            f64 = dt == types.float64
+            for r in range(nrows):
+                tot = None
+                for j in range(nvec):
+                    e = _exp2_ir(builder, results[r * nvec + j], width, f64)
+                    builder.store(e, vptr(pc, c_off_of(r, j)), align=esize)
+                    tot = e if tot is None else builder.fadd(tot, e)
+                p = vptr(prs, ir.Constant(intp, r * width))
+                builder.store(builder.fadd(builder.load(p, align=esize), tot), p, align=esize)
+            return context.get_dummy_value()
+        for r in range(nrows):
+            for j in range(nvec):
+                builder.store(results[r * nvec + j], vptr(pc, c_off_of(r, j)), align=esize)
+        return context.get_dummy_value()
+
+    return codegen
 
 
 # One intrinsic per (rows, vectors). Measured on one core (AVX-512, float32,
@@ -237,6 +261,9 @@ def _micro(nrows: int, nvec: int):
 _K8_3 = _micro(ROWS, 3)
 _K8_2 = _micro(ROWS, 2)
 _K8_1 = _micro(ROWS, 1)
+_KE8_3 = _micro(ROWS, 3, exp2=True)
+_KE8_2 = _micro(ROWS, 2, exp2=True)
+_KE8_1 = _micro(ROWS, 1, exp2=True)
 assert ROWS == 8 and VECS == 3  # the dispatch in gemm below is written for these
 
 
@@ -287,6 +314,56 @@ def gemm(a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, nr, ncol, kred, acc, 
         nv = _panel_vectors(rem)
         for r0 in range(0, nr, ROWS):
             _panel(a, a_off + r0 * ars, ars, aks, b, b_off + j0, ldb, c, c_off + r0 * ldc + j0, ldc, kred, acc, nv)
+        j0 += nv * width
+        rem -= nv
+
+
+@nb.njit(**INLINE)
+def _panel_exp2(a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, kred, nv, rs, rs_off):
+    if nv == 3:
+        _KE8_3(a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, kred, False, rs, rs_off)
+    elif nv == 2:
+        _KE8_2(a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, kred, False, rs, rs_off)
+    else:
+        _KE8_1(a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, kred, False, rs, rs_off)
+
+
+@nb.njit(**OPTS)
+def gemm_exp2(a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, nr, ncol, kred, width, rs, rs_off):
+    """``C[:nr, :ncol] = 2**(A @ B)``, adding row ``r``'s lane-wise sums of it into ``rs[rs_off + r*width:][:width]``.
+
+    :func:`gemm` (overwriting; same operands and layout rules) with the
+    unchecked ``2**x`` of :func:`_exp2_ir` (no clamps, no multiply by
+    ``log2(e)``, no ``ln2`` reduction; float32 results within ``|x| <= 44``,
+    float64 ``440``) applied to the accumulators in registers before they are stored: a tile's product and
+    exp in one pass, no second read and write of ``C``. Row ``r``'s sum of
+    ``2**x`` is ``rs[rs_off + r*width : rs_off + (r+1)*width].sum()`` plus
+    what ``rs`` held. For tiles whose every product is finite and well
+    inside the exponent range (the forward's interior base-2 tiles);
+    padding rows of zeros give ``2**0 = 1``.
+    """
+    if kred * ncol * a.itemsize <= B_IN_L1:
+        for r0 in range(0, nr, ROWS):
+            rem = ncol // width
+            j0 = 0
+            while rem > 0:
+                nv = _panel_vectors(rem)
+                c0 = c_off + r0 * ldc + j0
+                _panel_exp2(
+                    a, a_off + r0 * ars, ars, aks, b, b_off + j0, ldb, c, c0, ldc, kred, nv, rs, rs_off + r0 * width
+                )
+                j0 += nv * width
+                rem -= nv
+        return
+    rem = ncol // width
+    j0 = 0
+    while rem > 0:
+        nv = _panel_vectors(rem)
+        for r0 in range(0, nr, ROWS):
+            c0 = c_off + r0 * ldc + j0
+            _panel_exp2(
+                a, a_off + r0 * ars, ars, aks, b, b_off + j0, ldb, c, c0, ldc, kred, nv, rs, rs_off + r0 * width
+            )
         j0 += nv * width
         rem -= nv
 
@@ -626,8 +703,9 @@ def _reduce_add(builder, vec, width, f64=False):
 def _make_row_exp(kind: str):
     """The vector loop ``a = f(a - mu)`` of the row exps; returns the sum.
 
-    ``kind``: ``"exp"`` (:func:`exp_shift_vectors`), ``"exp2"``
-    (:func:`exp2_vectors_in_range`) or ``"exp2_masked"`` (:func:`exp2_vectors_masked`).
+    ``kind``: ``"exp"`` (:func:`exp_shift_vectors`) or ``"exp2_masked"``
+    (:func:`exp2_vectors_masked`). (The unchecked ``2**x`` of interior tiles
+    is taken on the product's accumulators instead: :func:`gemm_exp2`.)
     """
 
     @intrinsic
@@ -654,7 +732,7 @@ def _make_row_exp(kind: str):
                 if kind == "exp":
                     e = _exp_ir(builder, x, width, f64)
                 else:
-                    e = _exp2_ir(builder, x, width, f64, masked=kind == "exp2_masked")
+                    e = _exp2_ir(builder, x, width, f64, masked=True)
                 builder.store(e, ptr, align=esize)
                 return builder.fadd(tot, e)
 
@@ -668,7 +746,6 @@ def _make_row_exp(kind: str):
 
 
 _vexp = _make_row_exp("exp")
-_vexp2 = _make_row_exp("exp2")
 _vexp2_masked = _make_row_exp("exp2_masked")
 
 
@@ -689,25 +766,13 @@ def exp_shift_vectors(srow, nc, mu):
 
 
 @nb.njit(**INLINE)
-def exp2_vectors_in_range(srow, nc, mu):
-    """``srow[:n] = 2**(srow[:n] - mu)`` for whole vectors, *unchecked*; returns ``(sum, n)``.
+def exp2_vectors_masked(srow, nc, mu):
+    """``srow[:n] = 2**(srow[:n] - mu)`` for whole vectors, where masked entries hold ``-inf``; returns ``(sum, n)``.
 
     For rows of scores computed with ``log2(e)`` folded into the query's
-    scale (so ``2**s`` is the softmax's ``exp``), holding only finite values
-    well inside the exponent range (``|s - mu| <= 44`` in float32, ``440`` in
-    float64). Cheaper than :func:`exp_shift_vectors` by the range checks,
-    the multiply by ``log2(e)`` and the two-constant reduction it needs (see :func:`_exp2_ir`).
-    """
-    width = LANES32 * 4 // srow.itemsize
-    nv = nc // width
-    return _vexp2(srow, nv, mu), nv * width
-
-
-@nb.njit(**INLINE)
-def exp2_vectors_masked(srow, nc, mu):
-    """As :func:`exp2_vectors_in_range`, for rows whose masked entries hold ``-inf`` (they give 0).
-
-    Finite entries below the range give 0 (no upper clamp: ``srow - mu`` must
+    scale (so ``2**s`` is the softmax's ``exp``): no multiply by ``log2(e)``
+    and no two-constant reduction (see :func:`_exp2_ir`). ``-inf`` gives 0,
+    finite entries below the range give 0 (no upper clamp: ``srow - mu`` must
     stay below the exponent range's top), ``-inf`` exactly 0, NaN stays NaN
     (a clamp, a compare and two selects per vector more). For the band-edge
     tiles of the forward's base-2 tasks and the backward's ``P = 2**(S - lse)``.

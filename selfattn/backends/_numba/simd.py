@@ -12,7 +12,9 @@ stay in vector registers:
   once per call), written to the score tile ``s`` (``BR x BC``, L2);
 * scale/soft-cap/ALiBi/mask/band (:func:`~selfattn.backends._numba.tiles.score_bias`)
   and the online softmax with the vectorised exp, on ``s`` in place (plain,
-  bounded tiles: ``2**s`` on scores computed in base 2, see :func:`forward`);
+  bounded tiles: ``2**s`` on scores computed in base 2, see :func:`forward`;
+  inside the band it is taken on the ``S`` product's accumulators before
+  they are stored, :func:`~selfattn.backends._numba.microkernel.gemm_exp2`);
 * ``O += P V``: ``P`` is read straight from ``s`` by scalar broadcasts (no
   copy, no re-packing) against rows of ``V`` read in place.
 
@@ -41,9 +43,9 @@ from .microkernel import (
     LANES32,
     ROWS,
     abs_max,
-    exp2_vectors_in_range,
     exp2_vectors_masked,
     gemm,
+    gemm_exp2,
     transpose_block,
 )
 from .opts import INLINE, OPTS
@@ -252,8 +254,9 @@ def forward(t0, t1, q, kt, v, P, kmax, safe, BR, BC, W, out, lse):
 
     A task with plain scores (no mask, ALiBi or soft-cap) whose rows pass the
     shift-free bound computes them in base 2, ``q * (scale * log2(e))``:
-    tiles inside the band then take ``2**s`` unchecked
-    (:func:`~selfattn.backends._numba.microkernel.exp2_vectors_in_range`),
+    tiles inside the band then take ``2**s`` unchecked, on the product's
+    accumulators before they are stored
+    (:func:`~selfattn.backends._numba.microkernel.gemm_exp2`),
     tiles on a band edge ``2**s`` with ``-inf`` outside the band
     (:func:`~selfattn.backends._numba.microkernel.exp2_vectors_masked`); a
     tile cut by the band's upper edge (the causal diagonal) runs row block
@@ -278,6 +281,8 @@ def forward(t0, t1, q, kt, v, P, kmax, safe, BR, BC, W, out, lse):
     dcap_buf = np.zeros(BR * BC if P.softcap > 0.0 else 1, dt)
     mrow = np.empty(BR, dt)
     lrow = np.empty(BR, dt)
+    # Lane-wise partial row sums of the interior tiles' 2**s (gemm_exp2), folded into lrow per task.
+    rsum = np.zeros(BR * W, dt)
     vflat = v.reshape(v.size)
     zero = cast_like(0.0, qs[0])
     ninf = cast_like(-np.inf, zero)
@@ -298,6 +303,8 @@ def forward(t0, t1, q, kt, v, P, kmax, safe, BR, BC, W, out, lse):
         for r in range(nr):
             mrow[r] = ninf
             lrow[r] = zero
+        for i in range(nrp * W):
+            rsum[i] = zero
         bounded = safe > 0.0
         for r in range(nr):
             nrm = zero
@@ -364,15 +371,15 @@ def forward(t0, t1, q, kt, v, P, kmax, safe, BR, BC, W, out, lse):
                         continue
                     gemm(sbuf, rb0 * ncw, ncw, 1, vb, vb_off, ldv, obuf, rb0 * Dvw, Dvw, ROWS, Dvw, ke, True, W)
                 continue
-            gemm(qs, 0, D, 1, ktflat, kto, Mp, sbuf, 0, ncw, nrp, ncw, D, False, W)
             if base2 and interior:
                 # Plain scores inside the band and bounded: nothing to bias or mask, no shift,
-                # and the exp (2**s, the scores being in base 2) needs no range checks.
-                for r in range(nr):
-                    lrow[r] += exp2_vectors_in_range(s[r], nc, zero)[0]
+                # and the exp (2**s, the scores being in base 2) needs no range checks -- so it
+                # is taken on the product's accumulators before they are stored (row sums in rsum).
+                gemm_exp2(qs, 0, D, 1, ktflat, kto, Mp, sbuf, 0, ncw, nrp, ncw, D, W, rsum, 0)
             elif base2:
                 # A band edge (or a partial vector) of a base-2 task: -inf outside the band and
                 # in the padding columns, then 2**s with the masked entries giving 0.
+                gemm(qs, 0, D, 1, ktflat, kto, Mp, sbuf, 0, ncw, nrp, ncw, D, False, W)
                 score_bias(s, nr, nc, i0, c0, b, h, P.off, P, dcap, False)
                 for r in range(nr):
                     srow = s[r]
@@ -380,6 +387,7 @@ def forward(t0, t1, q, kt, v, P, kmax, safe, BR, BC, W, out, lse):
                         srow[c] = ninf
                     lrow[r] += exp2_vectors_masked(srow, ncw, zero)[0]
             else:
+                gemm(qs, 0, D, 1, ktflat, kto, Mp, sbuf, 0, ncw, nrp, ncw, D, False, W)
                 score_bias(s, nr, nc, i0, c0, b, h, P.off, P, dcap, False)
                 softmax_tile(s, nr, nc, mrow, lrow, o, Dv, bounded, ninf, zero)
             if P.thr > 0:
@@ -389,6 +397,12 @@ def forward(t0, t1, q, kt, v, P, kmax, safe, BR, BC, W, out, lse):
             else:
                 _pack(v[kvh], c0, nc, Dv, vp, Dvw, nc)
                 gemm(sbuf, 0, ncw, 1, vp, 0, Dvw, obuf, 0, Dvw, nrp, Dvw, nc, True, W)
+        if base2:
+            for r in range(nr):
+                tot = zero
+                for lane in range(W):
+                    tot += rsum[r * W + lane]
+                lrow[r] += tot
         finish_rows(o, mrow, lrow, nr, Dv, j1 <= j0, P.dscale, out, lse, bh, i0)
 
 

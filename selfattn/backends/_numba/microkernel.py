@@ -268,8 +268,16 @@ assert ROWS == 8 and VECS == 3  # the dispatch in gemm below is written for thes
 
 
 @nb.njit(**INLINE)
-def _panel(a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, kred, acc, nv):
-    if nv == 3:
+def _panel(a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, kred, acc, nv, exp2, rs, rs_off):
+    """One ``ROWS x nv``-vector panel: the plain micro-kernel, or with ``exp2`` the one that stores ``2**x``."""
+    if exp2:
+        if nv == 3:
+            _KE8_3(a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, kred, acc, rs, rs_off)
+        elif nv == 2:
+            _KE8_2(a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, kred, acc, rs, rs_off)
+        else:
+            _KE8_1(a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, kred, acc, rs, rs_off)
+    elif nv == 3:
         _K8_3(a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, kred, acc)
     elif nv == 2:
         _K8_2(a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, kred, acc)
@@ -281,6 +289,35 @@ def _panel(a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, kred, acc, nv):
 def _panel_vectors(rem):
     """Vectors in the next column panel when ``rem`` are left: 3, ending 2 + 2 rather than 3 + 1."""
     return 3 if (rem >= 5 or rem == 3) else (2 if rem >= 2 else 1)
+
+
+@nb.njit(**INLINE)
+def _products(a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, nr, ncol, kred, acc, width, exp2, rs, rs_off):
+    """The loops of :func:`gemm` and :func:`gemm_exp2` over row blocks and column panels (``exp2`` a constant)."""
+    if kred * ncol * a.itemsize <= B_IN_L1:
+        # B fits in L1 next to a row block of A: rows outermost, so A (whose
+        # broadcast loads stall worst on an L1 miss) is read from L1 too.
+        for r0 in range(0, nr, ROWS):
+            ra, rso = a_off + r0 * ars, rs_off + r0 * width
+            rem = ncol // width
+            j0 = 0
+            while rem > 0:
+                nv = _panel_vectors(rem)
+                c0 = c_off + r0 * ldc + j0
+                _panel(a, ra, ars, aks, b, b_off + j0, ldb, c, c0, ldc, kred, acc, nv, exp2, rs, rso)
+                j0 += nv * width
+                rem -= nv
+        return
+    rem = ncol // width
+    j0 = 0
+    while rem > 0:
+        nv = _panel_vectors(rem)
+        for r0 in range(0, nr, ROWS):
+            ra, rso = a_off + r0 * ars, rs_off + r0 * width
+            c0 = c_off + r0 * ldc + j0
+            _panel(a, ra, ars, aks, b, b_off + j0, ldb, c, c0, ldc, kred, acc, nv, exp2, rs, rso)
+        j0 += nv * width
+        rem -= nv
 
 
 @nb.njit(**OPTS)
@@ -296,36 +333,7 @@ def gemm(a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, nr, ncol, kred, acc, 
     row block of ``A`` passes over it; panels are 3 vectors wide, ending
     with 2 + 2 rather than 3 + 1 (a 1-vector panel reuses each broadcast once).
     """
-    if kred * ncol * a.itemsize <= B_IN_L1:
-        # B fits in L1 next to a row block of A: rows outermost, so A (whose
-        # broadcast loads stall worst on an L1 miss) is read from L1 too.
-        for r0 in range(0, nr, ROWS):
-            rem = ncol // width
-            j0 = 0
-            while rem > 0:
-                nv = _panel_vectors(rem)
-                _panel(a, a_off + r0 * ars, ars, aks, b, b_off + j0, ldb, c, c_off + r0 * ldc + j0, ldc, kred, acc, nv)
-                j0 += nv * width
-                rem -= nv
-        return
-    rem = ncol // width
-    j0 = 0
-    while rem > 0:
-        nv = _panel_vectors(rem)
-        for r0 in range(0, nr, ROWS):
-            _panel(a, a_off + r0 * ars, ars, aks, b, b_off + j0, ldb, c, c_off + r0 * ldc + j0, ldc, kred, acc, nv)
-        j0 += nv * width
-        rem -= nv
-
-
-@nb.njit(**INLINE)
-def _panel_exp2(a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, kred, nv, rs, rs_off):
-    if nv == 3:
-        _KE8_3(a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, kred, False, rs, rs_off)
-    elif nv == 2:
-        _KE8_2(a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, kred, False, rs, rs_off)
-    else:
-        _KE8_1(a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, kred, False, rs, rs_off)
+    _products(a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, nr, ncol, kred, acc, width, False, c, 0)
 
 
 @nb.njit(**OPTS)
@@ -342,30 +350,7 @@ def gemm_exp2(a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, nr, ncol, kred, 
     inside the exponent range (the forward's interior base-2 tiles);
     padding rows of zeros give ``2**0 = 1``.
     """
-    if kred * ncol * a.itemsize <= B_IN_L1:
-        for r0 in range(0, nr, ROWS):
-            rem = ncol // width
-            j0 = 0
-            while rem > 0:
-                nv = _panel_vectors(rem)
-                c0 = c_off + r0 * ldc + j0
-                _panel_exp2(
-                    a, a_off + r0 * ars, ars, aks, b, b_off + j0, ldb, c, c0, ldc, kred, nv, rs, rs_off + r0 * width
-                )
-                j0 += nv * width
-                rem -= nv
-        return
-    rem = ncol // width
-    j0 = 0
-    while rem > 0:
-        nv = _panel_vectors(rem)
-        for r0 in range(0, nr, ROWS):
-            c0 = c_off + r0 * ldc + j0
-            _panel_exp2(
-                a, a_off + r0 * ars, ars, aks, b, b_off + j0, ldb, c, c0, ldc, kred, nv, rs, rs_off + r0 * width
-            )
-        j0 += nv * width
-        rem -= nv
+    _products(a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, nr, ncol, kred, False, width, True, rs, rs_off)
 
 
 @intrinsic

@@ -698,8 +698,9 @@ class NumbaBackend(Backend):
             W = lanes(cdt.itemsize)
             _, _, rows, block = self.simd_tiles
             # The forward's shorter key block where its K^T fits L1 (float32 D = 128: 48 keys,
-            # 0.93-1.02x the time over four runs; float64 D = 64: 64 keys, 0.98-1.00x); where no block of 64 or more
-            # keys fits (float64 D = 128) the default measured better (64 keys: 1.07x).
+            # 0.93-1.02x the time over four runs; float64 D = 64: 64 keys, 0.98-1.00x); where
+            # no block of 64 or more keys fits (float64 D = 128) the default measured better
+            # (64 keys: 1.07x).
             short = key_block(block, D, cdt.itemsize)
             if short * D * cdt.itemsize <= B_IN_L1:
                 block = short

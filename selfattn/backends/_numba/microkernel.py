@@ -343,8 +343,9 @@ def gemm_exp2(a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, nr, ncol, kred, 
     :func:`gemm` (overwriting; same operands and layout rules) with the
     unchecked ``2**x`` of :func:`_exp2_ir` (no clamps, no multiply by
     ``log2(e)``, no ``ln2`` reduction; float32 results within ``|x| <= 44``,
-    float64 ``440``) applied to the accumulators in registers before they are stored: a tile's product and
-    exp in one pass, no second read and write of ``C``. Row ``r``'s sum of
+    float64 ``440``) applied to the accumulators in registers before they
+    are stored: a tile's product and exp in one pass, no second read and
+    write of ``C``. Row ``r``'s sum of
     ``2**x`` is ``rs[rs_off + r*width : rs_off + (r+1)*width].sum()`` plus
     what ``rs`` held. For tiles whose every product is finite and well
     inside the exponent range (the forward's interior base-2 tiles);

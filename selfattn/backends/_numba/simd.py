@@ -133,8 +133,7 @@ def key_block(bc: int, d: int, itemsize: int) -> int:
     in isolation (znver4: 95.6 vs 93.0 GFLOP/s); the rest is presumably the smaller K^T and V
     blocks (24 instead of 32 KiB each) alternating in L1 (not isolated). Not generalised to
     whole 3-vector panels: 96 keys at float32 D = 32 measured 1.02x, 24 keys at float64
-    D = 128 1.07x.
-    Smaller ``bc`` (tests' tiles) are kept.
+    D = 128 1.07x. Smaller ``bc`` (tests' tiles) are kept.
     """
     w = LANES32 * 4 // itemsize
     b = bc
@@ -303,8 +302,6 @@ def forward(t0, t1, q, kt, v, P, kmax, safe, BR, BC, W, out, lse):
         for r in range(nr):
             mrow[r] = ninf
             lrow[r] = zero
-        for i in range(nrp * W):
-            rsum[i] = zero
         bounded = safe > 0.0
         for r in range(nr):
             nrm = zero
@@ -317,6 +314,9 @@ def forward(t0, t1, q, kt, v, P, kmax, safe, BR, BC, W, out, lse):
         for i in range(nr * D, nrp * D):
             qs[i] = zero
         base2 = plain and bounded
+        if base2:  # only base-2 tasks have interior tiles that add into rsum
+            for i in range(nrp * W):
+                rsum[i] = zero
         if plain and not bounded:  # rows too large for the shift-free shortcut: natural scores
             for r in range(nr):
                 for dd in range(D):

@@ -638,6 +638,51 @@ def test_gemm_exp2_matches_numpy(dtype):
         assert np.all(np.isnan(c[5:].reshape(nr, ncol + w)[:, ncol:]))  # nor past ncol
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gemm_epilogues_give_the_bits_of_the_separate_passes(dtype):
+    """gemm_exp2_shifted / gemm_times_diff == gemm then exp2_vectors_masked / ``P * (dP - delta)``, bit for bit."""
+    from selfattn.backends._numba import microkernel as mk
+
+    rng = np.random.default_rng(29)
+    w = mk.lanes(np.dtype(dtype).itemsize)
+    big = 300.0 if dtype == np.float32 else 2000.0  # 2**(x - big) is below the exponent range: exactly 0
+    for nr, nvec, kred in ((8, 1, 5), (16, 2, 64), (24, 3, 64), (8, 5, 7), (16, 8, 64), (8, 8, 3000)):
+        ncol = nvec * w
+        ld = ncol + w  # C and B inside wider arrays, at offsets
+        a = (rng.standard_normal((nr, kred)) * (8 / np.sqrt(kred))).astype(dtype)  # scores ~ N(0, 64)
+        a[1, 0] = np.nan  # a NaN score row stays NaN
+        b = np.zeros(3 + kred * ld, dtype)
+        b[3:].reshape(kred, ld)[:, :ncol] = rng.standard_normal((kred, ncol))
+        mu = np.full(2 + nr, 0.0, dtype)
+        mu[2:] = rng.standard_normal(nr) * 4
+        mu[2 + 2] = np.inf  # a padding row: 0 everywhere
+        mu[2 + 3] = big
+        plain = np.full(5 + nr * ld, np.nan, dtype)
+        mk.gemm(a.ravel(), 0, kred, 1, b, 3, ld, plain, 5, ld, nr, ncol, kred, False, w)
+        want = plain[5:].reshape(nr, ld)[:, :ncol].copy()
+        for r in range(nr):
+            row = want[r].copy()
+            mk.exp2_vectors_masked(row, ncol, dtype(mu[2 + r]))
+            want[r] = row
+        c = np.full(5 + nr * ld, np.nan, dtype)
+        mk.gemm_exp2_shifted(a.ravel(), 0, kred, 1, b, 3, ld, c, 5, ld, nr, ncol, kred, w, mu, 2)
+        got = c[5:].reshape(nr, ld)
+        np.testing.assert_array_equal(got[:, :ncol], want)
+        assert np.all(np.isnan(got[1])[:ncol]) and np.all(got[2, :ncol] == 0) and np.all(got[3, :ncol] == 0)
+        assert np.all(np.isnan(c[:5])) and np.all(np.isnan(got[:, ncol:]))  # nothing outside C's block
+        # dS = P * (dP - delta) with P read from C
+        p = np.full(5 + nr * ld, np.nan, dtype)
+        pv = p[5:].reshape(nr, ld)
+        pv[:, :ncol] = rng.random((nr, ncol))
+        p0 = pv[:, :ncol].copy()
+        dl = np.zeros(4 + nr, dtype)
+        dl[4:] = rng.standard_normal(nr)
+        mk.gemm_times_diff(a.ravel(), 0, kred, 1, b, 3, ld, p, 5, ld, nr, ncol, kred, w, dl, 4)
+        dp = plain[5:].reshape(nr, ld)[:, :ncol]
+        np.testing.assert_array_equal(pv[:, :ncol], p0 * (dp - dl[4:, None]))
+        assert np.all(np.isnan(p[:5])) and np.all(np.isnan(pv[:, ncol:]))
+
+
 def test_key_block_keeps_the_transposed_key_block_in_l1():
     from selfattn.backends._numba.microkernel import B_IN_L1, LANES32
     from selfattn.backends._numba.simd import key_block
@@ -721,6 +766,41 @@ def test_simd_band_edge_products_stop_at_the_diagonal(kernel_path, monkeypatch, 
                 _close(a, r, dtype, f"dropout {name}")
             continue
         _check_forward(q, k, v, **case)
+        _check_vjp(q, k, v, **case)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    "case",
+    [dict(), dict(causal=True), dict(window=(40, 40)), dict(dropout_p=0.2, dropout_seed=3), dict(large=True)],
+    ids=["plain", "causal", "window", "dropout", "large-lse"],
+)
+def test_simd_backward_takes_p_and_ds_on_the_accumulators(kernel_path, monkeypatch, dtype, case):
+    # Backward tiles of whole key vectors take P = 2**(S - lse log2 e) on the S product's
+    # accumulators (base-2 tiles inside the band) and dS = P (dP - delta) on the dP product's
+    # (no dropout or soft-cap); other tiles keep the separate passes. Tiles of 16 rows over 37
+    # or 45 rows leave padding rows (P must come out 0 there); 32-key blocks over 100 keys
+    # end with a partial vector (the separate passes); a query row of large scores (|lse| > 30)
+    # puts its tile in natural exp with dS still fused.
+    if kernel_path != "simd":
+        pytest.skip("SIMD kernels only")
+    from selfattn.backends import numba_
+
+    monkeypatch.setattr(numba_.backend, "simd_tiles", (64, 32, 16, 32))
+    case = dict(case)
+    large = case.pop("large", False)
+    rng = np.random.default_rng(13)
+    for n, m in ((37, 96), (45, 100)):
+        q, k, v = _inputs(rng, 1, 2, 2, n, m, 32, dtype=dtype)
+        if large:
+            q[0, 1, 20] *= 40
+        if case.get("dropout_p"):
+            out, f = selfattn.scaled_dot_product_attention_vjp(q, k, v, backend=BACKEND, **case)
+            _, rf = selfattn.scaled_dot_product_attention_vjp(q, k, v, backend="numpy", **case)
+            g = rng.standard_normal(out.shape).astype(dtype)
+            for name, a, r in zip(("dq", "dk", "dv"), f(g), rf(g), strict=True):
+                _close(a, r, dtype, f"dropout {name}")
+            continue
         _check_vjp(q, k, v, **case)
 
 

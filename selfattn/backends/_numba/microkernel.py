@@ -49,6 +49,8 @@ __all__ = [
     "lanes",
     "gemm",
     "gemm_exp2",
+    "gemm_exp2_shifted",
+    "gemm_times_diff",
     "row_max",
     "exp_shift_vectors",
     "exp2_vectors_masked",
@@ -105,55 +107,58 @@ def lanes(dtype_bytes: int) -> int:
     return LANES32 * 4 // dtype_bytes
 
 
-def _micro_typing(a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, kred, acc, rs=None, rs_off=None):
+def _micro_typing(a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, kred, acc, rs, rs_off):
     """The signature of a micro-kernel call, or None when the argument types do not fit."""
-    arrs = (a, b, c) if rs is None else (a, b, c, rs)
+    arrs = (a, b, c, rs)
     if not all(isinstance(x, types.Array) for x in arrs):
         return None
     dt = a.dtype
     if dt not in (types.float32, types.float64) or any(x.dtype != dt for x in arrs):
         return None
-    ints = (a_off, ars, aks, b_off, ldb, c_off, ldc, kred) + (() if rs is None else (rs_off,))
+    ints = (a_off, ars, aks, b_off, ldb, c_off, ldc, kred, rs_off)
     if not all(isinstance(x, types.Integer) for x in ints) or not isinstance(acc, types.Boolean):
         return None
     i = types.intp
-    base = (a, i, i, i, b, i, i, c, i, i, i, types.boolean)
-    return types.void(*(base if rs is None else base + (rs, i)))
+    return types.void(a, i, i, i, b, i, i, c, i, i, i, types.boolean, rs, i)
 
 
-def _micro(nrows: int, nvec: int, exp2: bool = False):
+#: What the micro-kernel does with its accumulators ``x`` before they are stored
+#: (``rs``: the extra array of the epilogues, row ``r``'s entries at ``rs_off + r*W``
+#: (:data:`EXP2_SUMS`) or ``rs_off + r``): plain (``C (+)= x``); ``C = 2**x`` unchecked,
+#: adding row ``r``'s vectors lane-wise into ``rs``; ``C = 2**(x - rs[r])`` masked
+#: (``-inf`` gives 0, NaN stays NaN, as :func:`exp2_vectors_masked`); ``C = C * (x - rs[r])``.
+PLAIN, EXP2_SUMS, EXP2_SHIFTED, TIMES_DIFF = 0, 1, 2, 3
+
+
+def _micro(nrows: int, nvec: int, epilogue: int = PLAIN):
     """The ``nrows x nvec``-vector micro-kernel as a Numba intrinsic (one per shape, typed per dtype).
 
-    ``_k(a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, kred, acc)``:
+    ``_k(a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, kred, acc, rs, rs_off)``:
     ``C[r, j] (+)= sum_d A[a_off + r*ars + d*aks] * B[b_off + d*ldb + j]``
     for ``r < nrows``, ``j < nvec*W``; offsets and strides in elements;
     ``acc`` False overwrites ``C``.
 
-    With ``exp2`` the intrinsic takes two more arguments, ``rs, rs_off``, and
-    stores ``2**x`` of each result instead (:func:`_exp2_ir` unchecked: for
-    finite results well inside the exponent range), adding row ``r``'s
-    vectors of ``2**x`` lane-wise into ``rs[rs_off + r*W : rs_off + (r+1)*W]``:
-    the exp of the forward's interior base-2 tiles applied to the
-    accumulators while they are still in registers.
+    ``epilogue`` (see :data:`PLAIN`) is applied to the accumulators while
+    they are still in registers; ``rs, rs_off`` are its operand (unused by
+    :data:`PLAIN`): :data:`EXP2_SUMS` stores ``2**x`` (:func:`_exp2_ir`
+    unchecked: for finite results well inside the exponent range) and adds
+    row ``r``'s vectors of it lane-wise into ``rs[rs_off + r*W : rs_off +
+    (r+1)*W]`` (the exp of the forward's interior base-2 tiles);
+    :data:`EXP2_SHIFTED` stores ``2**(x - rs[rs_off + r])`` with the masked
+    ``2**x`` (the backward's ``P``); :data:`TIMES_DIFF` stores ``C * (x -
+    rs[rs_off + r])``, reading ``C`` first (the backward's ``dS = P * (dP -
+    delta)``).
     """
-    if exp2:
-
-        @intrinsic
-        def _ke(typingctx, a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, kred, acc, rs, rs_off):
-            sig = _micro_typing(a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, kred, acc, rs, rs_off)
-            return None if sig is None else (sig, _micro_codegen(nrows, nvec, a.dtype, True))
-
-        return _ke
 
     @intrinsic
-    def _k(typingctx, a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, kred, acc):
-        sig = _micro_typing(a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, kred, acc)
-        return None if sig is None else (sig, _micro_codegen(nrows, nvec, a.dtype, False))
+    def _k(typingctx, a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, kred, acc, rs, rs_off):
+        sig = _micro_typing(a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, kred, acc, rs, rs_off)
+        return None if sig is None else (sig, _micro_codegen(nrows, nvec, a.dtype, epilogue))
 
     return _k
 
 
-def _micro_codegen(nrows: int, nvec: int, dt, exp2: bool):
+def _micro_codegen(nrows: int, nvec: int, dt, epilogue: int):
     """The code generator of :func:`_micro`'s intrinsic for element type ``dt`` (see there)."""
     width = lanes(8 if dt == types.float64 else 4)
 
@@ -233,10 +238,24 @@ def _micro_codegen(nrows: int, nvec: int, dt, exp2: bool):
             res.add_incoming(init[idx], pre)
             res.add_incoming(new[idx], loop_end)
             results.append(res)
-        if exp2:
+        if epilogue != PLAIN:
             rs_arr = context.make_array(signature.args[12])(context, builder, args[12])
             prs = builder.gep(rs_arr.data, [args[13]])
             f64 = dt == types.float64
+        if epilogue in (EXP2_SHIFTED, TIMES_DIFF):
+            for r in range(nrows):
+                # row r's shift (or delta), broadcast once for the row's nvec vectors
+                mu = _broadcast(builder, builder.load(builder.gep(prs, [ir.Constant(intp, r)]), align=esize), vty)
+                for j in range(nvec):
+                    x = builder.fsub(results[r * nvec + j], mu)
+                    cp = vptr(pc, c_off_of(r, j))
+                    if epilogue == EXP2_SHIFTED:
+                        y = _exp2_ir(builder, x, width, f64, masked=True)
+                    else:
+                        y = builder.fmul(builder.load(cp, align=esize), x)
+                    builder.store(y, cp, align=esize)
+            return context.get_dummy_value()
+        if epilogue == EXP2_SUMS:
             for r in range(nrows):
                 tot = None
                 for j in range(nvec):
@@ -254,35 +273,7 @@ def _micro_codegen(nrows: int, nvec: int, dt, exp2: bool):
     return codegen
 
 
-# One intrinsic per (rows, vectors). Measured on one core (AVX-512, float32,
-# 96 x 256 x 64 and 96 x 64 x 256 products): 8 x 3 vectors 167-173 GFLOP/s,
-# 8 x 2 138-163, 4 x 4 114-160, 6 x 4 137-151 (single-threaded sgemm 2048^2:
-# ~150). Short reductions (D = 64) favour many accumulators per B load.
-_K8_3 = _micro(ROWS, 3)
-_K8_2 = _micro(ROWS, 2)
-_K8_1 = _micro(ROWS, 1)
-_KE8_3 = _micro(ROWS, 3, exp2=True)
-_KE8_2 = _micro(ROWS, 2, exp2=True)
-_KE8_1 = _micro(ROWS, 1, exp2=True)
-assert ROWS == 8 and VECS == 3  # the dispatch in gemm below is written for these
-
-
-@nb.njit(**INLINE)
-def _panel(a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, kred, acc, nv, exp2, rs, rs_off):
-    """One ``ROWS x nv``-vector panel: the plain micro-kernel, or with ``exp2`` the one that stores ``2**x``."""
-    if exp2:
-        if nv == 3:
-            _KE8_3(a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, kred, acc, rs, rs_off)
-        elif nv == 2:
-            _KE8_2(a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, kred, acc, rs, rs_off)
-        else:
-            _KE8_1(a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, kred, acc, rs, rs_off)
-    elif nv == 3:
-        _K8_3(a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, kred, acc)
-    elif nv == 2:
-        _K8_2(a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, kred, acc)
-    else:
-        _K8_1(a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, kred, acc)
+assert ROWS == 8 and VECS == 3  # the panel dispatch below is written for these
 
 
 @nb.njit(**INLINE)
@@ -291,33 +282,65 @@ def _panel_vectors(rem):
     return 3 if (rem >= 5 or rem == 3) else (2 if rem >= 2 else 1)
 
 
-@nb.njit(**INLINE)
-def _products(a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, nr, ncol, kred, acc, width, exp2, rs, rs_off):
-    """The loops of :func:`gemm` and :func:`gemm_exp2` over row blocks and column panels (``exp2`` a constant)."""
-    if kred * ncol * a.itemsize <= B_IN_L1:
-        # B fits in L1 next to a row block of A: rows outermost, so A (whose
-        # broadcast loads stall worst on an L1 miss) is read from L1 too.
-        for r0 in range(0, nr, ROWS):
-            ra, rso = a_off + r0 * ars, rs_off + r0 * width
-            rem = ncol // width
-            j0 = 0
-            while rem > 0:
-                nv = _panel_vectors(rem)
+def _product_loops(epilogue: int):
+    """The loops of one ``gemm*`` product over row blocks and column panels, for one epilogue.
+
+    Each epilogue gets its own three intrinsics (``ROWS`` x 3, 2, 1 vectors)
+    and its own loops, so a kernel compiles only the micro-kernels it calls
+    (one shared loop with the epilogue as an argument lowered all twelve
+    into every product: simd-backward's cold compile 8 -> 17 s).
+    """
+    k3, k2, k1 = (_micro(ROWS, nv, epilogue) for nv in (3, 2, 1))
+    sums = epilogue == EXP2_SUMS  # rs holds W entries per row, else one
+
+    @nb.njit(**INLINE)
+    def panel(a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, kred, acc, nv, rs, rs_off):
+        if nv == 3:
+            k3(a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, kred, acc, rs, rs_off)
+        elif nv == 2:
+            k2(a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, kred, acc, rs, rs_off)
+        else:
+            k1(a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, kred, acc, rs, rs_off)
+
+    @nb.njit(**INLINE)
+    def loops(a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, nr, ncol, kred, acc, width, rs, rs_off):
+        rstep = width if sums else 1
+        if kred * ncol * a.itemsize <= B_IN_L1:
+            # B fits in L1 next to a row block of A: rows outermost, so A (whose
+            # broadcast loads stall worst on an L1 miss) is read from L1 too.
+            for r0 in range(0, nr, ROWS):
+                ra, rso = a_off + r0 * ars, rs_off + r0 * rstep
+                rem = ncol // width
+                j0 = 0
+                while rem > 0:
+                    nv = _panel_vectors(rem)
+                    c0 = c_off + r0 * ldc + j0
+                    panel(a, ra, ars, aks, b, b_off + j0, ldb, c, c0, ldc, kred, acc, nv, rs, rso)
+                    j0 += nv * width
+                    rem -= nv
+            return
+        rem = ncol // width
+        j0 = 0
+        while rem > 0:
+            nv = _panel_vectors(rem)
+            for r0 in range(0, nr, ROWS):
+                ra, rso = a_off + r0 * ars, rs_off + r0 * rstep
                 c0 = c_off + r0 * ldc + j0
-                _panel(a, ra, ars, aks, b, b_off + j0, ldb, c, c0, ldc, kred, acc, nv, exp2, rs, rso)
-                j0 += nv * width
-                rem -= nv
-        return
-    rem = ncol // width
-    j0 = 0
-    while rem > 0:
-        nv = _panel_vectors(rem)
-        for r0 in range(0, nr, ROWS):
-            ra, rso = a_off + r0 * ars, rs_off + r0 * width
-            c0 = c_off + r0 * ldc + j0
-            _panel(a, ra, ars, aks, b, b_off + j0, ldb, c, c0, ldc, kred, acc, nv, exp2, rs, rso)
-        j0 += nv * width
-        rem -= nv
+                panel(a, ra, ars, aks, b, b_off + j0, ldb, c, c0, ldc, kred, acc, nv, rs, rso)
+            j0 += nv * width
+            rem -= nv
+
+    return loops
+
+
+# One intrinsic per (rows, vectors, epilogue). Measured on one core (AVX-512, float32,
+# 96 x 256 x 64 and 96 x 64 x 256 products): 8 x 3 vectors 167-173 GFLOP/s,
+# 8 x 2 138-163, 4 x 4 114-160, 6 x 4 137-151 (single-threaded sgemm 2048^2:
+# ~150). Short reductions (D = 64) favour many accumulators per B load.
+_plain_loops = _product_loops(PLAIN)
+_exp2_sums_loops = _product_loops(EXP2_SUMS)
+_exp2_shifted_loops = _product_loops(EXP2_SHIFTED)
+_times_diff_loops = _product_loops(TIMES_DIFF)
 
 
 @nb.njit(**OPTS)
@@ -333,7 +356,7 @@ def gemm(a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, nr, ncol, kred, acc, 
     row block of ``A`` passes over it; panels are 3 vectors wide, ending
     with 2 + 2 rather than 3 + 1 (a 1-vector panel reuses each broadcast once).
     """
-    _products(a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, nr, ncol, kred, acc, width, False, c, 0)
+    _plain_loops(a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, nr, ncol, kred, acc, width, c, 0)
 
 
 @nb.njit(**OPTS)
@@ -351,7 +374,35 @@ def gemm_exp2(a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, nr, ncol, kred, 
     inside the exponent range (the forward's interior base-2 tiles);
     padding rows of zeros give ``2**0 = 1``.
     """
-    _products(a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, nr, ncol, kred, False, width, True, rs, rs_off)
+    _exp2_sums_loops(a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, nr, ncol, kred, False, width, rs, rs_off)
+
+
+@nb.njit(**OPTS)
+def gemm_exp2_shifted(a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, nr, ncol, kred, width, mu, mu_off):
+    """``C[r, :ncol] = 2**((A @ B)[r] - mu[mu_off + r])`` for ``r < nr``, the exp on the accumulators.
+
+    :func:`gemm` (overwriting; same operands and layout rules) followed, in
+    registers, by what :func:`exp2_vectors_masked` does to a stored row
+    (the same operations, so the same bits): ``-inf`` gives 0, results below
+    the exponent range give 0, NaN stays NaN; no upper clamp (``x - mu``
+    must stay below the range's top, e.g. ``mu`` a row's log-sum-exp).
+    ``mu[mu_off : mu_off + nr]`` must be readable (padding rows too: ``+inf``
+    gives them 0). The backward's ``P = 2**(S - lse log2 e)`` on tiles
+    that need no mask.
+    """
+    _exp2_shifted_loops(a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, nr, ncol, kred, False, width, mu, mu_off)
+
+
+@nb.njit(**OPTS)
+def gemm_times_diff(a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, nr, ncol, kred, width, dl, dl_off):
+    """``C[r, :ncol] = C[r, :ncol] * ((A @ B)[r] - dl[dl_off + r])`` for ``r < nr``, in registers.
+
+    :func:`gemm`'s operands and layout rules; ``C`` is read (each element
+    once, just before it is overwritten) instead of accumulated into. The
+    backward's ``dS = P * (dP - delta)`` with ``P`` in ``C``: the ``dP``
+    tile is never stored. ``dl[dl_off : dl_off + nr]`` must be readable.
+    """
+    _times_diff_loops(a, a_off, ars, aks, b, b_off, ldb, c, c_off, ldc, nr, ncol, kred, False, width, dl, dl_off)
 
 
 @intrinsic

@@ -46,6 +46,8 @@ from .microkernel import (
     exp2_vectors_masked,
     gemm,
     gemm_exp2,
+    gemm_exp2_shifted,
+    gemm_times_diff,
     transpose_block,
 )
 from .opts import INLINE, OPTS
@@ -430,8 +432,15 @@ def backward(t0, t1, qs, k, v, dop, lse, delta, P, BRB, BCB, W, nchunk, dq_acc, 
     of plain calls (no soft-cap, ALiBi or mask) whose rows have
     ``|lse| <= 30`` (300 in float64) compute ``S`` in base 2 (a second
     ``K^T``, times ``log2 e``) and recompute ``P = 2**(S - lse log2 e)`` with
-    the masked vector ``2**s`` (``-inf`` gives 0, NaN stays NaN); the others
-    recompute ``exp(S - lse)`` from the forward's own scores.
+    the masked vector ``2**s`` (``-inf`` gives 0, NaN stays NaN) -- on the
+    ``S`` product's accumulators when the tile is whole vectors of keys inside
+    the band (:func:`~selfattn.backends._numba.microkernel.gemm_exp2_shifted`);
+    the others recompute ``exp(S - lse)`` from the forward's own scores.
+    Without dropout or soft-cap, a tile of whole vectors of keys takes
+    ``dS = P (dP - delta)`` on the ``dP`` product's accumulators, over ``P``
+    once ``dV`` has read it
+    (:func:`~selfattn.backends._numba.microkernel.gemm_times_diff`): no
+    ``dP`` tile is stored. Same bits either way.
     """
     N = lse.shape[1]
     BKV, M, Dv = v.shape
@@ -453,6 +462,10 @@ def backward(t0, t1, qs, k, v, dop, lse, delta, P, BRB, BCB, W, nchunk, dq_acc, 
     dka = np.zeros(BCB * Dw, dt)
     dva = np.zeros(BCB * Dvw, dt)
     dqt = np.zeros(BRB * Dw, dt)
+    # A tile's rows' lse*log2(e) and delta, for the products that take P's exp and dS on their
+    # accumulators; padding rows get P = 2**-inf = 0 and delta 0.
+    mus = np.full(BRB, np.inf, dt)
+    dls = np.zeros(BRB, dt)
     qflat = qs.reshape(qs.size)
     dflat = dop.reshape(dop.size)
     kflat = k.reshape(k.size)
@@ -536,10 +549,25 @@ def backward(t0, t1, qs, k, v, dop, lse, delta, P, BRB, BCB, W, nchunk, dq_acc, 
                     for r in range(nr):
                         if not (abs(lse[bh, i0 + r]) <= lim):
                             b2 = False
-                    gemm(qflat, rb * Dw, Dw, 1, kt2 if b2 else kt, 0, ncw, sbuf, 0, ntw, nrp, ntw, D, False, W)
-                    score_bias(s, nr, nt, i0, c0, b, h, P.off, P, dcap, True)
-                    gemm(dflat, rb * Dvw, Dvw, 1, vt, 0, ncw, dpbuf, 0, ntw, nrp, ntw, Dv, False, W)
-                    if b2:
+                    # Whole vectors of keys (no padding column to mask) and no band edge inside:
+                    # a base-2 tile's P = 2**(S - lse log2 e) is taken on the S product's
+                    # accumulators; with no dropout or soft-cap, dS = P (dP - delta) on the dP
+                    # product's (after dV has read P), so neither S nor dP is stored and re-read.
+                    whole = nt == ntw
+                    fuse_p = b2 and whole and c0 >= i1 - 1 + P.off - P.lo and c0 + nt - 1 <= i0 + P.off + P.up
+                    fuse_ds = whole and P.thr == 0 and not capped
+                    if fuse_p:
+                        for r in range(nr):
+                            mus[r] = lse[bh, i0 + r] * l2e
+                        for r in range(nr, nrp):
+                            mus[r] = np.inf
+                        gemm_exp2_shifted(qflat, rb * Dw, Dw, 1, kt2, 0, ncw, sbuf, 0, ntw, nrp, ntw, D, W, mus, 0)
+                    else:
+                        gemm(qflat, rb * Dw, Dw, 1, kt2 if b2 else kt, 0, ncw, sbuf, 0, ntw, nrp, ntw, D, False, W)
+                        score_bias(s, nr, nt, i0, c0, b, h, P.off, P, dcap, True)
+                    if not fuse_ds:
+                        gemm(dflat, rb * Dvw, Dvw, 1, vt, 0, ncw, dpbuf, 0, ntw, nrp, ntw, Dv, False, W)
+                    if b2 and not fuse_p:
                         # S is in base 2: P = 2**(S - lse*log2 e); columns past nt are set to -inf
                         # so whole vectors give 0 there.
                         for r in range(nr):
@@ -547,7 +575,7 @@ def backward(t0, t1, qs, k, v, dop, lse, delta, P, BRB, BCB, W, nchunk, dq_acc, 
                             for c in range(nt, ntw):
                                 srow[c] = ninf
                             exp2_vectors_masked(srow, ntw, lse[bh, i0 + r] * l2e)
-                    else:
+                    elif not b2:
                         for r in range(nr):
                             srow = s[r]
                             exp_shift_row(srow, nt, lse[bh, i0 + r])
@@ -563,7 +591,14 @@ def backward(t0, t1, qs, k, v, dop, lse, delta, P, BRB, BCB, W, nchunk, dq_acc, 
                         gemm(zbuf, 0, 1, ntw, dflat, rb * Dvw, Dvw, vacc, vacc_off, Dvw, ntr, Dvw, nr, acc_kv, W)
                     else:
                         gemm(sbuf, 0, 1, ntw, dflat, rb * Dvw, Dvw, vacc, vacc_off, Dvw, ntr, Dvw, nr, acc_kv, W)
-                    ds_in_place(s, dp, nr, nt, delta, bh, i0, dcap, capped)
+                    if fuse_ds:
+                        for r in range(nr):
+                            dls[r] = delta[bh, i0 + r]
+                        for r in range(nr, nrp):
+                            dls[r] = zero
+                        gemm_times_diff(dflat, rb * Dvw, Dvw, 1, vt, 0, ncw, sbuf, 0, ntw, nrp, ntw, Dv, W, dls, 0)
+                    else:
+                        ds_in_place(s, dp, nr, nt, delta, bh, i0, dcap, capped)
                     # dK += dS^T (q*scale)
                     gemm(sbuf, 0, 1, ntw, qflat, rb * Dw, Dw, kacc, kacc_off, Dw, ntr, Dw, nr, acc_kv, W)
                     if not acc_kv:

@@ -1015,10 +1015,16 @@ def test_simd_lanes_follow_the_host_and_can_be_forced(monkeypatch):
         vector_isa()
 
 
-def test_simd_width_does_not_change_results(tmp_path):
-    # Another vector width (AVX2's 8 lanes, or 4) compiles other micro-kernels: same numbers.
+def test_simd_width_does_not_change_results(kernel_path, tmp_path):
+    # Another vector width (AVX2's 8 lanes, or 4) compiles other micro-kernels -- and, below
+    # 512-bit vectors, builds 2**n from exponent bits instead of vscalef: same numbers, forward
+    # and backward (the plain call's 96 keys are whole vectors at every width, so its backward
+    # takes P and dS on the accumulators; 77 rows leave padding rows).
     import subprocess
     import sys
+
+    if kernel_path != "simd":  # the subprocess picks its own kernels: once is enough
+        pytest.skip("SIMD kernels only")
 
     from selfattn.backends._numba.microkernel import LANES32
 
@@ -1031,7 +1037,14 @@ def test_simd_width_does_not_change_results(tmp_path):
         "q, k, v = (rng.standard_normal((1, 2, 77, 40)).astype(np.float32) for _ in range(3))\n"
         "o = selfattn.scaled_dot_product_attention(q, k, v, causal=True, backend='numba')\n"
         "r = selfattn.scaled_dot_product_attention(q, k, v, causal=True, backend='numpy')\n"
-        "print(float(np.abs(o - r).max()))\n"
+        "err = [float(np.abs(o - r).max())]\n"
+        "k2, v2 = (rng.standard_normal((1, 2, 96, 40)).astype(np.float32) for _ in range(2))\n"
+        "g = rng.standard_normal((1, 2, 77, 40)).astype(np.float32)\n"
+        "for kk, vv, causal in ((k, v, True), (k2, v2, False)):\n"
+        "    _, f = selfattn.scaled_dot_product_attention_vjp(q, kk, vv, causal=causal, backend='numba')\n"
+        "    _, rf = selfattn.scaled_dot_product_attention_vjp(q, kk, vv, causal=causal, backend='numpy')\n"
+        "    err += [float(np.abs(a - b).max()) for a, b in zip(f(g), rf(g))]\n"
+        "print(max(err))\n"
     )
     env = dict(__import__("os").environ, SELFATTN_SIMD_LANES=str(other), NUMBA_CACHE_DIR=str(tmp_path))
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)

@@ -60,6 +60,7 @@ from .tiles import (
     ds_in_place,
     exp_shift_row,
     finish_rows,
+    inside_band,
     key_norm_step,
     query_task,
     score_bias,
@@ -343,7 +344,7 @@ def forward(t0, t1, q, kt, v, P, kmax, safe, BR, BC, W, out, lse):
             s = sbuf[: nrp * ncw].reshape((nrp, ncw))
             dcap = dcap_buf[: nr * ncw].reshape((nr, ncw)) if P.softcap > 0.0 else dcap_buf[:1].reshape((1, 1))
             kto = kvh * D * Mp + c0  # the block's first column of K^T
-            interior = nc == ncw and c0 >= i1 - 1 + P.off - P.lo and c1 - 1 <= i0 + P.off + P.up
+            interior = nc == ncw and inside_band(i0, i1, c0, c1, P.off, P)
             if base2 and not interior and c1 - 1 > i0 + P.off + P.up:
                 # The band's upper edge (the causal diagonal) cuts this block: each block of
                 # ROWS rows multiplies only the keys up to its last row's last key, in whole
@@ -554,7 +555,7 @@ def backward(t0, t1, qs, k, v, dop, lse, delta, P, BRB, BCB, W, nchunk, dq_acc, 
                     # accumulators; with no dropout or soft-cap, dS = P (dP - delta) on the dP
                     # product's (after dV has read P), so neither S nor dP is stored and re-read.
                     whole = nt == ntw
-                    fuse_p = b2 and whole and c0 >= i1 - 1 + P.off - P.lo and c0 + nt - 1 <= i0 + P.off + P.up
+                    fuse_p = b2 and whole and inside_band(i0, i1, c0, c0 + nt, P.off, P)
                     fuse_ds = whole and P.thr == 0 and not capped
                     if fuse_p:
                         for r in range(nr):

@@ -24,6 +24,7 @@ __all__ = [
     "FASTMATH",
     "OPTS",
     "band_fill_row",
+    "inside_band",
     "cast_like",
     "fmix32",
     "key_norm_step",
@@ -295,6 +296,12 @@ def query_task(t, nqb, rows, N, M, G, P):
 
 
 @nb.njit(**_INLINE)
+def inside_band(i0, i1, c0, c1, off, P):
+    """Whether every row ``i0..i1-1`` may attend every key ``c0..c1-1`` (band offset ``off``): no band fill needed."""
+    return c0 >= i1 - 1 + off - P.lo and c1 - 1 <= i0 + off + P.up
+
+
+@nb.njit(**_INLINE)
 def band_fill_row(srow, i, c0, nc, end, off, P):
     """``-inf`` in ``srow[:end]`` wherever row ``i`` may not attend key ``c0 + c`` (``c < nc``); ``srow[nc:end]`` too.
 
@@ -364,7 +371,7 @@ def score_bias(s, nr, nc, i0, c0, b, h, off, P, dcap, want_dcap):
     # Band: only tiles that cross an edge of the band need per-element work.
     i1 = i0 + nr
     c1 = c0 + nc
-    if not (c0 >= i1 - 1 + off - P.lo and c1 - 1 <= i0 + off + P.up):
+    if not inside_band(i0, i1, c0, c1, off, P):
         for r in range(nr):
             band_fill_row(s[r], i0 + r, c0, nc, nc, off, P)
 

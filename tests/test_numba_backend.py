@@ -493,17 +493,20 @@ def test_tile_kernel_conformance_cases(kernel_path):
 
 
 def test_shift_free_bound():
-    from selfattn.backends.numba_ import _shift_free_bound
+    from selfattn.backends._numba.tiles import shift_free_room, value_room
 
-    v = np.ones((2, 100, 8), np.float32)
-    assert _shift_free_bound(v, np.float32) == 30.0
-    assert _shift_free_bound(v.astype(np.float64), np.float64) == 300.0
-    assert 0.0 < _shift_free_bound(v * 1e24, np.float32) < 30.0  # room shrinks with max|v|
-    assert _shift_free_bound(v * 1e36, np.float32) == 0.0
-    for bad in (np.nan, np.inf):
+    assert shift_free_room(1.0, 100, 4) == 30.0
+    assert shift_free_room(1.0, 100, 8) == 300.0
+    assert 0.0 < shift_free_room(1e24, 100, 4) < 30.0  # room shrinks with max|v|
+    assert shift_free_room(1e36, 100, 4) == 0.0
+    assert shift_free_room(np.nan, 100, 4) == 0.0 and shift_free_room(np.inf, 100, 8) == 0.0
+    v = np.ones((100, 8), np.float32)
+    assert value_room(v, 100, 4) == 30.0
+    assert value_room(-3e24 * v, 100, 4) == shift_free_room(float(np.float32(3e24)), 100, 4)
+    for bad in (np.nan, np.inf, -np.inf):
         w = v.copy()
-        w[1, 5, 3] = bad
-        assert _shift_free_bound(w, np.float32) == 0.0
+        w[5, 3] = bad
+        assert value_room(w, 100, 4) == 0.0
 
 
 def test_huge_values_take_the_general_path(kernel_path):
@@ -850,26 +853,47 @@ def test_repeated_calls_do_not_share_results(kernel_path):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_prepare_keys_transposes_and_bounds(dtype):
-    # The SIMD forward's once-per-call pass over K and V: K^T in whole vector blocks
-    # (register shuffles) plus element-wise edges, zero padding, the key-norm bound and
-    # max|v| (non-finite values must show, so that the shift-free shortcut is refused).
+    # The SIMD forward's pass over K and V, per key/value head: K^T in whole vector blocks
+    # (register shuffles) plus element-wise edges, zero padding, the key-norm bound and the
+    # head's own shift-free bound (non-finite values must give 0, so the shortcut is refused;
+    # a call that does not allow the shortcut gets 0 everywhere).
     from selfattn.backends._numba import microkernel as mk
     from selfattn.backends._numba.simd import key_columns, prepare_keys
+    from selfattn.backends._numba.tiles import shift_free_room
 
     w = mk.lanes(np.dtype(dtype).itemsize)
     rng = np.random.default_rng(12)
     for m, d in [(3 * w, 2 * w), (3 * w + 5, 2 * w + 3), (w - 1, 5), (2 * w, w - 2)]:
-        k = rng.standard_normal((3, m, d)).astype(dtype)
-        v = rng.standard_normal((3, m, d + 1)).astype(dtype)
+        k = rng.standard_normal((4, m, d)).astype(dtype)
+        v = rng.standard_normal((4, m, d + 1)).astype(dtype)
         v[1, -1, -1] = np.nan
         v[2, 0, 0] = -np.inf
-        kt = np.full((3, d, key_columns(m, w)), 7.0, dtype)
-        kmax, vmax = np.empty(3, dtype), np.empty(3)
-        prepare_keys(0, 3, k, v, kt, kmax, vmax)
+        v[3] *= 1e25 if dtype == np.float32 else 1e200  # less room than head 0
+        kt = np.full((4, d, key_columns(m, w)), 7.0, dtype)
+        kmax, safe = np.empty(4, dtype), np.full(4, -1.0)
+        prepare_keys(0, 4, k, v, kt, kmax, safe, True)
         np.testing.assert_array_equal(kt[:, :, :m], k.transpose(0, 2, 1))
         assert np.all(kt[:, :, m:] == 0)
         np.testing.assert_allclose(kmax, np.linalg.norm(k.astype(np.float64), axis=2).max(axis=1), rtol=1e-6)
-        assert vmax[0] == np.abs(v[0]).max() and not np.isfinite(vmax[1]) and not np.isfinite(vmax[2])
+        room = [shift_free_room(float(np.abs(v[t]).max()), m, np.dtype(dtype).itemsize) for t in (0, 3)]
+        assert safe[0] == room[0] > safe[3] == room[1] > 0.0
+        assert safe[1] == 0.0 and safe[2] == 0.0
+        prepare_keys(0, 4, k, v, kt, kmax, safe, False)
+        assert np.all(safe == 0.0)
+
+
+def test_a_heads_output_does_not_depend_on_other_heads(kernel_path):
+    # The shift-free bound is taken per key/value head: a head whose neighbour has huge (or
+    # non-finite) values computes exactly as it does alone.
+    rng = np.random.default_rng(21)
+    q, k, v = _inputs(rng, 1, 3, 3, 80, 80, 16)
+    head0 = (q[:, :1], k[:, :1], v[:, :1])
+    alone = [selfattn.scaled_dot_product_attention(*head0, backend=BACKEND, causal=c) for c in (False, True)]
+    v[:, 1] *= np.float32(1e30)
+    v[0, 2, 5, 3] = np.inf
+    for c, a in zip((False, True), alone, strict=True):
+        out = selfattn.scaled_dot_product_attention(q, k, v, backend=BACKEND, causal=c)
+        np.testing.assert_array_equal(out[:, :1], a)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

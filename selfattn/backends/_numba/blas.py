@@ -35,9 +35,10 @@ from .tiles import (
     query_task,
     score_bias,
     softmax_tile,
+    value_room,
 )
 
-__all__ = ["key_norm_max", "forward_gemm", "backward_gemm", "GQ", "GK", "GQB", "GKB"]
+__all__ = ["head_bounds", "forward_gemm", "backward_gemm", "GQ", "GK", "GQB", "GKB"]
 
 #: Query rows per task in the forward (the host may pass fewer so that every
 #: thread gets work). 256 rows amortise BLAS's packing of each K/V block.
@@ -53,18 +54,21 @@ GKB = 256
 
 
 @nb.njit(**OPTS)
-def key_norm_max(t0, t1, k, res):
-    """``res[t]`` = the largest Euclidean norm among the keys of head ``t`` of ``k`` ``(BKV, M, D)``.
+def head_bounds(t0, t1, k, v, kmax, safe, allow):
+    """Per key/value head ``t``: ``kmax[t]`` = the largest Euclidean norm among its keys (``k`` ``(BKV, M, D)``)
+    and ``safe[t]`` = :func:`~selfattn.backends._numba.tiles.value_room` of its values (0 unless ``allow``).
 
-    Accumulated in float64; NaN keys give NaN (which then disables the
-    shift-free shortcut of :func:`forward_gemm`). Tasks are key/value heads.
+    Norms are accumulated in float64; NaN keys give NaN, non-finite values
+    ``safe[t] = 0`` (either disables the shift-free shortcut of
+    :func:`forward_gemm` for that head). Tasks are key/value heads.
     """
     M = k.shape[1]
     for t in range(t0, t1):
         best = 0.0
         for j in range(M):
             best = key_norm_step(best, k[t, j])
-        res[t] = math.sqrt(best)
+        kmax[t] = math.sqrt(best)
+        safe[t] = value_room(v[t], M, k.itemsize) if allow else 0.0
 
 
 @nb.njit(**OPTS)
@@ -77,13 +81,15 @@ def forward_gemm(t0, t1, q, k, v, P, kmax, safe, GQ, GK, out, lse):
     independent of N and M.
 
     The running-max pass and the rescaling of ``O`` are skipped for a tile
-    whose rows all satisfy ``|q_i*scale| * max_j |k_j| <= safe`` (or whose
-    soft-cap is below ``safe``): every score is then bounded, so ``exp(s)``
+    whose rows all satisfy ``|q_i*scale| * max_j |k_j| <= safe[kvh]`` (or whose
+    soft-cap is below it): every score is then bounded, so ``exp(s)``
     neither overflows nor underflows and the shift is 0 for the whole row.
-    ``kmax[kvh]`` is the largest key norm of that head; ``safe`` is chosen by
-    the host so that ``M * exp(safe) * max|v|`` stays far below the dtype's
-    largest value, and is 0 (off) with additive masks, and with ALiBi biases
-    unless every row keeps a zero-distance key (``numba_._alibi_keeps_bound``).
+    ``kmax[kvh]`` is the largest key norm of that head and ``safe[kvh]`` its
+    bound (:func:`head_bounds`), such that ``M * exp(safe) * max|v|`` stays far
+    below the dtype's largest value; per head, so a head's output does not
+    depend on the other heads' values. The host makes it 0 (off) with additive
+    masks, and with ALiBi biases unless every row keeps a zero-distance key
+    (``numba_._alibi_keeps_bound``).
     Writes the normalised output (times ``dscale``) to ``out`` ``(BH, N, Dv)``
     and the log-sum-exp to ``lse`` ``(BH, N)`` (``-inf`` where nothing is
     attended).
@@ -104,7 +110,6 @@ def forward_gemm(t0, t1, q, k, v, P, kmax, safe, GQ, GK, out, lse):
     zero = np.zeros(1, dt)[0]
     ninf = cast_like(-np.inf, zero)
     sc = cast_like(P.scale, zero)
-    capped_small = P.softcap > 0.0 and P.softcap * 1.001 <= safe
     for t in range(t0, t1):
         bh, b, h, kvh, i0, i1, j0, j1 = query_task(t, nqb, GQ, N, M, G, P)
         nr = i1 - i0
@@ -115,7 +120,8 @@ def forward_gemm(t0, t1, q, k, v, P, kmax, safe, GQ, GK, out, lse):
             mrow[r] = ninf
             lrow[r] = zero
         # Scale q once (masks add to scaled scores) and bound every row's scores.
-        bounded = safe > 0.0
+        room = safe[kvh]
+        bounded = room > 0.0
         for r in range(nr):
             nrm = zero
             for dd in range(D):
@@ -123,9 +129,9 @@ def forward_gemm(t0, t1, q, k, v, P, kmax, safe, GQ, GK, out, lse):
                 qs[r, dd] = x
                 nrm += x * x
             # NaN norms fail the comparison and so take the general path.
-            if not (math.sqrt(nrm) * kmax[kvh] * 1.001 <= safe):
+            if not (math.sqrt(nrm) * kmax[kvh] * 1.001 <= room):
                 bounded = False
-        bounded = bounded or capped_small
+        bounded = bounded or (P.softcap > 0.0 and P.softcap * 1.001 <= room)
         if bounded:
             for r in range(nr):
                 mrow[r] = zero

@@ -26,7 +26,7 @@ import queue
 import threading
 from collections.abc import Callable
 
-__all__ = ["run_tasks", "TaskPool"]
+__all__ = ["run_tasks", "TaskPool", "OncePer"]
 
 
 class _Call:
@@ -108,6 +108,58 @@ class TaskPool:
         call.done.wait()
         if call.error is not None:
             raise call.error
+
+
+class OncePer:
+    """``fn(i0, i1)`` run at most once for each index of ``range(n)``, by whichever thread needs it first.
+
+    Work that a parallel call needs per item before its tasks can use it
+    (the SIMD forward's transposed keys, per key/value head) goes through
+    :meth:`ensure` inside the tasks instead of a parallel pass of its own: no
+    second hand-off to the pool threads (each costs a wake-up and a wait
+    for the slowest thread), and a head's keys are prepared by the thread
+    that is about to read them. A thread claims the indices nobody has
+    claimed, runs them (contiguous runs in one call each) and then waits for
+    the ones other threads are running; a claim is always run before its
+    owner waits, so no thread waits on work that has not started. An
+    exception in ``fn`` is raised in its thread and in every thread waiting
+    on it.
+    """
+
+    __slots__ = ("_fn", "_state", "_cond", "_error")
+
+    def __init__(self, n: int, fn: Callable[[int, int], None]) -> None:
+        self._fn = fn
+        self._state = bytearray(n)  # 0: unclaimed, 1: running, 2: done
+        self._cond = threading.Condition()
+        self._error: BaseException | None = None
+
+    def ensure(self, lo: int, hi: int) -> None:
+        """Return once ``fn`` has run for every index in ``[lo, hi)`` (running the unclaimed ones here)."""
+        state = self._state
+        with self._cond:
+            mine = [i for i in range(lo, hi) if state[i] == 0]
+            for i in mine:
+                state[i] = 1
+        error: BaseException | None = None
+        try:
+            start = 0
+            for j in range(1, len(mine) + 1):
+                if j == len(mine) or mine[j] != mine[j - 1] + 1:
+                    self._fn(mine[start], mine[j - 1] + 1)
+                    start = j
+        except BaseException as exc:
+            error = exc
+        with self._cond:
+            for i in mine:
+                state[i] = 2
+            if error is not None and self._error is None:
+                self._error = error
+            self._cond.notify_all()
+            while self._error is None and any(state[i] != 2 for i in range(lo, hi)):
+                self._cond.wait()
+            if self._error is not None:
+                raise self._error
 
 
 _pool = TaskPool()

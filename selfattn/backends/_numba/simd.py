@@ -42,7 +42,6 @@ from .microkernel import (
     B_IN_L1,
     LANES32,
     ROWS,
-    abs_max,
     exp2_vectors_masked,
     gemm,
     gemm_exp2,
@@ -65,6 +64,7 @@ from .tiles import (
     query_task,
     score_bias,
     softmax_tile,
+    value_room,
 )
 
 __all__ = [
@@ -211,20 +211,23 @@ def _transpose_into(src, s_off, lds, nrow, ncol, dst, d_off, ldd):
 
 
 @nb.njit(**OPTS)
-def prepare_keys(t0, t1, k, v, kt, kmax, vmax):
+def prepare_keys(t0, t1, k, v, kt, kmax, safe, allow):
     """Per key/value head ``t``: ``kt[t] = k[t].T`` (zero-padded columns), ``kmax[t]`` = its largest
-    key norm and ``vmax[t]`` = its largest ``|v|``.
+    key norm and ``safe[t]`` = the shift-free bound of its values (0 unless ``allow``).
 
     ``k`` ``(BKV, M, D)``, ``v`` ``(BKV, M, Dv)``, ``kt`` ``(BKV, D, Mp)`` with
-    ``Mp`` from :func:`key_columns`, all C-contiguous. The forward reads ``K^T``
-    blocks as the ``B`` operand of ``S = Q K^T`` in place, so each key is
-    transposed once per call instead of once per query tile; whole
-    ``W x W`` blocks go through :func:`~selfattn.backends._numba.microkernel.transpose_block`
-    (vector loads, shuffles and stores), the edges element by element. Norms
-    are accumulated in float64; a NaN key gives a NaN ``kmax`` and a NaN or
-    infinite value an infinite or NaN ``vmax`` (either disables the
-    shift-free shortcut). ``vmax`` is taken here, in the threads that read the
-    keys anyway, rather than by two serial NumPy reductions over ``v``.
+    ``Mp`` from :func:`key_columns`, all C-contiguous; ``safe`` float64. The
+    forward reads ``K^T`` blocks as the ``B`` operand of ``S = Q K^T`` in place,
+    so each key is transposed once per call instead of once per query tile;
+    whole ``W x W`` blocks go through
+    :func:`~selfattn.backends._numba.microkernel.transpose_block` (vector
+    loads, shuffles and stores), the edges element by element. Norms are
+    accumulated in float64; a NaN key gives a NaN ``kmax``, a NaN or infinite
+    value ``safe[t] = 0`` (either disables the shift-free shortcut).
+    ``safe[t]`` is :func:`~selfattn.backends._numba.tiles.value_room`: per head, so one head's values never change how
+    another head's rows are computed (a head's output is the same whatever
+    else is in the batch), and taken here, in the threads that read the keys
+    anyway, rather than by serial NumPy reductions over ``v``.
     """
     M, D = k.shape[1], k.shape[2]
     Mp = kt.shape[2]
@@ -236,12 +239,7 @@ def prepare_keys(t0, t1, k, v, kt, kmax, vmax):
             best = key_norm_step(best, k[t, j])
         kmax[t] = math.sqrt(best)
         _transpose_into(kflat, t * M * D, D, M, D, ktflat, t * D * Mp, Mp)
-        vrow = v[t].reshape(v[t].size)
-        # max|v| skips NaN (vector maxnum); a sum of v*0 is NaN iff some value is NaN or infinite.
-        probe = 0.0
-        for i in range(vrow.size):
-            probe += vrow[i] * 0.0
-        vmax[t] = abs_max(vrow, vrow.size) if probe == 0.0 else np.inf
+        safe[t] = value_room(v[t], M, kt.itemsize) if allow else 0.0
 
 
 @nb.njit(**OPTS)
@@ -249,7 +247,8 @@ def forward(t0, t1, q, kt, v, P, kmax, safe, BR, BC, W, out, lse):
     """Online-softmax forward on the vector micro-kernels; tasks are (bh, tile of ``BR`` rows).
 
     Same contract as :func:`selfattn.backends._numba.blas.forward_gemm`
-    (including the shift-free shortcut with ``kmax``/``safe``; blocks of
+    (including the shift-free shortcut with ``kmax``/``safe``, except that
+    ``safe`` is per key/value head, from :func:`prepare_keys`; blocks of
     ``BC`` keys ending at the band's last key); ``W`` is the vector width in lanes of this
     dtype, ``BR`` a multiple of ``ROWS`` and ``BC`` of ``W``. Writes ``out``
     ``(BH, N, Dv)`` and ``lse`` ``(BH, N)`` (``-inf`` where nothing is attended).
@@ -289,7 +288,6 @@ def forward(t0, t1, q, kt, v, P, kmax, safe, BR, BC, W, out, lse):
     zero = cast_like(0.0, qs[0])
     ninf = cast_like(-np.inf, zero)
     sc = cast_like(P.scale, zero)
-    capped_small = P.softcap > 0.0 and P.softcap * 1.001 <= safe
     plain = P.softcap == 0.0 and not P.has_alibi and P.mask_kind == 0
     # Plain scores are computed in base 2 (log2(e) folded into the query's scale) when the
     # task is bounded: interior tiles then take 2**s, which needs neither the multiply by
@@ -305,14 +303,15 @@ def forward(t0, t1, q, kt, v, P, kmax, safe, BR, BC, W, out, lse):
         for r in range(nr):
             mrow[r] = ninf
             lrow[r] = zero
-        bounded = safe > 0.0
+        room = safe[kvh]
+        bounded = room > 0.0
         for r in range(nr):
             nrm = zero
             for dd in range(D):
                 x = q[bh, i0 + r, dd] * sc2
                 qs[r * D + dd] = x
                 nrm += x * x
-            if not (math.sqrt(nrm) * kmax[kvh] * 1.001 <= (safe * _LOG2E if plain else safe)):
+            if not (math.sqrt(nrm) * kmax[kvh] * 1.001 <= (room * _LOG2E if plain else room)):
                 bounded = False
         for i in range(nr * D, nrp * D):
             qs[i] = zero
@@ -324,7 +323,7 @@ def forward(t0, t1, q, kt, v, P, kmax, safe, BR, BC, W, out, lse):
             for r in range(nr):
                 for dd in range(D):
                     qs[r * D + dd] = q[bh, i0 + r, dd] * sc
-        bounded = bounded or capped_small
+        bounded = bounded or (P.softcap > 0.0 and P.softcap * 1.001 <= room)
         if bounded:
             for r in range(nr):
                 mrow[r] = zero

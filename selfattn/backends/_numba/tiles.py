@@ -17,7 +17,7 @@ from numba import types
 from numba.extending import intrinsic, overload
 
 from ... import _dropout
-from .microkernel import exp_shift_vectors, row_max
+from .microkernel import abs_max, exp_shift_vectors, row_max
 from .opts import FASTMATH, INLINE, OPTS
 
 __all__ = [
@@ -28,6 +28,8 @@ __all__ = [
     "cast_like",
     "fmix32",
     "key_norm_step",
+    "shift_free_room",
+    "value_room",
     "row_hash",
     "dot_nt",
     "exp_shift_row",
@@ -73,6 +75,47 @@ def key_norm_step(best, krow):
         x = np.float64(krow[dd])
         acc += x * x
     return acc if (acc > best or acc != acc) else best
+
+
+#: ``ln(largest value / 1000)`` of float32 and float64: the shift-free output bound's headroom.
+_LOG_TOP32 = math.log(float(np.finfo(np.float32).max) / 1e3)
+_LOG_TOP64 = math.log(float(np.finfo(np.float64).max) / 1e3)
+
+
+@nb.njit(**_INLINE)
+def shift_free_room(vmax, m, itemsize):
+    """Largest score magnitude ``b`` for which a softmax over ``m`` keys may skip the max shift.
+
+    ``vmax`` is ``max|v|`` over those keys' values (float64; NaN or infinite
+    gives 0: the shortcut is not taken), ``itemsize`` that of the compute
+    dtype (4 or 8). With every score in ``[-b, b]``, ``exp`` neither
+    underflows to zero nor overflows, and neither do the row sums (at most
+    ``m * e**b``) or the unnormalised output (at most ``m * e**b * vmax``):
+    ``b`` is capped at 30 (float32) / 300 (float64) and lowered so that the
+    output bound stays 1000x below the dtype's largest value. The one
+    definition: the host's BLAS-tile path calls it too.
+    """
+    if vmax != vmax or vmax == np.inf:
+        return 0.0
+    top, cap = (_LOG_TOP32, 30.0) if itemsize == 4 else (_LOG_TOP64, 300.0)
+    room = top - math.log(max(vmax, 1.0) * max(m, 1))
+    return max(0.0, min(cap, room))
+
+
+@nb.njit(**_INLINE)
+def value_room(vt, m, itemsize):
+    """:func:`shift_free_room` of one head's values ``vt`` (C-contiguous, ``m`` keys): 0 if any is NaN or infinite.
+
+    ``max|v|`` skips NaN (vector ``maxnum``), so non-finite values are found
+    by a sum of ``v * 0``, which is NaN exactly when one of them is.
+    """
+    vrow = vt.reshape(vt.size)
+    probe = 0.0
+    for i in range(vrow.size):
+        probe += vrow[i] * 0.0
+    if probe != 0.0:
+        return 0.0
+    return shift_free_room(np.float64(abs_max(vrow, vrow.size)), m, itemsize)
 
 
 @nb.njit(**_INLINE)

@@ -289,15 +289,22 @@ FAMILIES: dict[str, Family] = {
     )
 }
 
-_announced: set[tuple[str, str]] = set()
+_announced: set[tuple[str, np.dtype]] = set()
 _announce_lock = threading.Lock()
 
 
-def _kernel(path: str) -> Any:
-    import importlib
+_kernels: dict[str, Any] = {}
 
-    mod, fn = path.split(".")
-    return getattr(importlib.import_module(f"selfattn.backends._numba.{mod}"), fn)
+
+def _kernel(path: str) -> Any:
+    """Kernel ``"module.function"`` of :mod:`selfattn.backends._numba` (module and Numba imported on first use)."""
+    k = _kernels.get(path)
+    if k is None:  # import_module costs ~10 us a call once a large kernel has left the caches cold
+        import importlib
+
+        mod, fn = path.split(".")
+        k = _kernels[path] = getattr(importlib.import_module(f"selfattn.backends._numba.{mod}"), fn)
+    return k
 
 
 def _signature_cached(dispatcher: Any, args: tuple[Any, ...]) -> bool | None:
@@ -318,7 +325,7 @@ def _signature_cached(dispatcher: Any, args: tuple[Any, ...]) -> bool | None:
 
 def _announce(family: str, dtype: np.dtype, calls: list[tuple[Any, tuple[Any, ...]]]) -> None:
     """Announce, once per process, that a family's kernels are about to compile (if they are not cached)."""
-    key = (family, np.dtype(dtype).name)
+    key = (family, np.dtype(dtype))  # the dtype itself: its .name is slow Python (~30 us, caches cold)
     if key in _announced:
         return
     with _announce_lock:
@@ -328,7 +335,7 @@ def _announce(family: str, dtype: np.dtype, calls: list[tuple[Any, tuple[Any, ..
         if all(_signature_cached(k, a) is not False for k, a in calls):
             return
         msg = (
-            f"selfattn: compiling the Numba {family} kernels for {key[1]} (first use on this machine; "
+            f"selfattn: compiling the Numba {family} kernels for {key[1].name} (first use on this machine; "
             "cached on disk afterwards -- `python -m selfattn compile` does it ahead of time)"
         )
         _log.info(msg)

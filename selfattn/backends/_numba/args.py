@@ -87,21 +87,51 @@ def as3(x: np.ndarray, cdt: np.dtype) -> np.ndarray:
     return a.reshape((a.shape[0] * a.shape[1],) + a.shape[2:])
 
 
+_placeholders: dict[tuple[str, Any], np.ndarray] = {}
+
+
+def _placeholder(role: str, key: Any) -> np.ndarray:
+    """A small constant array the kernels take in place of an absent mask, bias or index (never written).
+
+    Kept per ``(role, key)`` rather than made per call: every call of a plain
+    attention needs four of them, and right after a large kernel has run
+    (caches cold) each fresh array cost tens of microseconds of host time.
+    They stay writeable (Numba types read-only arrays differently: a second
+    specialisation of every kernel); the kernels only read them.
+    """
+    a = _placeholders.get((role, key))
+    if a is None:
+        if role == "ones_u8":
+            a = np.ones((1, 1, 1, 1), np.uint8)
+        elif role == "zeros4":
+            a = np.zeros((1, 1, 1, 1), key)
+        elif role == "zeros2":
+            a = np.zeros((1, 1), key)
+        elif role == "zero_index":
+            a = np.zeros(key, np.int64)
+        else:  # "arange"
+            a = np.arange(key, dtype=np.int64)
+        if len(_placeholders) >= 256:  # batch sizes vary without bound; the arrays are cheap to rebuild
+            _placeholders.clear()
+        _placeholders[(role, key)] = a  # a race only builds an equal array twice
+    return a
+
+
 def kernel_params(pb: Problem) -> KernelParams:
     """The :class:`KernelParams` of ``pb`` (the mask is never expanded; it may be copied to C order)."""
     cdt = pb.compute_dtype
     lo, up = band(pb)
     if pb.mask is None or pb.mask_index is None:
-        kind, mb, mf = 0, np.ones((1, 1, 1, 1), np.uint8), np.zeros((1, 1, 1, 1), cdt)
-        midx = np.zeros(max(pb.batch, 1), np.int64)
+        kind, mb, mf = 0, _placeholder("ones_u8", None), _placeholder("zeros4", cdt)
+        midx = _placeholder("zero_index", max(pb.batch, 1))
     else:
         midx = _writable_c(pb.mask_index, np.int64)
         if pb.mask.dtype.kind == "b":
-            kind, mb, mf = 1, _writable_c(pb.mask).view(np.uint8), np.zeros((1, 1, 1, 1), cdt)
+            kind, mb, mf = 1, _writable_c(pb.mask).view(np.uint8), _placeholder("zeros4", cdt)
         else:
-            kind, mb, mf = 2, np.ones((1, 1, 1, 1), np.uint8), _writable_c(pb.mask, cdt)
+            kind, mb, mf = 2, _placeholder("ones_u8", None), _writable_c(pb.mask, cdt)
     if pb.alibi is None:
-        has_alibi, alibi = False, np.zeros((1, 1), cdt)
+        has_alibi, alibi = False, _placeholder("zeros2", cdt)
     else:
         has_alibi, alibi = True, _writable_c(pb.alibi, cdt)
     if pb.dropout_p > 0.0:
@@ -113,7 +143,7 @@ def kernel_params(pb: Problem) -> KernelParams:
     c = pb.coords
     # Varlen: packed sequence s draws the dropout pattern of batch entry s.
     nb = pb.num_sequences if pb.is_varlen else max(pb.batch, 1)
-    bidx = np.arange(nb, dtype=np.int64) if c.batch_index is None else _writable_c(c.batch_index, np.int64)
+    bidx = _placeholder("arange", nb) if c.batch_index is None else _writable_c(c.batch_index, np.int64)
     htot = pb.q_heads if c.total_heads is None else int(c.total_heads)
     softcap = 0.0 if pb.softcap is None else float(pb.softcap)
     assert math.isfinite(softcap)

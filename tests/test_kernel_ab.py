@@ -75,3 +75,29 @@ def test_one_run_against_head(tmp_path, monkeypatch, capsys):
         assert diff == 0.0
     with pytest.raises(SystemExit):
         ab.main(["--base", "HEAD", "--shape", "1,2,3"])
+
+
+def test_a_changed_kernel_signature_stops_with_a_clear_message(monkeypatch, capsys):
+    # A base revision whose kernels take other arguments than this checkout's host code passes
+    # (here: every base kernel a stand-in that refuses them, as Numba's dispatcher does).
+    from selfattn.backends import numba_
+
+    ab = tool("kernel_ab")
+    monkeypatch.setattr(numba_, "_kernel", numba_._kernel)
+    real = numba_._kernel
+
+    def refuse(*args):
+        raise TypeError("too many arguments: expected 7, got 8")
+
+    def route(base):
+        def use_base(flag):
+            numba_._kernel = (lambda path: refuse) if flag else real
+
+        return use_base
+
+    monkeypatch.setattr(ab, "base_package", lambda rev, cache: "fake_base")
+    monkeypatch.setattr(ab, "route", route)
+    argv = ["--base", "OLD", "--shape", "1,1,16,16", "--blocks", "1", "--min-time", "0", "--threads", "1"]
+    assert ab.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "signature changed since OLD" in err and "expected 7, got 8" in err

@@ -15,8 +15,8 @@ each one's median time and the ratio of this checkout's time to ``REV``'s: the m
 interquartile range and the min-max over blocks (``selfattn._bench.timing.block_samples``).
 
 Only the kernels differ: ``REV``'s kernels must take the arguments this checkout's host code
-passes them (a change of a kernel's signature cannot be compared this way; the run then stops
-with Numba's typing error).
+passes them (a change of a kernel's signature cannot be compared this way: the run then stops
+with exit status 2 and says so; pick a ``REV`` at or after the change).
 """
 
 from __future__ import annotations
@@ -155,7 +155,18 @@ def main(argv: list[str] | None = None) -> int:
 
     fb, fn = version(True), version(False)
     print(f"compiling {args.base}'s kernels and this checkout's (cached after the first run) ...", flush=True)
-    diff = max(float(np.max(np.abs(a - b))) for a, b in zip(fb(), fn(), strict=True))
+    try:
+        base_result = fb()
+    except (TypeError, numba.core.errors.TypingError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(
+            f"{args.base}'s kernels do not take the arguments this checkout's host code passes them "
+            f"(a kernel's signature changed since {args.base}; compare against a revision at or after "
+            f"that change): {first}",
+            file=sys.stderr,
+        )
+        return 2
+    diff = max(float(np.max(np.abs(a - b))) for a, b in zip(base_result, fn(), strict=True))
     t = np.array(block_samples([fb, fn], blocks=args.blocks, calls=3, min_time=args.min_time))
     r = t[1] / t[0]
     label = f"{'causal ' if args.causal else ''}{args.what} {shape} {args.dtype}, {args.kernels} kernels"

@@ -137,12 +137,14 @@ class OncePer:
     def ensure(self, lo: int, hi: int) -> None:
         """Return once ``fn`` has run for every index in ``[lo, hi)`` (running the unclaimed ones here)."""
         state = self._state
-        with self._cond:
-            mine = [i for i in range(lo, hi) if state[i] == 0]
-            for i in mine:
-                state[i] = 1
+        mine: list[int] = []
         error: BaseException | None = None
-        try:
+        try:  # the claim too: an exception at any point still publishes (and reports) what was claimed
+            with self._cond:
+                for i in range(lo, hi):
+                    if state[i] == 0:
+                        mine.append(i)  # before the claim: nothing is ever claimed and left out of `mine`
+                        state[i] = 1
             start = 0
             for j in range(1, len(mine) + 1):
                 if j == len(mine) or mine[j] != mine[j - 1] + 1:

@@ -25,6 +25,7 @@ Conventions shared by every kernel (see :mod:`selfattn.backends._numba.tiles`):
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -87,9 +88,7 @@ def as3(x: np.ndarray, cdt: np.dtype) -> np.ndarray:
     return a.reshape((a.shape[0] * a.shape[1],) + a.shape[2:])
 
 
-_placeholders: dict[tuple[str, Any], np.ndarray] = {}
-
-
+@functools.lru_cache(maxsize=256)  # batch sizes vary without bound; the arrays are cheap to rebuild
 def _placeholder(role: str, key: Any) -> np.ndarray:
     """A small constant array the kernels take in place of an absent mask, bias or index (never written).
 
@@ -99,22 +98,15 @@ def _placeholder(role: str, key: Any) -> np.ndarray:
     They stay writeable (Numba types read-only arrays differently: a second
     specialisation of every kernel); the kernels only read them.
     """
-    a = _placeholders.get((role, key))
-    if a is None:
-        if role == "ones_u8":
-            a = np.ones((1, 1, 1, 1), np.uint8)
-        elif role == "zeros4":
-            a = np.zeros((1, 1, 1, 1), key)
-        elif role == "zeros2":
-            a = np.zeros((1, 1), key)
-        elif role == "zero_index":
-            a = np.zeros(key, np.int64)
-        else:  # "arange"
-            a = np.arange(key, dtype=np.int64)
-        if len(_placeholders) >= 256:  # batch sizes vary without bound; the arrays are cheap to rebuild
-            _placeholders.clear()
-        _placeholders[(role, key)] = a  # a race only builds an equal array twice
-    return a
+    if role == "ones_u8":
+        return np.ones((1, 1, 1, 1), np.uint8)
+    if role == "zeros4":
+        return np.zeros((1, 1, 1, 1), key)
+    if role == "zeros2":
+        return np.zeros((1, 1), key)
+    if role == "zero_index":
+        return np.zeros(key, np.int64)
+    return np.arange(key, dtype=np.int64)  # "arange"
 
 
 def kernel_params(pb: Problem) -> KernelParams:

@@ -31,11 +31,10 @@ from .tiles import (
     ds_in_place,
     exp_shift_row,
     finish_rows,
-    key_norm_step,
+    head_bound,
     query_task,
     score_bias,
     softmax_tile,
-    value_room,
 )
 
 __all__ = ["head_bounds", "forward_gemm", "backward_gemm", "GQ", "GK", "GQB", "GKB"]
@@ -58,17 +57,12 @@ def head_bounds(t0, t1, k, v, kmax, safe, allow):
     """Per key/value head ``t``: ``kmax[t]`` = the largest Euclidean norm among its keys (``k`` ``(BKV, M, D)``)
     and ``safe[t]`` = :func:`~selfattn.backends._numba.tiles.value_room` of its values (0 unless ``allow``).
 
-    Norms are accumulated in float64; NaN keys give NaN, non-finite values
-    ``safe[t] = 0`` (either disables the shift-free shortcut of
-    :func:`forward_gemm` for that head). Tasks are key/value heads.
+    (:func:`~selfattn.backends._numba.tiles.head_bound`: a NaN key or a
+    non-finite value disables the shift-free shortcut of :func:`forward_gemm`
+    for that head). Tasks are key/value heads.
     """
-    M = k.shape[1]
     for t in range(t0, t1):
-        best = 0.0
-        for j in range(M):
-            best = key_norm_step(best, k[t, j])
-        kmax[t] = math.sqrt(best)
-        safe[t] = value_room(v[t], M, k.itemsize) if allow else 0.0
+        kmax[t], safe[t] = head_bound(k[t], v[t], allow)
 
 
 @nb.njit(**OPTS)

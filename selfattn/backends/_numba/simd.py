@@ -59,12 +59,11 @@ from .tiles import (
     ds_in_place,
     exp_shift_row,
     finish_rows,
+    head_bound,
     inside_band,
-    key_norm_step,
     query_task,
     score_bias,
     softmax_tile,
-    value_room,
 )
 
 __all__ = [
@@ -221,25 +220,21 @@ def prepare_keys(t0, t1, k, v, kt, kmax, safe, allow):
     so each key is transposed once per call instead of once per query tile;
     whole ``W x W`` blocks go through
     :func:`~selfattn.backends._numba.microkernel.transpose_block` (vector
-    loads, shuffles and stores), the edges element by element. Norms are
-    accumulated in float64; a NaN key gives a NaN ``kmax``, a NaN or infinite
-    value ``safe[t] = 0`` (either disables the shift-free shortcut).
-    ``safe[t]`` is :func:`~selfattn.backends._numba.tiles.value_room`: per head, so one head's values never change how
-    another head's rows are computed (a head's output is the same whatever
-    else is in the batch), and taken here, in the threads that read the keys
-    anyway, rather than by serial NumPy reductions over ``v``.
+    loads, shuffles and stores), the edges element by element. ``kmax`` and
+    ``safe`` come from :func:`~selfattn.backends._numba.tiles.head_bound`
+    (a NaN key or a non-finite value disables the shift-free shortcut for
+    that head): per head, so one head's values never change how another
+    head's rows are computed (a head's output is the same whatever else is
+    in the batch), and taken here, in the threads that read the keys anyway,
+    rather than by serial NumPy reductions over ``v``.
     """
     M, D = k.shape[1], k.shape[2]
     Mp = kt.shape[2]
     kflat = k.reshape(k.size)
     ktflat = kt.reshape(kt.size)
     for t in range(t0, t1):
-        best = 0.0
-        for j in range(M):
-            best = key_norm_step(best, k[t, j])
-        kmax[t] = math.sqrt(best)
+        kmax[t], safe[t] = head_bound(k[t], v[t], allow)
         _transpose_into(kflat, t * M * D, D, M, D, ktflat, t * D * Mp, Mp)
-        safe[t] = value_room(v[t], M, kt.itemsize) if allow else 0.0
 
 
 @nb.njit(**OPTS)

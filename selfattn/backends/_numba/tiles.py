@@ -28,6 +28,7 @@ __all__ = [
     "cast_like",
     "fmix32",
     "key_norm_step",
+    "head_bound",
     "shift_free_room",
     "value_room",
     "row_hash",
@@ -92,8 +93,7 @@ def shift_free_room(vmax, m, itemsize):
     underflows to zero nor overflows, and neither do the row sums (at most
     ``m * e**b``) or the unnormalised output (at most ``m * e**b * vmax``):
     ``b`` is capped at 30 (float32) / 300 (float64) and lowered so that the
-    output bound stays 1000x below the dtype's largest value. The one
-    definition: the host's BLAS-tile path calls it too.
+    output bound stays 1000x below the dtype's largest value.
     """
     if vmax != vmax or vmax == np.inf:
         return 0.0
@@ -116,6 +116,22 @@ def value_room(vt, m, itemsize):
     if probe != 0.0:
         return 0.0
     return shift_free_room(np.float64(abs_max(vrow, vrow.size)), m, itemsize)
+
+
+@nb.njit(**_INLINE)
+def head_bound(kh, vh, allow):
+    """``(kmax, safe)`` of one key/value head (``kh`` ``(M, D)``, ``vh`` ``(M, Dv)``, C-contiguous): the
+    largest key norm and :func:`value_room` of the values (0 unless ``allow``).
+
+    The per-head pass behind the forward's shift-free shortcut (both the
+    SIMD and the BLAS-tile families). Norms are accumulated in float64; a
+    NaN key gives a NaN ``kmax`` and a NaN or infinite value ``safe = 0``
+    (either disables the shortcut for that head).
+    """
+    best = 0.0
+    for j in range(kh.shape[0]):
+        best = key_norm_step(best, kh[j])
+    return math.sqrt(best), (value_room(vh, kh.shape[0], kh.itemsize) if allow else 0.0)
 
 
 @nb.njit(**_INLINE)
